@@ -1,0 +1,263 @@
+"""What a simulator looks like to zosol: the Solver contract, its black-box view, and scenarios.
+
+A *solver* advances a batch of states by exactly ``dt``::
+
+    state  : torch.Tensor of shape (B, C, *spatial)     (C = len(solver.channels))
+    params : torch.Tensor of shape (B, K) or None        per-simulation parameters (forcing
+                                                        coefficients, Reynolds number, ...)
+    solver.step(state, params) -> torch.Tensor (B, C, *spatial)
+
+``step`` is batch-agnostic: a batched call equals per-sample calls.  A *scenario* pairs a
+high-fidelity (reference) solver with a cheap low-fidelity (coarse) one, a conservative
+``downsample`` from the reference grid to the coarse grid, and a seeded sampler of initial
+states and parameters.  Scenarios are registered by name with presets ``tiny`` (tests, seconds),
+``default`` (a CPU laptop, minutes) and ``paper`` (published sizes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+
+__all__ = [
+    "Solver",
+    "BlackBox",
+    "Scenario",
+    "ScenarioConfig",
+    "SolverError",
+    "register",
+    "get_scenario",
+    "scenario_names",
+    "check_state",
+]
+
+
+class SolverError(RuntimeError):
+    """A solver failed to produce a valid next state (crash, timeout, NaN, wrong shape)."""
+
+
+class Solver(ABC):
+    """A batched step function ``step(state, params) -> state`` advancing exactly ``dt``.
+
+    Subclasses set ``dt``, ``channels`` (names of the C state channels), ``spatial_shape`` and
+    ``coords`` (dict of 1-D coordinate tensors: ``x`` and, in 2-D, ``y``), and implement
+    :meth:`_step`.  ``differentiable`` says whether autograd flows through ``step``.
+    """
+
+    dt: float
+    channels: tuple[str, ...]
+    spatial_shape: tuple[int, ...]
+    coords: dict[str, torch.Tensor]
+    differentiable: bool = True
+    #: number of per-simulation parameters K (0: ``params`` may be None)
+    num_params: int = 0
+
+    @abstractmethod
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        """Advance ``state`` (B, C, *spatial) by ``dt``; inputs are already validated."""
+
+    def step(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance a batch of states by ``dt``. ``state``: (B, C, *spatial); ``params``: (B, K)."""
+        check_state(self, state, params)
+        return self._step(state, params)
+
+    __call__ = step
+
+    def blackbox(self) -> "BlackBox":
+        """A view of this solver that only offers ``step`` and never records autograd history."""
+        return BlackBox(self)
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Shape of one state without the batch axis: (C, *spatial)."""
+        return (len(self.channels), *self.spatial_shape)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "class": type(self).__name__,
+            "dt": self.dt,
+            "channels": list(self.channels),
+            "spatial_shape": list(self.spatial_shape),
+        }
+
+
+class BlackBox:
+    """Query-only view of a solver: ``step`` runs under ``torch.no_grad`` and returns detached
+    tensors.  Zeroth-order code receives this view and nothing else of the solver."""
+
+    differentiable = False
+
+    def __init__(self, solver: Solver | Callable[..., torch.Tensor]):
+        self._solver = solver
+        for name in ("dt", "channels", "spatial_shape", "coords", "num_params"):
+            if hasattr(solver, name):
+                setattr(self, name, getattr(solver, name))
+
+    def step(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            out = self._solver.step(state.detach(), None if params is None else params.detach())
+        return out.detach()
+
+    __call__ = step
+
+    def blackbox(self) -> "BlackBox":
+        return self
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (len(self.channels), *self.spatial_shape)
+
+    def __repr__(self) -> str:
+        return f"BlackBox({self._solver!r})"
+
+
+def check_state(solver: Solver, state: torch.Tensor, params: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the mismatch when ``state``/``params`` do not fit ``solver``."""
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{type(solver).__name__}.step expects a torch.Tensor state, got {type(state).__name__}")
+    expected = tuple(solver.state_shape)
+    if state.dim() != len(expected) + 1 or tuple(state.shape[1:]) != expected:
+        raise ValueError(
+            f"{type(solver).__name__}.step: state has shape {tuple(state.shape)}, expected "
+            f"(B, {', '.join(map(str, expected))}) = (batch, channels {list(solver.channels)}, "
+            f"spatial {list(solver.spatial_shape)})"
+        )
+    if solver.num_params:
+        if params is None:
+            raise ValueError(f"{type(solver).__name__}.step needs params of shape (B, {solver.num_params})")
+        if tuple(params.shape) != (state.shape[0], solver.num_params):
+            raise ValueError(
+                f"{type(solver).__name__}.step: params has shape {tuple(params.shape)}, expected "
+                f"({state.shape[0]}, {solver.num_params}) (batch, per-simulation parameters)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclasses.dataclass
+class ScenarioConfig:
+    """Fields shared by every scenario's config; scenarios subclass it with their physics.
+
+    ``frames``: number of coarse steps recorded after the initial frame (T);
+    ``warmup``: reference steps run (and discarded) before frame 0;
+    ``train_sims`` / ``test_sims``: simulation counts; seeds are ``seed + i`` for training and
+    ``seed + 10_000 + i`` for testing.
+    """
+
+    frames: int = 32
+    warmup: int = 0
+    train_sims: int = 4
+    test_sims: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError for values that cannot work, naming the field and the fix."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if f.name in ("warmup", "seed"):
+                if v < 0:
+                    raise ValueError(f"config field '{f.name}' must be >= 0, got {v}")
+            elif f.name.startswith(("n_", "frames", "train_sims", "test_sims")) or f.name in ("dt", "nu", "length"):
+                if not (v > 0) or (isinstance(v, float) and not math.isfinite(v)):
+                    raise ValueError(f"config field '{f.name}' must be positive, got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Scenario(ABC):
+    """A named pair of fidelities plus the sampler of simulations.
+
+    Subclasses define ``name``, ``Config`` (a ScenarioConfig subclass), ``presets``
+    (preset name -> dict of config overrides) and the abstract methods below.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[ScenarioConfig]]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: ScenarioConfig, preset: str | None = None):
+        config.validate()
+        self.config = config
+        self.preset = preset
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> "Scenario":
+        if preset not in cls.presets:
+            raise ValueError(
+                f"unknown preset '{preset}' for scenario '{cls.name}'; choose one of {sorted(cls.presets)}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown} for scenario '{cls.name}'; valid: {sorted(fields)}")
+        return cls(cls.Config(**{**cls.presets[preset], **overrides}), preset=preset)
+
+    @classmethod
+    def from_config_dict(cls, d: dict[str, Any], preset: str | None = None) -> "Scenario":
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}), preset=preset)
+
+    # -- the two fidelities --------------------------------------------------------------
+    @abstractmethod
+    def reference_solver(self) -> Solver:
+        """High-fidelity solver (fine grid, accurate numerics)."""
+
+    @abstractmethod
+    def coarse_solver(self) -> Solver:
+        """Low-fidelity solver on the coarse grid: the solver that a corrector corrects."""
+
+    @abstractmethod
+    def downsample(self, fine: torch.Tensor) -> torch.Tensor:
+        """Conservatively average reference states (B, C, *fine) onto the coarse grid (B, C, *coarse)."""
+
+    @abstractmethod
+    def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial reference state (C, *fine) and per-simulation parameters (K,) from ``seed``."""
+
+    def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:
+        """Extra input channels for the corrector from params (B, K): (B, F, *coarse) or None."""
+        return None
+
+    # -- seeds ----------------------------------------------------------------------------
+    @property
+    def train_seeds(self) -> list[int]:
+        return [self.config.seed + i for i in range(self.config.train_sims)]
+
+    @property
+    def test_seeds(self) -> list[int]:
+        return [self.config.seed + 10_000 + i for i in range(self.config.test_sims)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"scenario": self.name, "preset": self.preset, "config": self.config.to_dict()}
+
+
+_REGISTRY: dict[str, Callable[[], type[Scenario]]] = {}
+
+
+def register(name: str, loader: Callable[[], type[Scenario]]) -> None:
+    """Register a scenario class under ``name``; ``loader`` imports it lazily (PhiFlow is slow to import)."""
+    _REGISTRY[name] = loader
+
+
+def scenario_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def scenario_class(name: str) -> type[Scenario]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scenario '{name}'; choose one of {scenario_names()}")
+    return _REGISTRY[name]()
+
+
+def get_scenario(name: str, preset: str = "default", **overrides: Any) -> Scenario:
+    """The scenario ``name`` at ``preset`` with optional config overrides, e.g. ``frames=16``."""
+    return scenario_class(name).from_preset(preset, **overrides)
