@@ -159,6 +159,12 @@ class ScenarioConfig:
         """Raise ValueError for values that cannot work, naming the field and the fix."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            default = f.default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                want = int if isinstance(default, int) else (int, float)
+                if isinstance(v, bool) or not isinstance(v, want):
+                    kind = "an integer" if want is int else "a number"
+                    raise ValueError(f"config field '{f.name}' must be {kind}, got {v!r}")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if f.name in ("warmup", "seed"):

@@ -1,0 +1,245 @@
+"""Command line: a thin layer over the Python API.
+
+    zosol generate --scenario S --preset P --out DIR      fidelity dataset (HDF5), resumable
+    zosol info FILE [--plot PNG]                           what a dataset holds + coarse error
+    zosol train --scenario S --method M [--resume]         train one corrector
+    zosol evaluate RUN                                     MAE of a trained run on the test sims
+    zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL
+    zosol bench engine|solvers                             speed benchmarks
+
+User errors (bad options, missing or corrupt files, a checkpoint of another config) end with a
+one-line message and exit code 2; a failed run (solver failure, divergence) with exit code 1;
+Ctrl-C with 130.  Checkpoints and finished data are never lost: rerun with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["frames=16", "nu=0.05"]`` -> {"frames": 16, "nu": 0.05} (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("epochs", "window", "batch_size", "lr", "loss", "model", "width", "depth", "seed",
+             "zo_scheme", "zo_mu", "zo_sparsity", "zo_lpr", "zo_chunk", "device")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {**out, **_parse_sets(getattr(args, "train_set", None))}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training options (default: the preset's)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--window", type=int, help="SOL unroll length m")
+    g.add_argument("--batch-size", type=int, dest="batch_size")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--loss", choices=["mse", "l1"])
+    g.add_argument("--model", choices=["cnn", "resnet"])
+    g.add_argument("--width", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--zo-scheme", dest="zo_scheme", choices=["central", "forward"])
+    g.add_argument("--zo-mu", dest="zo_mu", type=float)
+    g.add_argument("--zo-sparsity", dest="zo_sparsity", type=float)
+    g.add_argument("--zo-lpr", dest="zo_lpr", choices=["zo-grasp", "fo-grasp", "uniform"])
+    g.add_argument("--zo-chunk", dest="zo_chunk", type=int)
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
+                   help="any other TrainConfig field")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .datasets import generate
+    path = generate(args.scenario, args.preset, args.out, batch=args.batch, overwrite=args.overwrite,
+                    overrides=_parse_sets(args.set), progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .compare import evaluate
+    from .datasets import load_dataset
+    ds = load_dataset(args.file)
+    summary = ds.summary()
+    src = evaluate(ds)
+    summary["coarse_error_vs_reference"] = {"mae_mean": src["mae_mean"], "mae_std": src["mae_std"]}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>26}: {v}")
+    if args.plot:
+        from .report import plot_side_by_side
+        traj, _ = ds.stacked("test")
+        plot_side_by_side({"reference": traj[0].numpy(), "coarse (SRC)": src["prediction"][0].numpy()}, args.plot,
+                          f"{ds.scenario.name}: test simulation 0")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _dataset_for(args: argparse.Namespace):
+    from .datasets import generate, load_dataset
+    if args.data and Path(args.data).is_file():
+        return load_dataset(args.data, args.scenario)
+    path = generate(args.scenario, args.preset, args.data or "data", overrides=_parse_sets(args.set))
+    return load_dataset(path, args.scenario)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import train_config
+    from .compare import evaluate
+    from .train import train
+    dataset = _dataset_for(args)
+    config = train_config(args.train_preset or args.preset, method=args.method, **_train_overrides(args))
+    run_dir = Path(args.out or f"runs/{args.scenario}_{args.preset}_{args.method}")
+    if not args.resume and (run_dir / "checkpoint.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"dataset": str(Path(dataset.path).resolve())}))
+    result = train(dataset, config, run_dir, resume=args.resume)
+    ev = evaluate(dataset, result.model, device=config.device)
+    print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
+          f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .compare import evaluate
+    from .datasets import load_dataset
+    from .train import load_run
+    run = Path(args.run)
+    meta = run / "run.json"
+    data = args.data or (json.loads(meta.read_text())["dataset"] if meta.exists() else None)
+    if data is None:
+        raise ValueError(f"{run}: no run.json naming its dataset; pass --data FILE")
+    dataset = load_dataset(data)
+    model, ckpt = load_run(run, dataset)
+    ev = evaluate(dataset, model)
+    src = evaluate(dataset)
+    out = {"run": str(run), "method": ckpt["config"]["method"], "epochs_done": ckpt["epoch"],
+           "mae_mean": ev["mae_mean"], "mae_std": ev["mae_std"], "mae_per_sim": ev["mae_per_sim"],
+           "src_mae_mean": src["mae_mean"]}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .report import markdown_table
+    methods = args.methods.split(",") if args.methods else None
+    kwargs = {"methods": methods} if methods else {}
+    results = compare(args.scenario, args.preset, args.out, data_dir=args.data, train_preset=args.train_preset,
+                      overrides=_train_overrides(args), progress=not args.quiet, **kwargs)
+    print()
+    print(markdown_table(results))
+    print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "
+          f"frame_mae.png, test_simulation.png")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "engine":
+        from .zo.bench import run_engine_bench
+        run_engine_bench(json_path=args.json, quick=args.quick)
+    else:
+        from .bench import run_solver_bench
+        run_solver_bench(json_path=args.json, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="zosol", description="Zeroth-order Solver-in-the-Loop training of "
+                                "neural correctors for black-box PDE solvers.")
+    p.add_argument("--version", action="version", version=f"zosol {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def scenario_args(q: argparse.ArgumentParser, preset_default: str = "default") -> None:
+        q.add_argument("--scenario", required=True, help="burgers1d, burgers2d or karman2d")
+        q.add_argument("--preset", default=preset_default, help="tiny, default or paper (default: %(default)s)")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
+
+    q = sub.add_parser("generate", help="generate a fidelity dataset (HDF5)")
+    scenario_args(q)
+    q.add_argument("--out", default="data", help="output directory (default: %(default)s)")
+    q.add_argument("--batch", type=int, default=8, help="simulations run as one batch")
+    q.add_argument("--overwrite", action="store_true", help="regenerate even if the file exists")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_generate)
+
+    q = sub.add_parser("info", help="describe a dataset file and its coarse-solver error")
+    q.add_argument("file")
+    q.add_argument("--plot", metavar="PNG", help="write a reference vs coarse figure")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_info)
+
+    q = sub.add_parser("train", help="train one corrector")
+    scenario_args(q)
+    q.add_argument("--method", required=True, help="non, nog-sol, fo-sol or zo-sol")
+    q.add_argument("--data", help="dataset file, or directory to generate it in (default: data)")
+    q.add_argument("--out", help="run directory (default: runs/<scenario>_<preset>_<method>)")
+    q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_train_options(q)
+    q.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser("evaluate", help="test MAE of a trained run")
+    q.add_argument("run", help="run directory")
+    q.add_argument("--data", help="dataset file (default: the one the run was trained on)")
+    q.set_defaults(func=_cmd_evaluate)
+
+    q = sub.add_parser("compare", help="train and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL")
+    scenario_args(q)
+    q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    q.add_argument("--data", help="dataset directory (default: OUT/data)")
+    q.add_argument("--methods", help="comma-separated subset of non,nog-sol,fo-sol,zo-sol")
+    q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
+    q.add_argument("--quiet", action="store_true")
+    _add_train_options(q)
+    q.set_defaults(func=_cmd_compare)
+
+    q = sub.add_parser("bench", help="speed benchmarks")
+    q.add_argument("what", choices=["engine", "solvers"])
+    q.add_argument("--json", help="also write the figures as JSON")
+    q.add_argument("--quick", action="store_true", help="smaller sizes")
+    q.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .datasets.hdf5 import DatasetError
+    from .solvers.base import SolverError
+    from .train import CheckpointError, TrainingError
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("zosol: interrupted; finished work is saved, rerun the command (with --resume for train)",
+              file=sys.stderr)
+        return 130
+    except (TrainingError, SolverError) as e:
+        print(f"zosol: failed: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, DatasetError, CheckpointError) as e:
+        print(f"zosol: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Tables (Markdown / CSV / JSON) and plots (PNG) of a method comparison."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side"]
+
+COLUMNS = ("method", "MAE mean", "MAE std", "vs SRC", "train time [s]", "solver sample-steps")
+
+
+def _rows(results: dict[str, Any]) -> list[list[str]]:
+    methods = results["methods"]
+    src = methods.get("SRC", {}).get("mae_mean")
+    rows = []
+    for name, r in methods.items():
+        ratio = f"{r['mae_mean'] / src:.3f}" if src else "-"
+        rows.append([name, f"{r['mae_mean']:.5f}", f"{r['mae_std']:.5f}", ratio,
+                     f"{r.get('wall_time', 0.0):.1f}", str(r.get("solver_samples", 0))])
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The MAE table: one row per method (mean +- std over the test simulations)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(results: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(_rows(results))
+    return buf.getvalue()
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_frame_errors(per_frame: dict[str, np.ndarray], dt: float, path: str | os.PathLike, title: str = "") -> None:
+    """Per-frame MAE (mean over test simulations, band = +- std) of each method."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, err in per_frame.items():
+        err = np.asarray(err)
+        t = dt * np.arange(1, err.shape[1] + 1)
+        mean, std = err.mean(0), err.std(0)
+        ax.plot(t, mean, label=name)
+        ax.fill_between(t, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("time")
+    ax.set_ylabel("MAE vs reference")
+    ax.set_yscale("log")
+    ax.set_title(title or "per-frame error on the test simulations")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_side_by_side(trajectories: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> None:
+    """One test simulation: each method's trajectory (T+1, C, *s) next to the reference.
+
+    1-D states are shown as space-time images (x horizontal, time down); 2-D states as the first
+    channel of the last frame."""
+    names = list(trajectories)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    first = np.asarray(trajectories[names[0]])
+    lo, hi = float(first.min()), float(first.max())
+    for ax, name in zip(axes[0], names):
+        tr = np.asarray(trajectories[name])
+        img = tr[:, 0] if tr.ndim == 3 else tr[-1, 0]
+        ax.imshow(img, aspect="auto", cmap="RdBu_r", vmin=lo, vmax=hi, origin="upper" if tr.ndim == 3 else "lower")
+        ax.set_title(name)
+        ax.set_xlabel("x")
+        ax.set_ylabel("frame" if tr.ndim == 3 else "y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,82 @@
+"""Corrected rollouts and SOL window losses.
+
+A corrected step is ``s_{t+1} = P(s_t) + C(P(s_t))``: the coarse solver ``P`` first, then the
+corrector ``C`` sees the coarse result (with the scenario's feature channels appended) and adds
+its correction.  A SOL-m *window* starts from a reference frame, takes m corrected steps and
+compares each with the reference.
+
+For zeroth-order training the perturbation axis is folded into the solver batch: the window loss
+is written against a ``forward`` callable that evaluates the corrector under P parameter
+perturbations at once (``zosol.zo.cge_structured``).  ``forward`` takes ``(B, ...)`` (the same
+input for every perturbation) or ``(P*B, ...)`` (block p of B rows for perturbation p) and returns
+``(P*B, ...)``; a plain ``nn.Module`` is such a callable with P = 1.  The first step's solver call
+and corrector input are shared by all perturbations; after that one solver call advances all
+``P*B`` perturbed rollouts.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .models import corrector_input
+
+__all__ = ["corrected_rollout", "window_loss", "LOSSES"]
+
+Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+LOSSES = {
+    "mse": lambda err: err.pow(2),
+    "l1": lambda err: err.abs(),
+}
+
+
+def _repeat(t: torch.Tensor | None, p: int) -> torch.Tensor | None:
+    """(B, ...) -> (p*B, ...): block i of B rows is a copy of ``t`` for perturbation i."""
+    return t if t is None or p == 1 else t.repeat(p, *([1] * (t.dim() - 1)))
+
+
+def window_loss(step: Step, forward: Forward, start: torch.Tensor, targets: torch.Tensor,
+                params: torch.Tensor | None, features: torch.Tensor | None, perturbations: int = 1,
+                loss: str = "mse") -> torch.Tensor:
+    """Mean loss of each perturbation over an m-step corrected window.
+
+    Args:
+        step: solver step ``(N, C, *s), (N, K) | None -> (N, C, *s)`` (a black box for ZO-SOL).
+        forward: corrector under ``perturbations`` parameter sets (see module docstring).
+        start: (B, C, *s) reference frames the windows start from.
+        targets: (B, m, C, *s) reference frames after 1..m steps.
+        params: (B, K) per-simulation parameters or None.  features: (B, F, *s) or None.
+    Returns:
+        (P,) mean over windows, steps, channels and cells of ``loss`` per perturbation.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
+    p, b, m = perturbations, start.shape[0], targets.shape[1]
+    pointwise = LOSSES[loss]
+    coarse = step(start, params)
+    state = _repeat(coarse, p) + forward(corrector_input(coarse, features))
+    params_p, features_p = _repeat(params, p), _repeat(features, p)
+    total = pointwise(state.view(p, b, *state.shape[1:]) - targets[:, 0]).flatten(1).mean(1)
+    for k in range(1, m):
+        coarse = step(state, params_p)
+        state = coarse + forward(corrector_input(coarse, features_p))
+        total = total + pointwise(state.view(p, b, *state.shape[1:]) - targets[:, k]).flatten(1).mean(1)
+    return total / m
+
+
+@torch.no_grad()
+def corrected_rollout(step: Step, corrector: Forward | None, start: torch.Tensor, params: torch.Tensor | None,
+                      features: torch.Tensor | None, steps: int) -> torch.Tensor:
+    """Roll out ``steps`` corrected steps from ``start`` (B, C, *s): returns (B, steps + 1, C, *s).
+
+    ``corrector=None`` gives the bare coarse solver (SRC)."""
+    frames = [start]
+    state = start
+    for _ in range(steps):
+        state = step(state, params)
+        if corrector is not None:
+            state = state + corrector(corrector_input(state, features))
+        frames.append(state)
+    return torch.stack(frames, 1)

@@ -1,0 +1,354 @@
+"""One training loop for every corrector method; the gradient source is what differs.
+
+* ``non``     NON: m = 1 on pre-computed (coarse step of a reference frame, next reference frame)
+              pairs; the corrector never sees its own corrections.
+* ``nog-sol`` NOG-SOL: the unrolled m-step window with the gradient cut at every solver call
+              (black-box solver, autograd through the network only; List et al. 2024).
+* ``fo-sol``  FO-SOL: autograd through the differentiable coarse solver over the window.
+* ``zo-sol``  ZO-SOL: the solver is only queried through its black-box view; the gradient is
+              DeepZero's coordinate-wise estimate (``zosol.zo``), optionally sparse, evaluated
+              for all perturbations as one folded batch.
+
+Runs are reproducible from ``config.seed`` and resumable: the run directory holds
+``checkpoint.pt`` (model, optimizer, scheduler, masks, RNG states, epoch and position within it),
+written atomically every epoch and at most every ``checkpoint_seconds``.  A divergence guard
+stops a run whose loss or parameters become non-finite, leaving the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .datasets.hdf5 import FidelityDataset
+from .models import build_corrector, count_parameters
+from .rollout import window_loss
+from .solvers.base import BlackBox, Solver, SolverError
+from . import zo
+
+__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "TrainResult", "SolverCounter", "train",
+           "make_corrector", "load_run", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (solver failure, divergence); the last good checkpoint is intact."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss, the gradient or the parameters became non-finite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or belongs to another config or dataset."""
+
+
+class SolverCounter:
+    """Wraps a solver's ``step`` and counts calls and sample-steps (batch entries advanced)."""
+
+    def __init__(self, step):
+        self._step = step
+        self.calls = 0
+        self.samples = 0
+
+    def __call__(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        self.samples += state.shape[0]
+        return self._step(state, params)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    config: TrainConfig
+    history: dict[str, Any]
+    run_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Module:
+    """The corrector network that ``config`` describes, sized for the dataset's scenario."""
+    sc = dataset.scenario
+    solver = sc.coarse_solver()
+    sim = (dataset.train or dataset.test)[0]
+    feats = sc.corrector_features(sim.params[None])
+    in_ch = len(solver.channels) + (0 if feats is None else feats.shape[1])
+    torch.manual_seed(config.seed)
+    return build_corrector(config.model, len(solver.spatial_shape), in_ch, len(solver.channels),
+                           width=config.width, depth=config.depth, kernel=config.kernel,
+                           padding_mode=getattr(sc, "padding_mode", "circular"))
+
+
+def _fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
+    return {**dataset.scenario.describe(), "train_seeds": [s.seed for s in dataset.train]}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset | None = None) -> tuple[torch.nn.Module, dict]:
+    """Model and checkpoint dict of a run directory (validated)."""
+    ckpt = _load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    config = TrainConfig(**ckpt["config"])
+    if dataset is not None and ckpt["dataset"] != _fingerprint(dataset):
+        raise CheckpointError(f"{run_dir}: the run was trained on another dataset "
+                              f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})")
+    if dataset is None:
+        raise ValueError("load_run needs the dataset to rebuild the corrector")
+    model = make_corrector(dataset, config)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def _load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no checkpoint (train first, or check the run directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt or truncated?): {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "zosol-checkpoint":
+        raise CheckpointError(f"{path}: not a zosol checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this zosol reads "
+                              f"{CHECKPOINT_VERSION}; retrain")
+    return ckpt
+
+
+class _Windows:
+    """Training windows of length m: starts (sim i, frame t), t = 0..T-m, in a seeded order."""
+
+    def __init__(self, dataset: FidelityDataset, m: int, device: torch.device):
+        traj, params = dataset.stacked("train")
+        self.traj = traj.to(device)
+        self.params = params.to(device)
+        self.num_params = dataset.scenario.coarse_solver().num_params
+        feats = dataset.scenario.corrector_features(params)
+        self.features = None if feats is None else feats.to(device)
+        n, t1 = traj.shape[:2]
+        if t1 - 1 < m:
+            raise ValueError(f"window {m} is longer than the {t1 - 1} frames of the dataset; lower --window")
+        self.starts = torch.tensor([(i, t) for i in range(n) for t in range(t1 - m)], dtype=torch.long)
+        self.m = m
+
+    def batch(self, idx: torch.Tensor):
+        i, t = self.starts[idx, 0], self.starts[idx, 1]
+        steps = t[:, None] + torch.arange(1, self.m + 1)
+        start = self.traj[i, t]
+        targets = self.traj[i[:, None], steps]
+        params = self.params[i] if self.num_params else None
+        feats = None if self.features is None else self.features[i]
+        return i, t, start, targets, params, feats
+
+
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+          resume: bool = False, progress: bool = True, solver: Solver | BlackBox | None = None,
+          checkpoint_seconds: float = 60.0, stop_after_steps: int | None = None) -> TrainResult:
+    """Train a corrector on ``dataset`` as ``config`` says; returns the model and its history.
+
+    ``solver``: the coarse solver to train with (default: the scenario's own; e.g. an external
+    process).  ZO-SOL and NOG-SOL only ever call its black-box view.  ``run_dir``: where the
+    checkpoint goes (None: no checkpoints).  ``resume``: continue from ``run_dir``'s checkpoint.
+    ``stop_after_steps``: stop (with a checkpoint) after this many optimizer steps in this call,
+    for tests of resumption.
+    """
+    config.validate()
+    device = torch.device(config.device)
+    scenario = dataset.scenario
+    if not dataset.train:
+        raise ValueError(f"{dataset.path}: no training simulations")
+    base_solver = solver if solver is not None else scenario.coarse_solver()
+    blackbox = SolverCounter(base_solver.blackbox().step)
+    diff_solver = scenario.coarse_solver()  # in-process differentiable twin (FO-SOL, gradient checks)
+    fo_step = SolverCounter(diff_solver.step)
+    m = config.effective_window
+    windows = _Windows(dataset, m, device)
+
+    model = make_corrector(dataset, config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = math.ceil(len(windows.starts) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = lambda k: config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * k / total_steps))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    window_rng = torch.Generator().manual_seed(config.seed)
+    mask_rng = torch.Generator().manual_seed(config.seed + 1)
+
+    if config.method == "non":  # coarse step of every reference frame, computed once
+        with torch.no_grad():
+            traj = windows.traj
+            flat = traj[:, :-1].reshape(-1, *traj.shape[2:])
+            p = None if windows.params is None or not windows.num_params else \
+                windows.params.repeat_interleave(traj.shape[1] - 1, 0)
+            coarse_next = blackbox(flat, p).view(traj.shape[0], traj.shape[1] - 1, *traj.shape[2:])
+
+    history: dict[str, Any] = {"loss": [], "epoch_loss": [], "grad_cosine_vs_fo": [], "wall_time": 0.0,
+                               "solver_calls": 0, "solver_samples": 0, "zo_queries": 0, "lprs": None}
+    epoch, position, perm = 0, 0, None
+    masks: dict[str, torch.Tensor] | None = None
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_dir / "checkpoint.pt" if run_dir is not None else None
+
+    if resume:
+        if ckpt_path is None:
+            raise ValueError("resume needs a run directory")
+        ckpt = _load_checkpoint(ckpt_path)
+        if ckpt["config"] != config.to_dict():
+            diff = {k: (ckpt["config"].get(k), v) for k, v in config.to_dict().items() if ckpt["config"].get(k) != v}
+            raise CheckpointError(f"{ckpt_path}: checkpoint from another config (checkpoint vs now: {diff}); "
+                                  f"use the same options or a new run directory")
+        if ckpt["dataset"] != _fingerprint(dataset):
+            raise CheckpointError(f"{ckpt_path}: checkpoint from another dataset; use the dataset it was trained on")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        window_rng.set_state(ckpt["window_rng"])
+        mask_rng.set_state(ckpt["mask_rng"])
+        masks, history = ckpt["masks"], ckpt["history"]
+        epoch, position, perm = ckpt["epoch"], ckpt["position"], ckpt["perm"]
+        blackbox.calls, blackbox.samples = history["solver_calls"], history["solver_samples"]
+    elif run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def save() -> None:
+        if ckpt_path is None:
+            return
+        history["solver_calls"], history["solver_samples"] = blackbox.calls + fo_step.calls, blackbox.samples + fo_step.samples
+        _atomic_save({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION, "config": config.to_dict(),
+                      "dataset": _fingerprint(dataset), "epoch": epoch, "position": position, "perm": perm,
+                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "window_rng": window_rng.get_state(),
+                      "mask_rng": mask_rng.get_state(), "masks": masks, "history": history}, ckpt_path)
+
+    params_dict = lambda: dict(model.named_parameters())  # noqa: E731
+    zo_sparse = config.method == "zo-sol" and config.zo_sparsity > 0
+    if zo_sparse and history["lprs"] is None:
+        history["lprs"] = _layer_ratios(model, windows, blackbox, config)
+    check_steps = set()
+    if config.method == "zo-sol" and config.grad_checks and getattr(diff_solver, "differentiable", False):
+        check_steps = {round(k * (total_steps - 1) / max(config.grad_checks - 1, 1)) for k in range(config.grad_checks)}
+
+    def fo_grads(batch) -> dict[str, torch.Tensor]:
+        _, _, start, targets, params, feats = batch
+        model.zero_grad(set_to_none=True)
+        window_loss(fo_step, model, start, targets, params, feats, 1, config.loss).sum().backward()
+        return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+    bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + position, desc=f"train {config.method}",
+               unit="step", disable=not progress)
+    started, last_save, done_here = time.perf_counter(), time.perf_counter(), 0
+    wall_before = history["wall_time"]
+    try:
+        while epoch < config.epochs:
+            if perm is None:
+                perm = torch.randperm(len(windows.starts), generator=window_rng)
+                position = 0
+                if zo_sparse and epoch % config.zo_mask_every == 0:
+                    masks = zo.random_masks(params_dict(), history["lprs"], generator=mask_rng)
+            while position < steps_per_epoch:
+                step_index = epoch * steps_per_epoch + position
+                batch = windows.batch(perm[position * config.batch_size:(position + 1) * config.batch_size])
+                _, _, start, targets, params, feats = batch
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if config.method == "zo-sol":
+                        est = zo.cge_structured(
+                            model, lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats,
+                                                                  p, config.loss),
+                            mu=config.zo_mu, scheme=config.zo_scheme, masks=masks, chunk_size=config.zo_chunk,
+                            reuse=config.zo_reuse)
+                        history["zo_queries"] += est.queries
+                        with torch.no_grad():
+                            loss = window_loss(blackbox, model, start, targets, params, feats, 1, config.loss)[0]
+                        if step_index in check_steps:
+                            fo = fo_grads(batch)
+                            sel = _flat(masks) .bool() if masks is not None else None
+                            g_fo, g_zo = _flat(fo), est.flat()
+                            if sel is not None:
+                                g_fo, g_zo = g_fo[sel], g_zo[sel]
+                            cos = float(torch.nn.functional.cosine_similarity(g_fo, g_zo, dim=0))
+                            history["grad_cosine_vs_fo"].append({"step": step_index, "epoch": epoch, "cosine": cos})
+                            optimizer.zero_grad(set_to_none=True)
+                        zo.write_grads(model, est.grads)
+                    else:
+                        if config.method == "non":
+                            i, t = batch[0], batch[1]
+                            cached = coarse_next[i, t]
+                            step_fn = lambda s, p: cached  # noqa: E731
+                        else:
+                            step_fn = fo_step if config.method == "fo-sol" else blackbox
+                        loss = window_loss(step_fn, model, start, targets, params, feats, 1, config.loss)[0]
+                        if torch.isfinite(loss):
+                            loss.backward()
+                except SolverError as e:
+                    raise TrainingError(f"coarse solver failed at epoch {epoch}, step {position}: {e}") from e
+                loss_value = float(loss.detach())
+                grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+                if not math.isfinite(loss_value) or not grads_ok:
+                    raise TrainingDiverged(
+                        f"training diverged at epoch {epoch}, step {position}: loss {loss_value}"
+                        f"{'' if grads_ok else ', non-finite gradient'}; try a lower --lr or a smaller --window")
+                optimizer.step()
+                scheduler.step()
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise TrainingDiverged(f"training diverged at epoch {epoch}, step {position}: "
+                                           f"non-finite parameters; try a lower --lr")
+                history["loss"].append(loss_value)
+                position += 1
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3g}", epoch=epoch)
+                if stop_after_steps is not None and done_here >= stop_after_steps:
+                    history["wall_time"] = wall_before + time.perf_counter() - started
+                    save()
+                    return TrainResult(model, config, history, run_dir, {"stopped_early": True})
+                if ckpt_path is not None and time.perf_counter() - last_save > checkpoint_seconds:
+                    history["wall_time"] = wall_before + time.perf_counter() - started
+                    save()
+                    last_save = time.perf_counter()
+            recent = history["loss"][-steps_per_epoch:]
+            history["epoch_loss"].append(sum(recent) / len(recent))
+            epoch, position, perm = epoch + 1, 0, None
+            history["wall_time"] = wall_before + time.perf_counter() - started
+            save()
+            last_save = time.perf_counter()
+    finally:
+        bar.close()
+    history["wall_time"] = wall_before + time.perf_counter() - started
+    history["solver_calls"] = blackbox.calls + fo_step.calls
+    history["solver_samples"] = blackbox.samples + fo_step.samples
+    history["parameters"] = count_parameters(model)
+    if ckpt_path is not None:
+        save()
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return TrainResult(model, config, history, run_dir)
+
+
+def _layer_ratios(model: torch.nn.Module, windows: _Windows, blackbox, config: TrainConfig) -> dict[str, float]:
+    """Layer-wise pruning ratios for sparse ZO-SOL from a batch of m = 1 windows."""
+    g = torch.Generator().manual_seed(config.seed + 2)
+    idx = torch.randperm(len(windows.starts), generator=g)[:config.batch_size]
+    _, _, start, targets, params, feats = windows.batch(idx)
+    params_dict = dict(model.named_parameters())
+    if config.zo_lpr == "uniform":
+        return zo.uniform_ratios(params_dict, config.zo_sparsity)
+    loss = lambda forward, p: window_loss(blackbox, forward, start, targets[:, :1], params, feats, p, config.loss)  # noqa: E731
+    if config.zo_lpr == "fo-grasp":
+        return zo.fo_grasp_ratios(model, lambda: loss(model, 1)[0], config.zo_sparsity)
+    return zo.zo_grasp_ratios(model, loss, config.zo_sparsity, generator=g)
