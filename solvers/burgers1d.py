@@ -6,8 +6,9 @@ sines whose coefficients are the per-simulation parameters.
 
 * High fidelity (the constructor's defaults): MUSCL reconstruction with the van Leer limiter
   (second order) and SSP-RK3 time stepping.
-* Low fidelity (``order=1, integrator="euler"``): piecewise-constant reconstruction (first-order
-  upwind) and forward Euler: cheap and visibly diffusive on a coarse grid.
+* Low fidelity (``order=1, integrator="euler", cfl=0.9``): piecewise-constant reconstruction
+  (first-order upwind) and forward Euler with one sub-step per ``dt`` at the default
+  ``dt``/grid: cheap and visibly diffusive on a coarse grid.
 
 Every call advances exactly ``dt``; internally each sample takes ``max(min_substeps, needed)``
 equal sub-steps, where ``needed`` follows from that sample's CFL and diffusion limits, so a
@@ -177,7 +178,7 @@ class Burgers1DScenario(Scenario):
 
     def coarse_solver(self) -> Burgers1D:
         c = self.config
-        return Burgers1D(c.n_coarse, c.nu, c.dt, c.length, order=1, integrator="euler",
+        return Burgers1D(c.n_coarse, c.nu, c.dt, c.length, order=1, integrator="euler", cfl=0.9,
                          forcing_modes=c.forcing_modes, u_max=c.u_max)
 
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@
               for all perturbations as one folded batch.
 
 Runs are reproducible from ``config.seed`` and resumable: the run directory holds
-``checkpoint.pt`` (model, optimizer, scheduler, masks, RNG states, epoch and position within it),
+``checkpoint.pt`` (model, optimizer, scheduler, gradient masks, RNG state, epoch and position within
+it),
 written atomically every epoch and at most every ``checkpoint_seconds``.  A divergence guard
 stops a run whose loss or parameters become non-finite, leaving the last good checkpoint.
 """
@@ -187,7 +188,6 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     schedule = lambda k: config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * k / total_steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     window_rng = torch.Generator().manual_seed(config.seed)
-    mask_rng = torch.Generator().manual_seed(config.seed + 1)
 
     if config.method == "non":  # coarse step of every reference frame, computed once
         with torch.no_grad():
@@ -200,7 +200,6 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     history: dict[str, Any] = {"loss": [], "epoch_loss": [], "grad_cosine_vs_fo": [], "wall_time": 0.0,
                                "solver_calls": 0, "solver_samples": 0, "zo_queries": 0, "lprs": None}
     epoch, position, perm = 0, 0, None
-    masks: dict[str, torch.Tensor] | None = None
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_dir / "checkpoint.pt" if run_dir is not None else None
 
@@ -218,8 +217,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         window_rng.set_state(ckpt["window_rng"])
-        mask_rng.set_state(ckpt["mask_rng"])
-        masks, history = ckpt["masks"], ckpt["history"]
+        history = ckpt["history"]
         epoch, position, perm = ckpt["epoch"], ckpt["position"], ckpt["perm"]
         blackbox.calls, blackbox.samples = history["solver_calls"], history["solver_samples"]
     elif run_dir is not None:
@@ -234,12 +232,15 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                       "dataset": _fingerprint(dataset), "epoch": epoch, "position": position, "perm": perm,
                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "window_rng": window_rng.get_state(),
-                      "mask_rng": mask_rng.get_state(), "masks": masks, "history": history}, ckpt_path)
+                      "masks": None if mask_schedule is None else mask_schedule.masks(min(epoch, config.epochs - 1)),
+                      "history": history}, ckpt_path)
 
     params_dict = lambda: dict(model.named_parameters())  # noqa: E731
     zo_sparse = config.method == "zo-sol" and config.zo_sparsity > 0
     if zo_sparse and history["lprs"] is None:
-        history["lprs"] = _layer_ratios(model, windows, blackbox, config)
+        history["lprs"] = _layer_ratios(model, windows, blackbox, fo_step, config)
+    mask_schedule = zo.MaskScheduler(params_dict(), history["lprs"], config.zo_mask_every, config.seed) \
+        if zo_sparse else None
     check_steps = set()
     if config.method == "zo-sol" and config.grad_checks and getattr(diff_solver, "differentiable", False):
         check_steps = {round(k * (total_steps - 1) / max(config.grad_checks - 1, 1)) for k in range(config.grad_checks)}
@@ -259,8 +260,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
             if perm is None:
                 perm = torch.randperm(len(windows.starts), generator=window_rng)
                 position = 0
-                if zo_sparse and epoch % config.zo_mask_every == 0:
-                    masks = zo.random_masks(params_dict(), history["lprs"], generator=mask_rng)
+            masks = mask_schedule.masks(epoch) if mask_schedule is not None else None
             while position < steps_per_epoch:
                 step_index = epoch * steps_per_epoch + position
                 batch = windows.batch(perm[position * config.batch_size:(position + 1) * config.batch_size])
@@ -272,7 +272,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                             model, lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats,
                                                                   p, config.loss),
                             mu=config.zo_mu, scheme=config.zo_scheme, masks=masks, chunk_size=config.zo_chunk,
-                            reuse=config.zo_reuse)
+                            reuse=config.zo_reuse, batch_size=start.shape[0])
                         history["zo_queries"] += est.queries
                         with torch.no_grad():
                             loss = window_loss(blackbox, model, start, targets, params, feats, 1, config.loss)[0]
@@ -340,15 +340,34 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     return TrainResult(model, config, history, run_dir)
 
 
-def _layer_ratios(model: torch.nn.Module, windows: _Windows, blackbox, config: TrainConfig) -> dict[str, float]:
-    """Layer-wise pruning ratios for sparse ZO-SOL from a batch of m = 1 windows."""
+def _stacked_params_loss(model: torch.nn.Module, loss_of_forward, batch_size: int):
+    """``loss_of_forward(forward, P)`` as a loss of stacked parameter sets ``{name: (P, *shape)}``
+    (torch.func.functional_call + vmap), the form ``zosol.zo``'s sparsity scores take."""
+    def batched(stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        p = next(iter(stacked.values())).shape[0]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == batch_size:  # shared input
+                y = torch.func.vmap(lambda w: torch.func.functional_call(model, w, (x,)))(stacked)
+            else:
+                xs = x.reshape(p, batch_size, *x.shape[1:])
+                y = torch.func.vmap(lambda w, xi: torch.func.functional_call(model, w, (xi,)))(stacked, xs)
+            return y.reshape(p * batch_size, *y.shape[2:])
+        return loss_of_forward(forward, p)
+    return batched
+
+
+def _layer_ratios(model: torch.nn.Module, windows: _Windows, blackbox, fo_step, config: TrainConfig) -> dict[str, float]:
+    """Layer-wise pruning ratios (LPRs) for sparse ZO-SOL, scored on one batch of m = 1 windows."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    if config.zo_lpr == "uniform":
+        return zo.uniform_lprs(params, config.zo_sparsity)
     g = torch.Generator().manual_seed(config.seed + 2)
     idx = torch.randperm(len(windows.starts), generator=g)[:config.batch_size]
-    _, _, start, targets, params, feats = windows.batch(idx)
-    params_dict = dict(model.named_parameters())
-    if config.zo_lpr == "uniform":
-        return zo.uniform_ratios(params_dict, config.zo_sparsity)
-    loss = lambda forward, p: window_loss(blackbox, forward, start, targets[:, :1], params, feats, p, config.loss)  # noqa: E731
+    _, _, start, targets, p_sim, feats = windows.batch(idx)
+    step = fo_step if config.zo_lpr == "fo-grasp" else blackbox
+    loss = _stacked_params_loss(
+        model, lambda f, p: window_loss(step, f, start, targets[:, :1], p_sim, feats, p, config.loss), start.shape[0])
     if config.zo_lpr == "fo-grasp":
-        return zo.fo_grasp_ratios(model, lambda: loss(model, 1)[0], config.zo_sparsity)
-    return zo.zo_grasp_ratios(model, loss, config.zo_sparsity, generator=g)
+        return zo.fo_grasp_lprs(loss, params, config.zo_sparsity)
+    return zo.zo_grasp_lprs(loss, params, config.zo_sparsity, generator=g)
