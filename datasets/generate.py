@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,22 @@ __all__ = ["dataset_path", "generate", "simulate_reference"]
 def dataset_path(out_dir: str | os.PathLike, scenario: Scenario) -> Path:
     """``<out_dir>/<scenario>_<preset>.h5`` (preset 'custom' when config overrides were given)."""
     return Path(out_dir) / f"{scenario.name}_{scenario.preset or 'custom'}.h5"
+
+
+def _check_same_config(path: Path, scenario: Scenario) -> None:
+    """Raise ValueError when the existing file ``path`` holds another scenario or config (e.g. an
+    earlier run with other ``--set`` overrides: both are named ``<scenario>_custom.h5``).
+    Unreadable files are left to the validating reader."""
+    try:
+        with h5py.File(path, "r") as f:
+            name, config = str(f.attrs["scenario"]), json.loads(f.attrs["config"])
+    except Exception:  # noqa: BLE001 - load_dataset reports what is wrong with it
+        return
+    wanted = json.loads(json.dumps(scenario.config.to_dict()))
+    if name != scenario.name or config != wanted:
+        diff = sorted(k for k in set(config) | set(wanted) if config.get(k) != wanted.get(k))
+        raise ValueError(f"{path} holds a dataset of a different config (differs in {diff or [name]}); "
+                         f"pass overwrite=True (--overwrite) or choose another output directory")
 
 
 def simulate_reference(scenario: Scenario, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +78,7 @@ def generate(scenario: str | Scenario, preset: str = "default", out: str | os.Pa
     path = dataset_path(out, scenario)
     parts = path.with_name(path.name + ".parts")
     if path.exists() and not overwrite:
+        _check_same_config(path, scenario)
         return path
     if overwrite and parts.exists():
         shutil.rmtree(parts)

@@ -112,48 +112,54 @@ def load_dataset(path: str | os.PathLike, scenario: str | None = None) -> Fideli
         f = h5py.File(path, "r")
     except OSError as e:
         raise DatasetError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}") from None
-    with f:
-        attrs = dict(f.attrs)
-        if "zosol_schema" not in attrs:
-            raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
-        version = int(attrs["zosol_schema"])
-        if version != SCHEMA_VERSION:
-            raise DatasetError(f"{path}: schema version {version}, but this zosol reads version "
-                               f"{SCHEMA_VERSION}; regenerate it with `zosol generate`")
-        if not attrs.get("complete", False):
-            raise DatasetError(f"{path}: incomplete dataset (generation was interrupted); rerun `zosol generate`")
-        name = str(attrs["scenario"])
-        if scenario is not None and name != scenario:
-            raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
-        try:
-            cls = scenario_class(name)
-            sc = cls.from_config_dict(json.loads(attrs["config"]), preset=str(attrs["preset"]) or None)
-        except (ValueError, TypeError, KeyError) as e:
-            raise DatasetError(f"{path}: invalid scenario config: {e}") from None
-        solver = sc.coarse_solver()
-        expected = (int(attrs["frames"]) + 1, *solver.state_shape)
-        splits: dict[str, list[Simulation]] = {}
-        for split in ("train", "test"):
-            if split not in f:
-                raise DatasetError(f"{path}: missing group '/{split}'")
-            sims = []
-            for key in sorted(f[split], key=int):
-                d = f[split][key]
-                if tuple(d.shape) != expected or d.dtype != np.float32:
-                    raise DatasetError(f"{path}: /{split}/{key} has shape {tuple(d.shape)} {d.dtype}, "
-                                       f"expected {expected} float32")
-                try:
-                    data = d[()]
-                except OSError as e:
-                    raise DatasetError(f"{path}: /{split}/{key} cannot be read (corrupt?): {e}") from None
-                params = torch.from_numpy(np.asarray(d.attrs["params"], dtype=np.float32))
-                if params.numel() != solver.num_params:
-                    raise DatasetError(f"{path}: /{split}/{key} has {params.numel()} params, "
-                                       f"the scenario needs {solver.num_params}")
-                if not np.isfinite(data).all():
-                    raise DatasetError(f"{path}: /{split}/{key} contains NaN or inf")
-                sims.append(Simulation(int(d.attrs["seed"]), torch.from_numpy(data), params))
-            splits[split] = sims
-        if not splits["train"] and not splits["test"]:
-            raise DatasetError(f"{path}: holds no simulations")
+    try:
+        with f:
+            attrs = dict(f.attrs)
+            if "zosol_schema" not in attrs:
+                raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
+            version = int(attrs["zosol_schema"])
+            if version != SCHEMA_VERSION:
+                raise DatasetError(f"{path}: schema version {version}, but this zosol reads version "
+                                   f"{SCHEMA_VERSION}; regenerate it with `zosol generate`")
+            if not attrs.get("complete", False):
+                raise DatasetError(f"{path}: incomplete dataset (generation was interrupted); rerun `zosol generate`")
+            name = str(attrs["scenario"])
+            if scenario is not None and name != scenario:
+                raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
+            try:
+                cls = scenario_class(name)
+                sc = cls.from_config_dict(json.loads(attrs["config"]), preset=str(attrs["preset"]) or None)
+            except (ValueError, TypeError, KeyError) as e:
+                raise DatasetError(f"{path}: invalid scenario config: {e}") from None
+            solver = sc.coarse_solver()
+            expected = (int(attrs["frames"]) + 1, *solver.state_shape)
+            splits: dict[str, list[Simulation]] = {}
+            for split in ("train", "test"):
+                if split not in f:
+                    raise DatasetError(f"{path}: missing group '/{split}'")
+                sims = []
+                for key in sorted(f[split], key=int):
+                    d = f[split][key]
+                    if tuple(d.shape) != expected or d.dtype != np.float32:
+                        raise DatasetError(f"{path}: /{split}/{key} has shape {tuple(d.shape)} {d.dtype}, "
+                                           f"expected {expected} float32")
+                    try:
+                        data = d[()]
+                    except OSError as e:
+                        raise DatasetError(f"{path}: /{split}/{key} cannot be read (corrupt?): {e}") from None
+                    params = torch.from_numpy(np.asarray(d.attrs["params"], dtype=np.float32))
+                    if params.numel() != solver.num_params:
+                        raise DatasetError(f"{path}: /{split}/{key} has {params.numel()} params, "
+                                           f"the scenario needs {solver.num_params}")
+                    if not np.isfinite(data).all():
+                        raise DatasetError(f"{path}: /{split}/{key} contains NaN or inf")
+                    sims.append(Simulation(int(d.attrs["seed"]), torch.from_numpy(data), params))
+                splits[split] = sims
+            if not splits["train"] and not splits["test"]:
+                raise DatasetError(f"{path}: holds no simulations")
+    except DatasetError:
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        # damaged bytes inside an HDF5 file that still opens surface as any of these (h5py)
+        raise DatasetError(f"{path}: corrupt or malformed dataset ({type(e).__name__}: {e})") from None
     return FidelityDataset(path, sc, splits["train"], splits["test"])
