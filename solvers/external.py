@@ -1,0 +1,565 @@
+"""Black-box solvers that live outside torch: an external program, or a plain numpy function.
+
+* :class:`ExternalSolver` drives a program written in any language as a persistent subprocess
+  that speaks a small framed protocol on its stdin/stdout (specification:
+  ``docs/external_solvers.md``).  A frame is a 4-byte little-endian header length, a UTF-8 JSON
+  header and ``header["nbytes"]`` raw payload bytes (C-order, little-endian arrays)::
+
+      -> {"op": "hello", "protocol": 1}
+      <- {"ok": true, "protocol": 1, "dt": 0.05, "channels": ["u"], "spatial_shape": [16],
+          "num_params": 6, "coords": {"x": [...]}, ...}
+      -> {"op": "step", "shape": [B, C, *s], "dtype": "float32", "params_shape": [B, K] | null,
+          "nbytes": N}  + state bytes + params bytes
+      <- {"ok": true, "shape": [B, C, *s], "dtype": "float32", "nbytes": N} + new state bytes
+      <- {"ok": false, "error": "message"}                  (the program refuses a request)
+      -> {"op": "quit"}   <- {"ok": true}                   (then the program exits)
+
+  The adapter learns ``dt``, the channels, the grid and the number of parameters from the
+  handshake; every ``step`` sends the whole batch in one frame.  Failures become
+  :class:`~zosol.solvers.base.SolverError` with a message that names the cause: a crash (EOF or
+  exit code, with the tail of the program's stderr), a timeout (the process is killed), garbage
+  on the pipe, a reply of the wrong shape/dtype/byte count, NaN/inf where the input was finite,
+  or an ``{"ok": false}`` refusal.  With ``restart=True`` a crashed, hung or desynchronised
+  process is restarted (at most ``max_restarts`` times over the solver's life) and the failed
+  call is re-run once.
+
+* :class:`NumpySolver` wraps ``fn(state: ndarray (B, C, *s), params: ndarray (B, K) | None) ->
+  ndarray (B, C, *s)`` in-process.
+
+Both are ``differentiable = False``: inputs go to CPU numpy float32 (``dtype``) and outputs come
+back as new tensors on the input's device and dtype, so no autograd graph can pass through them.
+``step`` refuses (``NotDifferentiableError``) inputs that require grad while grad mode is on,
+instead of silently returning a result that cuts the gradient; zeroth-order code uses
+``solver.blackbox()`` (or calls under ``torch.no_grad``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import selectors
+import shlex
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .base import Solver, SolverError, check_state
+
+__all__ = ["ExternalSolver", "NumpySolver", "NotDifferentiableError", "PROTOCOL_VERSION",
+           "encode_frame", "MAX_HEADER_BYTES"]
+
+PROTOCOL_VERSION = 1
+#: refuse headers longer than this (a sign of garbage on the pipe)
+MAX_HEADER_BYTES = 1 << 20
+_DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
+
+
+class NotDifferentiableError(SolverError):
+    """``step`` of a non-differentiable solver was called on inputs that require grad."""
+
+
+class _ProcessFault(SolverError):
+    """The process crashed, hung, or broke the protocol: it is killed and may be restarted."""
+
+
+def encode_frame(header: Mapping[str, Any], payload_nbytes: int = 0) -> bytes:
+    """Length prefix + JSON header of one frame (``nbytes`` set to ``payload_nbytes``)."""
+    h = json.dumps({**header, "nbytes": int(payload_nbytes)}).encode("utf-8")
+    return struct.pack("<I", len(h)) + h
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _HostSolver(Solver):
+    """Common part of solvers that compute on host numpy arrays."""
+
+    differentiable = False
+
+    def __init__(self, dtype: str = "float32", check_finite: bool = True):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self._np_dtype, self._torch_dtype = _DTYPES[dtype]
+        self.check_finite = bool(check_finite)
+
+    def step(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance ``state`` (B, C, *spatial) by ``dt``; ``params`` (B, K) or None.  Not differentiable."""
+        check_state(self, state, params)
+        if torch.is_grad_enabled() and (state.requires_grad or (params is not None and params.requires_grad)):
+            raise NotDifferentiableError(
+                f"{type(self).__name__} is not differentiable (it computes outside torch); call it under "
+                f"torch.no_grad, through solver.blackbox(), or train with a zeroth-order method (zo-sol)")
+        return self._step(state, params)
+
+    __call__ = step
+
+    def _to_numpy(self, t: torch.Tensor | None) -> np.ndarray | None:
+        if t is None:
+            return None
+        return np.ascontiguousarray(t.detach().to(device="cpu", dtype=self._torch_dtype).numpy())
+
+    def _check_output(self, out: Any, x: np.ndarray, who: str) -> np.ndarray:
+        if not isinstance(out, np.ndarray):
+            raise SolverError(f"{who} returned {type(out).__name__}, expected a numpy array of shape {list(x.shape)}")
+        if out.shape != x.shape:
+            raise SolverError(f"{who} returned shape {list(out.shape)}, expected {list(x.shape)} "
+                              f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})")
+        if self.check_finite:
+            bad = ~np.isfinite(out).reshape(out.shape[0], -1).all(1)
+            if bad.any():
+                finite_in = np.isfinite(x).reshape(x.shape[0], -1).all(1)
+                culprits = np.flatnonzero(bad & finite_in)
+                if culprits.size:
+                    n_bad = int((~np.isfinite(out[culprits])).sum())
+                    raise SolverError(
+                        f"{who} returned non-finite values (NaN/inf): {n_bad} entries in {culprits.size} of "
+                        f"{out.shape[0]} samples whose input was finite (first: sample {int(culprits[0])})")
+        return out
+
+    def _to_torch(self, out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(out).to(device=like.device, dtype=like.dtype)
+
+
+def _default_coords(spatial_shape: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Cell-centre index coordinates (grid units) when the program does not send any."""
+    names = ("x", "y", "z")
+    return {names[i]: torch.arange(n, dtype=torch.float32) + 0.5 for i, n in enumerate(spatial_shape[:3])}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class NumpySolver(_HostSolver):
+    """A plain numpy step function as a (non-differentiable) Solver.
+
+    Args:
+        fn: ``fn(state (B, C, *spatial) ndarray, params (B, K) ndarray | None) -> (B, C, *spatial)``.
+        dt, channels, spatial_shape, num_params, coords: the solver's metadata (coords: name ->
+            1-D array; default: cell-centre indices).
+        dtype: array dtype handed to ``fn`` ("float32" or "float64").
+        check_finite: raise SolverError when ``fn`` returns NaN/inf for finite input.
+    Exceptions raised by ``fn`` become SolverError naming them.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray], *, dt: float,
+                 channels: Sequence[str], spatial_shape: Sequence[int], num_params: int = 0,
+                 coords: Mapping[str, Any] | None = None, dtype: str = "float32", check_finite: bool = True,
+                 name: str | None = None):
+        super().__init__(dtype, check_finite)
+        if not callable(fn):
+            raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
+        if not (math.isfinite(dt) and dt > 0):
+            raise ValueError(f"NumpySolver: dt must be positive, got {dt}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "fn")
+        self.dt = float(dt)
+        self.channels = tuple(channels)
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
+        self.num_params = int(num_params)
+        self.coords = ({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in coords.items()}
+                       if coords is not None else _default_coords(self.spatial_shape))
+
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        x, p = self._to_numpy(state), self._to_numpy(params) if self.num_params else None
+        who = f"NumpySolver({self.name})"
+        try:
+            out = self.fn(x.copy(), None if p is None else p.copy())
+        except Exception as e:
+            raise SolverError(f"{who} raised {type(e).__name__}: {e}") from e
+        out = self._check_output(out, x, who)
+        return self._to_torch(np.ascontiguousarray(out, dtype=self._np_dtype), state)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fn": self.name, "num_params": self.num_params}
+
+    def __repr__(self) -> str:
+        return f"NumpySolver({self.name}, dt={self.dt}, state={self.state_shape})"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process (and its process group, which it leads) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            try:
+                proc.kill()
+            except OSError:
+                pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _finalize(proc: subprocess.Popen, files: list) -> None:  # must not reference the solver
+    _kill_group(proc)
+    for f in files:
+        try:
+            f.close()
+        except Exception:
+            pass
+
+
+class ExternalSolver(_HostSolver):
+    """A solver that is an external program speaking the zosol frame protocol on stdin/stdout.
+
+    Args:
+        command: the program and its arguments (a list, or a string split with ``shlex``).
+        timeout: seconds allowed for one ``step`` (send + compute + reply); on expiry the process
+            is killed and SolverError names the timeout.
+        startup_timeout: seconds allowed for the start and the ``hello`` handshake (default:
+            ``max(timeout, 30)``).
+        restart: restart a crashed / hung / desynchronised process and re-run the failed call
+            once; at most ``max_restarts`` restarts over the solver's life.
+        env, cwd: environment (added to ``os.environ``) and working directory of the program.
+        dtype: array dtype on the wire ("float32" or "float64").
+        check_finite: raise SolverError when the program returns NaN/inf for finite input.
+        expect: optional metadata the program must report, e.g. ``{"dt": 0.05, "num_params": 6}``
+            (checked at every handshake; floats to 1e-12 relative).
+        stderr_tail: characters of the program's stderr quoted in crash messages.
+        name: label used in messages (default: the program's file name).
+        pipe_size: requested pipe buffer size in bytes (Linux ``F_SETPIPE_SZ``; capped by
+            ``/proc/sys/fs/pipe-max-size``; failures are ignored).
+
+    The program's stderr goes to a temporary file (never blocks); ``stderr_text()`` reads it.
+    Use as a context manager or call :meth:`close`; garbage collection and interpreter exit
+    kill a forgotten process.  POSIX only (``select`` on pipes, process groups).
+    """
+
+    def __init__(self, command: str | Sequence[str], *, timeout: float = 60.0, startup_timeout: float | None = None,
+                 restart: bool = False, max_restarts: int = 3, env: Mapping[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None, dtype: str = "float32", check_finite: bool = True,
+                 expect: Mapping[str, Any] | None = None, stderr_tail: int = 2000, name: str | None = None,
+                 pipe_size: int = 1 << 20):
+        super().__init__(dtype, check_finite)
+        if os.name != "posix":
+            raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
+        self.command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+        if not self.command:
+            raise ValueError("ExternalSolver: empty command")
+        if not (timeout > 0):
+            raise ValueError(f"ExternalSolver: timeout must be positive, got {timeout}")
+        self.timeout = float(timeout)
+        self.startup_timeout = float(startup_timeout) if startup_timeout is not None else max(self.timeout, 30.0)
+        self.restart_enabled = bool(restart)
+        self.max_restarts = int(max_restarts)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.expect = dict(expect or {})
+        self.stderr_tail = int(stderr_tail)
+        base = [os.path.basename(c) for c in self.command]
+        interpreted = base[0].startswith(("python", "julia", "Rscript", "node")) and len(base) > 1 \
+            and not self.command[1].startswith("-")
+        self.name = name or (base[1] if interpreted else base[0])
+        self.pipe_size = int(pipe_size)
+        self.restarts = 0
+        self.calls = 0
+        self.metadata: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+        self._stderr = None
+        self._finalizer = None
+        self._failure: str | None = None  # why the process died, while not restarted
+        self._lock = threading.RLock()
+        self._start()
+
+    # -- process life ------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _start(self) -> None:
+        self._stderr = tempfile.TemporaryFile(prefix="zosol-external-", suffix=".stderr")
+        env = None if self.env is None else {**os.environ, **self.env}
+        try:
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                    env=env, cwd=self.cwd, bufsize=0, start_new_session=True, close_fds=True)
+        except OSError as e:
+            self._stderr.close()
+            raise SolverError(f"external solver '{self.name}': cannot start {self.command}: {e}") from e
+        self._proc = proc
+        os.set_blocking(proc.stdin.fileno(), False)
+        for f in (proc.stdin, proc.stdout):  # fewer context switches for large batches (Linux)
+            try:
+                import fcntl
+                fcntl.fcntl(f.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), self.pipe_size)
+            except (ImportError, OSError):
+                pass
+        self._finalizer = weakref.finalize(self, _finalize, proc, [proc.stdin, proc.stdout, self._stderr])
+        self._failure = None
+        try:
+            reply, _ = self._request({"op": "hello", "protocol": PROTOCOL_VERSION}, (), self.startup_timeout, "hello")
+            self._adopt_metadata(reply)
+        except SolverError:
+            self._shutdown(kill=True)
+            raise
+
+    def _adopt_metadata(self, reply: dict) -> None:
+        who = f"external solver '{self.name}'"
+        try:
+            meta = {"dt": float(reply["dt"]), "channels": tuple(str(c) for c in reply["channels"]),
+                    "spatial_shape": tuple(int(n) for n in reply["spatial_shape"]),
+                    "num_params": int(reply.get("num_params", 0))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise SolverError(f"{who}: bad hello reply {reply!r} (needs dt, channels, spatial_shape, "
+                              f"num_params): {type(e).__name__}: {e}") from None
+        if int(reply.get("protocol", PROTOCOL_VERSION)) != PROTOCOL_VERSION:
+            raise SolverError(f"{who} speaks protocol {reply.get('protocol')}, this zosol speaks {PROTOCOL_VERSION}")
+        if not (math.isfinite(meta["dt"]) and meta["dt"] > 0) or not meta["channels"] or \
+                not meta["spatial_shape"] or min(meta["spatial_shape"]) < 1 or meta["num_params"] < 0:
+            raise SolverError(f"{who}: invalid metadata in hello reply: {meta}")
+        for k, want in self.expect.items():
+            have = reply.get(k)
+            same = (math.isclose(float(have), float(want), rel_tol=1e-12) if isinstance(want, float)
+                    and have is not None else
+                    (list(have) == list(want) if isinstance(want, (list, tuple)) and have is not None else have == want))
+            if not same:
+                raise SolverError(f"{who} reports {k}={have!r}, expected {want!r}")
+        if self.metadata:  # a restart must come back as the same solver
+            old = {k: self.metadata[k] for k in meta}
+            if old != meta:
+                raise SolverError(f"{who} came back after a restart with other metadata: {meta} (was {old})")
+        coords = reply.get("coords")
+        self.dt, self.channels = meta["dt"], meta["channels"]
+        self.spatial_shape, self.num_params = meta["spatial_shape"], meta["num_params"]
+        self.coords = ({k: torch.tensor(v, dtype=torch.float32) for k, v in coords.items()}
+                       if isinstance(coords, dict) else _default_coords(self.spatial_shape))
+        self.metadata = {**{k: v for k, v in reply.items() if k not in ("ok", "nbytes")}, **meta}
+
+    def _shutdown(self, kill: bool) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if not kill and proc.poll() is None:
+            try:
+                self._request({"op": "quit"}, (), min(self.timeout, 5.0), "quit")
+                proc.wait(timeout=min(self.timeout, 5.0))
+            except (SolverError, subprocess.TimeoutExpired, OSError):
+                pass
+        if self._finalizer is not None:
+            self._finalizer()  # kills what is left, closes the pipes and the stderr file
+        self._proc = None
+
+    def stderr_text(self, limit: int | None = None) -> str:
+        """The last ``limit`` characters (default: all) of the current process's stderr."""
+        f = self._stderr
+        if f is None or f.closed:
+            return ""
+        try:
+            size = os.fstat(f.fileno()).st_size
+            n = size if limit is None else min(size, limit)
+            data = os.pread(f.fileno(), n, size - n)
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace")
+
+    def _tail(self) -> str:
+        text = self.stderr_text(self.stderr_tail).rstrip()
+        return f"; stderr tail:\n{text}" if text else "; stderr was empty"
+
+    def close(self) -> None:
+        """Ask the program to quit (op "quit"), then make sure it is gone.  Idempotent."""
+        with self._lock:
+            self._shutdown(kill=False)
+            self._failure = "the solver was closed"
+
+    def restart(self) -> None:
+        """Kill the current process (if any) and start a fresh one (handshake included)."""
+        with self._lock:
+            self._shutdown(kill=True)
+            self._start()
+
+    def __enter__(self) -> "ExternalSolver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort; weakref.finalize also covers interpreter exit
+        try:
+            if self._proc is not None:
+                self._shutdown(kill=True)
+        except Exception:
+            pass
+
+    # -- framed I/O with deadlines -----------------------------------------------------------
+    def _fault(self, kind: str, what: str, detail: str) -> _ProcessFault:
+        """Kill the process and build the error for a crash / timeout / protocol failure."""
+        proc = self._proc
+        code = None
+        if proc is not None:
+            if kind == "crash":
+                try:
+                    code = proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    code = None
+            if kind != "crash" or code is None:
+                _kill_group(proc)
+        status = "" if code is None else f" (exit code {code}{self._signal_name(code)})"
+        msg = f"external solver '{self.name}': {what} failed: {detail}{status}{self._tail()}"
+        self._shutdown(kill=True)
+        self._failure = msg
+        return _ProcessFault(msg)
+
+    @staticmethod
+    def _signal_name(code: int) -> str:
+        if code < 0:
+            try:
+                return f", killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return ""
+        return ""
+
+    def _write_all(self, parts: Sequence[memoryview | bytes], deadline: float, what: str) -> None:
+        fd = self._proc.stdin.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_WRITE)
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while len(view):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not sel.select(left):
+                        if time.monotonic() >= deadline:
+                            raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s (the program stopped reading "
+                                                                f"its input; process killed)")
+                        continue
+                    try:
+                        n = os.write(fd, view)
+                    except BlockingIOError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        raise self._fault("crash", what, "the program crashed (it closed its input)") from None
+                    view = view[n:]
+
+    def _read_into(self, buf: memoryview, deadline: float, what: str, sel: selectors.BaseSelector) -> None:
+        fd = self._proc.stdout.fileno()
+        got = 0
+        while got < len(buf):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                if time.monotonic() >= deadline:
+                    raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s with no reply (process killed)")
+                continue
+            n = os.readv(fd, [buf[got:]])
+            if n == 0:
+                raise self._fault("crash", what, "the program crashed (its output ended" +
+                                  (f" after {got} of {len(buf)} bytes of a frame" if got else "") + ")")
+            got += n
+
+    def _read_frame(self, deadline: float, what: str) -> tuple[dict, bytearray]:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout.fileno(), selectors.EVENT_READ)
+            raw = bytearray(4)
+            self._read_into(memoryview(raw), deadline, what, sel)
+            (hlen,) = struct.unpack("<I", raw)
+            if hlen == 0 or hlen > MAX_HEADER_BYTES:
+                raise self._fault("protocol", what, f"garbage output (header length {hlen} is not in "
+                                                    f"1..{MAX_HEADER_BYTES}: not a protocol frame; process killed)")
+            hraw = bytearray(hlen)
+            self._read_into(memoryview(hraw), deadline, what, sel)
+            try:
+                header = json.loads(hraw.decode("utf-8"))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+                nbytes = int(header.get("nbytes", 0))
+                if nbytes < 0:
+                    raise ValueError(f"negative nbytes {nbytes}")
+            except (ValueError, UnicodeDecodeError, TypeError) as e:
+                raise self._fault("protocol", what, f"garbage output (bad frame header "
+                                                    f"{bytes(hraw[:80])!r}: {e}; process killed)") from None
+            payload = bytearray(nbytes)
+            if nbytes:
+                self._read_into(memoryview(payload), deadline, what, sel)
+        return header, payload
+
+    def _request(self, header: dict, payload: Sequence[memoryview | bytes], budget: float, what: str
+                 ) -> tuple[dict, bytearray]:
+        if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None:
+                raise self._fault("crash", what, "the program had exited before the request")
+            raise SolverError(f"external solver '{self.name}' is not running ({self._failure or 'not started'})")
+        self._budget = budget
+        deadline = time.monotonic() + budget
+        nbytes = sum(memoryview(p).nbytes for p in payload)
+        parts = [encode_frame(header, nbytes), *payload]
+        if nbytes <= 1 << 16:  # one write, one wake-up of the program
+            parts = [b"".join(parts)]
+        self._write_all(parts, deadline, what)
+        reply, data = self._read_frame(deadline, what)
+        if not reply.get("ok", False):
+            err = reply.get("error", f"reply without ok/error: {reply!r}")
+            raise SolverError(f"external solver '{self.name}' refused {what}: {err}")
+        return reply, data
+
+    # -- the step ------------------------------------------------------------------------------
+    def _step_once(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
+        what = f"step (batch {x.shape[0]})"
+        header = {"op": "step", "shape": list(x.shape), "dtype": self.dtype,
+                  "params_shape": None if p is None else list(p.shape)}
+        parts = [memoryview(x).cast("B")] + ([] if p is None else [memoryview(p).cast("B")])
+        reply, data = self._request(header, parts, self.timeout, what)
+        who = f"external solver '{self.name}'"
+        shape = reply.get("shape")
+        if reply.get("dtype", self.dtype) != self.dtype:
+            raise SolverError(f"{who} returned dtype {reply.get('dtype')!r}, expected {self.dtype!r} in {what}")
+        if shape != list(x.shape):
+            raise SolverError(f"{who} returned shape {shape}, expected {list(x.shape)} in {what} "
+                              f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})")
+        if len(data) != x.nbytes:
+            raise SolverError(f"{who} returned {len(data)} bytes, expected {x.nbytes} "
+                              f"(shape {list(x.shape)}, {self.dtype}) in {what}")
+        out = np.frombuffer(data, dtype=self._np_dtype).reshape(x.shape)
+        return self._check_output(out, x, who)
+
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        x = self._to_numpy(state)
+        p = self._to_numpy(params) if self.num_params else None
+        with self._lock:
+            retried = False
+            while True:
+                try:
+                    if self._proc is None and self.restart_enabled and self._failure is not None \
+                            and self._failure != "the solver was closed" and self.restarts < self.max_restarts:
+                        self.restarts += 1
+                        self._start()
+                    out = self._step_once(x, p)
+                    self.calls += 1
+                    break
+                except _ProcessFault as e:
+                    if not self.restart_enabled or retried:
+                        raise SolverError(str(e) + (" (the re-run after a restart failed too)" if retried else "")) \
+                            from None
+                    if self.restarts >= self.max_restarts:
+                        raise SolverError(f"{e} (no restart left: {self.restarts} of max_restarts="
+                                          f"{self.max_restarts} used)") from None
+                    retried = True
+                    self.restarts += 1
+                    try:
+                        self._start()
+                    except SolverError as e2:
+                        raise SolverError(f"{e}; the restart failed: {e2}") from None
+        return self._to_torch(out, state)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "command": self.command, "num_params": self.num_params,
+                "timeout": self.timeout, "restart": self.restart_enabled, "metadata": self.metadata}
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.alive else "stopped"
+        return f"ExternalSolver({self.name!r}, {state}, dt={getattr(self, 'dt', None)})"
