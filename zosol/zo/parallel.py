@@ -1,0 +1,255 @@
+"""Chunking, device placement and ``torch.distributed`` sharding of ZO queries.
+
+Everything here is independent of the estimator: an estimator describes its work
+as ``n`` perturbations and a function ``eval_chunk(start, stop) -> Tensor
+(stop - start,)`` of loss values; :func:`evaluate_chunked` runs the chunks
+(locally, or sharded over the ranks of a process group) and returns all ``n``
+values.  Sharding is done at the granularity of whole chunks and results are
+combined with an ``all_reduce`` of a zero-filled vector, so a sharded run gives
+bit-for-bit the same loss values as a single process with the same chunk size.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    "resolve_device",
+    "iter_chunks",
+    "shard_chunks",
+    "evaluate_chunked",
+    "dist_info",
+    "chunk_size_from_budget",
+    "estimate_bytes_per_perturbation",
+    "measure_peak_memory",
+    "find_free_port",
+    "spawn_local",
+]
+
+
+def resolve_device(device: Optional[torch.device | str], fallback: Optional[torch.device] = None) -> torch.device:
+    """Return ``torch.device(device)``; ``None`` -> ``fallback`` (or CPU).
+
+    ``"cuda"`` without CUDA raises a ValueError naming the fix.
+    """
+    if device is None:
+        return fallback if fallback is not None else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available; pass device='cpu' or None")
+    return dev
+
+
+def iter_chunks(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into consecutive ``(start, stop)`` chunks of at most ``chunk_size``.
+
+    ``chunk_size=None`` means a single chunk.  Raises ValueError for ``chunk_size < 1``.
+    """
+    if n < 0:
+        raise ValueError(f"number of perturbations must be >= 0, got {n}")
+    if chunk_size is None:
+        return [(0, n)] if n > 0 else []
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    c = int(chunk_size)
+    return [(s, min(s + c, n)) for s in range(0, n, c)]
+
+
+def shard_chunks(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Round-robin assignment of whole chunks to ``rank`` out of ``world_size``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank/world_size: rank={rank}, world_size={world_size}")
+    return [c for i, c in enumerate(chunks) if i % world_size == rank]
+
+
+def dist_info(distributed: bool, group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``group`` if ``distributed`` else ``(0, 1)``.
+
+    Raises ValueError if ``distributed=True`` but no process group is initialised.
+    """
+    if not distributed:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (or pass distributed=False)"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def evaluate_chunked(
+    eval_chunk: Callable[[int, int], torch.Tensor],
+    n: int,
+    chunk_size: Optional[int],
+    distributed: bool = False,
+    group=None,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Evaluate ``n`` perturbations in chunks, optionally sharded over ranks.
+
+    Args:
+        eval_chunk: ``(start, stop) -> Tensor (stop - start,)`` of loss values.
+        n: number of perturbations.
+        chunk_size: perturbations per call (None: all at once).
+        distributed: shard the chunks over the ranks of ``group`` and all-reduce.
+        dtype, device: of the returned vector; with NCCL ``device`` must be a CUDA device.
+    Returns:
+        Tensor ``(n,)`` of loss values, identical on all ranks.
+    """
+    rank, world = dist_info(distributed, group)
+    chunks = shard_chunks(iter_chunks(n, chunk_size), rank, world)
+    out = torch.zeros(n, dtype=dtype, device=device)
+    it = chunks
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(chunks, desc="zo chunks", leave=False)
+    for s, e in it:
+        v = eval_chunk(s, e)
+        out[s:e] = v.detach().to(dtype=dtype, device=out.device)
+    if world > 1:
+        # every entry is written by exactly one rank; the others contribute exact zeros
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def chunk_size_from_budget(bytes_per_perturbation: int, budget_bytes: int, max_chunk: Optional[int] = None) -> int:
+    """Largest chunk size whose estimated memory stays within ``budget_bytes`` (at least 1)."""
+    if bytes_per_perturbation <= 0:
+        raise ValueError(f"bytes_per_perturbation must be > 0, got {bytes_per_perturbation}")
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+    c = max(1, int(budget_bytes // bytes_per_perturbation))
+    return min(c, max_chunk) if max_chunk else c
+
+
+@torch.no_grad()
+def estimate_bytes_per_perturbation(model: nn.Module, *example_inputs: torch.Tensor, factor: float = 3.0) -> int:
+    """Rough activation memory of one perturbed forward on ``example_inputs`` (batch B).
+
+    Sums the output sizes of all leaf modules (one forward with hooks) and multiplies by
+    ``factor`` (temporaries, padded copies, the largest live pair of activations).
+    """
+    total = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    try:
+        model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    inp = sum(x.numel() * x.element_size() for x in example_inputs)
+    return max(1, int(factor * (total[0] + inp)))
+
+
+def _read_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_peak_memory(fn: Callable[[], object], device: Optional[torch.device] = None) -> Optional[int]:
+    """Peak extra memory (bytes) used while running ``fn()``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` delta.  CPU (Linux): peak RSS delta, after
+    resetting the high-water mark through ``/proc/self/clear_refs``; None if unsupported.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _read_status_kb("VmRSS")
+    fn()
+    peak = _read_status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, (peak - before) * 1024)
+
+
+def find_free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank: int, fn, world_size: int, port: int, backend: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: Optional[str] = None) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes with an initialised group.
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``; rendezvous on a
+    free loopback port.  ``fn`` must be importable (defined at module level).
+    """
+    import torch.multiprocessing as mp
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    port = find_free_port()
+    mp.spawn(_spawn_entry, args=(fn, world_size, port, backend, args), nprocs=world_size, join=True)
+
+
+def dist_check_worker(rank: int, world_size: int, out_prefix: Optional[str]) -> dict:
+    """Self-check used by the tests/benches: CGE (generic and structured) and RGE of a tiny model.
+
+    With ``world_size > 1`` (inside :func:`spawn_local`) the work is sharded over the group; the
+    flat estimates are returned and, if ``out_prefix`` is given, saved to ``{out_prefix}.{rank}.pt``.
+    """
+    from .estimators import batched_loss_from_module, cge, rge
+    from .models import cnn1d_corrector
+    from .reuse import cge_structured
+
+    model = cnn1d_corrector(hidden=(4, 4), kernel=3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 2, 8, generator=g), torch.randn(4, 1, 8, generator=g)
+    params = dict(model.named_parameters())
+    bl = batched_loss_from_module(model, lambda o: ((o - y) ** 2).mean(), x)
+
+    def lof(forward, P):
+        return ((forward(x).reshape(P, -1) - y.reshape(1, -1)) ** 2).mean(1)
+
+    dd = world_size > 1
+    res = {
+        "cge_fwd": cge(bl, params, mu=1e-3, chunk_size=17, distributed=dd).flat(),
+        "cge_central": cge(bl, params, mu=1e-3, scheme="central", chunk_size=17, distributed=dd).flat(),
+        "structured": cge_structured(model, lof, mu=1e-3, chunk_size=17, distributed=dd).flat(),
+        "rge": rge(bl, params, q=40, chunk_size=7, generator=torch.Generator().manual_seed(3), distributed=dd).flat(),
+    }
+    if out_prefix is not None:
+        torch.save(res, f"{out_prefix}.{rank}.pt")
+    return res
