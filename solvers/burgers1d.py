@@ -141,13 +141,14 @@ class Burgers1DConfig(ScenarioConfig):
     ``n_coarse`` cells; coarse solver first-order upwind + forward Euler on ``n_coarse`` cells.
 
     Initial conditions: sums of ``ic_modes`` sines with random amplitudes and phases, scaled to a
-    maximum of ``ic_amplitude``; forcing: ``forcing_modes`` sine/cosine pairs with amplitudes
-    drawn from N(0, forcing_amplitude^2 / k).
+    maximum of ``ic_amplitude``; forcing: ``forcing_modes`` modes with amplitudes ~ 1/sqrt(k)
+    scaled to an RMS of ``forcing_amplitude`` and random phases (every simulation is driven
+    equally hard; only the shape of the forcing differs).
     """
 
     n_ref: int = 512
     n_coarse: int = 32
-    nu: float = 0.02
+    nu: float = 0.01
     dt: float = 0.05
     length: float = 2 * math.pi
     ic_modes: int = 4
@@ -168,7 +169,7 @@ class Burgers1DScenario(Scenario):
     description = "1-D forced viscous Burgers, MUSCL/RK3 reference vs first-order upwind/Euler coarse solver"
     presets = {
         "tiny": dict(n_ref=128, n_coarse=16, frames=12, train_sims=3, test_sims=2),
-        "default": dict(n_ref=512, n_coarse=32, frames=48, train_sims=16, test_sims=5),
+        "default": dict(n_ref=512, n_coarse=32, frames=64, train_sims=16, test_sims=5),
         "paper": dict(n_ref=2048, n_coarse=64, frames=128, train_sims=32, test_sims=10),
     }
 
@@ -196,8 +197,13 @@ class Burgers1DScenario(Scenario):
         u0 = (amp[:, None] * torch.sin(2 * math.pi / c.length * k[:, None] * x + phase[:, None])).sum(0)
         u0 = u0 - u0.mean()
         u0 = c.ic_amplitude * u0 / u0.abs().max()
-        kf = torch.arange(1, c.forcing_modes + 1, dtype=torch.float64).repeat(2)
-        coeffs = c.forcing_amplitude * torch.randn(2 * c.forcing_modes, generator=g, dtype=torch.float64) / kf.sqrt()
+        # forcing: a fixed spectrum (amplitude ~ 1/sqrt(k), RMS = forcing_amplitude) with random
+        # phases, so every simulation is driven equally hard and only the shape differs
+        kf = torch.arange(1, c.forcing_modes + 1, dtype=torch.float64)
+        fphase = 2 * math.pi * torch.rand(c.forcing_modes, generator=g, dtype=torch.float64)
+        famp = kf.rsqrt()
+        famp = c.forcing_amplitude * famp / (0.5 * famp.pow(2).sum()).sqrt().clamp_min(1e-12)
+        coeffs = torch.cat([famp * torch.cos(fphase), famp * torch.sin(fphase)])
         return u0[None].float(), coeffs.float()
 
     def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:

@@ -112,7 +112,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps({"dataset": str(Path(dataset.path).resolve())}))
-    result = train(dataset, config, run_dir, resume=args.resume)
+    resume = args.resume and (run_dir / "checkpoint.pt").exists()
+    if args.resume and not resume:
+        print(f"zosol: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
+    result = train(dataset, config, run_dir, resume=resume)
     ev = evaluate(dataset, result.model, device=config.device)
     print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
           f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")

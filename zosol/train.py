@@ -360,8 +360,12 @@ def _stacked_params_loss(model: torch.nn.Module, loss_of_forward, batch_size: in
 def _layer_ratios(model: torch.nn.Module, windows: _Windows, blackbox, fo_step, config: TrainConfig) -> dict[str, float]:
     """Layer-wise pruning ratios (LPRs) for sparse ZO-SOL, scored on one batch of m = 1 windows."""
     params = {k: p.detach() for k, p in model.named_parameters()}
+    # The output layer starts at zero ("no correction"), so its GraSP scores are all zero and a
+    # global threshold would prune it entirely, freezing the corrector at zero: keep it dense.
+    output_layer = next(reversed(list(params))).rsplit(".", 1)[0] + "."
+    prunable = lambda name, p: p.dim() > 1 and not name.startswith(output_layer)  # noqa: E731
     if config.zo_lpr == "uniform":
-        return zo.uniform_lprs(params, config.zo_sparsity)
+        return zo.uniform_lprs(params, config.zo_sparsity, prunable)
     g = torch.Generator().manual_seed(config.seed + 2)
     idx = torch.randperm(len(windows.starts), generator=g)[:config.batch_size]
     _, _, start, targets, p_sim, feats = windows.batch(idx)
@@ -369,5 +373,5 @@ def _layer_ratios(model: torch.nn.Module, windows: _Windows, blackbox, fo_step, 
     loss = _stacked_params_loss(
         model, lambda f, p: window_loss(step, f, start, targets[:, :1], p_sim, feats, p, config.loss), start.shape[0])
     if config.zo_lpr == "fo-grasp":
-        return zo.fo_grasp_lprs(loss, params, config.zo_sparsity)
-    return zo.zo_grasp_lprs(loss, params, config.zo_sparsity, generator=g)
+        return zo.fo_grasp_lprs(loss, params, config.zo_sparsity, prunable)
+    return zo.zo_grasp_lprs(loss, params, config.zo_sparsity, prunable, generator=g)
