@@ -17,20 +17,9 @@ import time
 import torch
 
 from zosol.zo import cge_structured
+from zosol.zo.bench import subset_masks
 from zosol.zo.models import cnn1d_corrector, n_params
 from zosol.zo.parallel import measure_peak_memory
-
-
-def subset_masks(model, n, seed=0):
-    params = dict(model.named_parameters())
-    d = sum(p.numel() for p in params.values())
-    flat = torch.zeros(d, dtype=torch.bool)
-    flat[torch.randperm(d, generator=torch.Generator().manual_seed(seed))[: min(n, d)]] = True
-    out, o = {}, 0
-    for k, p in params.items():
-        out[k] = flat[o:o + p.numel()].reshape(p.shape)
-        o += p.numel()
-    return out
 
 
 def sync(dev):

@@ -59,15 +59,6 @@ def _gone(pid: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny problems: one intra-op thread is ~30x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_h5):
     return load_dataset(tiny_h5)

@@ -1,9 +1,4 @@
 """CGE / RGE estimators vs autograd, masks, query counts, input validation."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,14 +6,6 @@ import torch.nn as nn
 from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
 from zosol.zo.models import cnn1d_corrector, cnn2d, mlp, resnet1d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation overhead (and noise on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _problem(kind: str, dtype=torch.float64):

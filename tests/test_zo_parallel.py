@@ -1,9 +1,4 @@
 """Chunking helpers and 2-process torch.distributed sharding == 1 process."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 

@@ -1,9 +1,4 @@
 """Structured perturbed forward (feature reuse) == generic finite differences."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,14 +7,6 @@ from torch.func import functional_call, vmap
 from zosol.zo import Residual, UnsupportedModuleError, cge, cge_structured, random_masks
 from zosol.zo.models import cnn1d_corrector, cnn2d, mlp, resnet1d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation overhead (and noise on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _models():

@@ -1,9 +1,4 @@
 """ZO-GraSP / FO-GraSP layer-wise pruning ratios and random gradient masks."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,13 +9,6 @@ from zosol.zo import (
 )
 from zosol.zo.models import mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _problem():

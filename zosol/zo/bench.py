@@ -76,7 +76,8 @@ def _naive(model: nn.Module, x, y, mu: float, coords: torch.Tensor) -> torch.Ten
     return g
 
 
-def _subset_mask(model: nn.Module, n: int, seed: int = 0) -> dict:
+def subset_masks(model: nn.Module, n: int, seed: int = 0) -> dict:
+    """Masks selecting ``n`` random coordinates of ``model`` (for timing a subset of coordinates)."""
     params = dict(model.named_parameters())
     d = sum(p.numel() for p in params.values())
     flat = torch.zeros(d, dtype=torch.bool)
@@ -92,7 +93,7 @@ def _speed_block(hidden: tuple, chunk: int, naive_coords: int, repeats: int, mu:
     model, x, y, lof = _problem(hidden)
     d, B = n_params(model), x.shape[0]
     r: dict = {"d": d, "B": B, "chunk_size": chunk}
-    warm = _subset_mask(model, chunk)  # warm-up (allocator, oneDNN primitive caches)
+    warm = subset_masks(model, chunk)  # warm-up (allocator, oneDNN primitive caches)
     for eng in ("structured", "vmap"):
         cge_structured(model, lof, mu=mu, chunk_size=chunk, masks=warm, engine=eng)
     # naive (subset, extrapolated per coordinate to d + 1 queries)
@@ -170,7 +171,7 @@ def _run(json_path, quick, mu) -> dict:
     model, x, y, lof = _problem((32, 32, 24))
     mem = []
     for c in ((64, 512, 2048) if quick else (64, 256, 1024, 4096)):
-        masks = _subset_mask(model, c, seed=c)
+        masks = subset_masks(model, c, seed=c)
         box = {}
 
         def go():
@@ -188,7 +189,7 @@ def _run(json_path, quick, mu) -> dict:
                    ((4, 4, 4), (10, 10, 8), (16, 16, 16), (32, 32, 24), (64, 64, 48))):
         model, x, y, lof = _problem(hidden)
         n = min(n_params(model), 1024 if quick else 2048)
-        masks = _subset_mask(model, n)
+        masks = subset_masks(model, n)
         t, _ = _timeit(lambda: cge_structured(model, lof, mu=mu, masks=masks, chunk_size=chunk), reps)
         sweep.append({"hidden": list(hidden), "d": n_params(model), "coords_timed": n, "queries_per_s": (n + 1) / t})
     res["queries_per_s_vs_model_size"] = sweep
