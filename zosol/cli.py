@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zosol", description="Zeroth-order Solver-in-the-Loop training of "
                                 "neural correctors for black-box PDE solvers.")
     p.add_argument("--version", action="version", version=f"zosol {__version__}")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads (default: torch's choice; 1 is fastest for the small "
+                        "built-in presets and on a busy machine)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def scenario_args(q: argparse.ArgumentParser, preset_default: str = "default") -> None:
@@ -227,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"zosol: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(args.threads)
     from .datasets.hdf5 import DatasetError
     from .solvers.base import SolverError
     from .train import CheckpointError, TrainingError

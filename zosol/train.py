@@ -175,8 +175,13 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     if not dataset.train:
         raise ValueError(f"{dataset.path}: no training simulations")
     base_solver = solver if solver is not None else scenario.coarse_solver()
+    if config.method == "fo-sol" and not getattr(base_solver, "differentiable", False):
+        raise ValueError(f"fo-sol needs a differentiable solver; {type(base_solver).__name__} is a black box "
+                         f"(use zo-sol or nog-sol)")
     blackbox = SolverCounter(base_solver.blackbox().step)
-    diff_solver = scenario.coarse_solver()  # in-process differentiable twin (FO-SOL, gradient checks)
+    # differentiable solver for FO-SOL and for ZO-SOL's gradient checks: the given solver if it is
+    # differentiable, else the scenario's in-process coarse solver (its twin)
+    diff_solver = base_solver if getattr(base_solver, "differentiable", False) else scenario.coarse_solver()
     fo_step = SolverCounter(diff_solver.step)
     m = config.effective_window
     windows = _Windows(dataset, m, device)
@@ -193,8 +198,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
         with torch.no_grad():
             traj = windows.traj
             flat = traj[:, :-1].reshape(-1, *traj.shape[2:])
-            p = None if windows.params is None or not windows.num_params else \
-                windows.params.repeat_interleave(traj.shape[1] - 1, 0)
+            p = windows.params.repeat_interleave(traj.shape[1] - 1, 0) if windows.num_params else None
             coarse_next = blackbox(flat, p).view(traj.shape[0], traj.shape[1] - 1, *traj.shape[2:])
 
     history: dict[str, Any] = {"loss": [], "epoch_loss": [], "grad_cosine_vs_fo": [], "wall_time": 0.0,
