@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 
 from zosol.zo import (MaskScheduler, batched_loss_from_module, cge_structured, mask_sparsity, random_masks, rge,
                       write_grads, zo_grasp_lprs)
-from zosol.zo.models import cnn2d, n_params
+from zosol.zo.reference_nets import cnn2d, n_params
 
 
 def data(seed: int = 0):

@@ -18,7 +18,7 @@ import torch
 
 from zosol.zo import cge_structured
 from zosol.zo.bench import subset_masks
-from zosol.zo.models import cnn1d_corrector, n_params
+from zosol.zo.reference_nets import cnn1d_corrector, n_params
 from zosol.zo.parallel import measure_peak_memory
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
-from zosol.zo.models import cnn1d_corrector, cnn2d, mlp, resnet1d
+from zosol.zo.reference_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
 
 
 

@@ -17,7 +17,7 @@ def test_iter_and_shard_chunks():
 
 
 def test_chunk_size_from_budget():
-    from zosol.zo.models import cnn1d_corrector
+    from zosol.zo.reference_nets import cnn1d_corrector
     m = cnn1d_corrector(hidden=(8, 8))
     bpp = estimate_bytes_per_perturbation(m, torch.randn(8, 2, 32))
     assert bpp > 8 * 32 * 8 * 4

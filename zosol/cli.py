@@ -162,7 +162,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_engine_bench(json_path=args.json, quick=args.quick)
     else:
         from .bench import run_solver_bench
-        run_solver_bench(json_path=args.json, quick=args.quick)
+        run_solver_bench(json_path=args.json, quick=args.quick,
+                         scenarios=args.scenarios.split(",") if args.scenarios else None)
     return 0
 
 
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("what", choices=["engine", "solvers"])
     q.add_argument("--json", help="also write the figures as JSON")
     q.add_argument("--quick", action="store_true", help="smaller sizes")
+    q.add_argument("--scenarios", help="solvers bench: comma-separated scenarios (default: all)")
     q.set_defaults(func=_cmd_bench)
     return p
 

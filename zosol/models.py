@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .zo.reference_nets import n_params
 from .zo.reuse import Residual
 
-__all__ = ["small_cnn", "sol_resnet", "build_corrector"]
+__all__ = ["small_cnn", "sol_resnet", "build_corrector", "corrector_input", "n_params"]
 
 
 def _conv(dim: int, cin: int, cout: int, kernel: int, padding_mode: str) -> nn.Module:
@@ -71,10 +72,6 @@ def build_corrector(kind: str, dim: int, in_channels: int, out_channels: int, *,
     if kind == "resnet":
         return sol_resnet(dim, in_channels, out_channels, width, depth, kernel, padding_mode)
     raise ValueError(f"unknown corrector model '{kind}'; choose 'cnn' or 'resnet'")
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def corrector_input(state: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .datasets.hdf5 import FidelityDataset
-from .models import build_corrector, count_parameters
+from .models import build_corrector, n_params
 from .rollout import window_loss
 from .solvers.base import BlackBox, Solver, SolverError
 from . import zo
@@ -337,7 +337,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     history["wall_time"] = wall_before + time.perf_counter() - started
     history["solver_calls"] = blackbox.calls + fo_step.calls
     history["solver_samples"] = blackbox.samples + fo_step.samples
-    history["parameters"] = count_parameters(model)
+    history["parameters"] = n_params(model)
     if ckpt_path is not None:
         save()
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .models import cnn1d_corrector, n_params
+from .reference_nets import cnn1d_corrector, n_params
 from .parallel import measure_peak_memory
 from .reuse import cge_structured
 

@@ -231,7 +231,7 @@ def dist_check_worker(rank: int, world_size: int, out_prefix: Optional[str]) -> 
     flat estimates are returned and, if ``out_prefix`` is given, saved to ``{out_prefix}.{rank}.pt``.
     """
     from .estimators import batched_loss_from_module, cge, rge
-    from .models import cnn1d_corrector
+    from .reference_nets import cnn1d_corrector
     from .reuse import cge_structured
 
     model = cnn1d_corrector(hidden=(4, 4), kernel=3, seed=1)
