@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -173,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "neural correctors for black-box PDE solvers.")
     p.add_argument("--version", action="version", version=f"zosol {__version__}")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch intra-op threads (default: torch's choice; 1 is fastest for the small "
-                        "built-in presets and on a busy machine)")
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the built-in "
+                        "presets run many small tensor operations, where one thread was fastest)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def scenario_args(q: argparse.ArgumentParser, preset_default: str = "default") -> None:
@@ -232,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"zosol: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"zosol: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    threads = args.threads or (None if os.environ.get("OMP_NUM_THREADS") else 1)
+    if threads is not None:
         import torch
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     from .datasets.hdf5 import DatasetError
     from .solvers.base import SolverError
     from .train import CheckpointError, TrainingError

@@ -1,0 +1,468 @@
+"""2-D unsteady wake flow behind a cylinder (Karman vortex street), on PhiFlow 3.4 (torch backend).
+
+This is the ``karman2d`` scenario of Solver-in-the-Loop (Um et al. 2020), used by DeepZero's
+ZO-SOL benchmark: incompressible Navier-Stokes in a 200 x 100 channel, a cylinder of radius 10
+centred at (50, 50), constant inflow ``U`` (default 1) on the left, open outflow on the right and
+closed no-slip walls at the top and bottom.
+
+Numerics (one call of ``step`` advances ``dt``; each of ``substeps`` sub-steps does)::
+
+    v <- semi-Lagrangian advection of v by itself       (phi.physics.advect.semi_lagrangian)
+    v <- v + tau * nu * laplace(v)                       (explicit diffusion, nu per sample)
+    v <- pressure projection with the cylinder as an Obstacle (phi.physics.fluid.make_incompressible)
+
+Boundaries (velocity extrapolation of the StaggeredGrid):
+    ``x-``: Dirichlet inflow (U, 0);  ``x+``: zero gradient (open outflow);
+    ``y``: closed no-slip walls (both components 0).  Free slip would be closer to SOL's set-up, but
+    PhiFlow 3.4's pressure projection does not converge with a combine_by_direction extrapolation.
+
+**State layout: exact staggered (MAC) values in a plain (B, 2, H, W) tensor**, channels
+``('vx', 'vy')``, ``H = ny`` rows (y) and ``W = nx`` columns (x), cells of size ``dx = 200 / nx``,
+``dy = 100 / ny``:
+
+* ``state[:, 0, j, i]`` = x-velocity on the face at ``x = (i + 1) dx``, ``y = (j + 0.5) dy``, i.e.
+  the *right* face of cell (j, i).  These are exactly PhiFlow's stored x-faces (the left-most face
+  ``x = 0`` is the Dirichlet inflow and is not a degree of freedom).
+* ``state[:, 1, j, i]`` = y-velocity on the face at ``x = (i + 0.5) dx``, ``y = j dy``, i.e. the
+  *bottom* face of cell (j, i), for ``j >= 1`` (PhiFlow's ny - 1 interior y-faces).  Row ``j = 0`` is
+  the bottom wall, where the wall condition fixes ``vy = 0``: the solver ignores that row on
+  input and writes 0 there on output.
+
+No interpolation happens in the conversion, so ``step`` sees exactly the values it returned:
+``step(state)`` round-trips (``from_fields(to_fields(s)) == s`` up to the ignored wall row).  A
+corrector may perturb any entry; perturbations of the wall row have no effect, perturbations inside
+the cylinder are removed by the next projection.  The centred velocity (for plots or features)
+is :func:`centered_velocity`.
+
+**Reynolds number.** ``params[:, 0] = Re`` (the raw Reynolds number, float32), ``nu = U D / Re``
+with ``D = 2 * radius = 20``.  Explicit diffusion is applied per sample and is stable while
+``nu * tau * (2/dx^2 + 2/dy^2) <= 1``; lower Re raise ValueError (no silent clamping).  At the
+paper's Re (1.6e5 .. 5.12e6) ``nu * tau / dx^2 ~ 1e-5 .. 1e-4``: the physical viscosity is tiny
+next to the numerical diffusion of semi-Lagrangian advection, so trajectories of different Re
+differ little and mostly through the seeded perturbation of the initial state (as in SOL, where the
+Re channel is still fed to the corrector).  :meth:`Karman2DScenario.corrector_features` turns Re
+into one constant channel ``log10(Re) - 6``.
+
+**Pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
+batched calls equal per-sample calls up to solver tolerance); ``Solve('auto', tol, tol)`` with
+``tol = 1e-4`` (CG from a zero guess; the pressure solve dominates the cost).
+A pressure solve that does not converge raises :class:`solvers.base.SolverError`: inside
+``jit_compile`` PhiFlow does not raise NotConverged (checked only while tracing, and not even
+then), so after each step the divergence of the result away from the cylinder is checked
+(> max(10 tol, 1e-5) -> SolverError), as are NaN/inf and |v| > ``blowup`` U.
+
+The whole step is one ``phiml.math.jit_compile``-d function whose Fields are built from raw
+tensors inside the trace (eager PhiFlow is ~10x slower).  It retraces once per new batch size;
+keep batch sizes stable.  Autograd flows through it (FO-SOL); ``blackbox()`` gives the no-grad view.
+
+**Speed (CPU threads).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads and
+restores the caller's setting afterwards.  On the shared 2-core machine the sparse CG of the
+pressure solve with 2 threads was ~50x slower (64x32, batch 6, first 100 steps from ``sample``:
+1.2 s/step with 2 threads vs 22 ms with 1), which is what made ``default`` far too slow (the earlier
+"275-800 ms per step at 64x32, ~6 s at 256x128" were 2-thread timings).  With 1 thread
+(``experiments/bench_karman2d.py``, median of 10 steps on a developed wake; noisy +-30 %)::
+
+    coarse 64x32:  b1 8.0 ms/step (8.0 ms/sample), b16 32 (2.0), b64 151 (2.4), b256 1213 (4.7)
+    reference 256x128: b1 336 ms/step, b3 685, b8 1535 (early steps)
+    128x64 (default reference): ~140 ms/step at batch 6 over 400 steps (stays flat as the wake develops)
+
+``zosol generate --scenario karman2d --preset default`` (128x64 -> 64x32, 300 + 100 steps, 11 sims
+in chunks of 8 + 3) took 1 min 53 s measured (so the preset keeps the specified sizes; no looser
+tolerance, shorter warm-up or smaller grid was needed: a 64x32 -> 32x16 ``default`` would take
+~20 s at ~22 ms per batch-6 step, but its 32x16 coarse grid barely sheds); ``paper`` extrapolates to ~0.9 h
+(1500 steps x (1.5 s + 0.7 s)).  Backward passes (FO-SOL) run outside the step and use the
+caller's thread setting: call ``torch.set_num_threads(1)`` in training scripts on such machines.
+
+**Accuracy** (``bench_karman2d.py``: a 256x128 run, train seed 0, 300 steps, restricted to 128x64 and
+64x32, each then stepped on its own grid; MAE of the 64x32 restriction, mean |v| = 0.61)::
+
+    steps after the restart          1       5      10      20
+    128x64 ref vs 256x128         0.0037  0.0065  0.0096  0.0149   (the reference's own error)
+    64x32 coarse vs 256x128       0.0071  0.0188  0.0289  0.0454
+    64x32 coarse vs 128x64 ref    0.0043  0.0131  0.0206  0.0319   (what a corrector learns)
+
+so the coarse solver's error against the ``default`` reference is ~1.2x the reference's own error
+after 1 step and ~2x after 5-20 steps (against 256x128, 2-3x).
+
+**Shedding.** Vortex shedding from the seeded bump (``sample``), probe ``vy`` at (x, y) ~ (100, 50)
+(2.5 D behind the cylinder centre, on the axis), St = f D / U from steps 300..700 (train seed 0,
+Re 1.6e5): 128x64 (default reference) St = 0.195 (amplitude 0.8 U), 64x32 (tiny reference, paper
+and default coarse grid) St = 0.160, 32x16 (tiny coarse, steps 120..400) St = 0.140 (amplitude
+0.04 U: barely shedding).  Textbook St ~ 0.2; the coarse grids lose it to numerical diffusion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+
+from .base import Scenario, ScenarioConfig, Solver, SolverError
+
+__all__ = ["Karman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
+           "strouhal_number"]
+
+#: domain and cylinder of the SOL / DeepZero set-up
+LENGTH, HEIGHT = 200.0, 100.0
+RADIUS, CENTER = 10.0, (50.0, 50.0)
+
+
+def _phi():
+    """Import PhiFlow lazily (slow import) with the torch backend."""
+    from phi.torch import flow  # noqa: F401  (selects the torch backend)
+    return flow
+
+
+class Karman2D(Solver):
+    """Wake flow behind a cylinder on an ``nx`` x ``ny`` staggered grid.
+
+    ``step(state, params)``: ``state`` (B, 2, ny, nx) float32 in the staggered layout of the module
+    docstring; ``params`` (B, 1) = Reynolds number per sample.  Returns (B, 2, ny, nx).
+
+    Args:
+        nx, ny: cells in x and y (the domain is 200 x 100; use nx = 2 ny for square cells).
+        dt: time advanced per ``step``.  substeps: equal sub-steps per ``step``.
+        inflow: inflow speed U.  tol: absolute and relative tolerance of the pressure solve.
+        max_iterations: iteration cap of the pressure solve (beyond it: SolverError).
+        diffusion: apply explicit viscous diffusion (False: inviscid apart from numerics).
+        threads: torch intra-op threads used during a CPU step (the previous setting is restored
+            afterwards); None leaves torch's setting alone.
+    """
+
+    channels = ("vx", "vy")
+    num_params = 1
+
+    def __init__(self, nx: int, ny: int, dt: float = 1.0, *, substeps: int = 1, inflow: float = 1.0,
+                 length: float = LENGTH, height: float = HEIGHT, radius: float = RADIUS,
+                 center: Sequence[float] = CENTER, tol: float = 1e-4, max_iterations: int = 2000,
+                 diffusion: bool = True, solve_method: str = "auto", blowup: float = 50.0,
+                 threads: int | None = 1):
+        for name, v in (("nx", nx), ("ny", ny)):
+            if int(v) != v or v < 4:
+                raise ValueError(f"Karman2D: {name} must be an integer >= 4, got {v}")
+        for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height),
+                        ("radius", radius), ("tol", tol)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"Karman2D: {name} must be a positive number, got {v}")
+        if int(substeps) != substeps or substeps < 1:
+            raise ValueError(f"Karman2D: substeps must be an integer >= 1, got {substeps}")
+        if threads is not None and (int(threads) != threads or threads < 1):
+            raise ValueError(f"Karman2D: threads must be None or an integer >= 1, got {threads}")
+        self.threads = None if threads is None else int(threads)
+        self.nx, self.ny = int(nx), int(ny)
+        self.dt, self.substeps, self.inflow = float(dt), int(substeps), float(inflow)
+        self.length, self.height, self.radius = float(length), float(height), float(radius)
+        self.center = (float(center[0]), float(center[1]))
+        self.tol, self.max_iterations = float(tol), int(max_iterations)
+        self.diffusion, self.solve_method, self.blowup = bool(diffusion), solve_method, float(blowup)
+        self.dx, self.dy = self.length / self.nx, self.height / self.ny
+        self.spatial_shape = (self.ny, self.nx)
+        #: cell centres; vx lives at (x + dx/2, y), vy at (x, y - dy/2) (see module docstring)
+        self.coords = {"x": (torch.arange(self.nx, dtype=torch.float32) + 0.5) * self.dx,
+                       "y": (torch.arange(self.ny, dtype=torch.float32) + 0.5) * self.dy}
+        self.diameter = 2 * self.radius
+        # explicit diffusion is stable for nu * tau * (2/dx^2 + 2/dy^2) <= 1
+        tau = self.dt / self.substeps
+        self.min_re = self.inflow * self.diameter * tau * (2 / self.dx ** 2 + 2 / self.dy ** 2)
+        self._jit = None
+
+    # -- conversion between the (B, 2, H, W) tensor and PhiFlow ---------------------------------
+    def _build(self):
+        flow = _phi()
+        from phiml.math import extrapolation as ex
+        math_, Solve = flow.math, flow.Solve
+        # top/bottom: closed no-slip walls (ZERO).  Free slip (combine_by_direction(normal=ZERO,
+        # tangential=ZERO_GRADIENT)) is accepted by StaggeredGrid but make_incompressible's pressure
+        # solve does not converge with it in PhiFlow 3.4 (eager: NotConverged; jit: silent blow-up).
+        bc = {"x-": flow.vec(x=self.inflow, y=0.0), "x+": flow.ZERO_GRADIENT, "y": ex.ZERO}
+        bounds = flow.Box(x=self.length, y=self.height)
+        obstacle = flow.Obstacle(flow.Sphere(x=self.center[0], y=self.center[1], radius=self.radius))
+        tau = self.dt / self.substeps
+        nx, ny = self.nx, self.ny
+        solve = Solve(self.solve_method, self.tol, self.tol, max_iterations=self.max_iterations)
+        diffusion = self.diffusion
+
+        def step_fn(vx, vy, nu):
+            """vx (b, x=nx, y=ny), vy (b, x=nx, y=ny-1), nu (b,) -> vx, vy (same shapes)."""
+            values = math_.stack([vx, vy], math_.dual(vector="x,y"))
+            v = flow.StaggeredGrid(values, bc, bounds, x=nx, y=ny)
+            for _ in range(self.substeps):
+                v = flow.advect.semi_lagrangian(v, v, tau)
+                if diffusion:
+                    v = flow.diffuse.explicit(v, nu, tau)
+                v, _p = flow.fluid.make_incompressible(v, (obstacle,), solve)
+            return v.values[{"~vector": "x"}], v.values[{"~vector": "y"}]
+
+        self._jit = math_.jit_compile(step_fn)
+
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
+        # module docstring): 2 threads on the shared 2-core CPU made the step ~50x slower
+        before = torch.get_num_threads()
+        cap = self.threads is not None and state.device.type == "cpu" and before > self.threads
+        if cap:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._step_impl(state, params)
+        finally:
+            if cap:
+                torch.set_num_threads(before)
+
+    def _step_impl(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        flow = _phi()
+        math_ = flow.math
+        re = params[:, 0]
+        with torch.no_grad():
+            bad = ~(re.detach() >= self.min_re)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"Karman2D: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit diffusion on this "
+                    f"grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is unstable; "
+                    f"raise Re or substeps")
+        if self._jit is None:
+            self._build()
+        nu = (self.inflow * self.diameter / re).to(state.dtype)
+        vx = math_.tensor(state[:, 0].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
+        vy = math_.tensor(state[:, 1, 1:].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
+        nu_t = math_.tensor(nu, math_.batch("b"))
+        try:
+            vx2, vy2 = self._jit(vx, vy, nu_t)
+        except math_.ConvergenceException as e:
+            raise SolverError(
+                f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge to "
+                f"tol {self.tol:g} within {self.max_iterations} iterations ({type(e).__name__}: "
+                f"{str(e)[:200]}); the state is probably diverging") from e
+        vx_n = vx2.native("b,y,x")
+        # inside jit_compile PhiFlow checks convergence only while tracing: a solve that fails later
+        # returns garbage silently, so check the result here
+        with torch.no_grad():
+            vmax = torch.maximum(vx_n.detach().abs().amax(), vy2.native("b,y,x").detach().abs().amax())
+            if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
+                raise SolverError(
+                    f"Karman2D ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> {self.blowup:g} U or "
+                    f"NaN/inf): the pressure solve failed or the state diverged")
+        vy_n = vy2.native("b,y,x")
+        out = torch.cat([vx_n[:, None], torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)[:, None]], 1)
+        # PhiFlow does not raise NotConverged inside jit_compile: check the projection's result instead
+        with torch.no_grad():
+            div = (self.divergence(out.detach()) * self._far_mask()).abs().amax()
+        limit = max(10 * self.tol, 1e-5)
+        if not bool(div <= limit):
+            raise SolverError(
+                f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge "
+                f"(max |div v| = {float(div):.3g} > {limit:.3g} after the projection; tol {self.tol:g}, "
+                f"max_iterations {self.max_iterations}); the state may be diverging")
+        return out.to(state.dtype)
+
+    def divergence(self, state: torch.Tensor) -> torch.Tensor:
+        """Cell divergence (B, H, W) of a staggered state (inflow U on the left face, walls 0)."""
+        vx = torch.cat([torch.full_like(state[:, 0, :, :1], self.inflow), state[:, 0]], 2)
+        vy = torch.cat([state[:, 1, :1] * 0, state[:, 1, 1:], torch.zeros_like(state[:, 1, :1])], 1)
+        return (vx[:, :, 1:] - vx[:, :, :-1]) / self.dx + (vy[:, 1:] - vy[:, :-1]) / self.dy
+
+    def _far_mask(self) -> torch.Tensor:
+        """(H, W) bool: cells whose faces are all clear of the cylinder."""
+        xc, yc = self.coords["x"], self.coords["y"]
+        r = ((xc[None] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2).sqrt()
+        return r > self.radius + 1.5 * max(self.dx, self.dy)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def uniform_state(self, batch: int = 1) -> torch.Tensor:
+        """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
+        s = torch.zeros(batch, 2, self.ny, self.nx)
+        xf = (torch.arange(self.nx) + 1.0) * self.dx
+        yc = (torch.arange(self.ny) + 0.5) * self.dy
+        inside = (xf[None, :] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2 < self.radius ** 2
+        s[:, 0] = torch.where(inside, 0.0, self.inflow)
+        return s
+
+    def describe(self):
+        d = super().describe()
+        d.update(substeps=self.substeps, inflow=self.inflow, tol=self.tol, diffusion=self.diffusion,
+                 threads=self.threads,
+                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        return d
+
+
+def centered_velocity(state: torch.Tensor) -> torch.Tensor:
+    """Staggered state (B, 2, H, W) -> cell-centred velocity (B, 2, H, W) by averaging face pairs
+    (left x-face of column 0 and the top wall use the inflow value 1 / the wall value 0)."""
+    vx, vy = state[:, 0], state[:, 1].clone()
+    vy[:, 0] = 0
+    left = torch.cat([torch.ones_like(vx[:, :, :1]), vx[:, :, :-1]], 2)
+    up = torch.cat([vy[:, 1:], torch.zeros_like(vy[:, :1])], 1)
+    return torch.stack([(vx + left) / 2, (vy + up) / 2], 1)
+
+
+def vorticity(state: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """z-vorticity dvy/dx - dvx/dy of a staggered state (B, 2, H, W): (B, H-1, W-1) at interior
+    cell corners (x = (i+1) dx, y = (j+1) dy)."""
+    vx, vy = state[:, 0], state[:, 1]
+    dvy_dx = (vy[:, 1:, 1:] - vy[:, 1:, :-1]) / dx
+    dvx_dy = (vx[:, 1:, :-1] - vx[:, :-1, :-1]) / dy
+    return dvy_dx - dvx_dy
+
+
+def strouhal_number(signal: torch.Tensor, dt: float, diameter: float = 2 * RADIUS, inflow: float = 1.0) -> float:
+    """St = f D / U from a probe time series (T,) by the peak of its (mean-removed, Hann-windowed)
+    spectrum, refined by parabolic interpolation; 0 when the signal does not oscillate."""
+    s = signal.double() - signal.double().mean()
+    if float(s.abs().max()) < 1e-8:
+        return 0.0
+    n = s.numel()
+    w = torch.hann_window(n, dtype=torch.float64)
+    nfft = 8 * n
+    spec = torch.fft.rfft(s * w, n=nfft).abs()
+    spec[0] = 0
+    k = int(spec.argmax())
+    if 0 < k < spec.numel() - 1:
+        a, b, c = spec[k - 1].item(), spec[k].item(), spec[k + 1].item()
+        denom = a - 2 * b + c
+        k = k + (0.5 * (a - c) / denom if denom != 0 else 0.0)
+    f = k / (nfft * dt)
+    return f * diameter / inflow
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario
+
+_PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
+_PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
+
+
+@dataclasses.dataclass
+class Karman2DConfig(ScenarioConfig):
+    """Wake flow: reference on ``n_ref_x`` x ``n_ref_y`` cells, conservatively averaged to the coarse
+    grid ``n_coarse_x`` x ``n_coarse_y`` on which the coarse solver runs (same numerics, same dt).
+
+    ``train_re`` / ``test_re``: Reynolds numbers of the simulations; simulation i of a split gets
+    ``re[i % len(re)]`` (seed ``seed + i`` / ``seed + 10000 + i``).  ``perturbation``: amplitude
+    (relative to U) of the seeded smooth cross-stream bump behind the cylinder that breaks the
+    symmetry so shedding starts early.  ``ref_substeps`` / ``coarse_substeps``: sub-steps per dt.
+    """
+
+    n_ref_x: int = 128
+    n_ref_y: int = 64
+    n_coarse_x: int = 64
+    n_coarse_y: int = 32
+    dt: float = 1.0
+    inflow: float = 1.0
+    ref_substeps: int = 1
+    coarse_substeps: int = 1
+    tol: float = 1e-4
+    perturbation: float = 0.5
+    diffusion: bool = True
+    train_re: tuple = _PAPER_TRAIN_RE
+    test_re: tuple = _PAPER_TEST_RE
+
+    def __post_init__(self):
+        self.train_re = tuple(float(r) for r in self.train_re)
+        self.test_re = tuple(float(r) for r in self.test_re)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_ref_x % self.n_coarse_x or self.n_ref_y % self.n_coarse_y:
+            raise ValueError(f"reference grid {self.n_ref_x}x{self.n_ref_y} must be a multiple of the coarse "
+                             f"grid {self.n_coarse_x}x{self.n_coarse_y}")
+        if self.n_ref_x // self.n_coarse_x != self.n_ref_y // self.n_coarse_y:
+            raise ValueError("the reference/coarse ratio must be the same in x and y")
+        if not self.train_re or not self.test_re or min(self.train_re + self.test_re) <= 0:
+            raise ValueError(f"train_re/test_re must be non-empty tuples of positive Reynolds numbers, got "
+                             f"{self.train_re} / {self.test_re}")
+        if self.perturbation < 0:
+            raise ValueError(f"config field 'perturbation' must be >= 0, got {self.perturbation}")
+
+
+class Karman2DScenario(Scenario):
+    """Karman vortex street: PhiFlow reference (fine grid) vs the same numerics on the coarse grid."""
+
+    name = "karman2d"
+    Config = Karman2DConfig
+    description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
+                   "advection + pressure projection; params = Reynolds number")
+    presets = {
+        # seconds: for tests
+        "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
+                     train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
+        # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
+        "default": dict(n_ref_x=128, n_ref_y=64, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
+                        train_sims=6, test_sims=5),
+        # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
+        "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
+                      train_sims=6, test_sims=5),
+    }
+
+    def _solver(self, nx: int, ny: int, substeps: int) -> Karman2D:
+        c = self.config
+        return Karman2D(nx, ny, c.dt, substeps=substeps, inflow=c.inflow, tol=c.tol, diffusion=c.diffusion)
+
+    def reference_solver(self) -> Karman2D:
+        c = self.config
+        return self._solver(c.n_ref_x, c.n_ref_y, c.ref_substeps)
+
+    def coarse_solver(self) -> Karman2D:
+        c = self.config
+        return self._solver(c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+
+    @property
+    def ratio(self) -> int:
+        return self.config.n_ref_x // self.config.n_coarse_x
+
+    def downsample(self, fine: torch.Tensor) -> torch.Tensor:
+        """Face-flux-conserving restriction of staggered states (B, 2, r H, r W) -> (B, 2, H, W).
+
+        A coarse x-face (right face of coarse cell (J, I)) coincides with the r fine x-faces
+        ``fine[:, 0, J r : (J+1) r, (I+1) r - 1]``; its value is their mean, so the flux through
+        every coarse face (and hence through any vertical line of faces, and the divergence of
+        every coarse cell) equals the fine one.  y-faces likewise: ``fine[:, 1, J r, I r : (I+1) r]``.
+        """
+        r = self.ratio
+        b, c, hf, wf = fine.shape
+        h, w = hf // r, wf // r
+        if c != 2 or hf != h * r or wf != w * r or (h, w) != (self.config.n_coarse_y, self.config.n_coarse_x):
+            raise ValueError(f"karman2d.downsample: expected (B, 2, {self.config.n_ref_y}, {self.config.n_ref_x}), "
+                             f"got {tuple(fine.shape)}")
+        vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
+        vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
+        return torch.stack([vx, vy], 1)
+
+    def reynolds(self, seed: int) -> float:
+        """Reynolds number of the simulation with ``seed`` (train: seed + i, test: seed + 10000 + i)."""
+        c = self.config
+        i = int(seed) - c.seed
+        if i >= 10_000:
+            return c.test_re[(i - 10_000) % len(c.test_re)]
+        return c.train_re[i % len(c.train_re)]
+
+    def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform flow plus a seeded smooth cross-stream bump behind the cylinder: state (2, H, W) on
+        the reference grid (staggered layout), params (1,) = [Re]."""
+        c = self.config
+        solver = self.reference_solver()
+        g = torch.Generator().manual_seed(int(seed))
+        amp = c.perturbation * c.inflow * (0.5 + 0.5 * torch.rand((), generator=g).item())
+        sign = 1.0 if torch.rand((), generator=g).item() < 0.5 else -1.0
+        x0 = CENTER[0] + 2 * RADIUS * (1.0 + torch.rand((), generator=g).item())   # 20..40 behind centre
+        y0 = CENTER[1] + RADIUS * (torch.rand((), generator=g).item() - 0.5)
+        state = solver.uniform_state(1)[0]
+        xc = (torch.arange(solver.nx) + 0.5) * solver.dx
+        yf = torch.arange(solver.ny) * solver.dy
+        bump = torch.exp(-((xc[None, :] - x0) ** 2 + (yf[:, None] - y0) ** 2) / (2 * RADIUS ** 2))
+        state[1] = sign * amp * bump
+        state[1, 0] = 0.0
+        return state.float(), torch.tensor([self.reynolds(seed)], dtype=torch.float32)
+
+    def corrector_features(self, params: torch.Tensor) -> torch.Tensor:
+        """One constant channel per sample, ``log10(Re) - 6`` (about -0.8 .. 0.7 for the paper Re): (B, 1, H, W)."""
+        c = self.config
+        f = torch.log10(params[:, :1].clamp_min(1e-30)) - 6.0
+        return f[:, :, None, None].expand(-1, 1, c.n_coarse_y, c.n_coarse_x).to(params.dtype)
+
+    @property
+    def train_seeds(self) -> list[int]:
+        return [self.config.seed + i for i in range(self.config.train_sims)]
+
+    @property
+    def test_seeds(self) -> list[int]:
+        return [self.config.seed + 10_000 + i for i in range(self.config.test_sims)]
