@@ -189,6 +189,8 @@ class Scenario(ABC):
     Config: ClassVar[type[ScenarioConfig]]
     presets: ClassVar[dict[str, dict[str, Any]]]
     description: ClassVar[str] = ""
+    #: padding of the corrector's convolutions: "circular" for periodic domains, else e.g. "replicate"
+    padding_mode: ClassVar[str] = "circular"
 
     def __init__(self, config: ScenarioConfig, preset: str | None = None):
         config.validate()

@@ -381,6 +381,7 @@ class Karman2DScenario(Scenario):
     Config = Karman2DConfig
     description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
                    "advection + pressure projection; params = Reynolds number")
+    padding_mode = "replicate"  # not periodic: corrector convolutions extend the boundary values
     presets = {
         # seconds: for tests
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,

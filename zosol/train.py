@@ -86,7 +86,7 @@ def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Mo
     torch.manual_seed(config.seed)
     return build_corrector(config.model, len(solver.spatial_shape), in_ch, len(solver.channels),
                            width=config.width, depth=config.depth, kernel=config.kernel,
-                           padding_mode=getattr(sc, "padding_mode", "circular"))
+                           padding_mode=sc.padding_mode)
 
 
 def _fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
