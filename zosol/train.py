@@ -282,7 +282,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                             loss = window_loss(blackbox, model, start, targets, params, feats, 1, config.loss)[0]
                         if step_index in check_steps:
                             fo = fo_grads(batch)
-                            sel = _flat(masks) .bool() if masks is not None else None
+                            sel = _flat(masks).bool().to(device) if masks is not None else None
                             g_fo, g_zo = _flat(fo), est.flat()
                             if sel is not None:
                                 g_fo, g_zo = g_fo[sel], g_zo[sel]
