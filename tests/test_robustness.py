@@ -144,3 +144,6 @@ def test_compare_user_errors(tmp_path, capsys):
     assert "unknown method" in _error(capsys, ["compare", "--scenario", "burgers1d", "--preset", "tiny",
                                                "--out", str(tmp_path), "--methods", "non,magic"])
     assert "unknown scenario" in _error(capsys, ["compare", "--scenario", "heat3d", "--out", str(tmp_path)])
+    err = _error(capsys, ["compare", "--scenario", "burgers1d", "--preset", "tiny", "--set", "frames=0",
+                          "--out", str(tmp_path)])
+    assert "'frames' must be positive" in err

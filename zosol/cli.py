@@ -149,7 +149,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     kwargs = {"methods": methods} if methods else {}
     results = compare(args.scenario, args.preset, args.out, data_dir=args.data, train_preset=args.train_preset,
-                      overrides=_train_overrides(args), progress=not args.quiet, **kwargs)
+                      overrides=_train_overrides(args), scenario_overrides=_parse_sets(args.set),
+                      progress=not args.quiet, **kwargs)
     print()
     print(markdown_table(results))
     print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "

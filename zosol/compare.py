@@ -62,18 +62,20 @@ def _train_or_resume(dataset: FidelityDataset, config: TrainConfig, run_dir: Pat
 def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "results", *,
             methods: Sequence[str] = METHODS, data_dir: str | os.PathLike | None = None,
             train_preset: str | None = None, overrides: dict[str, Any] | None = None,
-            progress: bool = True, log=print) -> dict[str, Any]:
+            scenario_overrides: dict[str, Any] | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
     ``train_preset`` defaults to ``preset`` (tiny / default / paper); ``overrides`` change
-    training options for every method (e.g. ``{"epochs": 5}``)."""
+    training options for every method (e.g. ``{"epochs": 5}``); ``scenario_overrides`` change the
+    scenario config (e.g. ``{"frames": 20}``; the dataset is then named ``<scenario>_custom.h5``)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path = generate(scenario, preset, data_dir if data_dir is not None else out / "data", progress=progress)
+    path = generate(scenario, preset, data_dir if data_dir is not None else out / "data", progress=progress,
+                    overrides=scenario_overrides)
     gen_time = time.perf_counter() - t0
     dataset = load_dataset(path, scenario)
     log(f"dataset {path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
