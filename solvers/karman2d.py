@@ -460,10 +460,3 @@ class Karman2DScenario(Scenario):
         f = torch.log10(params[:, :1].clamp_min(1e-30)) - 6.0
         return f[:, :, None, None].expand(-1, 1, c.n_coarse_y, c.n_coarse_x).to(params.dtype)
 
-    @property
-    def train_seeds(self) -> list[int]:
-        return [self.config.seed + i for i in range(self.config.train_sims)]
-
-    @property
-    def test_seeds(self) -> list[int]:
-        return [self.config.seed + 10_000 + i for i in range(self.config.test_sims)]
