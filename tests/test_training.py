@@ -215,3 +215,14 @@ def test_compare_end_to_end_tiny(tmp_path):
     # a second call resumes the finished runs instead of retraining
     again = compare("burgers1d", "tiny", tmp_path, progress=False, log=lambda *a: None)
     assert again["methods"]["ZO-SOL"]["mae_per_sim"] == results["methods"]["ZO-SOL"]["mae_per_sim"]
+
+
+def test_divergence_guard_in_zo_sol(tiny, tmp_path):
+    """A NaN in the perturbed rollouts of ZO-SOL stops the run as a divergence, checkpoint intact."""
+    cfg = train_config("tiny", method="zo-sol", epochs=3, grad_checks=0)
+    counting = ExplodingSolver(tiny.scenario.coarse_solver(), after=10**9)
+    train(tiny, train_config("tiny", method="zo-sol", epochs=1, grad_checks=0), progress=False, solver=counting)
+    solver = ExplodingSolver(tiny.scenario.coarse_solver(), after=counting.calls + 3)  # NaN early in epoch 2
+    with pytest.raises(TrainingDiverged, match="diverged at epoch"):
+        train(tiny, cfg, tmp_path, progress=False, solver=solver)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] >= 1

@@ -99,16 +99,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset | None = None) -> tuple[torch.nn.Module, dict]:
-    """Model and checkpoint dict of a run directory (validated)."""
+def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset) -> tuple[torch.nn.Module, dict]:
+    """The trained corrector and the checkpoint dict of a run directory, validated against the
+    dataset the run must have been trained on."""
     ckpt = _load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    config = TrainConfig(**ckpt["config"])
-    if dataset is not None and ckpt["dataset"] != _fingerprint(dataset):
+    if ckpt["dataset"] != _fingerprint(dataset):
         raise CheckpointError(f"{run_dir}: the run was trained on another dataset "
                               f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})")
-    if dataset is None:
-        raise ValueError("load_run needs the dataset to rebuild the corrector")
-    model = make_corrector(dataset, config)
+    model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
@@ -302,6 +300,9 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                             loss.backward()
                 except SolverError as e:
                     raise TrainingError(f"coarse solver failed at epoch {epoch}, step {position}: {e}") from e
+                except zo.NonFiniteLossError as e:
+                    raise TrainingDiverged(f"training diverged at epoch {epoch}, step {position}: a perturbed "
+                                           f"rollout's loss is not finite ({e}); try a lower --lr or --zo-mu") from e
                 loss_value = float(loss.detach())
                 grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
                 if not math.isfinite(loss_value) or not grads_ok:

@@ -7,7 +7,7 @@ Public API:
     uniform_lprs, random_masks, MaskScheduler                     (sparsity)
     evaluate_chunked, chunk_size_from_budget, spawn_local, ...    (parallel)
 """
-from .estimators import ZOEstimate, batched_loss_from_module, cge, rge, write_grads
+from .estimators import NonFiniteLossError, ZOEstimate, batched_loss_from_module, cge, rge, write_grads
 from .parallel import (
     chunk_size_from_budget, estimate_bytes_per_perturbation, evaluate_chunked, iter_chunks,
     measure_peak_memory, resolve_device, spawn_local,
@@ -19,7 +19,7 @@ from .sparsity import (
 from .reuse import Residual, UnsupportedModuleError, cge_structured, check_structured_support
 
 __all__ = [
-    "ZOEstimate", "cge", "rge", "batched_loss_from_module", "write_grads",
+    "NonFiniteLossError", "ZOEstimate", "cge", "rge", "batched_loss_from_module", "write_grads",
     "cge_structured", "Residual", "UnsupportedModuleError", "check_structured_support",
     "evaluate_chunked", "iter_chunks", "chunk_size_from_budget", "estimate_bytes_per_perturbation",
     "measure_peak_memory", "resolve_device", "spawn_local",

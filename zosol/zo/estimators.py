@@ -32,6 +32,7 @@ from torch.func import functional_call, vmap
 from .parallel import evaluate_chunked, resolve_device
 
 __all__ = [
+    "NonFiniteLossError",
     "ZOEstimate",
     "cge",
     "rge",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 SCHEMES = ("forward", "central")
+
+
+class NonFiniteLossError(ValueError):
+    """A queried loss was NaN or infinite (the model or the solver diverged)."""
 BatchedLoss = Callable[[dict], torch.Tensor]
 
 
@@ -173,7 +178,7 @@ def check_loss_values(v: torch.Tensor, P: int, what: str = "batched_loss") -> to
             "reduce over the batch inside the loss but keep the leading perturbation axis"
         )
     if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{what} returned non-finite values (nan/inf); check the loss or reduce mu")
+        raise NonFiniteLossError(f"{what} returned non-finite values (nan/inf); check the loss or reduce mu")
     return v
 
 
