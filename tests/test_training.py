@@ -226,3 +226,20 @@ def test_divergence_guard_in_zo_sol(tiny, tmp_path):
     with pytest.raises(TrainingDiverged, match="diverged at epoch"):
         train(tiny, cfg, tmp_path, progress=False, solver=solver)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] >= 1
+
+
+def test_zo_sol_in_two_processes_equals_one(tiny, tmp_path):
+    """Perturbation chunks sharded over 2 processes (gloo) give the same training run."""
+    cfg = train_config("tiny", method="zo-sol", epochs=2, zo_chunk=16, zo_sparsity=0.5, zo_lpr="uniform")
+    one = train(tiny, cfg, tmp_path / "one", progress=False)
+    two = train(tiny, cfg, tmp_path / "two", progress=False, workers=2)
+    for (k, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert one.history["loss"] == two.history["loss"]
+    assert two.history["zo_queries"] == one.history["zo_queries"]
+
+
+def test_multiprocess_failure_keeps_its_type(tiny, tmp_path):
+    cfg = train_config("tiny", method="zo-sol", epochs=1, window=50)
+    with pytest.raises(ValueError, match="window 50 is longer than"):
+        train(tiny, cfg, tmp_path, progress=False, workers=2)

@@ -61,6 +61,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zo-lpr", dest="zo_lpr", choices=["zo-grasp", "fo-grasp", "uniform"])
     g.add_argument("--zo-chunk", dest="zo_chunk", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--workers", type=int, default=1,
+                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1)")
     g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
                    help="any other TrainConfig field")
 
@@ -116,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume and (run_dir / "checkpoint.pt").exists()
     if args.resume and not resume:
         print(f"zosol: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
-    result = train(dataset, config, run_dir, resume=resume)
+    result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
     ev = evaluate(dataset, result.model, device=config.device)
     print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
           f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")
@@ -150,7 +152,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     kwargs = {"methods": methods} if methods else {}
     results = compare(args.scenario, args.preset, args.out, data_dir=args.data, train_preset=args.train_preset,
                       overrides=_train_overrides(args), scenario_overrides=_parse_sets(args.set),
-                      progress=not args.quiet, **kwargs)
+                      workers=args.workers, progress=not args.quiet, **kwargs)
     print()
     print(markdown_table(results))
     print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "

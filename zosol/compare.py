@@ -54,20 +54,23 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
             "solver_samples": step.samples, "prediction": pred.cpu()}
 
 
-def _train_or_resume(dataset: FidelityDataset, config: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
+def _train_or_resume(dataset: FidelityDataset, config: TrainConfig, run_dir: Path, progress: bool,
+                     workers: int) -> TrainResult:
     resume = (run_dir / "checkpoint.pt").exists()
-    return train(dataset, config, run_dir, resume=resume, progress=progress)
+    return train(dataset, config, run_dir, resume=resume, progress=progress, workers=workers)
 
 
 def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "results", *,
             methods: Sequence[str] = METHODS, data_dir: str | os.PathLike | None = None,
             train_preset: str | None = None, overrides: dict[str, Any] | None = None,
-            scenario_overrides: dict[str, Any] | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+            scenario_overrides: dict[str, Any] | None = None, workers: int = 1, progress: bool = True,
+            log=print) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
     ``train_preset`` defaults to ``preset`` (tiny / default / paper); ``overrides`` change
     training options for every method (e.g. ``{"epochs": 5}``); ``scenario_overrides`` change the
-    scenario config (e.g. ``{"frames": 20}``; the dataset is then named ``<scenario>_custom.h5``)."""
+    scenario config (e.g. ``{"frames": 20}``; the dataset is then named ``<scenario>_custom.h5``);
+    ``workers``: processes that share ZO-SOL's perturbation chunks (same result as one)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -91,7 +94,7 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
     for m in methods:
         cfg = configs[m]
-        result = _train_or_resume(dataset, cfg, out / "runs" / m, progress)
+        result = _train_or_resume(dataset, cfg, out / "runs" / m, progress, workers)
         ev = evaluate(dataset, result.model, device=cfg.device)
         name = DISPLAY_NAMES[m]
         h = result.history

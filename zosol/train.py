@@ -158,16 +158,28 @@ def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
           resume: bool = False, progress: bool = True, solver: Solver | BlackBox | None = None,
-          checkpoint_seconds: float = 60.0, stop_after_steps: int | None = None) -> TrainResult:
+          checkpoint_seconds: float = 60.0, stop_after_steps: int | None = None, workers: int = 1) -> TrainResult:
     """Train a corrector on ``dataset`` as ``config`` says; returns the model and its history.
 
     ``solver``: the coarse solver to train with (default: the scenario's own; e.g. an external
     process).  ZO-SOL and NOG-SOL only ever call its black-box view.  ``run_dir``: where the
     checkpoint goes (None: no checkpoints).  ``resume``: continue from ``run_dir``'s checkpoint.
     ``stop_after_steps``: stop (with a checkpoint) after this many optimizer steps in this call,
-    for tests of resumption.
+    for tests of resumption.  ``workers``: ZO-SOL evaluates its perturbation chunks in this many
+    local processes (torch.distributed, gloo on CPU / NCCL on GPU; one thread each); the result is
+    identical to one process.
     """
     config.validate()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and config.method == "zo-sol":
+        if solver is not None:
+            raise ValueError("workers > 1 runs the scenario's own solver in every process; "
+                             "pass solver=None or workers=1")
+        return _train_in_processes(dataset, config, run_dir, workers, resume=resume, progress=progress,
+                                   checkpoint_seconds=checkpoint_seconds, stop_after_steps=stop_after_steps)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    lead = not distributed or torch.distributed.get_rank() == 0  # the process that writes and reports
     device = torch.device(config.device)
     scenario = dataset.scenario
     if not dataset.train:
@@ -222,12 +234,12 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
         history = ckpt["history"]
         epoch, position, perm = ckpt["epoch"], ckpt["position"], ckpt["perm"]
         blackbox.calls, blackbox.samples = history["solver_calls"], history["solver_samples"]
-    elif run_dir is not None:
+    elif run_dir is not None and lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def save() -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or not lead:
             return
         history["solver_calls"], history["solver_samples"] = blackbox.calls + fo_step.calls, blackbox.samples + fo_step.samples
         _atomic_save({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION, "config": config.to_dict(),
@@ -254,7 +266,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
         return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
     bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch + position, desc=f"train {config.method}",
-               unit="step", disable=not progress)
+               unit="step", disable=not (progress and lead))
     started, last_save, done_here = time.perf_counter(), time.perf_counter(), 0
     wall_before = history["wall_time"]
     try:
@@ -274,7 +286,7 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                             model, lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats,
                                                                   p, config.loss),
                             mu=config.zo_mu, scheme=config.zo_scheme, masks=masks, chunk_size=config.zo_chunk,
-                            reuse=config.zo_reuse, batch_size=start.shape[0])
+                            reuse=config.zo_reuse, batch_size=start.shape[0], distributed=distributed)
                         history["zo_queries"] += est.queries
                         with torch.no_grad():
                             loss = window_loss(blackbox, model, start, targets, params, feats, 1, config.loss)[0]
@@ -339,10 +351,47 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     history["solver_calls"] = blackbox.calls + fo_step.calls
     history["solver_samples"] = blackbox.samples + fo_step.samples
     history["parameters"] = n_params(model)
-    if ckpt_path is not None:
+    if ckpt_path is not None and lead:
         save()
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
     return TrainResult(model, config, history, run_dir)
+
+
+def _train_worker(rank: int, world_size: int, dataset: FidelityDataset, config: TrainConfig, run_dir: Path,
+                  kwargs: dict) -> None:
+    """One process of a multi-process ZO-SOL run; failures are written to ``run_dir/failure.json``."""
+    try:
+        train(dataset, config, run_dir, **kwargs)
+    except (TrainingError, SolverError, CheckpointError, ValueError) as e:
+        if rank == 0:
+            (run_dir / "failure.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        raise
+
+
+def _train_in_processes(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
+                        workers: int, **kwargs) -> TrainResult:
+    """Run :func:`train` in ``workers`` processes (see ``workers``) and load rank 0's result."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="zosol-run-") as scratch:
+        run = Path(run_dir) if run_dir is not None else Path(scratch)
+        run.mkdir(parents=True, exist_ok=True)
+        failure = run / "failure.json"
+        failure.unlink(missing_ok=True)
+        try:
+            zo.spawn_local(_train_worker, workers, args=(dataset, config, run, kwargs))
+        except Exception as e:  # a worker failed: re-raise what it reported, with its own type
+            if failure.exists():
+                info = json.loads(failure.read_text())
+                failure.unlink()
+                kind = {"TrainingError": TrainingError, "TrainingDiverged": TrainingDiverged,
+                        "SolverError": SolverError, "CheckpointError": CheckpointError}.get(info["type"], ValueError)
+                raise kind(info["message"]) from None
+            raise TrainingError(f"a training worker process failed: {e}") from e
+        model, ckpt = load_run(run, dataset)
+        stopped = kwargs.get("stop_after_steps") is not None and ckpt["epoch"] < config.epochs
+        return TrainResult(model, config, ckpt["history"], Path(run_dir) if run_dir is not None else None,
+                           {"stopped_early": True} if stopped else {})
 
 
 def _stacked_params_loss(model: torch.nn.Module, loss_of_forward, batch_size: int):
