@@ -88,7 +88,9 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(path),
                                "generation_time": gen_time, "train_config": {}, "methods": {}}
     src = evaluate(dataset)
-    results["methods"]["SRC"] = {k: v for k, v in src.items() if k != "prediction"} | {"wall_time": 0.0}
+    results["methods"]["SRC"] = {k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")}
+    results["methods"]["SRC"].update(wall_time=0.0, solver_calls=0, solver_samples=0,
+                                     eval_solver_samples=src["solver_samples"])
     predictions = {"reference": dataset.stacked("test")[0][0].numpy(), "SRC": src["prediction"][0].numpy()}
     per_frame = {"SRC": np.asarray(src["per_frame"])}
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 __all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side"]
 
-COLUMNS = ("method", "MAE mean", "MAE std", "vs SRC", "train time [s]", "solver sample-steps")
+COLUMNS = ("method", "MAE mean", "MAE std", "vs SRC", "train time [s]", "training solver sample-steps")
 
 
 def _rows(results: dict[str, Any]) -> list[list[str]]:
