@@ -11,6 +11,7 @@ import torch
 
 from zosol.cli import main
 from zosol.datasets import load_dataset
+from zosol.solvers import get_scenario
 
 
 def _coarse_mae(path: Path) -> tuple[float, float]:
@@ -164,3 +165,21 @@ def test_interrupted_generate_keeps_parts_and_exits_130(tmp_path, capsys, monkey
     assert main(argv) == 0
     assert load_dataset(out / "burgers1d_tiny.h5").frames == 12
     assert not (out / "burgers1d_tiny.h5.parts").exists()
+
+
+@pytest.mark.parametrize("scenario, preset", [("burgers1d", "default"), ("burgers2d", "tiny"),
+                                              ("burgers2d", "default"), ("karman2d", "tiny")])
+def test_generate_each_scenario_round_trip(tmp_path, capsys, scenario, preset):
+    """`zosol generate` writes a dataset that reads back with the scenario's shapes and seeds."""
+    assert main(["generate", "--scenario", scenario, "--preset", preset, "--out", str(tmp_path), "--quiet"]) == 0
+    path = tmp_path / f"{scenario}_{preset}.h5"
+    assert capsys.readouterr().out.strip() == str(path)
+    ds = load_dataset(path, scenario)
+    sc = get_scenario(scenario, preset)
+    coarse = sc.coarse_solver()
+    assert [s.seed for s in ds.train] == sc.train_seeds and [s.seed for s in ds.test] == sc.test_seeds
+    for sim in ds.train + ds.test:
+        assert sim.trajectory.shape == (sc.config.frames + 1, *coarse.state_shape)
+        assert sim.params.shape == (coarse.num_params,)
+        assert torch.isfinite(sim.trajectory).all()
+    assert ds.scenario.config == sc.config
