@@ -71,9 +71,11 @@ def test_rollout_shapes_and_batching(tiny):
     assert not torch.allclose(src, out)
 
 
-def test_zo_gradient_matches_fo_on_window_loss(tiny):
-    """ZO-SOL's structured CGE (black-box solver only) vs autograd through the solver (FO-SOL)."""
-    cfg = train_config("tiny", method="zo-sol")
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_zo_gradient_matches_fo_on_window_loss(tiny, model):
+    """ZO-SOL's structured CGE (black-box solver only) vs autograd through the solver (FO-SOL),
+    for the small CNN and the SOL residual network (the `paper` corrector, here narrow)."""
+    cfg = train_config("tiny", method="zo-sol", model=model, depth=2)
     model = _randomized(make_corrector(tiny, cfg), std=0.1)
     _, _, start, targets, params, feats = _batch(tiny, 3)
     solver = tiny.scenario.coarse_solver()
