@@ -43,7 +43,7 @@ def main() -> None:
     print(f"SRC MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
     for s in settings:
         name = f"m{s['window']}_s{s.get('zo_sparsity', 0.0)}"
-        cfg = train_config(args.preset, method="zo-sol", **s, **extra)
+        cfg = train_config(args.preset, args.scenario, method="zo-sol", **s, **extra)
         run = out / "runs" / name
         result = train(dataset, cfg, run, resume=(run / "checkpoint.pt").exists())
         ev = evaluate(dataset, result.model)

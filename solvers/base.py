@@ -191,6 +191,8 @@ class Scenario(ABC):
     description: ClassVar[str] = ""
     #: padding of the corrector's convolutions: "circular" for periodic domains, else e.g. "replicate"
     padding_mode: ClassVar[str] = "circular"
+    #: training-preset adjustments for this scenario (preset -> TrainConfig fields), see zosol.config
+    train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: ScenarioConfig, preset: str | None = None):
         config.validate()

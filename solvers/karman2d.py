@@ -382,6 +382,12 @@ class Karman2DScenario(Scenario):
     description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
                    "advection + pressure projection; params = Reynolds number")
     padding_mode = "replicate"  # not periodic: corrector convolutions extend the boundary values
+    # PhiFlow steps of hundreds of perturbed rollouts cost ~50 s per ZO-SOL step on 2 CPU cores: a
+    # CPU comparison needs few steps (README: --set frames=20 with these settings took 26 min)
+    train_presets = {
+        "tiny": dict(kernel=3),
+        "default": dict(kernel=3, window=2, batch_size=8, epochs=2, lr=3e-3, zo_sparsity=0.9),
+    }
     presets = {
         # seconds: for tests
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,

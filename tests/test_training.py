@@ -245,3 +245,13 @@ def test_multiprocess_failure_keeps_its_type(tiny, tmp_path):
     cfg = train_config("tiny", method="zo-sol", epochs=1, window=50)
     with pytest.raises(ValueError, match="window 50 is longer than"):
         train(tiny, cfg, tmp_path, progress=False, workers=2)
+
+
+def test_training_presets_adapt_to_the_scenario():
+    assert train_config("default").kernel == 5
+    two_d = train_config("default", "burgers2d", method="zo-sol")
+    assert (two_d.kernel, two_d.window, two_d.zo_sparsity) == (3, 2, 0.9)
+    assert train_config("default", "burgers2d", window=4).window == 4  # the user's option wins
+    assert train_config("default", "burgers1d") == train_config("default")
+    with pytest.raises(ValueError, match="unknown scenario"):
+        train_config("default", "heat3d")

@@ -109,7 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .train import train
     dataset = _dataset_for(args)
-    config = train_config(args.train_preset or args.preset, method=args.method, **_train_overrides(args))
+    config = train_config(args.train_preset or args.preset, args.scenario, method=args.method,
+                          **_train_overrides(args))
     run_dir = Path(args.out or f"runs/{args.scenario}_{args.preset}_{args.method}")
     if not args.resume and (run_dir / "checkpoint.pt").exists():
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")

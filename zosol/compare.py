@@ -83,7 +83,7 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     dataset = load_dataset(path, scenario)
     log(f"dataset {path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
         f"{dataset.frames} frames; {gen_time:.1f} s)")
-    configs = {m: train_config(train_preset or preset, method=m, **(overrides or {})) for m in methods}
+    configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
 
     results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(path),
                                "generation_time": gen_time, "train_config": {}, "methods": {}}
