@@ -94,12 +94,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Sequence
 
 import torch
 
 from .base import Scenario, ScenarioConfig, Solver, SolverError
 
+
+# PhiFlow's pressure matrix goes through torch.sparse_csr_tensor, which warns that invariant checks
+# are off and that CSR support is beta: harmless here, and noise in every command's output.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 __all__ = ["Karman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
            "strouhal_number"]
 
