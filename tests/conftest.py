@@ -23,3 +23,24 @@ def tiny_h5(tmp_path_factory) -> Path:
     from zosol.datasets import generate
 
     return generate("burgers1d", "tiny", tmp_path_factory.mktemp("tiny_data"), progress=False)
+
+
+@pytest.fixture
+def cli_user_error(capsys):
+    """``cli_user_error(argv, match)``: run ``zosol`` with ``argv`` and check that it fails as a user
+    error should: exit code 2, exactly one stderr line ``zosol: error: ...`` containing ``match``,
+    no traceback. Returns that line."""
+    from zosol.cli import main
+
+    def run(argv: list[str], match: str = "") -> str:
+        capsys.readouterr()
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code == 2, captured
+        err = captured.err
+        assert err.count("\n") == 1 and err.endswith("\n"), err  # exactly one line
+        assert err.startswith("zosol: error: "), err
+        assert "Traceback" not in err and "Traceback" not in captured.out
+        assert match in err, err
+        return err.strip()
+    return run

@@ -77,18 +77,6 @@ def test_generate_with_overrides(tmp_path, capsys):
     assert err.startswith("zosol: error:") and "different config" in err and err.count("\n") == 1
 
 
-def _assert_user_error(capsys, argv, match: str) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    err = captured.err
-    assert err.count("\n") == 1 and err.endswith("\n"), err  # exactly one line
-    assert err.startswith("zosol: error: "), err
-    assert "Traceback" not in err and "Traceback" not in captured.out
-    assert match in err, err
-    return err
-
-
 @pytest.mark.parametrize("extra, match", [
     (["--scenario", "nope"], "unknown scenario 'nope'"),
     (["--scenario", "burgers1d", "--preset", "huge"], "unknown preset 'huge'"),
@@ -101,29 +89,29 @@ def _assert_user_error(capsys, argv, match: str) -> str:
     (["--scenario", "burgers1d", "--set", "frames"], "--set expects KEY=VALUE"),
     (["--scenario", "burgers1d", "--batch", "0"], "batch must be >= 1"),
 ])
-def test_generate_user_errors(tmp_path, capsys, extra, match):
+def test_generate_user_errors(tmp_path, extra, match, cli_user_error):
     out = tmp_path / "data"
     argv = ["generate", "--preset", "tiny", "--out", str(out), "--quiet"]
     # the later --preset wins when a case gives its own
-    _assert_user_error(capsys, argv + extra, match)
+    cli_user_error(argv + extra, match)
     leftovers = list(out.rglob("*")) if out.exists() else []
     assert not [p for p in leftovers if p.suffix in (".h5", ".tmp") or p.name.endswith(".h5.tmp")], leftovers
 
 
-def test_info_user_errors(tiny_h5, tmp_path, capsys):
+def test_info_user_errors(tiny_h5, tmp_path, cli_user_error):
     missing = tmp_path / "missing.h5"
-    err = _assert_user_error(capsys, ["info", str(missing)], "no such dataset file")
+    err = cli_user_error(["info", str(missing)], "no such dataset file")
     assert str(missing) in err
 
     truncated = tmp_path / "truncated.h5"
     data = tiny_h5.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    err = _assert_user_error(capsys, ["info", str(truncated)], "truncated or corrupt")
+    err = cli_user_error(["info", str(truncated)], "truncated or corrupt")
     assert str(truncated) in err
 
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"\x00\x01not hdf5" * 100)
-    _assert_user_error(capsys, ["info", str(garbage)], str(garbage))
+    cli_user_error(["info", str(garbage)], str(garbage))
 
     damaged = tmp_path / "damaged.h5"  # opens as HDF5, fails while reading (attributes)
     raw = bytearray(data)
@@ -132,13 +120,13 @@ def test_info_user_errors(tiny_h5, tmp_path, capsys):
     for _ in range(50):
         raw[rng.randrange(len(raw))] ^= 0xFF
     damaged.write_bytes(bytes(raw))
-    _assert_user_error(capsys, ["info", str(damaged)], str(damaged))
+    cli_user_error(["info", str(damaged)], str(damaged))
     assert not (tmp_path / "plot.png").exists()
 
 
-def test_info_plot_on_bad_file_writes_nothing(tmp_path, capsys):
+def test_info_plot_on_bad_file_writes_nothing(tmp_path, cli_user_error):
     png = tmp_path / "plot.png"
-    _assert_user_error(capsys, ["info", str(tmp_path / "missing.h5"), "--plot", str(png)], "no such dataset file")
+    cli_user_error(["info", str(tmp_path / "missing.h5"), "--plot", str(png)], "no such dataset file")
     assert not png.exists()
 
 

@@ -78,14 +78,6 @@ def test_kill_9_during_train_then_resume_equals_uninterrupted(tmp_path, tiny_h5)
     assert a["history"]["loss"] == b["history"]["loss"]
 
 
-def _error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, (rc, err)
-    assert err.startswith("zosol: error:") and "\n" not in err and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("extra, match", [
     (["--method", "sgd"], "unknown method 'sgd'"),
     (["--method", "zo-sol", "--epochs", "0"], "epochs must be an integer >= 1"),
@@ -95,39 +87,39 @@ def _error(capsys, argv) -> str:
     (["--method", "zo-sol", "--train-preset", "huge"], "unknown training preset 'huge'"),
     (["--method", "zo-sol", "--train-set", "bogus=1"], "unknown training option"),
 ])
-def test_train_user_errors(tmp_path, tiny_h5, capsys, extra, match):
-    err = _error(capsys, ["train", "--scenario", "burgers1d", "--preset", "tiny", "--data", str(tiny_h5),
+def test_train_user_errors(tmp_path, tiny_h5, extra, match, cli_user_error):
+    err = cli_user_error(["train", "--scenario", "burgers1d", "--preset", "tiny", "--data", str(tiny_h5),
                           "--out", str(tmp_path / "run"), *extra])
     assert match in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_train_on_a_dataset_of_another_scenario(tmp_path, tiny_h5, capsys):
-    err = _error(capsys, ["train", "--scenario", "burgers2d", "--preset", "tiny", "--method", "non",
+def test_train_on_a_dataset_of_another_scenario(tmp_path, tiny_h5, cli_user_error):
+    err = cli_user_error(["train", "--scenario", "burgers2d", "--preset", "tiny", "--method", "non",
                           "--data", str(tiny_h5), "--out", str(tmp_path / "run")])
     assert "holds scenario 'burgers1d', not 'burgers2d'" in err
 
 
-def test_train_refuses_to_overwrite_and_resume_checks_the_config(tmp_path, tiny_h5, capsys):
+def test_train_refuses_to_overwrite_and_resume_checks_the_config(tmp_path, tiny_h5, capsys, cli_user_error):
     base = ["train", "--scenario", "burgers1d", "--preset", "tiny", "--method", "non", "--data", str(tiny_h5),
             "--out", str(tmp_path / "run"), "--epochs", "1"]
     assert main(base) == 0
     capsys.readouterr()
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    assert "already holds a run" in _error(capsys, base)
-    assert "another config" in _error(capsys, base[:-1] + ["2", "--lr", "0.5", "--resume"])
+    assert "already holds a run" in cli_user_error(base)
+    assert "another config" in cli_user_error(base[:-1] + ["2", "--lr", "0.5", "--resume"])
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
-def test_evaluate_errors(tmp_path, tiny_h5, capsys):
-    assert "no checkpoint" in _error(capsys, ["evaluate", str(tmp_path), "--data", str(tiny_h5)])
+def test_evaluate_errors(tmp_path, tiny_h5, capsys, cli_user_error):
+    assert "no checkpoint" in cli_user_error(["evaluate", str(tmp_path), "--data", str(tiny_h5)])
     run = tmp_path / "run"
     assert main(["train", "--scenario", "burgers1d", "--preset", "tiny", "--method", "non", "--data", str(tiny_h5),
                  "--out", str(run), "--epochs", "1"]) == 0
     assert main(["evaluate", str(run)]) == 0
     capsys.readouterr()
     (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:100])
-    assert "unreadable checkpoint" in _error(capsys, ["evaluate", str(run)])
+    assert "unreadable checkpoint" in cli_user_error(["evaluate", str(run)])
     other = tmp_path / "other"
     assert main(["generate", "--scenario", "burgers1d", "--preset", "tiny", "--set", "frames=5", "--out", str(other),
                  "--quiet"]) == 0
@@ -135,15 +127,15 @@ def test_evaluate_errors(tmp_path, tiny_h5, capsys):
     assert main(["train", "--scenario", "burgers1d", "--preset", "tiny", "--method", "non", "--data", str(tiny_h5),
                  "--out", str(tmp_path / "run2"), "--epochs", "1"]) == 0
     capsys.readouterr()
-    err = _error(capsys, ["evaluate", str(tmp_path / "run2"), "--data", str(other / "burgers1d_custom.h5")])
+    err = cli_user_error(["evaluate", str(tmp_path / "run2"), "--data", str(other / "burgers1d_custom.h5")])
     assert "trained on another dataset" in err
-    assert "no run.json" in _error(capsys, ["evaluate", str(tmp_path / "nowhere")])
+    assert "no run.json" in cli_user_error(["evaluate", str(tmp_path / "nowhere")])
 
 
-def test_compare_user_errors(tmp_path, capsys):
-    assert "unknown method" in _error(capsys, ["compare", "--scenario", "burgers1d", "--preset", "tiny",
+def test_compare_user_errors(tmp_path, cli_user_error):
+    assert "unknown method" in cli_user_error(["compare", "--scenario", "burgers1d", "--preset", "tiny",
                                                "--out", str(tmp_path), "--methods", "non,magic"])
-    assert "unknown scenario" in _error(capsys, ["compare", "--scenario", "heat3d", "--out", str(tmp_path)])
-    err = _error(capsys, ["compare", "--scenario", "burgers1d", "--preset", "tiny", "--set", "frames=0",
+    assert "unknown scenario" in cli_user_error(["compare", "--scenario", "heat3d", "--out", str(tmp_path)])
+    err = cli_user_error(["compare", "--scenario", "burgers1d", "--preset", "tiny", "--set", "frames=0",
                           "--out", str(tmp_path)])
     assert "'frames' must be positive" in err
