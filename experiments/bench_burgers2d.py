@@ -11,11 +11,10 @@ On a shared, oversubscribed 2-core machine ``--threads 2`` made each parallelise
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from zosol.bench import median_step_seconds
 from zosol.solvers import get_scenario
 
 
@@ -30,15 +29,8 @@ def _inputs(sc, batch: int, coarse: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _time(step, x, p, repeats: int, warmup: int = 2) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            step(x, p)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            step(x, p)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median milliseconds per step."""
+    return 1e3 * median_step_seconds(step, x, p, repeats, warmup)
 
 
 def main(argv=None) -> None:

@@ -16,12 +16,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from zosol.zo import (MaskScheduler, batched_loss_from_module, cge_structured, mask_sparsity, random_masks, rge,
+from zosol.zo import (MaskScheduler, batched_loss_from_module, cge_structured, mask_sparsity, rge,
                       write_grads, zo_grasp_lprs)
 from zosol.zo.reference_nets import cnn2d, n_params
 

@@ -3,7 +3,6 @@ input to train / evaluate / compare."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """CGE / RGE estimators vs autograd, masks, query counts, input validation."""
 import pytest
 import torch
-import torch.nn as nn
 
 from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
 from zosol.zo.reference_nets import cnn1d_corrector, cnn2d, mlp, resnet1d

@@ -11,23 +11,30 @@ import torch
 
 from .solvers import get_scenario
 
-__all__ = ["time_step", "run_solver_bench"]
+__all__ = ["median_step_seconds", "time_step", "run_solver_bench"]
 
 BATCHES = {"burgers1d": (1, 64, 1024, 8192), "burgers2d": (1, 16, 256), "karman2d": (1, 16, 64, 256)}
+
+
+def median_step_seconds(step, x: torch.Tensor, params: torch.Tensor | None, repeats: int = 3,
+                        warmup: int = 1) -> float:
+    """Median seconds of one ``step(x, params)`` call (after ``warmup`` calls: JIT tracing, caches)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            step(x, params)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step(x, params)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def time_step(solver, batch: int, state: torch.Tensor, params: torch.Tensor | None, repeats: int = 3) -> float:
     """Median seconds of one ``solver.step`` on ``batch`` copies of ``state`` (C, *s)."""
     x = state.expand(batch, *state.shape).contiguous()
     p = None if params is None else params.expand(batch, *params.shape).contiguous()
-    with torch.no_grad():
-        solver.step(x, p)  # warm-up (and JIT tracing)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            solver.step(x, p)
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return median_step_seconds(solver.step, x, p, repeats)
 
 
 def run_solver_bench(json_path: str | None = None, quick: bool = False, scenarios=None) -> list[dict]:

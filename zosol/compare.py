@@ -15,14 +15,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import METHODS, TrainConfig, train_config
+from .config import METHODS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
 from .metrics import mae_per_frame, mae_per_simulation, nrmse_per_simulation, summarize
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Solver
-from .train import SolverCounter, TrainResult, train
+from .train import SolverCounter, train
 
 __all__ = ["evaluate", "compare", "DISPLAY_NAMES"]
 
@@ -52,12 +52,6 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
             "nrmse_per_sim": nrmse_per_simulation(pred, traj).tolist(),
             "per_frame": mae_per_frame(pred, traj).tolist(), "solver_calls": step.calls,
             "solver_samples": step.samples, "prediction": pred.cpu()}
-
-
-def _train_or_resume(dataset: FidelityDataset, config: TrainConfig, run_dir: Path, progress: bool,
-                     workers: int) -> TrainResult:
-    resume = (run_dir / "checkpoint.pt").exists()
-    return train(dataset, config, run_dir, resume=resume, progress=progress, workers=workers)
 
 
 def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "results", *,
@@ -96,7 +90,9 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
     for m in methods:
         cfg = configs[m]
-        result = _train_or_resume(dataset, cfg, out / "runs" / m, progress, workers)
+        run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
+        result = train(dataset, cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
+                       workers=workers)
         ev = evaluate(dataset, result.model, device=cfg.device)
         name = DISPLAY_NAMES[m]
         h = result.history

@@ -239,9 +239,12 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def save() -> None:
+        """Bring the history's time and solver counters up to date; write the checkpoint."""
+        history["wall_time"] = wall_before + time.perf_counter() - started
+        history["solver_calls"] = blackbox.calls + fo_step.calls
+        history["solver_samples"] = blackbox.samples + fo_step.samples
         if ckpt_path is None or not lead:
             return
-        history["solver_calls"], history["solver_samples"] = blackbox.calls + fo_step.calls, blackbox.samples + fo_step.samples
         _atomic_save({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION, "config": config.to_dict(),
                       "dataset": _fingerprint(dataset), "epoch": epoch, "position": position, "perm": perm,
                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -332,27 +335,21 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3g}", epoch=epoch)
                 if stop_after_steps is not None and done_here >= stop_after_steps:
-                    history["wall_time"] = wall_before + time.perf_counter() - started
                     save()
                     return TrainResult(model, config, history, run_dir, {"stopped_early": True})
                 if ckpt_path is not None and time.perf_counter() - last_save > checkpoint_seconds:
-                    history["wall_time"] = wall_before + time.perf_counter() - started
                     save()
                     last_save = time.perf_counter()
             recent = history["loss"][-steps_per_epoch:]
             history["epoch_loss"].append(sum(recent) / len(recent))
             epoch, position, perm = epoch + 1, 0, None
-            history["wall_time"] = wall_before + time.perf_counter() - started
             save()
             last_save = time.perf_counter()
     finally:
         bar.close()
-    history["wall_time"] = wall_before + time.perf_counter() - started
-    history["solver_calls"] = blackbox.calls + fo_step.calls
-    history["solver_samples"] = blackbox.samples + fo_step.samples
     history["parameters"] = n_params(model)
+    save()
     if ckpt_path is not None and lead:
-        save()
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
     return TrainResult(model, config, history, run_dir)
 

@@ -217,7 +217,7 @@ class _StructuredRunner:
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             xs = F.pad(xs, pad, mode=mode)
-        J, Bn = xs.shape[0], xs.shape[1]
+        J = xs.shape[0]
         out_sp = Y.shape[3:]
         for dim in range(nsp):
             L = out_sp[dim]
