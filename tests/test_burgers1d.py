@@ -1,4 +1,4 @@
-"""Tests of the 1-D viscous Burgers solver and scenario (solvers/burgers1d.py, solvers/base.py)."""
+"""Tests of the 1-D viscous Burgers solver and scenario (zosol/solvers/burgers1d.py, zosol/solvers/base.py)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Tests of the 2-D forced viscous Burgers scenario (solvers/burgers2d.py)."""
+"""Tests of the 2-D forced viscous Burgers scenario (zosol/solvers/burgers2d.py)."""
 from __future__ import annotations
 
 import dataclasses

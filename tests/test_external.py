@@ -1,6 +1,6 @@
-"""External-process and numpy black-box solvers (solvers/external.py, experiments/external_burgers1d.py).
+"""External-process and numpy black-box solvers (zosol/solvers/external.py, solvers/burgers1d_numpy.py).
 
-The external program is ``experiments/external_burgers1d.py``: the burgers1d coarse solver in
+The external program is ``solvers/burgers1d_numpy.py``: the burgers1d coarse solver in
 plain numpy behind the frame protocol of ``docs/external_solvers.md``.  Its float32 numerics
 follow the torch code op by op; the only differences are 1-ulp differences of float32 sin/cos
 (numpy vs torch) in the static forcing, so single steps agree to ~1e-7 and ZO-SOL training
@@ -31,7 +31,7 @@ from zosol.solvers.external import ExternalSolver, NotDifferentiableError, Numpy
 from zosol.train import TrainingError, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "external_burgers1d.py"
+SCRIPT = ROOT / "solvers" / "burgers1d_numpy.py"
 
 
 def _load_script():

@@ -100,7 +100,7 @@ def _dataset_for(args: argparse.Namespace):
     from .datasets import generate, load_dataset
     if args.data and Path(args.data).is_file():
         return load_dataset(args.data, args.scenario)
-    path = generate(args.scenario, args.preset, args.data or "data", overrides=_parse_sets(args.set))
+    path = generate(args.scenario, args.preset, args.data or "datasets", overrides=_parse_sets(args.set))
     return load_dataset(path, args.scenario)
 
 
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("generate", help="generate a fidelity dataset (HDF5)")
     scenario_args(q)
-    q.add_argument("--out", default="data", help="output directory (default: %(default)s)")
+    q.add_argument("--out", default="datasets", help="output directory (default: %(default)s)")
     q.add_argument("--batch", type=int, default=8, help="simulations run as one batch")
     q.add_argument("--overwrite", action="store_true", help="regenerate even if the file exists")
     q.add_argument("--quiet", action="store_true")

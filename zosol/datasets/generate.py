@@ -63,7 +63,7 @@ def simulate_reference(scenario: Scenario, seeds: list[int]) -> tuple[torch.Tens
     return traj.float(), p.float()
 
 
-def generate(scenario: str | Scenario, preset: str = "default", out: str | os.PathLike = "data", *,
+def generate(scenario: str | Scenario, preset: str = "default", out: str | os.PathLike = "datasets", *,
              batch: int = 8, overwrite: bool = False, progress: bool = True,
              overrides: dict[str, Any] | None = None) -> Path:
     """Generate (or resume) the dataset of ``scenario`` at ``preset``; returns the ``.h5`` path."""

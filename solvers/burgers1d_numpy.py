@@ -5,7 +5,7 @@ This script stands in for a legacy code that zosol can only run, never different
 numpy and nothing else (it never imports zosol or torch when serving), reads requests on stdin
 and writes replies on stdout (protocol: ``docs/external_solvers.md``), and logs to stderr.
 
-Numerics: exactly the low-fidelity ``Burgers1D`` of ``solvers/burgers1d.py`` as
+Numerics: exactly the low-fidelity ``Burgers1D`` of ``zosol/solvers/burgers1d.py`` as
 ``Burgers1DScenario.coarse_solver()`` builds it (``order=1, integrator="euler"``): periodic finite
 volumes on ``n`` cells, exact Godunov flux of ``u^2/2`` on piecewise-constant states
 (first-order upwind), centred second difference for ``nu u_xx``, a static sine/cosine forcing
@@ -16,8 +16,8 @@ with the in-process solver to the last bit or within a few ulps.
 
 Usage::
 
-    python experiments/external_burgers1d.py --n 16 --nu 0.02 --dt 0.05 --forcing-modes 3
-    python experiments/external_burgers1d.py --bench            # overhead table (needs zosol)
+    python solvers/burgers1d_numpy.py --n 16 --nu 0.02 --dt 0.05 --forcing-modes 3
+    python solvers/burgers1d_numpy.py --bench            # overhead table (needs zosol)
 
 Fault injection (for tests of the adapter; K counts ``step`` requests of this process, so a
 restarted process starts healthy again unless the flag applies to it too):
@@ -52,7 +52,7 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 # ---------------------------------------------------------------------------------------------
-# Numerics (mirror of solvers/burgers1d.py, order=1, integrator="euler")
+# Numerics (mirror of zosol/solvers/burgers1d.py, order=1, integrator="euler")
 
 
 class CoarseBurgers1D:
@@ -199,12 +199,12 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
             calls += 1
             k = calls - 1  # steps answered before this one
             if faults.get("crash_after") == k:
-                print(f"external_burgers1d: injected crash in step call {calls}", file=sys.stderr, flush=True)
+                print(f"burgers1d_numpy: injected crash in step call {calls}", file=sys.stderr, flush=True)
                 print("Traceback (most recent call last):\n  ...\nRuntimeError: injected fault", file=sys.stderr,
                       flush=True)
                 os._exit(3)
             if faults.get("hang_after") == k:
-                print(f"external_burgers1d: injected hang in step call {calls}", file=sys.stderr, flush=True)
+                print(f"burgers1d_numpy: injected hang in step call {calls}", file=sys.stderr, flush=True)
                 while True:
                     time.sleep(3600)
             if faults.get("garbage_after") == k:
