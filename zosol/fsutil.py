@@ -1,0 +1,215 @@
+"""Safe file-system primitives shared by every writer in zosol: atomic writes, advisory locks,
+one-line messages for file-system errors, and the machine's memory.
+
+* :func:`atomic_save` / :func:`atomic_save_path` / :func:`atomic_write_bytes` /
+  :func:`atomic_write_text` write a file whole or not at all: the data go to a temporary file with
+  a unique, unpredictable name created exclusively (``O_EXCL``, mode 0600 before the final
+  ``chmod``) in the target's directory, are flushed to disk, and are renamed over the target.  A
+  symlink planted at the target (or at any temporary name) is never followed: ``rename`` replaces
+  the link itself, and a name that already exists is never opened for writing.  On any failure the
+  temporary file is removed and the target is left as it was.
+* :class:`FileLock` is an advisory ``flock`` lock on ``<path>.lock``; a second holder is refused
+  at once with :class:`LockedError` naming the pid, host and command of the holder.
+* :func:`os_error_message` turns an ``OSError`` into ``"<path>: <reason>"`` for one-line messages.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Callable
+
+__all__ = ["atomic_save", "atomic_save_path", "atomic_write_bytes", "atomic_write_text", "FileLock",
+           "LockedError", "os_error_message", "machine_memory_bytes", "format_bytes"]
+
+
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """Exclusively create an empty temporary file beside ``path``: (fd, its path)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(tmp)
+
+
+def _finish(tmp: Path, path: Path, mode: int) -> None:
+    os.chmod(tmp, mode)
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, cannot replace it by a file", str(path))
+    os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any], *, mode: int | None = None) -> Path:
+    """Write ``path`` atomically: ``writer(f)`` fills ``f``, a binary file object open on a fresh,
+    exclusively created temporary file in the same directory, which then replaces ``path``.
+
+    Use it for ``torch.save(obj, f)``, ``np.savez(f, ...)``, ``fig.savefig(f, format=...)`` etc.
+    Raises what ``writer`` or the file system raised; ``path`` is then unchanged.
+    """
+    path = Path(path)
+    fd, tmp = _new_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _finish(tmp, path, _default_mode() if mode is None else mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save_path(path: str | os.PathLike, writer: Callable[[Path], Any], *, mode: int | None = None) -> Path:
+    """Like :func:`atomic_save` for libraries that want a file name (``h5py.File(tmp, "w")``):
+    ``writer(tmp)`` gets the path of an exclusively created, empty temporary file (unique name,
+    same directory), which then replaces ``path``."""
+    path = Path(path)
+    fd, tmp = _new_temp(path)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _finish(tmp, path, _default_mode() if mode is None else mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` atomically (see :func:`atomic_save`)."""
+    return atomic_save(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace ``path`` by ``text`` (UTF-8) atomically (see :func:`atomic_save`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def os_error_message(e: OSError) -> str:
+    """``"<path>: <reason>"`` (or ``"<reason>"``) for a one-line error message."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        where = os.fsdecode(e.filename)
+        if e.filename2 is not None:
+            where += f" -> {os.fsdecode(e.filename2)}"
+        return f"{where}: {reason}"
+    return reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Advisory locks
+
+
+class LockedError(RuntimeError):
+    """The lock is held by another process (the message names it)."""
+
+
+class FileLock:
+    """An exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``), held while in a ``with``.
+
+    ``what`` names the locked thing in the refusal (e.g. "dataset /data/x.h5").  The lock file
+    holds the holder's pid, host, start time and command line (JSON) and is removed on release.
+    A second process is refused at once with :class:`LockedError`; a holder that died (even by
+    ``kill -9``) releases the lock with its file descriptor.  The lock file is opened with
+    ``O_NOFOLLOW``: a symlink planted there is refused, not followed.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str | None = None):
+        self.path = Path(str(path) + ".lock")
+        self.what = what or str(path)
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                info = json.loads(f.read(4096).decode("utf-8", "replace") or "{}")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"pid {int(info['pid'])} on host {info['host']} since {since} ({info['command'][:120]})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process (holder unknown)"
+
+    def acquire(self) -> "FileLock":
+        import fcntl
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise LockedError(f"{self.path} is a symlink; refusing to follow it (remove it)") from None
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"{self.what} is in use by {self._holder()}; wait for it to finish or "
+                                  f"stop that process") from None
+            # the file may have been removed by a releasing holder between our open and flock
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: a waiter re-checks the inode
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine, or the cgroup's limit when that is lower (bytes)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 1 << 40
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return int(total)
+
+
+def format_bytes(n: float) -> str:
+    """``3.2 GiB``-style size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} PiB"
