@@ -22,7 +22,8 @@ from sklearn.model_selection import train_test_split
 
 from zosol.zo import (MaskScheduler, batched_loss_from_module, cge_structured, mask_sparsity, rge,
                       write_grads, zo_grasp_lprs)
-from zosol.zo.reference_nets import cnn2d, n_params
+from zosol.zo import n_params
+from zosol.zo.bench_nets import cnn2d
 
 
 def data(seed: int = 0):

@@ -18,7 +18,8 @@ import torch
 
 from zosol.zo import cge_structured
 from zosol.zo.bench import subset_masks
-from zosol.zo.reference_nets import cnn1d_corrector, n_params
+from zosol.zo import n_params
+from zosol.zo.bench_nets import cnn1d_corrector
 from zosol.zo.parallel import measure_peak_memory
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
-from zosol.zo.reference_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
+from zo_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
 
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from zosol.zo import chunk_size_from_budget, estimate_bytes_per_perturbation, iter_chunks
-from zosol.zo.parallel import dist_check_worker, shard_chunks, spawn_local
+from zo_workers import dist_check_worker
+from zosol.zo.parallel import shard_chunks, spawn_local
 
 
 def test_iter_and_shard_chunks():
@@ -17,7 +18,7 @@ def test_iter_and_shard_chunks():
 
 
 def test_chunk_size_from_budget():
-    from zosol.zo.reference_nets import cnn1d_corrector
+    from zo_nets import cnn1d_corrector
     m = cnn1d_corrector(hidden=(8, 8))
     bpp = estimate_bytes_per_perturbation(m, torch.randn(8, 2, 32))
     assert bpp > 8 * 32 * 8 * 4

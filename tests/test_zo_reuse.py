@@ -5,7 +5,7 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from zosol.zo import Residual, UnsupportedModuleError, cge, cge_structured, random_masks
-from zosol.zo.reference_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
+from zo_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
 
 
 

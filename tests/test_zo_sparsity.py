@@ -7,7 +7,7 @@ from zosol.zo import (
     MaskScheduler, batched_loss_from_module, fo_grasp_scores, layerwise_pruning_ratios, mask_sparsity,
     random_masks, score_correlation, uniform_lprs, zo_grasp_scores,
 )
-from zosol.zo.reference_nets import mlp
+from zo_nets import mlp
 
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .zo.reference_nets import n_params
+from .zo.plan import n_params
 from .zo.reuse import Residual
 
 __all__ = ["small_cnn", "sol_resnet", "build_corrector", "corrector_input", "n_params"]

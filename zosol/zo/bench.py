@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .reference_nets import cnn1d_corrector, n_params
+from .bench_nets import cnn1d_corrector
 from .parallel import measure_peak_memory
+from .plan import n_params
 from .reuse import cge_structured
 
 __all__ = ["run_engine_bench"]

@@ -22,180 +22,19 @@ is accurate to ~1e-8 relative; in float32 forward with mu ~ 1e-3 gives cosine
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
+from .checks import NonFiniteLossError, check_loss_values, check_mu, check_params
 from .parallel import evaluate_chunked, resolve_device
+from .plan import CGEPlan, ZOEstimate, flatten_params, selected_coordinates, split_flat, unflatten
 
-__all__ = [
-    "NonFiniteLossError",
-    "ZOEstimate",
-    "cge",
-    "rge",
-    "batched_loss_from_module",
-    "write_grads",
-    "check_masks",
-    "selected_coordinates",
-    "perturbation_plan",
-    "assemble_cge",
-    "check_loss_values",
-]
+__all__ = ["NonFiniteLossError", "ZOEstimate", "cge", "rge", "batched_loss_from_module", "write_grads"]
 
-SCHEMES = ("forward", "central")
-
-
-class NonFiniteLossError(ValueError):
-    """A queried loss was NaN or infinite (the model or the solver diverged)."""
 BatchedLoss = Callable[[dict], torch.Tensor]
-
-
-@dataclass
-class ZOEstimate(Mapping):
-    """Result of a ZO gradient estimate; behaves like ``dict[str, Tensor]`` of gradients.
-
-    Attributes:
-        grads: name -> gradient tensor with the parameter's shape (and device/dtype).
-        queries: number of loss evaluations (perturbed parameter vectors evaluated).
-        loss: loss at the unperturbed parameters when it was evaluated (forward
-            scheme, RGE), else None.
-        info: extra diagnostics (number of coordinates, chunks, ...).
-    """
-
-    grads: dict
-    queries: int
-    loss: Optional[float] = None
-    info: dict = field(default_factory=dict)
-
-    def __getitem__(self, k: str) -> torch.Tensor:
-        return self.grads[k]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.grads)
-
-    def __len__(self) -> int:
-        return len(self.grads)
-
-    def flat(self) -> torch.Tensor:
-        """All gradients concatenated, shape ``(d,)``."""
-        return torch.cat([g.reshape(-1) for g in self.grads.values()])
-
-
-# ----------------------------------------------------------------------------- helpers
-def _check_mu(mu: float) -> float:
-    mu = float(mu)
-    if not mu > 0 or mu != mu or mu == float("inf"):
-        raise ValueError(f"mu must be a finite float > 0 (finite-difference step), got {mu!r}")
-    return mu
-
-
-def _check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
-    return scheme
-
-
-def _check_params(params: Mapping) -> dict:
-    if not isinstance(params, Mapping) or len(params) == 0:
-        raise ValueError("params must be a non-empty dict name -> tensor, e.g. dict(model.named_parameters())")
-    for k, v in params.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"params[{k!r}] is {type(v).__name__}, expected a torch.Tensor")
-        if not v.is_floating_point():
-            raise ValueError(f"params[{k!r}] has dtype {v.dtype}; ZO estimation needs floating-point parameters")
-    return dict(params)
-
-
-def check_masks(params: Mapping, masks: Optional[Mapping]) -> Optional[dict]:
-    """Validate ``masks`` (name -> bool/0-1 tensor of the parameter's shape) and return bool masks.
-
-    Missing names mean "dense"; unknown names or shape mismatches raise ValueError.
-    """
-    if masks is None:
-        return None
-    unknown = set(masks) - set(params)
-    if unknown:
-        raise ValueError(f"masks contain names that are not parameters: {sorted(unknown)}; keys must match params")
-    out = {}
-    for k, p in params.items():
-        if k not in masks:
-            out[k] = torch.ones(p.shape, dtype=torch.bool)
-            continue
-        m = torch.as_tensor(masks[k])
-        if tuple(m.shape) != tuple(p.shape):
-            raise ValueError(
-                f"mask shape mismatch for {k!r}: mask {tuple(m.shape)} vs parameter {tuple(p.shape)}; "
-                "build masks with the parameters' shapes (e.g. zosol.zo.random_masks)"
-            )
-        if m.dtype != torch.bool:
-            if not bool(((m == 0) | (m == 1)).all()):
-                raise ValueError(f"mask {k!r} must be boolean or contain only 0/1 values")
-            m = m != 0
-        out[k] = m.detach().cpu()
-    return out
-
-
-def selected_coordinates(params: Mapping, masks: Optional[Mapping]) -> tuple[torch.Tensor, list]:
-    """Global flat indices (sorted, CPU int64) of the perturbed coordinates, and the layout.
-
-    The layout is a list of ``(name, shape, offset, numel)`` in ``params`` order.
-    """
-    layout, off = [], 0
-    for k, p in params.items():
-        layout.append((k, tuple(p.shape), off, p.numel()))
-        off += p.numel()
-    bm = check_masks(params, masks)
-    if bm is None:
-        return torch.arange(off, dtype=torch.long), layout
-    flat = torch.cat([bm[k].reshape(-1) for k in params])
-    return torch.nonzero(flat, as_tuple=False).reshape(-1), layout
-
-
-def perturbation_plan(coords: torch.Tensor, scheme: str, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Perturbation list for CGE: ``(coordinate index (N,), signed step (N,))``.
-
-    forward: one ``+mu`` per coordinate; central: ``+mu, -mu`` interleaved per coordinate.
-    """
-    if scheme == "forward":
-        return coords, torch.full((coords.numel(),), mu, dtype=torch.float64)
-    idx = coords.repeat_interleave(2)
-    step = torch.tensor([mu, -mu], dtype=torch.float64).repeat(coords.numel())
-    return idx, step
-
-
-def check_loss_values(v: torch.Tensor, P: int, what: str = "batched_loss") -> torch.Tensor:
-    """Check that a batched loss returned a finite tensor of shape ``(P,)``."""
-    if not isinstance(v, torch.Tensor):
-        raise ValueError(f"{what} must return a torch.Tensor of shape ({P},), got {type(v).__name__}")
-    if v.dim() == 2 and v.shape[1] == 1 and v.shape[0] == P:
-        v = v.reshape(P)
-    if tuple(v.shape) != (P,):
-        raise ValueError(
-            f"{what} must return one loss per perturbation, shape ({P},), got {tuple(v.shape)}; "
-            "reduce over the batch inside the loss but keep the leading perturbation axis"
-        )
-    if not bool(torch.isfinite(v).all()):
-        raise NonFiniteLossError(f"{what} returned non-finite values (nan/inf); check the loss or reduce mu")
-    return v
-
-
-def assemble_cge(
-    values: torch.Tensor, base: Optional[torch.Tensor], idx: torch.Tensor, step: torch.Tensor,
-    scheme: str, mu: float, params: Mapping, layout: list,
-) -> dict:
-    """Turn perturbed loss values into a gradient dict (float64 arithmetic, then cast)."""
-    d = layout[-1][2] + layout[-1][3]
-    g = torch.zeros(d, dtype=torch.float64)
-    values = values.detach().to("cpu", torch.float64)
-    if scheme == "forward":
-        g[idx] = (values - float(base)) / mu
-    else:
-        g[idx[0::2]] = (values[0::2] - values[1::2]) / (2.0 * mu)
-    return {k: g[o:o + n].reshape(shp).to(device=params[k].device, dtype=params[k].dtype)
-            for k, shp, o, n in layout}
 
 
 # ----------------------------------------------------------------------------- CGE
@@ -228,33 +67,18 @@ def cge(
     Returns:
         :class:`ZOEstimate` with ``grads`` shaped like ``params`` and ``queries``.
     """
-    mu, scheme = _check_mu(mu), _check_scheme(scheme)
-    params = _check_params(params)
-    dev = resolve_device(device, next(iter(params.values())).device)
-    coords, layout = selected_coordinates(params, masks)
-    idx, step = perturbation_plan(coords, scheme, mu)
-    theta = torch.cat([p.detach().reshape(-1).to(dev) for p in params.values()])
-
-    def to_dict(flat: torch.Tensor) -> dict:  # flat (P, d) -> dict of (P, *shape) views
-        return {k: flat[:, o:o + n].reshape((flat.shape[0],) + shp) for k, shp, o, n in layout}
+    plan = CGEPlan.build(check_params(params), masks, scheme, mu)
+    dev = resolve_device(device, next(iter(plan.params.values())).device)
+    theta = flatten_params(plan.params, dev)
 
     def eval_chunk(s: int, e: int) -> torch.Tensor:
         P = e - s
         flat = theta.unsqueeze(0).repeat(P, 1)
-        rows = torch.arange(P, device=dev)
-        flat[rows, idx[s:e].to(dev)] += step[s:e].to(device=dev, dtype=flat.dtype)
-        return check_loss_values(batched_loss(to_dict(flat)), P)
+        flat[torch.arange(P, device=dev), plan.idx[s:e].to(dev)] += plan.step[s:e].to(device=dev, dtype=flat.dtype)
+        return batched_loss(unflatten(flat, plan.layout))
 
-    base = None
-    queries = idx.numel()
-    if scheme == "forward":
-        base = check_loss_values(batched_loss(to_dict(theta.unsqueeze(0))), 1)[0].detach().double().cpu()
-        queries += 1
-    values = evaluate_chunked(eval_chunk, idx.numel(), chunk_size, distributed, group,
-                              dtype=torch.float64, device=dev if distributed else None, progress=progress)
-    grads = assemble_cge(values, base, idx, step, scheme, mu, params, layout)
-    return ZOEstimate(grads, queries, None if base is None else float(base),
-                      {"coordinates": int(coords.numel()), "d": int(theta.numel()), "scheme": scheme})
+    return plan.run(eval_chunk, lambda: batched_loss(unflatten(theta.unsqueeze(0), plan.layout)),
+                    chunk_size, distributed, group, dev, progress)
 
 
 # ----------------------------------------------------------------------------- RGE
@@ -283,45 +107,47 @@ def rge(
     or chunking; with ``masks`` they live on the unmasked coordinates only.  ``directions``
     (shape (q, d)) overrides the sampling (used for common random numbers in ZO-GraSP).
     """
-    mu = _check_mu(mu)
+    mu = check_mu(mu)
     if distribution not in ("gaussian", "sphere"):
         raise ValueError(f"unknown distribution {distribution!r}; use 'gaussian' or 'sphere'")
     if int(q) < 1:
         raise ValueError(f"q (number of random directions) must be >= 1, got {q!r}")
     q = int(q)
-    params = _check_params(params)
+    params = check_params(params)
     dev = resolve_device(device, next(iter(params.values())).device)
     coords, layout = selected_coordinates(params, masks)
-    theta = torch.cat([p.detach().reshape(-1).to(dev) for p in params.values()])
+    theta = flatten_params(params, dev)
     d, de = theta.numel(), coords.numel()
-    if directions is None:
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        u = torch.randn(q, de, generator=gen, dtype=torch.float64)
-        if distribution == "sphere":
-            u = u / u.norm(dim=1, keepdim=True)
-        U = torch.zeros(q, d, dtype=torch.float64)
-        U[:, coords] = u
-    else:
-        U = directions.detach().to("cpu", torch.float64)
-        if tuple(U.shape) != (q, d):
-            raise ValueError(f"directions must have shape (q, d) = ({q}, {d}), got {tuple(U.shape)}")
+    U = _rge_directions(q, d, coords, distribution, generator, directions)
     phi = float(de) if distribution == "sphere" else 1.0
     Ud = U.to(device=dev, dtype=theta.dtype)
 
-    def to_dict(flat):
-        return {k: flat[:, o:o + n].reshape((flat.shape[0],) + shp) for k, shp, o, n in layout}
-
     def eval_chunk(s, e):
-        return check_loss_values(batched_loss(to_dict(theta.unsqueeze(0) + mu * Ud[s:e])), e - s)
+        return check_loss_values(batched_loss(unflatten(theta.unsqueeze(0) + mu * Ud[s:e], layout)), e - s)
 
-    base = check_loss_values(batched_loss(to_dict(theta.unsqueeze(0))), 1)[0].detach().double().cpu()
+    base = check_loss_values(batched_loss(unflatten(theta.unsqueeze(0), layout)), 1)[0].detach().double().cpu()
     values = evaluate_chunked(eval_chunk, q, chunk_size, distributed, group, dtype=torch.float64,
                               device=dev if distributed else None)
     coef = (values.cpu() - base) / mu * (phi / q)
-    g = coef @ U
-    grads = {k: g[o:o + n].reshape(shp).to(device=params[k].device, dtype=params[k].dtype)
-             for k, shp, o, n in layout}
+    grads = split_flat(coef @ U, params, layout)
     return ZOEstimate(grads, q + 1, float(base), {"q": q, "d": d, "distribution": distribution})
+
+
+def _rge_directions(q: int, d: int, coords: torch.Tensor, distribution: str,
+                    generator: Optional[torch.Generator], directions: Optional[torch.Tensor]) -> torch.Tensor:
+    """RGE directions ``(q, d)`` float64 on the CPU, zero outside ``coords``."""
+    if directions is not None:
+        U = directions.detach().to("cpu", torch.float64)
+        if tuple(U.shape) != (q, d):
+            raise ValueError(f"directions must have shape (q, d) = ({q}, {d}), got {tuple(U.shape)}")
+        return U
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    u = torch.randn(q, coords.numel(), generator=gen, dtype=torch.float64)
+    if distribution == "sphere":
+        u = u / u.norm(dim=1, keepdim=True)
+    U = torch.zeros(q, d, dtype=torch.float64)
+    U[:, coords] = u
+    return U
 
 
 # ----------------------------------------------------------------------------- module helpers

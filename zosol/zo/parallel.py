@@ -222,34 +222,3 @@ def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: Option
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     port = find_free_port()
     mp.spawn(_spawn_entry, args=(fn, world_size, port, backend, args), nprocs=world_size, join=True)
-
-
-def dist_check_worker(rank: int, world_size: int, out_prefix: Optional[str]) -> dict:
-    """Self-check used by the tests/benches: CGE (generic and structured) and RGE of a tiny model.
-
-    With ``world_size > 1`` (inside :func:`spawn_local`) the work is sharded over the group; the
-    flat estimates are returned and, if ``out_prefix`` is given, saved to ``{out_prefix}.{rank}.pt``.
-    """
-    from .estimators import batched_loss_from_module, cge, rge
-    from .reference_nets import cnn1d_corrector
-    from .reuse import cge_structured
-
-    model = cnn1d_corrector(hidden=(4, 4), kernel=3, seed=1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4, 2, 8, generator=g), torch.randn(4, 1, 8, generator=g)
-    params = dict(model.named_parameters())
-    bl = batched_loss_from_module(model, lambda o: ((o - y) ** 2).mean(), x)
-
-    def lof(forward, P):
-        return ((forward(x).reshape(P, -1) - y.reshape(1, -1)) ** 2).mean(1)
-
-    dd = world_size > 1
-    res = {
-        "cge_fwd": cge(bl, params, mu=1e-3, chunk_size=17, distributed=dd).flat(),
-        "cge_central": cge(bl, params, mu=1e-3, scheme="central", chunk_size=17, distributed=dd).flat(),
-        "structured": cge_structured(model, lof, mu=1e-3, chunk_size=17, distributed=dd).flat(),
-        "rge": rge(bl, params, q=40, chunk_size=7, generator=torch.Generator().manual_seed(3), distributed=dd).flat(),
-    }
-    if out_prefix is not None:
-        torch.save(res, f"{out_prefix}.{rank}.pt")
-    return res

@@ -33,11 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .estimators import (
-    ZOEstimate, _check_mu, _check_scheme, assemble_cge, check_loss_values,
-    perturbation_plan, selected_coordinates,
-)
-from .parallel import evaluate_chunked
+from .checks import UnsupportedModuleError
+from .plan import CGEPlan, ZOEstimate, flatten_params, unflatten
 
 __all__ = ["Residual", "UnsupportedModuleError", "POINTWISE_MODULES", "check_structured_support",
            "cge_structured", "LossOfForward"]
@@ -50,10 +47,6 @@ class Residual(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return x + super().forward(x)
-
-
-class UnsupportedModuleError(ValueError):
-    """A module the structured perturbed forward cannot handle."""
 
 
 POINTWISE_MODULES: tuple = (
@@ -324,6 +317,63 @@ def _param_owner(model: nn.Module) -> dict:
     return owner
 
 
+def _structured_factory(model: nn.Module, plan: CGEPlan, hint: dict, reuse: bool, extra: tuple):
+    """``make_forward(s, e)`` of the structured engine: per-layer perturbation lists -> forward."""
+    owner = _param_owner(model)
+    for k, p in plan.params.items():
+        if id(p) not in owner:
+            raise UnsupportedModuleError(f"parameter {k!r} does not belong to a Linear/Conv1d/Conv2d; use engine='vmap'")
+    entries = [(owner[id(plan.params[k])], shp, o, n) for k, shp, o, n in plan.layout]
+    p0 = next(iter(plan.params.values()))
+    dev, dtype = p0.device, p0.dtype
+
+    def make_forward(s: int, e: int):
+        ic, sc = plan.idx[s:e], plan.step[s:e]
+        groups: dict = {}
+        for (m, kind), shp, o, n in entries:
+            sel = (ic >= o) & (ic < o + n)
+            if not bool(sel.any()):
+                continue
+            mi = torch.unravel_index(ic[sel] - o, shp)
+            groups.setdefault(m, {})[kind] = _Pert(
+                torch.nonzero(sel).reshape(-1).to(dev), tuple(t.to(dev) for t in mi), sc[sel].to(dev, dtype))
+        return _StructuredForward(model, groups, e - s, hint, reuse, extra)
+
+    return make_forward
+
+
+def _vmap_factory(model: nn.Module, plan: CGEPlan, hint: dict):
+    """``make_forward(s, e)`` of the generic engine: perturbed parameter copies + functional_call/vmap."""
+    fixed = dict(model.named_parameters())
+    fixed.update(dict(model.named_buffers()))
+    dev = next(iter(plan.params.values())).device
+    theta = flatten_params(plan.params, dev)
+
+    def make_forward(s: int, e: int):
+        P = e - s
+        flat = theta.unsqueeze(0).repeat(P, 1)
+        flat[torch.arange(P, device=dev), plan.idx[s:e].to(dev)] += plan.step[s:e].to(dev, flat.dtype)
+        pd = {k: fixed[k].detach().unsqueeze(0).expand((P,) + tuple(fixed[k].shape)) for k in fixed}
+        pd.update(unflatten(flat, plan.layout))
+        return _VmapForward(model, pd, P, hint)
+
+    return make_forward
+
+
+def _pick_engine(model: nn.Module, engine: str, extra: tuple) -> str:
+    if engine not in ("structured", "vmap", "auto"):
+        raise ValueError(f"unknown engine {engine!r}; use 'structured', 'vmap' or 'auto'")
+    if engine == "vmap":
+        return engine
+    try:
+        check_structured_support(model, extra)
+        return "structured"
+    except UnsupportedModuleError:
+        if engine == "structured":
+            raise
+        return "vmap"
+
+
 @torch.no_grad()
 def cge_structured(
     model: nn.Module,
@@ -359,72 +409,18 @@ def cge_structured(
     Returns:
         :class:`ZOEstimate` over the parameters with ``requires_grad=True``.
     """
-    mu, scheme = _check_mu(mu), _check_scheme(scheme)
-    if engine not in ("structured", "vmap", "auto"):
-        raise ValueError(f"unknown engine {engine!r}; use 'structured', 'vmap' or 'auto'")
-    if engine in ("structured", "auto"):
-        try:
-            check_structured_support(model, extra_pointwise)
-            engine = "structured"
-        except UnsupportedModuleError:
-            if engine == "structured":
-                raise
-            engine = "vmap"
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
-    dev = next(iter(params.values())).device
-    coords, layout = selected_coordinates(params, masks)
-    idx, step = perturbation_plan(coords, scheme, mu)
+    plan = CGEPlan.build(params, masks, scheme, mu)
+    engine = _pick_engine(model, engine, extra_pointwise)
     hint = {"B": batch_size}
-
-    if engine == "structured":
-        owner = _param_owner(model)
-        for k, p in params.items():
-            if id(p) not in owner:
-                raise UnsupportedModuleError(f"parameter {k!r} does not belong to a Linear/Conv1d/Conv2d; use engine='vmap'")
-        entries = [(owner[id(params[k])], shp, o, n) for k, shp, o, n in layout]
-        dtype = next(iter(params.values())).dtype
-
-        def make_forward(s: int, e: int):
-            ic, sc = idx[s:e], step[s:e]
-            plan: dict = {}
-            for (m, kind), shp, o, n in entries:
-                sel = (ic >= o) & (ic < o + n)
-                if not bool(sel.any()):
-                    continue
-                local = ic[sel] - o
-                mi = torch.unravel_index(local, shp)
-                plan.setdefault(m, {})[kind] = _Pert(
-                    torch.nonzero(sel).reshape(-1).to(dev), tuple(t.to(dev) for t in mi), sc[sel].to(dev, dtype))
-            return _StructuredForward(model, plan, e - s, hint, reuse, extra_pointwise)
-    else:
-        fixed = dict(model.named_parameters())
-        fixed.update(dict(model.named_buffers()))
-        theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-        def make_forward(s: int, e: int):
-            P = e - s
-            flat = theta.unsqueeze(0).repeat(P, 1)
-            flat[torch.arange(P, device=dev), idx[s:e].to(dev)] += step[s:e].to(dev, flat.dtype)
-            pd = {k: fixed[k].detach().unsqueeze(0).expand((P,) + tuple(fixed[k].shape)) for k in fixed}
-            pd.update({k: flat[:, o:o + n].reshape((P,) + shp) for k, shp, o, n in layout})
-            return _VmapForward(model, pd, P, hint)
-
-    def eval_chunk(s: int, e: int) -> torch.Tensor:
-        return check_loss_values(loss_of_forward(make_forward(s, e), e - s), e - s, "loss_of_forward")
-
-    base = None
-    queries = idx.numel()
-    if scheme == "forward":
-        plain = _PlainForward(model, hint)
-        base = check_loss_values(loss_of_forward(plain, 1), 1, "loss_of_forward")[0].double().cpu()
-        queries += 1
-    values = evaluate_chunked(eval_chunk, idx.numel(), chunk_size, distributed, group,
-                              dtype=torch.float64, device=dev if distributed else None, progress=progress)
-    grads = assemble_cge(values, base, idx, step, scheme, mu, params, layout)
-    return ZOEstimate(grads, queries, None if base is None else float(base),
-                      {"coordinates": int(coords.numel()), "engine": engine, "reuse": reuse, "scheme": scheme})
+    make_forward = (_structured_factory(model, plan, hint, reuse, extra_pointwise) if engine == "structured"
+                    else _vmap_factory(model, plan, hint))
+    return plan.run(lambda s, e: loss_of_forward(make_forward(s, e), e - s),
+                    lambda: loss_of_forward(_PlainForward(model, hint), 1), chunk_size, distributed, group,
+                    next(iter(params.values())).device, progress, {"engine": engine, "reuse": reuse},
+                    "loss_of_forward")
 
 
 class _PlainForward(_ForwardBase):

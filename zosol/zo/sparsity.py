@@ -20,7 +20,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch.func import grad, jvp
 
-from .estimators import _check_params, rge
+from .checks import check_params, check_sparsity
+from .estimators import rge
 
 __all__ = [
     "default_prunable", "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios",
@@ -34,13 +35,6 @@ Prunable = Callable[[str, torch.Tensor], bool]
 def default_prunable(name: str, p: torch.Tensor) -> bool:
     """Weights (tensors with >= 2 dims) are prunable; biases stay dense."""
     return p.dim() > 1
-
-
-def _check_sparsity(s: float) -> float:
-    s = float(s)
-    if not 0.0 <= s < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {s}")
-    return s
 
 
 def zo_grasp_scores(
@@ -62,7 +56,7 @@ def zo_grasp_scores(
     Returns:
         name -> score tensor (parameter shape, float64 on CPU).
     """
-    params = _check_params(params)
+    params = check_params(params)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     d = sum(p.numel() for p in params.values())
     U = torch.randn(int(q), d, generator=gen, dtype=torch.float64)
@@ -86,7 +80,7 @@ def zo_grasp_scores(
 
 def fo_grasp_scores(batched_loss: Callable[[dict], torch.Tensor], params: Mapping) -> dict:
     """First-order (autograd) GraSP scores ``-theta * Hg``; ``batched_loss`` must be differentiable."""
-    params = _check_params(params)
+    params = check_params(params)
     theta = {k: p.detach() for k, p in params.items()}
 
     def f(pd):
@@ -106,7 +100,7 @@ def layerwise_pruning_ratios(
     Non-prunable tensors get LPR 0.  The size-weighted mean LPR over prunable tensors equals
     ``round(sparsity * n) / n``.
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     prunable = prunable or default_prunable
     ref = params if params is not None else scores
     names = [k for k in scores if prunable(k, ref[k])]
@@ -133,7 +127,7 @@ def layerwise_pruning_ratios(
 
 def uniform_lprs(params: Mapping, sparsity: float, prunable: Optional[Prunable] = None) -> dict:
     """Same pruning ratio ``sparsity`` for every prunable tensor, 0 for the others."""
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     prunable = prunable or default_prunable
     return {k: (sparsity if prunable(k, p) else 0.0) for k, p in params.items()}
 
