@@ -17,7 +17,7 @@ import torch
 from zosol.compare import evaluate
 from zosol.config import train_config
 from zosol.datasets import generate, load_dataset
-from zosol.train import train
+from zosol.training import train
 
 
 def main() -> None:

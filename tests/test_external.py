@@ -28,7 +28,7 @@ from zosol.datasets import load_dataset
 from zosol.solvers.base import BlackBox, SolverError
 from zosol.solvers.burgers1d import Burgers1DScenario
 from zosol.solvers.external import ExternalSolver, NotDifferentiableError, NumpySolver
-from zosol.train import TrainingError, load_run, train
+from zosol.training import TrainingError, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "solvers" / "burgers1d_numpy.py"

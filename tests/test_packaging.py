@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo")
+SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo", "zosol.training")
 
 
 def test_regular_install_contains_every_subpackage(tmp_path):

@@ -14,7 +14,7 @@ from zosol.datasets import generate, load_dataset
 from zosol.metrics import mae_per_frame, mae_per_simulation, summarize
 from zosol.rollout import corrected_rollout, window_loss
 from zosol.solvers.base import Solver
-from zosol.train import (CheckpointError, TrainingDiverged, _Windows, load_run, make_corrector, train)
+from zosol.training import (CheckpointError, TrainingDiverged, Windows, load_run, make_corrector, train)
 from zosol import zo
 
 
@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def _batch(ds, m, n=4):
-    w = _Windows(ds, m, torch.device("cpu"))
+    w = Windows(ds, m, torch.device("cpu"))
     return w.batch(torch.arange(n))
 
 
@@ -169,7 +169,7 @@ class ExplodingSolver(Solver):
 
 def test_divergence_guard_keeps_last_good_checkpoint(tiny, tmp_path):
     cfg = train_config("tiny", method="nog-sol", epochs=3)
-    w = _Windows(tiny, cfg.window, torch.device("cpu"))
+    w = Windows(tiny, cfg.window, torch.device("cpu"))
     steps_per_epoch = math.ceil(len(w.starts) / cfg.batch_size)
     solver = ExplodingSolver(tiny.scenario.coarse_solver(), after=cfg.window * steps_per_epoch + 1)
     with pytest.raises(TrainingDiverged, match="diverged at epoch 1"):

@@ -107,7 +107,7 @@ def _dataset_for(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import train_config
     from .compare import evaluate
-    from .train import train
+    from .training import train
     dataset = _dataset_for(args)
     config = train_config(args.train_preset or args.preset, args.scenario, method=args.method,
                           **_train_overrides(args))
@@ -129,7 +129,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
-    from .train import load_run
+    from .training import load_run
     run = Path(args.run)
     meta = run / "run.json"
     data = args.data or (json.loads(meta.read_text())["dataset"] if meta.exists() else None)
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
     from .datasets.hdf5 import DatasetError
     from .solvers.base import SolverError
-    from .train import CheckpointError, TrainingError
+    from .training import CheckpointError, TrainingError
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from .metrics import mae_per_frame, mae_per_simulation, nrmse_per_simulation, su
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Solver
-from .train import SolverCounter, train
+from .training import SolverCounter, train
 
 __all__ = ["evaluate", "compare", "DISPLAY_NAMES"]
 

@@ -1,0 +1,28 @@
+"""Training correctors: one loop for every method; the gradient source is what differs.
+
+Modules (each small, no cycles; read in this order):
+
+* :mod:`~zosol.training.windows`     ``Windows``: SOL-m training windows, seeded order, batches.
+* :mod:`~zosol.training.sources`     ``GradientSource`` per method (``non``, ``nog-sol``,
+  ``fo-sol``, ``zo-sol``) and their registry; ``SolverCounter`` / ``SolverViews`` (black box
+  or differentiable, counted).
+* :mod:`~zosol.training.sparsity`    layer-wise pruning ratios of sparse ZO-SOL.
+* :mod:`~zosol.training.state`       ``RunState`` (everything a checkpoint holds), ``TrainResult``.
+* :mod:`~zosol.training.checkpoint`  atomic checkpoints, resume checks, ``load_run``.
+* :mod:`~zosol.training.hooks`       the gradient check against the differentiable twin.
+* :mod:`~zosol.training.loop`        ``TrainingLoop``: sample -> source -> checks -> optimizer -> hooks.
+* :mod:`~zosol.training.processes`   the same loop in several local processes (``workers``).
+* :mod:`~zosol.training.api`         ``train()``, the public entry point.
+"""
+from .api import train
+from .checkpoint import CHECKPOINT_VERSION, Checkpointer, load_run, read_checkpoint
+from .errors import CheckpointError, TrainingDiverged, TrainingError
+from .loop import TrainingLoop
+from .sources import SOURCES, GradientSource, SolverCounter, SolverViews, register_source, source_class
+from .state import RunState, TrainResult, make_corrector
+from .windows import WindowBatch, Windows
+
+__all__ = ["train", "TrainResult", "load_run", "make_corrector", "TrainingError", "TrainingDiverged",
+           "CheckpointError", "CHECKPOINT_VERSION", "Checkpointer", "read_checkpoint", "RunState",
+           "TrainingLoop", "GradientSource", "SOURCES", "register_source", "source_class", "SolverCounter",
+           "SolverViews", "Windows", "WindowBatch"]

@@ -1,0 +1,16 @@
+"""The errors a training run raises; each leaves the last good checkpoint intact."""
+from __future__ import annotations
+
+__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError"]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (solver failure, divergence); the last good checkpoint is intact."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss, the gradient or the parameters became non-finite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or belongs to another config or dataset."""

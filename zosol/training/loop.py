@@ -1,0 +1,155 @@
+"""The training loop, the same for every method:
+
+    sample windows -> gradient source (loss, .grad) -> gradient check hook -> divergence checks
+    -> optimizer and learning-rate schedule -> progress bar, timed checkpoint
+
+Runs are reproducible from ``config.seed`` and resumable: the run directory holds
+``checkpoint.pt`` (:mod:`zosol.training.checkpoint`), written atomically every epoch and at most
+every ``checkpoint_seconds``.  A divergence guard stops a run whose loss, gradient or parameters
+become non-finite, leaving the last good checkpoint.  In a multi-process run
+(:mod:`zosol.training.processes`) every process runs this loop; rank 0 writes and reports.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import zo
+from ..config import TrainConfig
+from ..datasets.hdf5 import FidelityDataset
+from ..models import n_params
+from ..solvers.base import BlackBox, Solver, SolverError
+from .checkpoint import Checkpointer
+from .errors import TrainingDiverged, TrainingError
+from .hooks import GradientCheck
+from .sources import SOURCES, GradientSource, SolverViews, source_class
+from .state import RunState, TrainResult
+from .windows import WindowBatch, Windows
+
+__all__ = ["TrainingLoop"]
+
+
+class TrainingLoop:
+    """One run in this process: built by :meth:`setup`, trained by :meth:`run`."""
+
+    def __init__(self, config: TrainConfig, windows: Windows, state: RunState, source: GradientSource,
+                 solvers: SolverViews, checkpointer: Checkpointer, progress: bool):
+        self.config, self.windows, self.state, self.source = config, windows, state, source
+        self.solvers, self.checkpointer, self.progress = solvers, checkpointer, progress
+        self.steps_per_epoch = math.ceil(len(windows) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.check = GradientCheck(source, solvers, config.grad_checks, self.total_steps)
+
+    @classmethod
+    def setup(cls, dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
+              resume: bool, progress: bool, solver: Solver | BlackBox | None) -> "TrainingLoop":
+        """Build the solver views, windows, run state (resumed if asked) and the gradient source."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        lead = not distributed or torch.distributed.get_rank() == 0  # the process that writes and reports
+        if not dataset.train:
+            raise ValueError(f"{dataset.path}: no training simulations")
+        source_cls = source_class(config.method)
+        base = solver if solver is not None else dataset.scenario.coarse_solver()
+        if source_cls.needs == "differentiable" and not getattr(base, "differentiable", False):
+            others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
+            raise ValueError(f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
+                             f"(use one of {others})")
+        solvers = SolverViews.of(base, dataset.scenario)
+        device = torch.device(config.device)
+        windows = Windows(dataset, config.effective_window, device)
+        steps = math.ceil(len(windows) / config.batch_size) * config.epochs
+        state = RunState.fresh(dataset, config, device, steps)
+        checkpointer = Checkpointer(run_dir, config, dataset, write=lead)
+        checkpointer.begin(state, resume)
+        source = source_cls(state.model, config, windows, solvers, distributed)
+        source.prepare(state.history)
+        if resume:  # the counts go on from the checkpoint's (prepare's solver calls were counted there)
+            solvers.restore(state.history)
+        return cls(config, windows, state, source, solvers, checkpointer, progress and lead)
+
+    def run(self, stop_after_steps: int | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
+        """Train to the last epoch (or ``stop_after_steps`` steps in this call, then checkpoint)."""
+        s, cfg = self.state, self.config
+        bar = tqdm(total=self.total_steps, initial=s.epoch * self.steps_per_epoch + s.position,
+                   desc=f"train {cfg.method}", unit="step", disable=not self.progress)
+        self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
+        last_save, done_here = time.perf_counter(), 0
+        try:
+            while s.epoch < cfg.epochs:
+                if s.perm is None:
+                    s.perm, s.position = self.windows.order(s.window_rng), 0
+                self.source.start_epoch(s.epoch)
+                while s.position < self.steps_per_epoch:
+                    loss = self.step()
+                    done_here += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3g}", epoch=s.epoch)
+                    if stop_after_steps is not None and done_here >= stop_after_steps:
+                        self.save()
+                        return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir, {"stopped_early": True})
+                    if self.checkpointer.path is not None and time.perf_counter() - last_save > checkpoint_seconds:
+                        self.save()
+                        last_save = time.perf_counter()
+                self.end_epoch()
+                last_save = time.perf_counter()
+        finally:
+            bar.close()
+        s.history["parameters"] = n_params(s.model)
+        self.save()
+        self.checkpointer.write_history(s.history)
+        return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir)
+
+    def step(self) -> float:
+        """One optimizer step on the next batch of this epoch's window order; returns the loss."""
+        s, bs = self.state, self.config.batch_size
+        batch = self.windows.batch(s.perm[s.position * bs:(s.position + 1) * bs])
+        s.optimizer.zero_grad(set_to_none=True)
+        loss = self._gradient(batch)
+        loss_value = float(loss.detach())
+        grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in s.model.parameters())
+        if not math.isfinite(loss_value) or not grads_ok:
+            raise TrainingDiverged(
+                f"training diverged at epoch {s.epoch}, step {s.position}: loss {loss_value}"
+                f"{'' if grads_ok else ', non-finite gradient'}; try a lower --lr or a smaller --window")
+        s.optimizer.step()
+        s.scheduler.step()
+        if not all(torch.isfinite(p).all() for p in s.model.parameters()):
+            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: "
+                                   f"non-finite parameters; try a lower --lr")
+        s.history["loss"].append(loss_value)
+        s.position += 1
+        return loss_value
+
+    def _gradient(self, batch: WindowBatch) -> torch.Tensor:
+        """The source's loss and gradient, then the gradient-check hook; solver failures and
+        non-finite perturbed rollouts become training errors."""
+        s = self.state
+        try:
+            loss = self.source.step(batch, s.history)
+            self.check(s.epoch * self.steps_per_epoch + s.position, s.epoch, batch, s.history)
+        except SolverError as e:
+            raise TrainingError(f"coarse solver failed at epoch {s.epoch}, step {s.position}: {e}") from e
+        except zo.NonFiniteLossError as e:
+            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: a perturbed "
+                                   f"rollout's loss is not finite ({e}); try a lower --lr or --zo-mu") from e
+        return loss
+
+    def end_epoch(self) -> None:
+        """Record the epoch's mean loss, move to the next epoch, checkpoint."""
+        s = self.state
+        recent = s.history["loss"][-self.steps_per_epoch:]
+        s.history["epoch_loss"].append(sum(recent) / len(recent))
+        s.epoch, s.position, s.perm = s.epoch + 1, 0, None
+        self.save()
+
+    def save(self) -> None:
+        """Bring the history's wall time and solver counts up to date; write the checkpoint."""
+        h = self.state.history
+        h["wall_time"] = self._wall_before + time.perf_counter() - self._started
+        self.solvers.sync(h)
+        self.checkpointer.save(self.state, self.source.checkpoint_masks(self.state.epoch))
+
