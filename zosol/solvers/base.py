@@ -54,6 +54,10 @@ class Solver(ABC):
     differentiable: bool = True
     #: number of per-simulation parameters K (0: ``params`` may be None)
     num_params: int = 0
+    #: optional metadata for finite-difference Jacobians (``zosol.zo.jacobian``): half-width in cells,
+    #: per spatial axis, of the stencil of one ``step`` in the usual regime (every output entry
+    #: depends only on input entries that close, periodic wrap allowed); None: unknown or global
+    stencil_reach: tuple[int, ...] | None = None
 
     @abstractmethod
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
@@ -92,7 +96,7 @@ class BlackBox:
 
     def __init__(self, solver: Solver | Callable[..., torch.Tensor]):
         self._solver = solver
-        for name in ("dt", "channels", "spatial_shape", "coords", "num_params"):
+        for name in ("dt", "channels", "spatial_shape", "coords", "num_params", "stencil_reach"):
             if hasattr(solver, name):
                 setattr(self, name, getattr(solver, name))
 

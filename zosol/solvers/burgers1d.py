@@ -86,6 +86,8 @@ class Burgers1D(Solver):
         self.spatial_shape = (self.n,)
         self.coords = {"x": (torch.arange(self.n, dtype=dtype) + 0.5) * self.h}
         self.min_substeps = self._substeps_for(self.u_max)
+        # a right-hand side reaches 1 cell (upwind) or 2 (MUSCL); RK3 applies it 3 times per sub-step
+        self.stencil_reach = (self.min_substeps * self.order * (3 if integrator == "rk3" else 1),)
 
     def _substeps_for(self, umax: float | torch.Tensor):
         rate = umax / self.h + 2 * self.nu / self.h ** 2  # advective + diffusive inverse time scales

@@ -156,6 +156,7 @@ class Burgers2D(Solver):
         c = (torch.arange(self.n, dtype=dtype) + 0.5) * self.h
         self.coords = {"x": c, "y": c.clone()}
         self.min_substeps = self._substeps_for(self.u_max)
+        self.stencil_reach = (self._reach(),) * 2
         self._phi_cache: dict[Any, Any] = {}
         self._forcing_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -167,6 +168,15 @@ class Burgers2D(Solver):
         return {**super().describe(), "nu": self.nu, "length": self.length, "advection": self.advection,
                 "cfl": self.cfl, "n_sines": self.n_sines, "min_substeps": self.min_substeps,
                 "backend": self.backend, "layout": "(B, [u, v], y, x)"}
+
+    def _reach(self) -> int:
+        """Stencil half-width of one step in the usual regime: per sub-step the back-trace moves at
+        most ``u_max tau / h`` cells and bilinear interpolation touches the cells around it
+        (MacCormack traces forward and back and clamps to a 2x2 neighbourhood: about twice as far),
+        then the explicit Laplacian reaches one more cell."""
+        advect = max(1, math.ceil(self.u_max * self.dt / self.min_substeps / self.h))
+        per_substep = (2 * advect + 1 if self.advection == "maccormack" else advect) + 1
+        return self.min_substeps * per_substep
 
     def _substeps_for(self, umax: float | torch.Tensor):
         rate = umax / self.h + 4 * self.nu / self.h ** 2  # advective + 2-D diffusive inverse time scales

@@ -176,7 +176,7 @@ def _dsatur(conflict: sp.csr_matrix) -> np.ndarray:
     return colours
 
 
-def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int]) -> Optional[np.ndarray]:
+def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int], min_colours: int = 0) -> Optional[np.ndarray]:
     """The fewest-colour valid *lattice* colouring ``colour = (c, x_1 mod p_1, ...)`` with each
     period ``p_k`` a divisor of the axis size (exact for translation-invariant periodic stencils
     whose size divides the grid, where greedy orders can miss the optimum), or None."""
@@ -185,6 +185,8 @@ def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int]) -> Optio
     divisors = [[d for d in range(1, s + 1) if s % d == 0] for s in spatial]
     best = None
     for periods in sorted(itertools.product(*divisors), key=math.prod):
+        if c * math.prod(periods) < min_colours:
+            continue
         if best is not None and c * math.prod(periods) >= int(best.max()) + 1:
             break
         label = np.ravel_multi_index(tuple(np.mod(cells, np.array(periods)[:, None])), periods)
@@ -194,11 +196,14 @@ def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int]) -> Optio
     return best
 
 
-def colour_columns(pattern: sp.spmatrix, state_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+def colour_columns(pattern: sp.spmatrix, state_shape: Optional[Sequence[int]] = None,
+                   min_colours: int = 0) -> np.ndarray:
     """Column colouring (Curtis-Powell-Reid): columns sharing a row get different colours.
 
     ``pattern``: (n_out, n) boolean.  Tries greedy in natural and largest-first order, DSATUR and
-    (given ``state_shape``) lattice colourings; keeps the fewest colours.  Returns (n,) int64 in 0..K-1.
+    (given ``state_shape``) lattice colourings; keeps the fewest colours that are at least
+    ``min_colours`` (a spare colour keeps the leak check seeing every row), or the most when none
+    is.  Returns (n,) int64 in 0..K-1.
     """
     p = sp.csr_matrix(pattern, dtype=np.float32)
     p.data[:] = 1
@@ -210,9 +215,11 @@ def colour_columns(pattern: sp.spmatrix, state_shape: Optional[Sequence[int]] = 
     if p.shape[1] <= 20000:
         candidates.append(_dsatur(conflict))
     if state_shape is not None:
-        lattice = lattice_colouring(p, state_shape)
+        lattice = lattice_colouring(p, state_shape, min_colours)
         candidates += [] if lattice is None else [lattice]
-    return min(candidates, key=lambda c: int(c.max(initial=-1)))
+    count = [int(c.max(initial=-1)) + 1 for c in candidates]
+    ok = [i for i in range(len(candidates)) if count[i] >= min_colours]
+    return candidates[min(ok, key=count.__getitem__)] if ok else candidates[int(np.argmax(count))]
 
 
 def colouring_is_valid(pattern: sp.spmatrix, colours: np.ndarray) -> bool:
@@ -339,7 +346,7 @@ class _Colouring:
     @classmethod
     def of(cls, stencil: Stencil) -> "_Colouring":
         pattern = stencil_pattern(stencil).tocoo()
-        colours = colour_columns(pattern, stencil.state_shape)
+        colours = colour_columns(pattern, stencil.state_shape, min_colours=stencil.per_row + 1)
         k = int(colours.max()) + 1
         rows, cols = torch.from_numpy(pattern.row.astype(np.int64)), torch.from_numpy(pattern.col.astype(np.int64))
         col_t = torch.from_numpy(colours)
@@ -392,6 +399,28 @@ class FDJacobian:
     @classmethod
     def from_stencil(cls, step: Step, stencil: Stencil, **kw) -> "FDJacobian":
         return cls(step, stencil.state_shape, _Colouring.of(stencil), **kw)
+
+    @classmethod
+    def for_step(cls, step: Step, state_shape: Sequence[int], *, pattern: str = "auto",
+                 states: Optional[torch.Tensor] = None, params: Optional[torch.Tensor] = None,
+                 stencil_reach: Optional[Sequence[int]] = None, margin: int = 0, **kw) -> "FDJacobian":
+        """Choose the structure: ``pattern`` = "probe" (at ``states`` (S, C, *s)), "stencil" (the
+        declared ``stencil_reach``, widened by ``margin``), "dense", or "auto" (probe when states are
+        given, else the declared stencil, else dense)."""
+        if pattern == "auto":
+            pattern = "probe" if states is not None else "stencil" if stencil_reach is not None else "dense"
+        if pattern == "probe":
+            if states is None:
+                raise ValueError("pattern='probe' needs states to probe (S, C, *spatial)")
+            return cls.from_probes(step, states, params, margin=margin, **kw)
+        if pattern == "stencil":
+            if stencil_reach is None:
+                raise ValueError("pattern='stencil' needs the solver's stencil_reach (the solver declares none); "
+                                 "use pattern='probe' or 'dense'")
+            return cls.from_stencil(step, stencil_offsets(state_shape, stencil_reach).dilate(margin), **kw)
+        if pattern == "dense":
+            return cls.dense(step, state_shape, **kw)
+        raise ValueError(f"unknown Jacobian pattern {pattern!r}; choose 'auto', 'probe', 'stencil' or 'dense'")
 
     @classmethod
     def dense(cls, step: Step, state_shape: Sequence[int], **kw) -> "FDJacobian":
