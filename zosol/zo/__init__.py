@@ -7,6 +7,7 @@ Layers (each imports only the ones above it; no cycles):
     estimators  cge, rge, batched_loss_from_module, write_grads
     reuse       cge_structured: structured perturbed forward with feature reuse, Residual
     sparsity    ZO-GraSP -> layer-wise pruning ratios -> masks, MaskScheduler
+    jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
     bench_nets, bench   reference networks of the benches, ``zosol bench engine``
 """
 from .checks import SCHEMES, NonFiniteLossError, UnsupportedModuleError
@@ -15,6 +16,7 @@ from .parallel import (
     chunk_size_from_budget, estimate_bytes_per_perturbation, evaluate_chunked, iter_chunks,
     measure_peak_memory, resolve_device, spawn_local,
 )
+from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
 from .plan import CGEPlan, ZOEstimate, n_params
 from .reuse import Residual, cge_structured, check_structured_support
 from .sparsity import (
@@ -30,4 +32,5 @@ __all__ = [
     "measure_peak_memory", "resolve_device", "spawn_local",
     "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios", "zo_grasp_lprs", "fo_grasp_lprs",
     "uniform_lprs", "random_masks", "mask_sparsity", "MaskScheduler", "score_correlation",
+    "FDJacobian", "fd_step", "JacobianError", "DiscontinuityError",
 ]

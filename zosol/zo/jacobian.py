@@ -42,7 +42,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .parallel import iter_chunks
+from .checks import check_mu, check_scheme
+from .parallel import chunk_size_from_budget, iter_chunks
 
 __all__ = [
     "JacobianError", "DiscontinuityError", "Stencil", "stencil_offsets", "probe_offsets", "stencil_pattern",
@@ -370,7 +371,8 @@ class FDJacobian:
     "forward" (1, reusing the forward output); ``max_batch``: states per black-box call (fixed
     size, the last chunk padded); ``dense_fraction``: colours above this fraction of ``n`` switch
     to the dense estimate.  ``evaluations`` counts black-box sample-steps spent on probes and
-    ``events`` the pattern changes made at run time.
+    ``events`` the pattern changes made at run time.  ``budget_bytes`` (with ``max_batch=None``)
+    sizes the probe batches to a memory budget (~8 copies of a state per probe).
     """
 
     step: Step
@@ -385,12 +387,15 @@ class FDJacobian:
     probe_rel: float = 1e-2
     check: bool = True
     max_widenings: int = 4
+    budget_bytes: Optional[int] = None
     evaluations: int = 0
     events: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.scheme not in ("central", "forward"):
-            raise ValueError(f"scheme must be 'central' or 'forward', got {self.scheme!r}")
+        check_scheme(self.scheme)
+        self.mu = None if self.mu is None else check_mu(self.mu)
+        if self.max_batch is None and self.budget_bytes is not None:
+            self.max_batch = chunk_size_from_budget(8 * 8 * math.prod(self.state_shape), self.budget_bytes)
         self.state_shape = tuple(int(s) for s in self.state_shape)
         if self.colouring is not None and self.colouring.n_colours > self.dense_fraction * self.n:
             self._go_dense(f"{self.colouring.n_colours} colours > {self.dense_fraction:g} n")
