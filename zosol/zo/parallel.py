@@ -29,6 +29,9 @@ __all__ = [
     "measure_peak_memory",
     "find_free_port",
     "spawn_local",
+    "LAUNCH_ENV",
+    "launched_with_env",
+    "init_from_env",
 ]
 
 
@@ -198,13 +201,44 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the environment variables a launcher (torchrun, Slurm + torchrun, or :func:`spawn_local`) sets
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_with_env() -> bool:
+    """True when this process was started by a launcher that set ``LAUNCH_ENV`` (e.g. torchrun)
+    with a world of more than one process."""
+    return all(k in os.environ for k in LAUNCH_ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(backend: Optional[str] = None) -> tuple[int, int, str]:
+    """Join the process group that the launcher's environment (``LAUNCH_ENV``) describes.
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available (each local rank takes GPU
+    ``LOCAL_RANK``), else ``"gloo"``.  Returns ``(rank, world_size, backend)``; a process group
+    that already exists is kept.  Raises ValueError when the environment is incomplete.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    missing = [k for k in LAUNCH_ENV if k not in os.environ]
+    if missing:
+        raise ValueError(f"cannot join a process group: environment variables {missing} are not set "
+                         f"(start the command with torchrun, or use --workers N on one machine)")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), backend
+
+
 def _spawn_entry(rank: int, fn, world_size: int, port: int, backend: str, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_from_env(backend)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
