@@ -104,25 +104,33 @@ def _dataset_for(args: argparse.Namespace):
     return load_dataset(path, args.scenario)
 
 
+def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
+    """Check and set up ``run_dir`` for ``zosol train``; True when an existing run is resumed."""
+    if not resume and (run_dir / "checkpoint.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"dataset": str(Path(dataset.path).resolve())}))
+    if resume and not (run_dir / "checkpoint.pt").exists():
+        print(f"zosol: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
+        return False
+    return resume
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import train_config
     from .compare import evaluate
     from .training import train
-    dataset = _dataset_for(args)
+    from .training.launch import broadcast_from_lead, is_lead, lead_first
+    dataset = lead_first(lambda: _dataset_for(args))
     config = train_config(args.train_preset or args.preset, args.scenario, method=args.method,
                           **_train_overrides(args))
     run_dir = Path(args.out or f"runs/{args.scenario}_{args.preset}_{args.method}")
-    if not args.resume and (run_dir / "checkpoint.pt").exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"dataset": str(Path(dataset.path).resolve())}))
-    resume = args.resume and (run_dir / "checkpoint.pt").exists()
-    if args.resume and not resume:
-        print(f"zosol: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
+    resume = broadcast_from_lead(lambda: _prepare_run_dir(run_dir, args.resume, dataset))
     result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
     ev = evaluate(dataset, result.model, device=config.device)
-    print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
-          f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")
+    if is_lead():
+        print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
+              f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")
     return 0
 
 
@@ -248,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .solvers.base import SolverError
     from .training import CheckpointError, TrainingError
     try:
-        return args.func(args)
+        return _run_command(args)
     except KeyboardInterrupt:
         print("zosol: interrupted; finished work is saved, rerun the command (with --resume for train)",
               file=sys.stderr)
@@ -259,6 +267,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DatasetError, CheckpointError) as e:
         print(f"zosol: error: {e}", file=sys.stderr)
         return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``; ``train`` and ``compare`` started by ``torchrun`` first join its process
+    group (see :mod:`zosol.training.launch`), and a rank that is lost ends the job in one line."""
+    if args.command not in ("train", "compare"):
+        return args.func(args)
+    from .training.launch import LauncherStopped, join_launcher_group, lost_ranks_message
+    import torch.distributed as dist
+    joined = join_launcher_group(getattr(args, "device", None))
+    if joined is None:
+        return args.func(args)
+    rank, size, backend = joined
+    if args.workers > 1:
+        raise ValueError("--workers starts local processes itself; under torchrun set --nproc-per-node instead")
+    if rank == 0:
+        print(f"zosol: torchrun launch: rank 0 of {size} ({backend}); rank 0 writes checkpoints and results",
+              file=sys.stderr)
+    try:
+        return args.func(args)
+    except (LauncherStopped, dist.DistBackendError) as e:
+        print(f"zosol: failed: {lost_ranks_message(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # gloo reports a vanished peer as a plain RuntimeError
+        if not _is_peer_failure(e):
+            raise
+        print(f"zosol: failed: {lost_ranks_message(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _is_peer_failure(error: RuntimeError) -> bool:
+    text = str(error)
+    return any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL"))
 
 
 if __name__ == "__main__":

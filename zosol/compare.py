@@ -23,6 +23,7 @@ from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_s
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Solver
 from .training import SolverCounter, train
+from .training.launch import broadcast_from_lead, is_lead, lead_first, world
 
 __all__ = ["evaluate", "compare", "DISPLAY_NAMES"]
 
@@ -69,10 +70,13 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_lead():  # other ranks of a torchrun launch compute, rank 0 reports and writes
+        log, progress = (lambda *a, **k: None), False
+    else:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path = generate(scenario, preset, data_dir if data_dir is not None else out / "data", progress=progress,
-                    overrides=scenario_overrides)
+    path = lead_first(lambda: generate(scenario, preset, data_dir if data_dir is not None else out / "data",
+                                       progress=progress, overrides=scenario_overrides))
     gen_time = time.perf_counter() - t0
     dataset = load_dataset(path, scenario)
     log(f"dataset {path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
@@ -80,7 +84,8 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
 
     results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(path),
-                               "generation_time": gen_time, "train_config": {}, "methods": {}}
+                               "generation_time": gen_time, "train_config": {}, "methods": {},
+                               "launch": dict(zip(("world_size", "backend"), world()[1:]))}
     src = evaluate(dataset)
     results["methods"]["SRC"] = {k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")}
     results["methods"]["SRC"].update(wall_time=0.0, solver_calls=0, solver_samples=0,
@@ -91,7 +96,8 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     for m in methods:
         cfg = configs[m]
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
-        result = train(dataset, cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
+        resume = broadcast_from_lead(lambda: (run_dir / "checkpoint.pt").exists())
+        result = train(dataset, cfg, run_dir, resume=resume, progress=progress,
                        workers=workers)
         ev = evaluate(dataset, result.model, device=cfg.device)
         name = DISPLAY_NAMES[m]
@@ -109,6 +115,8 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
         log(f"{name:<8} MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f}  (train {h['wall_time']:.1f} s)")
 
     results["total_time"] = time.perf_counter() - t0
+    if not is_lead():
+        return results
     write_json(results, out / "results.json")
     table = markdown_table(results)
     (out / "results.md").write_text(f"# {dataset.scenario.name} ({preset})\n\n{table}")

@@ -18,6 +18,7 @@ import torch
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from .errors import CheckpointError
+from .launch import broadcast_from_lead
 from .state import RunState, make_corrector
 
 __all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", "fingerprint"]
@@ -81,7 +82,7 @@ class Checkpointer:
         if resume:
             if self.path is None:
                 raise ValueError("resume needs a run directory")
-            ckpt = read_checkpoint(self.path)
+            ckpt = broadcast_from_lead(lambda: read_checkpoint(self.path))  # rank 0's disk
             now = self.config.to_dict()
             if ckpt["config"] != now:
                 diff = {k: (ckpt["config"].get(k), v) for k, v in now.items() if ckpt["config"].get(k) != v}

@@ -26,6 +26,7 @@ from ..solvers.base import BlackBox, Solver, SolverError
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
 from .hooks import GradientCheck
+from .launch import is_lead, rank_label, world
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
 from .windows import WindowBatch, Windows
@@ -48,8 +49,8 @@ class TrainingLoop:
     def setup(cls, dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
               resume: bool, progress: bool, solver: Solver | BlackBox | None) -> "TrainingLoop":
         """Build the solver views, windows, run state (resumed if asked) and the gradient source."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        lead = not distributed or torch.distributed.get_rank() == 0  # the process that writes and reports
+        _, world_size, backend = world()
+        distributed, lead = world_size > 1, is_lead()  # the lead process writes and reports
         if not dataset.train:
             raise ValueError(f"{dataset.path}: no training simulations")
         source_cls = source_class(config.method)
@@ -67,6 +68,7 @@ class TrainingLoop:
         checkpointer.begin(state, resume)
         source = source_cls(state.model, config, windows, solvers, distributed)
         source.prepare(state.history)
+        state.history.update(world_size=world_size, backend=backend)  # how this (part of the) run ran
         if resume:  # the counts go on from the checkpoint's (prepare's solver calls were counted there)
             solvers.restore(state.history)
         return cls(config, windows, state, source, solvers, checkpointer, progress and lead)
@@ -75,7 +77,8 @@ class TrainingLoop:
         """Train to the last epoch (or ``stop_after_steps`` steps in this call, then checkpoint)."""
         s, cfg = self.state, self.config
         bar = tqdm(total=self.total_steps, initial=s.epoch * self.steps_per_epoch + s.position,
-                   desc=f"train {cfg.method}", unit="step", disable=not self.progress)
+                   desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))), unit="step",
+                   disable=not self.progress)
         self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
         last_save, done_here = time.perf_counter(), 0
         try:

@@ -2,7 +2,8 @@
 
 Layers (each imports only the ones above it; no cycles):
     checks      validators and error types (NonFiniteLossError, UnsupportedModuleError, SCHEMES)
-    parallel    chunking, memory budgets, devices, torch.distributed sharding, spawn_local
+    parallel    chunking, memory budgets, devices, torch.distributed sharding, process groups
+                (spawn_local, init_from_env for torchrun)
     plan        the CGE perturbation plan and its assembly (ZOEstimate, CGEPlan, n_params)
     estimators  cge, rge, batched_loss_from_module, write_grads
     reuse       cge_structured: structured perturbed forward with feature reuse, Residual
@@ -14,7 +15,7 @@ from .checks import SCHEMES, NonFiniteLossError, UnsupportedModuleError
 from .estimators import batched_loss_from_module, cge, rge, write_grads
 from .parallel import (
     chunk_size_from_budget, estimate_bytes_per_perturbation, evaluate_chunked, iter_chunks,
-    measure_peak_memory, resolve_device, spawn_local,
+    init_from_env, launched_with_env, measure_peak_memory, resolve_device, spawn_local,
 )
 from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
 from .plan import CGEPlan, ZOEstimate, n_params
@@ -29,7 +30,7 @@ __all__ = [
     "cge", "rge", "batched_loss_from_module", "write_grads",
     "cge_structured", "Residual", "check_structured_support",
     "evaluate_chunked", "iter_chunks", "chunk_size_from_budget", "estimate_bytes_per_perturbation",
-    "measure_peak_memory", "resolve_device", "spawn_local",
+    "measure_peak_memory", "resolve_device", "spawn_local", "init_from_env", "launched_with_env",
     "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios", "zo_grasp_lprs", "fo_grasp_lprs",
     "uniform_lprs", "random_masks", "mask_sparsity", "MaskScheduler", "score_correlation",
     "FDJacobian", "fd_step", "JacobianError", "DiscontinuityError",

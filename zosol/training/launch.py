@@ -1,0 +1,129 @@
+"""Runs launched as several processes: ``torchrun`` (one machine or many, Slurm calling it) or
+``--workers N`` (local processes, :func:`zosol.zo.spawn_local`); both join a process group from
+the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) through :func:`zosol.zo.init_from_env`.
+
+What is shared and what is not: every rank reads the same dataset (rank 0 generates it first, the
+others wait), runs the same training loop on it, and a shardable gradient source (ZO-SOL,
+ZO-JAC-SOL) splits its perturbation / probe chunks over all ranks; only rank 0 writes
+checkpoints, results and plots, and a resumed run starts every rank from rank 0's checkpoint.
+
+When a rank dies, the others fail in their next collective (or are stopped by torchrun);
+:func:`lost_ranks_message` turns that into one line naming the ranks that are gone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .. import zo
+
+__all__ = ["join_launcher_group", "world", "is_lead", "rank_label", "lead_first", "broadcast_from_lead",
+           "lost_ranks_message", "LauncherStopped"]
+
+T = TypeVar("T")
+
+#: (host, pid) of every rank, filled by :func:`join_launcher_group`
+_PEERS: list[tuple[str, int]] = []
+
+
+class LauncherStopped(RuntimeError):
+    """The launcher stopped this rank (SIGTERM), usually because another rank failed."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise LauncherStopped("stopped by the launcher (SIGTERM)")
+
+
+def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | None:
+    """Join the process group of a ``torchrun`` launch (None when this process was not started by
+    one).  NCCL when ``device`` is CUDA and CUDA is available (GPU ``LOCAL_RANK`` per local rank),
+    gloo otherwise.  Records every rank's host and pid, and turns the launcher's SIGTERM into
+    :class:`LauncherStopped`.  Returns ``(rank, world_size, backend)``."""
+    if not zo.launched_with_env():
+        return None
+    cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    info = zo.init_from_env("nccl" if cuda else "gloo")
+    register_peers()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return info
+
+
+def register_peers() -> None:
+    """Exchange (host, pid) of every rank of the current group (for :func:`lost_ranks_message`)."""
+    peers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    _PEERS[:] = [tuple(p) for p in peers]
+
+
+def world() -> tuple[int, int, str | None]:
+    """``(rank, world_size, backend)`` of this process (``(0, 1, None)`` outside a group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+    return 0, 1, None
+
+
+def is_lead() -> bool:
+    """True in the process that writes and reports (rank 0, or a single process)."""
+    return world()[0] == 0
+
+
+def rank_label() -> str:
+    """``"rank 0 of 2"`` in a process group, ``""`` otherwise."""
+    rank, size, _ = world()
+    return f"rank {rank} of {size}" if size > 1 else ""
+
+
+def lead_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 first, then (after a barrier) on the other ranks: e.g. rank 0 generates a
+    dataset, the others then find it complete and only read it.  A failure on rank 0 is raised
+    there and stops the job (the others are stopped by the launcher)."""
+    rank, size, _ = world()
+    if size == 1:
+        return fn()
+    if rank == 0:
+        out = fn()
+        dist.barrier()
+        return out
+    dist.barrier()
+    return fn()
+
+
+def broadcast_from_lead(make: Callable[[], T]) -> T:
+    """``make()`` evaluated on rank 0 and sent to every rank (e.g. a checkpoint read from rank 0's
+    disk, which other machines do not see)."""
+    rank, size, _ = world()
+    if size == 1:
+        return make()
+    box: list[Any] = [make() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gone(pid: int) -> bool:
+    """True if ``pid`` (on this host) has exited (or is a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def lost_ranks_message(error: BaseException) -> str:
+    """One line for a collective that failed or a launcher stop: which ranks are gone (found on
+    this host by their pids), what this rank was doing, and how to continue."""
+    rank, size, _ = world()
+    host = socket.gethostname()
+    dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and r != rank and _gone(pid)]
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if dead:
+        cause = ", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in dead) + " stopped"
+    else:
+        cause = f"lost contact with another of the {size} ranks (on another host, or it failed): {first}"
+    return (f"rank {rank} of {size}: {cause}; the job stops here, the last checkpoint is kept "
+            f"(rerun the same command with --resume)")
