@@ -1,4 +1,5 @@
-"""Tables (Markdown / CSV / JSON) and plots (PNG) of a method comparison."""
+"""Tables (Markdown / CSV / JSON) and plots (PNG, PDF, SVG, ... by the file's suffix) of a method
+comparison.  Every file is written atomically (fsutil: unique temporary name, then rename)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side"]
+from .fsutil import atomic_save, atomic_write_text  # noqa: E402
+
+__all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side", "plot_format"]
 
 COLUMNS = ("method", "MAE mean", "MAE std", "vs SRC", "train time [s]", "training solver sample-steps")
 
@@ -46,19 +49,28 @@ def csv_table(results: dict[str, Any]) -> str:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write JSON atomically (unique temporary file + rename; see zosol.fsutil)."""
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format named by ``path``'s suffix ("png", "pdf", "svg", ...); ValueError naming the
+    supported suffixes when matplotlib cannot write it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in supported:
+        raise ValueError(f"cannot write a figure to '{path}': the suffix must name an image format, one of "
+                         f"{', '.join('.' + s for s in supported)}")
+    return fmt
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fmt = plot_format(path)
+    try:
+        atomic_save(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def plot_frame_errors(per_frame: dict[str, np.ndarray], dt: float, path: str | os.PathLike, title: str = "") -> None:

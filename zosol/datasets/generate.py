@@ -2,13 +2,20 @@
 
 Generation is resumable: each finished simulation is saved atomically to
 ``<out>/<name>.h5.parts/<split>_<seed>.npz``; an interrupted run (even ``kill -9``) picks up
-from there, and the final ``.h5`` appears (by rename) only once everything is done.
+from there, and the final ``.h5`` appears (by rename) only once everything is done.  Parts are
+validated before use (shape, dtype, finiteness, size): a stale or tampered part is regenerated,
+never assembled.  One process at a time generates a dataset (an advisory lock on ``<name>.h5.lock``;
+a second one is refused naming the holder), and the job is refused up front when its memory or
+time estimate is out of reach (``budget.py``).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..solvers.base import Scenario, get_scenario
-from .hdf5 import Simulation, write_dataset
+from ..fsutil import FileLock, atomic_save, atomic_write_text
+from ..solvers.base import Scenario, SolverDivergedError, get_scenario
+from .budget import check_generation_budget
+from .hdf5 import DatasetError, Simulation, load_dataset, write_dataset
 
 __all__ = ["dataset_path", "generate", "simulate_reference"]
 
@@ -44,8 +53,19 @@ def _check_same_config(path: Path, scenario: Scenario) -> None:
                          f"pass overwrite=True (--overwrite) or choose another output directory")
 
 
+def _check_existing(path: Path, scenario: Scenario) -> None:
+    """An existing final file must hold this config and pass the validating reader; a damaged one
+    is reported with the command that replaces it (it is never reported as a success)."""
+    _check_same_config(path, scenario)
+    try:
+        load_dataset(path, scenario.name)
+    except DatasetError as e:
+        raise DatasetError(f"{e} [rerun with --overwrite (overwrite=True) to regenerate it]") from None
+
+
 def simulate_reference(scenario: Scenario, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference trajectories of ``seeds`` run as one batch: (N, T+1, C, *coarse), params (N, K)."""
+    """Reference trajectories of ``seeds`` run as one batch: (N, T+1, C, *coarse), params (N, K).
+    Raises SolverError (SolverDivergedError for NaN/inf) when the reference solver fails."""
     solver = scenario.reference_solver()
     states, params = zip(*(scenario.sample(s) for s in seeds))
     state, p = torch.stack(states), torch.stack(params)
@@ -59,27 +79,53 @@ def simulate_reference(scenario: Scenario, seeds: list[int]) -> tuple[torch.Tens
             frames.append(scenario.downsample(state))
     traj = torch.stack(frames, 1)
     if not torch.isfinite(traj).all():
-        raise FloatingPointError(f"reference solver of '{scenario.name}' produced NaN/inf for seeds {seeds}")
+        raise SolverDivergedError(f"reference solver of '{scenario.name}' produced NaN/inf for seeds {seeds}")
     return traj.float(), p.float()
 
 
-def generate(scenario: str | Scenario, preset: str = "default", out: str | os.PathLike = "datasets", *,
-             batch: int = 8, overwrite: bool = False, progress: bool = True,
-             overrides: dict[str, Any] | None = None) -> Path:
-    """Generate (or resume) the dataset of ``scenario`` at ``preset``; returns the ``.h5`` path."""
-    if isinstance(scenario, str):
-        scenario = get_scenario(scenario, preset, **(overrides or {}))
-        if overrides:
-            scenario.preset = None
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = dataset_path(out, scenario)
+def _part_path(parts: Path, split: str, seed: int) -> Path:
+    return parts / f"{split}_{seed}.npz"
+
+
+def _read_part(file: Path, traj_shape: tuple[int, ...], num_params: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (trajectory (T+1, C, *coarse), params (K,)) float32 arrays of one part file; ValueError
+    naming what is wrong (sizes are checked in the zip directory before anything is decompressed)."""
+    limit = 4 * (math.prod(traj_shape) + num_params) + 4096
+    with zipfile.ZipFile(file) as z:
+        names = sorted(i.filename for i in z.infolist())
+        if names != ["params.npy", "trajectory.npy"]:
+            raise ValueError(f"holds {names}, expected params.npy and trajectory.npy")
+        size = sum(i.file_size for i in z.infolist())
+        if size > limit:
+            raise ValueError(f"holds {size} bytes uncompressed, at most {limit} expected")
+    with np.load(file, allow_pickle=False) as z:
+        traj, params = z["trajectory"], z["params"]
+    for name, a, shape in (("trajectory", traj, traj_shape), ("params", params, (num_params,))):
+        if a.shape != shape or a.dtype != np.float32:
+            raise ValueError(f"{name} has shape {a.shape} {a.dtype}, expected {shape} float32")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    return traj, params
+
+
+def _valid_part(file: Path, traj_shape: tuple[int, ...], num_params: int) -> bool:
+    """Whether ``file`` is a usable part; a damaged one is removed (and reported) for regeneration."""
+    if not file.exists():
+        return False
+    try:
+        _read_part(file, traj_shape, num_params)
+        return True
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        print(f"zosol: regenerating {file.name}: damaged part ({e})", file=sys.stderr)
+        file.unlink(missing_ok=True)
+        return False
+
+
+def _prepare_parts(path: Path, scenario: Scenario, batch: int, overwrite: bool) -> Path:
+    """The parts directory of ``path`` (created; emptied with ``overwrite``), stamped with the config."""
     parts = path.with_name(path.name + ".parts")
-    if path.exists() and not overwrite:
-        _check_same_config(path, scenario)
-        return path
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise ValueError(f"{parts} is not a directory of generation parts; remove it")
     if overwrite and parts.exists():
         shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
@@ -88,34 +134,85 @@ def generate(scenario: str | Scenario, preset: str = "default", out: str | os.Pa
     if stamp.exists() and stamp.read_text() != described:
         raise ValueError(f"{parts} holds an interrupted generation of a different config; "
                          f"delete it or pass overwrite=True (--overwrite)")
-    stamp.write_text(described)
+    atomic_write_text(stamp, described)
+    return parts
 
-    # Fixed chunks of the full job list: a resumed run batches every simulation exactly as an
-    # uninterrupted run does, so the data are bit-identical either way.
+
+def _simulate_parts(scenario: Scenario, parts: Path, batch: int, progress: bool, label: str) -> None:
+    """Run every simulation that has no valid part yet, in the fixed chunks of the full job list
+    (a resumed run batches every simulation exactly as an uninterrupted run: bit-identical data)."""
+    traj_shape = (scenario.config.frames + 1, *scenario.state_shapes()["coarse"])
+    num_params = scenario.coarse_solver().num_params
     jobs = [(split, s) for split, seeds in (("train", scenario.train_seeds), ("test", scenario.test_seeds))
             for s in seeds]
-    chunks = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
-    done = lambda job: (parts / f"{job[0]}_{job[1]}.npz").exists()  # noqa: E731
-    bar = tqdm(total=len(jobs), desc=f"generate {path.name}", unit="sim", disable=not progress)
-    for chunk in chunks:
-        if all(map(done, chunk)):
+    bar = tqdm(total=len(jobs), desc=f"generate {label}", unit="sim", disable=not progress)
+    for chunk in (jobs[i:i + batch] for i in range(0, len(jobs), batch)):
+        if all([_valid_part(_part_path(parts, *job), traj_shape, num_params) for job in chunk]):
             bar.update(len(chunk))
             continue
         traj, params = simulate_reference(scenario, [s for _, s in chunk])
         for (split, s), tr, p in zip(chunk, traj, params):
-            tmp = parts / f"{split}_{s}.tmp.npz"
-            np.savez(tmp, trajectory=tr.numpy(), params=p.numpy())
-            os.replace(tmp, parts / f"{split}_{s}.npz")
+            atomic_save(_part_path(parts, split, s),
+                        lambda f, tr=tr, p=p: np.savez(f, trajectory=tr.numpy(), params=p.numpy()))
         bar.update(len(chunk))
     bar.close()
+
+
+def _assemble(path: Path, scenario: Scenario, parts: Path) -> None:
+    """Write the final file from the (re-validated) parts, then remove them."""
+    traj_shape = (scenario.config.frames + 1, *scenario.state_shapes()["coarse"])
+    num_params = scenario.coarse_solver().num_params
 
     def load(split: str, seeds: list[int]) -> list[Simulation]:
         sims = []
         for s in seeds:
-            with np.load(parts / f"{split}_{s}.npz") as z:
-                sims.append(Simulation(s, torch.from_numpy(z["trajectory"]), torch.from_numpy(z["params"])))
+            try:
+                traj, params = _read_part(_part_path(parts, split, s), traj_shape, num_params)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DatasetError(f"{_part_path(parts, split, s)} changed during generation ({e}); "
+                                   f"rerun the command (damaged parts are regenerated)") from None
+            sims.append(Simulation(s, torch.from_numpy(traj), torch.from_numpy(params)))
         return sims
 
     write_dataset(path, scenario, load("train", scenario.train_seeds), load("test", scenario.test_seeds))
     shutil.rmtree(parts)
+
+
+def _output_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; choose a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def generate(scenario: str | Scenario, preset: str = "default", out: str | os.PathLike = "datasets", *,
+             batch: int = 8, overwrite: bool = False, progress: bool = True,
+             overrides: dict[str, Any] | None = None, check_budget: bool = True) -> Path:
+    """Generate (or resume) the dataset of ``scenario`` at ``preset``; returns the ``.h5`` path.
+
+    An existing complete file of the same config is validated and reused (``overwrite``
+    regenerates it).  Raises ValueError for a config whose memory/time estimate is out of reach
+    (``check_budget``), ``LockedError`` while another process generates the same file, DatasetError
+    for a damaged existing file, SolverError when the reference solver fails.
+    """
+    if isinstance(scenario, str):
+        scenario = get_scenario(scenario, preset, **(overrides or {}))
+        if overrides:
+            scenario.preset = None
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if check_budget:
+        check_generation_budget(scenario, batch)
+    path = dataset_path(_output_dir(out), scenario)
+    if path.exists() and not overwrite:
+        _check_existing(path, scenario)
+        return path
+    with FileLock(path, f"dataset {path}"):
+        if path.exists() and not overwrite:  # finished by another process meanwhile
+            _check_existing(path, scenario)
+            return path
+        parts = _prepare_parts(path, scenario, batch, overwrite)
+        _simulate_parts(scenario, parts, batch, progress, path.name)
+        _assemble(path, scenario, parts)
     return path

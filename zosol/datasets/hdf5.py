@@ -8,13 +8,20 @@ Layout (schema version 1)::
     /train/<seed>           dataset (T+1, C, *spatial) float32: the reference trajectory on the
     /test/<seed>            coarse grid; attrs: seed, params (K,) per-simulation parameters
 
-Files are written whole to a temporary name and renamed, so a file with the final name is
-always complete.  The reader checks every part and names the file and the problem on failure.
+Files are written whole to a unique temporary name and renamed (``zosol.fsutil``), so a file with
+the final name is always complete.  The reader checks every part and names the file, the problem
+and the command that fixes it; it trusts nothing in the file: objects must be plain datasets
+inside the file (external links, soft links, external raw storage and virtual datasets are
+refused: they would read other files), attributes are size-checked before they are read, every
+dataset's shape is compared with the one the config implies *before* anything is allocated, the
+declared size must fit in memory and data compressed more than ``MAX_COMPRESSION_RATIO``-fold (a
+decompression bomb) are refused, and trajectories and params must be finite.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,16 @@ import h5py
 import numpy as np
 import torch
 
+from ..fsutil import atomic_save_path, format_bytes, machine_memory_bytes
 from ..solvers.base import Scenario, scenario_class
 
 SCHEMA_VERSION = 1
+#: refuse attributes stored in more bytes than this (the config JSON of a scenario is ~1 KiB)
+MAX_ATTRIBUTE_BYTES = 1 << 20
+#: refuse datasets over 16 MiB whose data are compressed more than this (PDE data compress ~1-3x)
+MAX_COMPRESSION_RATIO = 100
+#: a dataset may declare at most this fraction of the machine's memory
+MEMORY_FRACTION = 0.5
 
 __all__ = ["SCHEMA_VERSION", "DatasetError", "Simulation", "FidelityDataset", "load_dataset", "write_dataset"]
 
@@ -73,93 +87,181 @@ class FidelityDataset:
 
 def write_dataset(path: str | os.PathLike, scenario: Scenario, train: list[Simulation],
                   test: list[Simulation]) -> Path:
-    """Write a complete dataset atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a complete dataset atomically (unique temporary file + rename)."""
     solver = scenario.coarse_solver()
     frames = (train or test)[0].trajectory.shape[0] - 1
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update({
-            "zosol_schema": SCHEMA_VERSION,
-            "scenario": scenario.name,
-            "preset": scenario.preset or "",
-            "config": json.dumps(scenario.config.to_dict()),
-            "dt": solver.dt,
-            "channels": json.dumps(list(solver.channels)),
-            "spatial_shape": json.dumps(list(solver.spatial_shape)),
-            "frames": frames,
-        })
-        for name, c in solver.coords.items():
-            f.create_dataset(f"coords/{name}", data=c.numpy())
-        for split, sims in (("train", train), ("test", test)):
-            g = f.create_group(split)
-            for sim in sims:
-                d = g.create_dataset(str(sim.seed), data=sim.trajectory.numpy().astype(np.float32),
-                                     compression="gzip", compression_opts=1)
-                d.attrs["seed"] = sim.seed
-                d.attrs["params"] = sim.params.numpy().astype(np.float32)
-        f.attrs["complete"] = True
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({
+                "zosol_schema": SCHEMA_VERSION,
+                "scenario": scenario.name,
+                "preset": scenario.preset or "",
+                "config": json.dumps(scenario.config.to_dict()),
+                "dt": solver.dt,
+                "channels": json.dumps(list(solver.channels)),
+                "spatial_shape": json.dumps(list(solver.spatial_shape)),
+                "frames": frames,
+            })
+            for name, c in solver.coords.items():
+                f.create_dataset(f"coords/{name}", data=c.numpy())
+            for split, sims in (("train", train), ("test", test)):
+                g = f.create_group(split)
+                for sim in sims:
+                    d = g.create_dataset(str(sim.seed), data=sim.trajectory.numpy().astype(np.float32),
+                                         compression="gzip", compression_opts=1)
+                    d.attrs["seed"] = sim.seed
+                    d.attrs["params"] = sim.params.numpy().astype(np.float32)
+            f.attrs["complete"] = True
+
+    return atomic_save_path(path, write)
+
+
+def _fix(path: Path, attrs: dict[str, Any] | None = None) -> str:
+    """The command that replaces a bad dataset file, as exact as the file allows."""
+    attrs = attrs or {}
+    name, preset = str(attrs.get("scenario", "")), str(attrs.get("preset", ""))
+    if name and preset:
+        return (f"regenerate it with `zosol generate --scenario {name} --preset {preset} --out {path.parent} "
+                f"--overwrite`")
+    return "regenerate it with `zosol generate --overwrite` and the options that made it (or delete it)"
+
+
+def _attr(obj: Any, name: str, path: Path) -> Any:
+    """Attribute ``name`` of ``obj``, refusing absurdly large ones before reading them."""
+    if name not in obj.attrs:
+        raise KeyError(f"attribute '{name}' of {obj.name} is missing")
+    size = obj.attrs.get_id(name).get_storage_size()
+    if size > MAX_ATTRIBUTE_BYTES:
+        raise DatasetError(f"{path}: attribute '{name}' of {obj.name} holds {format_bytes(size)} "
+                           f"(at most {format_bytes(MAX_ATTRIBUTE_BYTES)}); {_fix(path)}")
+    return obj.attrs[name]
+
+
+def _member(group: h5py.Group, key: str, kind: type, path: Path) -> Any:
+    """``group[key]`` when it is a plain object of type ``kind`` stored in this file."""
+    link = group.get(key, getlink=True)
+    if link is None:
+        raise DatasetError(f"{path}: missing {'group' if kind is h5py.Group else 'dataset'} "
+                           f"'{group.name.rstrip('/')}/{key}'; {_fix(path)}")
+    if not isinstance(link, h5py.HardLink):
+        raise DatasetError(f"{path}: {group.name.rstrip('/')}/{key} is a {type(link).__name__} (zosol datasets hold "
+                           f"their data inside the file; links to other objects or files are refused)")
+    obj = group[key]
+    if not isinstance(obj, kind):
+        raise DatasetError(f"{path}: {obj.name} is a {type(obj).__name__}, expected a {kind.__name__}")
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.id.get_create_plist().get_external_count()):
+        raise DatasetError(f"{path}: {obj.name} keeps its data outside the file (external storage or a virtual "
+                           f"dataset); refused: zosol reads only data stored inside the file")
+    return obj
+
+
+def _scenario_of(f: h5py.File, path: Path, scenario: str | None) -> tuple[Scenario, dict[str, Any]]:
+    """The file's scenario (validated config) and its top-level attributes."""
+    if "zosol_schema" not in f.attrs:
+        raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
+    attrs = {k: _attr(f, k, path) for k in ("zosol_schema", "scenario", "preset", "config", "frames")}
+    attrs["complete"] = f.attrs.get("complete", False)
+    version = int(attrs["zosol_schema"])
+    if version != SCHEMA_VERSION:
+        raise DatasetError(f"{path}: schema version {version}, but this zosol reads version "
+                           f"{SCHEMA_VERSION}; {_fix(path, attrs)}")
+    if not attrs["complete"]:
+        raise DatasetError(f"{path}: incomplete dataset (not written by zosol's atomic writer); {_fix(path, attrs)}")
+    name = str(attrs["scenario"])
+    if scenario is not None and name != scenario:
+        raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
+    try:
+        cls = scenario_class(name)
+        sc = cls.from_config_dict(json.loads(attrs["config"]), preset=str(attrs["preset"]) or None)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise DatasetError(f"{path}: invalid scenario config: {str(e)[:300]}; {_fix(path, attrs)}") from None
+    return sc, attrs
+
+
+def _plan(f: h5py.File, path: Path, expected: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, list]:
+    """Check every trajectory's link, storage, shape and dtype without reading data: split ->
+    [dataset]; then refuse sizes beyond memory and decompression bombs."""
+    plan: dict[str, list] = {}
+    total = 0
+    for split in ("train", "test"):
+        group = _member(f, split, h5py.Group, path)
+        try:
+            keys = sorted(group, key=int)
+        except ValueError:
+            raise DatasetError(f"{path}: /{split} holds names that are not seeds: {sorted(group)[:5]}; "
+                               f"{_fix(path, attrs)}") from None
+        if not keys:
+            raise DatasetError(f"{path}: /{split} holds no simulations (a dataset needs training and test "
+                               f"simulations); {_fix(path, attrs)}")
+        plan[split] = []
+        for key in keys:
+            d = _member(group, key, h5py.Dataset, path)
+            if tuple(d.shape) != expected or d.dtype != np.float32:
+                raise DatasetError(f"{path}: /{split}/{key} has shape {tuple(d.shape)} {d.dtype}, "
+                                   f"expected {expected} float32; {_fix(path, attrs)}")
+            nbytes = math.prod(expected) * 4
+            stored = d.id.get_storage_size()
+            if nbytes > 1 << 24 and nbytes > MAX_COMPRESSION_RATIO * max(stored, 1):
+                raise DatasetError(f"{path}: /{split}/{key} decompresses {format_bytes(stored)} to "
+                                   f"{format_bytes(nbytes)} (more than {MAX_COMPRESSION_RATIO}x: refused as a "
+                                   f"decompression bomb); {_fix(path, attrs)}")
+            total += nbytes
+            plan[split].append(d)
+    budget = MEMORY_FRACTION * machine_memory_bytes()
+    if total > budget:
+        raise DatasetError(f"{path}: its trajectories need {format_bytes(total)} in memory, more than "
+                           f"{MEMORY_FRACTION:.0%} of this machine's ({format_bytes(budget)})")
+    return plan
+
+
+def _read_sim(d: h5py.Dataset, path: Path, num_params: int, attrs: dict[str, Any]) -> Simulation:
+    """One planned (checked) dataset read into a Simulation; data and params must be finite."""
+    try:
+        data = d[()]
+    except OSError as e:
+        raise DatasetError(f"{path}: {d.name} cannot be read (corrupt?): {e}; {_fix(path, attrs)}") from None
+    params = np.asarray(_attr(d, "params", path), dtype=np.float32).reshape(-1)
+    if params.size != num_params:
+        raise DatasetError(f"{path}: {d.name} has {params.size} params, the scenario needs {num_params}; "
+                           f"{_fix(path, attrs)}")
+    for what, a in (("trajectory", data), ("params", params)):
+        if not np.isfinite(a).all():
+            raise DatasetError(f"{path}: {d.name} {what} contains NaN or inf; {_fix(path, attrs)}")
+    return Simulation(int(_attr(d, "seed", path)), torch.from_numpy(data), torch.from_numpy(params))
+
+
+def _load(f: h5py.File, path: Path, scenario: str | None) -> FidelityDataset:
+    sc, attrs = _scenario_of(f, path, scenario)
+    frames = int(attrs["frames"])
+    if frames < 0:
+        raise DatasetError(f"{path}: frames attribute is {frames}; {_fix(path, attrs)}")
+    plan = _plan(f, path, (frames + 1, *sc.state_shapes()["coarse"]), attrs)
+    num_params = sc.coarse_solver().num_params  # the grid now matches data of a checked size
+    splits = {split: [_read_sim(d, path, num_params, attrs) for d in ds] for split, ds in plan.items()}
+    return FidelityDataset(path, sc, splits["train"], splits["test"])
 
 
 def load_dataset(path: str | os.PathLike, scenario: str | None = None) -> FidelityDataset:
-    """Read and validate a dataset; ``scenario`` (a name), if given, must match the file's."""
+    """Read and validate a dataset; ``scenario`` (a name), if given, must match the file's.
+    Raises DatasetError naming the file, the problem and the fix."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset file (create it with `zosol generate`)")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, not a dataset file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DatasetError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}") from None
+        raise DatasetError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}; {_fix(path)}") from None
     try:
         with f:
-            attrs = dict(f.attrs)
-            if "zosol_schema" not in attrs:
-                raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
-            version = int(attrs["zosol_schema"])
-            if version != SCHEMA_VERSION:
-                raise DatasetError(f"{path}: schema version {version}, but this zosol reads version "
-                                   f"{SCHEMA_VERSION}; regenerate it with `zosol generate`")
-            if not attrs.get("complete", False):
-                raise DatasetError(f"{path}: incomplete dataset (generation was interrupted); rerun `zosol generate`")
-            name = str(attrs["scenario"])
-            if scenario is not None and name != scenario:
-                raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
-            try:
-                cls = scenario_class(name)
-                sc = cls.from_config_dict(json.loads(attrs["config"]), preset=str(attrs["preset"]) or None)
-            except (ValueError, TypeError, KeyError) as e:
-                raise DatasetError(f"{path}: invalid scenario config: {e}") from None
-            solver = sc.coarse_solver()
-            expected = (int(attrs["frames"]) + 1, *solver.state_shape)
-            splits: dict[str, list[Simulation]] = {}
-            for split in ("train", "test"):
-                if split not in f:
-                    raise DatasetError(f"{path}: missing group '/{split}'")
-                sims = []
-                for key in sorted(f[split], key=int):
-                    d = f[split][key]
-                    if tuple(d.shape) != expected or d.dtype != np.float32:
-                        raise DatasetError(f"{path}: /{split}/{key} has shape {tuple(d.shape)} {d.dtype}, "
-                                           f"expected {expected} float32")
-                    try:
-                        data = d[()]
-                    except OSError as e:
-                        raise DatasetError(f"{path}: /{split}/{key} cannot be read (corrupt?): {e}") from None
-                    params = torch.from_numpy(np.asarray(d.attrs["params"], dtype=np.float32))
-                    if params.numel() != solver.num_params:
-                        raise DatasetError(f"{path}: /{split}/{key} has {params.numel()} params, "
-                                           f"the scenario needs {solver.num_params}")
-                    if not np.isfinite(data).all():
-                        raise DatasetError(f"{path}: /{split}/{key} contains NaN or inf")
-                    sims.append(Simulation(int(d.attrs["seed"]), torch.from_numpy(data), params))
-                splits[split] = sims
-            if not splits["train"] and not splits["test"]:
-                raise DatasetError(f"{path}: holds no simulations")
+            return _load(f, path, scenario)
     except DatasetError:
         raise
+    except MemoryError:
+        raise DatasetError(f"{path}: too large to load into memory") from None
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
         # damaged bytes inside an HDF5 file that still opens surface as any of these (h5py)
-        raise DatasetError(f"{path}: corrupt or malformed dataset ({type(e).__name__}: {e})") from None
-    return FidelityDataset(path, sc, splits["train"], splits["test"])
+        raise DatasetError(f"{path}: corrupt or malformed dataset ({type(e).__name__}: {str(e)[:300]}); "
+                           f"{_fix(path)}") from None

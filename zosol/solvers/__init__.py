@@ -1,6 +1,6 @@
 """Solvers and scenarios: what a simulator looks like to zosol (installed as ``zosol.solvers``)."""
-from .base import (BlackBox, Scenario, ScenarioConfig, Solver, SolverError, check_state, get_scenario,
-                   register, scenario_class, scenario_names)
+from .base import (BlackBox, Scenario, ScenarioConfig, Solver, SolverDivergedError, SolverError, check_state,
+                   get_scenario, register, scenario_class, scenario_names)
 
 
 def _burgers1d():
@@ -22,5 +22,5 @@ register("burgers1d", _burgers1d)
 register("burgers2d", _burgers2d)
 register("karman2d", _karman2d)
 
-__all__ = ["BlackBox", "Scenario", "ScenarioConfig", "Solver", "SolverError", "check_state", "get_scenario",
-           "register", "scenario_class", "scenario_names"]
+__all__ = ["BlackBox", "Scenario", "ScenarioConfig", "Solver", "SolverDivergedError", "SolverError", "check_state",
+           "get_scenario", "register", "scenario_class", "scenario_names"]

@@ -28,6 +28,7 @@ __all__ = [
     "Scenario",
     "ScenarioConfig",
     "SolverError",
+    "SolverDivergedError",
     "register",
     "get_scenario",
     "scenario_names",
@@ -37,6 +38,12 @@ __all__ = [
 
 class SolverError(RuntimeError):
     """A solver failed to produce a valid next state (crash, timeout, NaN, wrong shape)."""
+
+
+class SolverDivergedError(SolverError, FloatingPointError):
+    """The state blew up inside the solver (velocities beyond any stable sub-stepping, NaN/inf
+    from finite input).  A :class:`SolverError` (training stops that run with its last good
+    checkpoint); also a ``FloatingPointError`` for code that caught the old exception."""
 
 
 class Solver(ABC):
@@ -58,6 +65,8 @@ class Solver(ABC):
     #: per spatial axis, of the stencil of one ``step`` in the usual regime (every output entry
     #: depends only on input entries that close, periodic wrap allowed); None: unknown or global
     stencil_reach: tuple[int, ...] | None = None
+    #: raise SolverDivergedError when ``step`` turns a finite state into NaN/inf
+    check_finite: bool = True
 
     @abstractmethod
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +75,10 @@ class Solver(ABC):
     def step(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """Advance a batch of states by ``dt``. ``state``: (B, C, *spatial); ``params``: (B, K)."""
         check_state(self, state, params)
-        return self._step(state, params)
+        out = self._step(state, params)
+        if self.check_finite:
+            check_finite_output(self, state, out)
+        return out
 
     __call__ = step
 
@@ -137,6 +149,21 @@ def check_state(solver: Solver, state: torch.Tensor, params: torch.Tensor | None
                 f"{type(solver).__name__}.step: params has shape {tuple(params.shape)}, expected "
                 f"({state.shape[0]}, {solver.num_params}) (batch, per-simulation parameters)"
             )
+
+
+def check_finite_output(solver: Any, state: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise SolverDivergedError when ``out`` (B, C, *spatial) holds NaN/inf for a sample whose input
+    ``state`` (B, C, *spatial) was finite (NaN in, NaN out is the caller's business)."""
+    with torch.no_grad():
+        bad_out = ~torch.isfinite(out.detach()).flatten(1).all(1)
+        if not bool(bad_out.any()):
+            return
+        culprits = bad_out & torch.isfinite(state.detach()).flatten(1).all(1)
+        if bool(culprits.any()):
+            first = int(culprits.nonzero()[0, 0])
+            raise SolverDivergedError(
+                f"{type(solver).__name__}: NaN/inf in {int(culprits.sum())} of {out.shape[0]} samples after one "
+                f"step from a finite state (first: sample {first}): the state diverged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +263,18 @@ class Scenario(ABC):
     @abstractmethod
     def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial reference state (C, *fine) and per-simulation parameters (K,) from ``seed``."""
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One state's shape (C, *spatial) on the ``"reference"`` and the ``"coarse"`` grid.  The
+        default builds both solvers; built-in scenarios compute it from the config alone, so that
+        size checks never allocate a grid of an absurd config."""
+        return {"reference": tuple(self.reference_solver().state_shape),
+                "coarse": tuple(self.coarse_solver().state_shape)}
+
+    def reference_substeps(self) -> int:
+        """Rough cost of one reference step in cell-updates per cell (sub-steps x stages), for the
+        time estimate of dataset generation (default 1)."""
+        return 1
 
     def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:
         """Extra input channels for the corrector from params (B, K): (B, F, *coarse) or None."""

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .base import Scenario, ScenarioConfig, Solver
+from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError
 
 __all__ = ["Burgers1D", "Burgers1DConfig", "Burgers1DScenario", "forcing_field"]
 
@@ -37,6 +37,14 @@ def forcing_field(coeffs: torch.Tensor, x: torch.Tensor, length: float) -> torch
     phase = 2 * math.pi / length * k[:, None] * x[None, :]  # (M, n)
     f = coeffs[:, :m].to(x.dtype) @ torch.sin(phase) + coeffs[:, m:].to(x.dtype) @ torch.cos(phase)
     return f[:, None, :]
+
+
+def substeps_needed(h: float, nu: float, dt: float, cfl: float, umax: float | torch.Tensor):
+    """Equal sub-steps per ``dt`` that keep velocities up to ``umax`` (a float or a (B,) tensor)
+    within the Courant number ``cfl`` on cells of width ``h``."""
+    rate = umax / h + 2 * nu / h ** 2  # advective + diffusive inverse time scales
+    n = dt * rate / cfl
+    return math.ceil(n) if isinstance(n, float) else torch.ceil(n).long()
 
 
 def _van_leer(dl: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
@@ -90,9 +98,7 @@ class Burgers1D(Solver):
         self.stencil_reach = (self.min_substeps * self.order * (3 if integrator == "rk3" else 1),)
 
     def _substeps_for(self, umax: float | torch.Tensor):
-        rate = umax / self.h + 2 * self.nu / self.h ** 2  # advective + diffusive inverse time scales
-        n = self.dt * rate / self.cfl
-        return math.ceil(n) if isinstance(n, float) else torch.ceil(n).long()
+        return substeps_needed(self.h, self.nu, self.dt, self.cfl, umax)
 
     def _rhs(self, u: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
         left = torch.roll(u, 1, -1)
@@ -123,7 +129,7 @@ class Burgers1D(Solver):
             nsub = torch.clamp(self._substeps_for(umax), min=self.min_substeps)  # (B,)
         steps = int(nsub.max())
         if steps > 100 * self.min_substeps + 1000:
-            raise FloatingPointError(
+            raise SolverDivergedError(
                 f"Burgers1D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging")
         tau = (self.dt / nsub.to(state.dtype)).view(-1, 1, 1)
         u = state
@@ -174,6 +180,14 @@ class Burgers1DScenario(Scenario):
         "default": dict(n_ref=512, n_coarse=32, frames=64, train_sims=16, test_sims=5),
         "paper": dict(n_ref=2048, n_coarse=64, frames=128, train_sims=32, test_sims=10),
     }
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        return {"reference": (1, c.n_ref), "coarse": (1, c.n_coarse)}
+
+    def reference_substeps(self) -> int:
+        c = self.config
+        return 3 * substeps_needed(c.length / c.n_ref, c.nu, c.dt, 0.4, float(c.u_max))  # RK3: 3 stages
 
     def reference_solver(self) -> Burgers1D:
         c = self.config

@@ -74,7 +74,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Scenario, ScenarioConfig, Solver
+from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError
 
 __all__ = ["Burgers2D", "Burgers2DConfig", "Burgers2DScenario", "forcing_field", "PARAMS_PER_SINE"]
 
@@ -107,6 +107,14 @@ def forcing_field(params: torch.Tensor, n: int, length: float, dtype: torch.dtyp
     rhs = torch.cat([torch.sin(ax), torch.cos(ax)], dim=1)  # (B, 2S, n_x)
     f = torch.bmm(lhs.reshape(b, 2 * s, 2 * n).transpose(1, 2), rhs)  # (B, 2 n_y, n_x)
     return f.reshape(b, 2, n, n)
+
+
+def substeps_needed(h: float, nu: float, dt: float, cfl: float, umax: float | torch.Tensor):
+    """Equal sub-steps per ``dt`` keeping velocities up to ``umax`` (float or (B,) tensor) within the
+    Courant number ``cfl`` on square cells of width ``h`` (advection + 2-D explicit diffusion)."""
+    rate = umax / h + 4 * nu / h ** 2  # advective + 2-D diffusive inverse time scales
+    n = dt * rate / cfl
+    return math.ceil(n - 1e-9) if isinstance(n, float) else torch.ceil(n - 1e-9).long()
 
 
 def _wrap_pad(field: torch.Tensor) -> torch.Tensor:
@@ -179,9 +187,7 @@ class Burgers2D(Solver):
         return self.min_substeps * per_substep
 
     def _substeps_for(self, umax: float | torch.Tensor):
-        rate = umax / self.h + 4 * self.nu / self.h ** 2  # advective + 2-D diffusive inverse time scales
-        n = self.dt * rate / self.cfl
-        return math.ceil(n - 1e-9) if isinstance(n, float) else torch.ceil(n - 1e-9).long()
+        return substeps_needed(self.h, self.nu, self.dt, self.cfl, umax)
 
     def forcing(self, params: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Forcing on this solver's grid, (B, 2, n, n), or None when unforced.
@@ -247,7 +253,7 @@ class Burgers2D(Solver):
             nsub = torch.clamp(self._substeps_for(umax), min=self.min_substeps)  # (B,)
         steps = int(nsub.max()) if nsub.numel() else self.min_substeps
         if steps > 100 * self.min_substeps + 1000:
-            raise FloatingPointError(
+            raise SolverDivergedError(
                 f"Burgers2D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging")
         return nsub
 
@@ -369,6 +375,14 @@ class Burgers2DScenario(Scenario):
         "default": dict(n_ref=64, n_coarse=32, frames=48, train_sims=6, test_sims=3),
         "paper": dict(n_ref=128, n_coarse=32, frames=100, train_sims=10, test_sims=5),
     }
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        return {"reference": (2, c.n_ref, c.n_ref), "coarse": (2, c.n_coarse, c.n_coarse)}
+
+    def reference_substeps(self) -> int:
+        c = self.config
+        return 2 * substeps_needed(c.length / c.n_ref, c.nu, c.dt, c.cfl_ref, float(c.u_max))  # MacCormack
 
     def reference_solver(self, backend: str = "torch") -> Burgers2D:
         c = self.config

@@ -410,6 +410,13 @@ class Karman2DScenario(Scenario):
         c = self.config
         return Karman2D(nx, ny, c.dt, substeps=substeps, inflow=c.inflow, tol=c.tol, diffusion=c.diffusion)
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        return {"reference": (2, c.n_ref_y, c.n_ref_x), "coarse": (2, c.n_coarse_y, c.n_coarse_x)}
+
+    def reference_substeps(self) -> int:
+        return 1000 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
+
     def reference_solver(self) -> Karman2D:
         c = self.config
         return self._solver(c.n_ref_x, c.n_ref_y, c.ref_substeps)
