@@ -7,9 +7,11 @@
     zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL
     zosol bench engine|solvers                             speed benchmarks
 
-User errors (bad options, missing or corrupt files, a checkpoint of another config) end with a
-one-line message and exit code 2; a failed run (solver failure, divergence) with exit code 1;
-Ctrl-C with 130.  Checkpoints and finished data are never lost: rerun with ``--resume``.
+User errors (bad options, missing or corrupt files, a checkpoint of another config, a job too
+large for this machine, a file in use by another zosol process, a file-system error such as a
+read-only directory or a full disk) end with a one-line message and exit code 2; a failed run
+(solver failure, divergence) with exit code 1; Ctrl-C with 130.  Checkpoints and finished data are
+never lost: rerun the command (with ``--resume`` for train).
 """
 from __future__ import annotations
 
@@ -78,6 +80,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
+    if args.plot:
+        from .report import plot_format
+        plot_format(args.plot)  # refuse an unknown suffix before any work
     ds = load_dataset(args.file)
     summary = ds.summary()
     src = evaluate(ds)
@@ -205,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("info", help="describe a dataset file and its coarse-solver error")
     q.add_argument("file")
-    q.add_argument("--plot", metavar="PNG", help="write a reference vs coarse figure")
+    q.add_argument("--plot", metavar="FILE", help="write a reference vs coarse figure (format from the "
+                   "suffix: .png, .pdf, .svg, ...)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_info)
 
@@ -253,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
         torch.set_num_threads(threads)
     from .datasets.hdf5 import DatasetError
+    from .fsutil import LockedError, os_error_message
     from .solvers.base import SolverError
     from .training import CheckpointError, TrainingError
     try:
@@ -264,8 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingError, SolverError) as e:
         print(f"zosol: failed: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, DatasetError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, LockedError) as e:
         print(f"zosol: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only directory, full disk, a file where a directory belongs, ...
+        print(f"zosol: error: cannot write or read {os_error_message(e)} (finished work is kept; fix this "
+              f"and rerun the command)", file=sys.stderr)
         return 2
 
 

@@ -212,6 +212,8 @@ def generate(scenario: str | Scenario, preset: str = "default", out: str | os.Pa
         if path.exists() and not overwrite:  # finished by another process meanwhile
             _check_existing(path, scenario)
             return path
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run (we hold the lock)
+            stale.unlink(missing_ok=True)
         parts = _prepare_parts(path, scenario, batch, overwrite)
         _simulate_parts(scenario, parts, batch, progress, path.name)
         _assemble(path, scenario, parts)
