@@ -28,6 +28,7 @@ restarted process starts healthy again unless the flag applies to it too):
     --bad-shape-after K  from step K+1 on: answer with one cell missing (a well-formed frame)
     --garbage-after K    on step K+1: write bytes that are no protocol frame
     --error-after K      from step K+1 on: answer {"ok": false, "error": ...}
+    --duplicate-after K  on step K+1: send the reply twice (the next request then reads a stale one)
     --slow MS            sleep MS milliseconds in every step (timeouts that are not hangs)
 
 The same faults can be switched on through the environment variable ``ZOSOL_FAULT``, e.g.
@@ -170,7 +171,8 @@ def write_frame(stream, header: dict, payload: bytes | memoryview = b"") -> None
 
 def parse_faults(args: argparse.Namespace) -> dict[str, int]:
     faults = {}
-    for name in ("crash_after", "hang_after", "nan_after", "bad_shape_after", "garbage_after", "error_after"):
+    for name in ("crash_after", "hang_after", "nan_after", "bad_shape_after", "garbage_after", "error_after",
+                 "duplicate_after"):
         v = getattr(args, name)
         if v is not None:
             faults[name] = v
@@ -189,11 +191,12 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
         if frame is None:  # the client closed stdin: leave quietly
             return 0
         header, payload = frame
+        rid = {"id": header["id"]} if "id" in header else {}  # echoed in every reply
         op = header.get("op")
         if op == "hello":
-            write_frame(out, {"ok": True, "protocol": PROTOCOL_VERSION, **solver.metadata()})
+            write_frame(out, {"ok": True, **rid, "protocol": PROTOCOL_VERSION, **solver.metadata()})
         elif op == "quit":
-            write_frame(out, {"ok": True})
+            write_frame(out, {"ok": True, **rid})
             return 0
         elif op == "step":
             calls += 1
@@ -212,7 +215,7 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
                 out.flush()
                 continue
             if "error_after" in faults and k >= faults["error_after"]:
-                write_frame(out, {"ok": False, "error": f"injected error in step call {calls}"})
+                write_frame(out, {"ok": False, **rid, "error": f"injected error in step call {calls}"})
                 continue
             try:
                 dtype = DTYPES[header.get("dtype", "float32")]
@@ -231,7 +234,7 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
                                      f"({shape[0]}, {solver.num_params})")
                 new = solver.step(state, params)
             except Exception as e:  # report, stay alive
-                write_frame(out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+                write_frame(out, {"ok": False, **rid, "error": f"{type(e).__name__}: {e}"})
                 continue
             if slow_ms:
                 time.sleep(slow_ms / 1000)
@@ -241,10 +244,11 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
             if "bad_shape_after" in faults and k >= faults["bad_shape_after"]:
                 new = np.ascontiguousarray(new[..., :-1])
             new = np.ascontiguousarray(new, dtype=dtype)
-            write_frame(out, {"ok": True, "shape": list(new.shape), "dtype": header.get("dtype", "float32")},
-                        memoryview(new).cast("B"))
+            for _ in range(2 if faults.get("duplicate_after") == k else 1):
+                write_frame(out, {"ok": True, **rid, "shape": list(new.shape), "dtype": header.get("dtype", "float32")},
+                            memoryview(new).cast("B"))
         else:
-            write_frame(out, {"ok": False, "error": f"unknown op {op!r}"})
+            write_frame(out, {"ok": False, **rid, "error": f"unknown op {op!r}"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bad-shape-after", type=int)
     ap.add_argument("--garbage-after", type=int)
     ap.add_argument("--error-after", type=int)
+    ap.add_argument("--duplicate-after", type=int)
     ap.add_argument("--slow", type=float, default=0.0, metavar="MS")
     args = ap.parse_args(argv)
     if args.bench:

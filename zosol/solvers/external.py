@@ -5,21 +5,27 @@
   ``docs/external_solvers.md``).  A frame is a 4-byte little-endian header length, a UTF-8 JSON
   header and ``header["nbytes"]`` raw payload bytes (C-order, little-endian arrays)::
 
-      -> {"op": "hello", "protocol": 1}
-      <- {"ok": true, "protocol": 1, "dt": 0.05, "channels": ["u"], "spatial_shape": [16],
+      -> {"op": "hello", "protocol": 1, "id": 1}
+      <- {"ok": true, "id": 1, "protocol": 1, "dt": 0.05, "channels": ["u"], "spatial_shape": [16],
           "num_params": 6, "coords": {"x": [...]}, ...}
-      -> {"op": "step", "shape": [B, C, *s], "dtype": "float32", "params_shape": [B, K] | null,
-          "nbytes": N}  + state bytes + params bytes
-      <- {"ok": true, "shape": [B, C, *s], "dtype": "float32", "nbytes": N} + new state bytes
-      <- {"ok": false, "error": "message"}                  (the program refuses a request)
-      -> {"op": "quit"}   <- {"ok": true}                   (then the program exits)
+      -> {"op": "step", "id": 2, "shape": [B, C, *s], "dtype": "float32",
+          "params_shape": [B, K] | null, "nbytes": N}  + state bytes + params bytes
+      <- {"ok": true, "id": 2, "shape": [B, C, *s], "dtype": "float32", "nbytes": N} + new state bytes
+      <- {"ok": false, "id": 2, "error": "message"}         (the program refuses a request)
+      -> {"op": "quit", "id": 3}   <- {"ok": true, "id": 3}  (then the program exits)
 
   The adapter learns ``dt``, the channels, the grid and the number of parameters from the
   handshake; every ``step`` sends the whole batch in one frame.  Failures become
   :class:`~zosol.solvers.base.SolverError` with a message that names the cause: a crash (EOF or
   exit code, with the tail of the program's stderr), a timeout (the process is killed), garbage
   on the pipe, a reply of the wrong shape/dtype/byte count, NaN/inf where the input was finite,
-  or an ``{"ok": false}`` refusal.  With ``restart=True`` a crashed, hung or desynchronised
+  or an ``{"ok": false}`` refusal.  Nothing the program sends is trusted: a payload larger than the
+  expected reply is refused before anything is allocated, a hello announcing an absurd grid is
+  refused, malformed or deeply nested headers are protocol errors, and a program that echoes the
+  request ``id`` (the reference program does) has stale or duplicate replies detected.  The
+  program runs in its own process group, which is killed as a whole on close and on every fault
+  (a grandchild holding the pipes cannot outlive it or hide a crash); of its stderr only a
+  bounded tail is kept in memory.  With ``restart=True`` a crashed, hung or desynchronised
   process is restarted (at most ``max_restarts`` times over the solver's life) and the failed
   call is re-run once.
 
@@ -42,7 +48,6 @@ import shlex
 import signal
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
@@ -51,6 +56,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..fsutil import format_bytes, machine_memory_bytes
 from .base import Solver, SolverError, check_state
 
 __all__ = ["ExternalSolver", "NumpySolver", "NotDifferentiableError", "PROTOCOL_VERSION",
@@ -59,6 +65,10 @@ __all__ = ["ExternalSolver", "NumpySolver", "NotDifferentiableError", "PROTOCOL_
 PROTOCOL_VERSION = 1
 #: refuse headers longer than this (a sign of garbage on the pipe)
 MAX_HEADER_BYTES = 1 << 20
+#: a hello may announce at most this many per-simulation parameters
+MAX_PARAMS = 1 << 20
+#: bytes of the program's stderr kept in memory (at least; more when ``stderr_tail`` asks for it)
+STDERR_KEEP_BYTES = 1 << 16
 _DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
 
 
@@ -189,11 +199,12 @@ class NumpySolver(_HostSolver):
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process (and its process group, which it leads) and reap it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
+    """SIGKILL the process group the program leads (the program and every descendant that stayed in
+    it, also after the program itself exited) and reap the program."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        if proc.poll() is None:
             try:
                 proc.kill()
             except OSError:
@@ -208,9 +219,58 @@ def _finalize(proc: subprocess.Popen, files: list) -> None:  # must not referenc
     _kill_group(proc)
     for f in files:
         try:
-            f.close()
+            if isinstance(f, int):
+                os.close(f)
+            else:
+                f.close()
         except Exception:
             pass
+
+
+class _StderrTail:
+    """Drains a pipe in a daemon thread (the program never blocks on stderr), keeping only the last
+    ``keep`` bytes in memory.  Owns the pipe: closes it at EOF."""
+
+    def __init__(self, pipe, keep: int):
+        self.keep = int(keep)
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain, args=(pipe,), daemon=True, name="zosol-stderr")
+        self._thread.start()
+
+    def _drain(self, pipe) -> None:
+        fd = pipe.fileno()
+        try:
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                with self._lock:
+                    self._buf += chunk
+                    if len(self._buf) > 2 * self.keep:
+                        del self._buf[:-self.keep]
+        except OSError:
+            pass
+        finally:
+            pipe.close()
+
+    def text(self, limit: int | None = None, wait: float = 0.0) -> str:
+        """The last ``limit`` characters (default: all that is kept); ``wait``: seconds to let the
+        thread reach EOF first (after the program died)."""
+        if wait:
+            self._thread.join(wait)
+        with self._lock:
+            data = bytes(self._buf[-self.keep:])
+        text = data.decode("utf-8", "replace")
+        return text if limit is None else text[-limit:]
+
+
+def _pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when ``pid`` exits (Linux >= 5.3), else None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class ExternalSolver(_HostSolver):
@@ -234,7 +294,8 @@ class ExternalSolver(_HostSolver):
         pipe_size: requested pipe buffer size in bytes (Linux ``F_SETPIPE_SZ``; capped by
             ``/proc/sys/fs/pipe-max-size``; failures are ignored).
 
-    The program's stderr goes to a temporary file (never blocks); ``stderr_text()`` reads it.
+    The program's stderr is drained by a thread (never blocks) that keeps its last
+    ``max(4 * stderr_tail, 64 KiB)`` bytes; ``stderr_text()`` returns them.
     Use as a context manager or call :meth:`close`; garbage collection and interpreter exit
     kill a forgotten process.  POSIX only (``select`` on pipes, process groups).
     """
@@ -269,7 +330,10 @@ class ExternalSolver(_HostSolver):
         self.calls = 0
         self.metadata: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
-        self._stderr = None
+        self._stderr: _StderrTail | None = None
+        self._pidfd: int | None = None
+        self._next_id = 0
+        self._echoes_id = False  # the program echoed the id of its hello: every reply must
         self._finalizer = None
         self._failure: str | None = None  # why the process died, while not restarted
         self._lock = threading.RLock()
@@ -285,15 +349,17 @@ class ExternalSolver(_HostSolver):
         return self._proc is not None and self._proc.poll() is None
 
     def _start(self) -> None:
-        self._stderr = tempfile.TemporaryFile(prefix="zosol-external-", suffix=".stderr")
         env = None if self.env is None else {**os.environ, **self.env}
         try:
-            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                    env=env, cwd=self.cwd, bufsize=0, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, cwd=self.cwd, bufsize=0,
+                                    start_new_session=True, close_fds=True)
         except OSError as e:
-            self._stderr.close()
             raise SolverError(f"external solver '{self.name}': cannot start {self.command}: {e}") from e
         self._proc = proc
+        self._stderr = _StderrTail(proc.stderr, max(4 * self.stderr_tail, STDERR_KEEP_BYTES))
+        self._pidfd = _pidfd(proc.pid)
+        self._echoes_id = False
         os.set_blocking(proc.stdin.fileno(), False)
         for f in (proc.stdin, proc.stdout):  # fewer context switches for large batches (Linux)
             try:
@@ -301,7 +367,8 @@ class ExternalSolver(_HostSolver):
                 fcntl.fcntl(f.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), self.pipe_size)
             except (ImportError, OSError):
                 pass
-        self._finalizer = weakref.finalize(self, _finalize, proc, [proc.stdin, proc.stdout, self._stderr])
+        self._finalizer = weakref.finalize(self, _finalize, proc, [proc.stdin, proc.stdout] +
+                                           ([] if self._pidfd is None else [self._pidfd]))
         self._failure = None
         try:
             reply, _ = self._request({"op": "hello", "protocol": PROTOCOL_VERSION}, (), self.startup_timeout, "hello")
@@ -310,25 +377,47 @@ class ExternalSolver(_HostSolver):
             self._shutdown(kill=True)
             raise
 
-    def _adopt_metadata(self, reply: dict) -> None:
+    def _hello_metadata(self, reply: dict) -> dict[str, Any]:
+        """dt, channels, spatial_shape and num_params of a hello reply, validated and bounded (one
+        state must fit in a quarter of this machine's memory) before anything is allocated."""
         who = f"external solver '{self.name}'"
         try:
+            if not isinstance(reply.get("channels"), list) or not isinstance(reply.get("spatial_shape"), list):
+                raise TypeError("channels and spatial_shape must be lists")
+            if len(reply["channels"]) > 1 << 16 or len(reply["spatial_shape"]) > 8:
+                raise ValueError("too many channels or dimensions")
             meta = {"dt": float(reply["dt"]), "channels": tuple(str(c) for c in reply["channels"]),
                     "spatial_shape": tuple(int(n) for n in reply["spatial_shape"]),
                     "num_params": int(reply.get("num_params", 0))}
-        except (KeyError, TypeError, ValueError) as e:
-            raise SolverError(f"{who}: bad hello reply {reply!r} (needs dt, channels, spatial_shape, "
+            protocol = int(reply.get("protocol", PROTOCOL_VERSION))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise SolverError(f"{who}: bad hello reply {str(reply)[:300]} (needs dt, channels, spatial_shape, "
                               f"num_params): {type(e).__name__}: {e}") from None
-        if int(reply.get("protocol", PROTOCOL_VERSION)) != PROTOCOL_VERSION:
+        if protocol != PROTOCOL_VERSION:
             raise SolverError(f"{who} speaks protocol {reply.get('protocol')}, this zosol speaks {PROTOCOL_VERSION}")
         if not (math.isfinite(meta["dt"]) and meta["dt"] > 0) or not meta["channels"] or \
-                not meta["spatial_shape"] or min(meta["spatial_shape"]) < 1 or meta["num_params"] < 0:
-            raise SolverError(f"{who}: invalid metadata in hello reply: {meta}")
+                not meta["spatial_shape"] or min(meta["spatial_shape"]) < 1 or \
+                not 0 <= meta["num_params"] <= MAX_PARAMS:
+            raise SolverError(f"{who}: invalid metadata in hello reply: {str(meta)[:300]}")
+        state = len(meta["channels"]) * math.prod(meta["spatial_shape"]) * np.dtype(self._np_dtype).itemsize
+        if state > machine_memory_bytes() // 4:
+            raise SolverError(f"{who}: hello announces a state of {len(meta['channels'])} channels x "
+                              f"{list(meta['spatial_shape'])} ({format_bytes(state)} per sample), more than a "
+                              f"quarter of this machine's memory; refused")
+        return meta
+
+    def _adopt_metadata(self, reply: dict) -> None:
+        who = f"external solver '{self.name}'"
+        meta = self._hello_metadata(reply)
         for k, want in self.expect.items():
             have = reply.get(k)
-            same = (math.isclose(float(have), float(want), rel_tol=1e-12) if isinstance(want, float)
-                    and have is not None else
-                    (list(have) == list(want) if isinstance(want, (list, tuple)) and have is not None else have == want))
+            try:
+                same = (math.isclose(float(have), float(want), rel_tol=1e-12) if isinstance(want, float)
+                        and have is not None else
+                        (list(have) == list(want) if isinstance(want, (list, tuple)) and have is not None
+                         else have == want))
+            except (TypeError, ValueError, OverflowError):
+                same = False
             if not same:
                 raise SolverError(f"{who} reports {k}={have!r}, expected {want!r}")
         if self.metadata:  # a restart must come back as the same solver
@@ -336,10 +425,14 @@ class ExternalSolver(_HostSolver):
             if old != meta:
                 raise SolverError(f"{who} came back after a restart with other metadata: {meta} (was {old})")
         coords = reply.get("coords")
+        try:  # lists from a header of at most MAX_HEADER_BYTES: small
+            coords = ({str(k): torch.tensor(v, dtype=torch.float32) for k, v in coords.items()}
+                      if isinstance(coords, dict) else _default_coords(meta["spatial_shape"]))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SolverError(f"{who}: bad coords in hello reply: {type(e).__name__}: {e}") from None
         self.dt, self.channels = meta["dt"], meta["channels"]
         self.spatial_shape, self.num_params = meta["spatial_shape"], meta["num_params"]
-        self.coords = ({k: torch.tensor(v, dtype=torch.float32) for k, v in coords.items()}
-                       if isinstance(coords, dict) else _default_coords(self.spatial_shape))
+        self.coords = coords
         self.metadata = {**{k: v for k, v in reply.items() if k not in ("ok", "nbytes")}, **meta}
 
     def _shutdown(self, kill: bool) -> None:
@@ -357,20 +450,12 @@ class ExternalSolver(_HostSolver):
         self._proc = None
 
     def stderr_text(self, limit: int | None = None) -> str:
-        """The last ``limit`` characters (default: all) of the current process's stderr."""
-        f = self._stderr
-        if f is None or f.closed:
-            return ""
-        try:
-            size = os.fstat(f.fileno()).st_size
-            n = size if limit is None else min(size, limit)
-            data = os.pread(f.fileno(), n, size - n)
-        except OSError:
-            return ""
-        return data.decode("utf-8", "replace")
+        """The last ``limit`` characters (default: all that is kept, see the class docstring) of the
+        current (or last) process's stderr."""
+        return "" if self._stderr is None else self._stderr.text(limit)
 
     def _tail(self) -> str:
-        text = self.stderr_text(self.stderr_tail).rstrip()
+        text = "" if self._stderr is None else self._stderr.text(self.stderr_tail, wait=0.5).rstrip()
         return f"; stderr tail:\n{text}" if text else "; stderr was empty"
 
     def close(self) -> None:
@@ -409,8 +494,7 @@ class ExternalSolver(_HostSolver):
                     code = proc.wait(timeout=2.0)
                 except subprocess.TimeoutExpired:
                     code = None
-            if kind != "crash" or code is None:
-                _kill_group(proc)
+            _kill_group(proc)  # also when it exited: descendants in its group may hold the pipes
         status = "" if code is None else f" (exit code {code}{self._signal_name(code)})"
         msg = f"external solver '{self.name}': {what} failed: {detail}{status}{self._tail()}"
         self._shutdown(kill=True)
@@ -430,14 +514,19 @@ class ExternalSolver(_HostSolver):
         fd = self._proc.stdin.fileno()
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_WRITE)
+            if self._pidfd is not None:
+                sel.register(self._pidfd, selectors.EVENT_READ)
             for part in parts:
                 view = memoryview(part).cast("B")
                 while len(view):
                     left = deadline - time.monotonic()
-                    if left <= 0 or not sel.select(left):
+                    ready = {key.fd for key, _ in sel.select(left)} if left > 0 else set()
+                    if fd not in ready:
                         if time.monotonic() >= deadline:
                             raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s (the program stopped reading "
                                                                 f"its input; process killed)")
+                        if self._pidfd in ready:
+                            raise self._fault("crash", what, "the program exited before reading its input")
                         continue
                     try:
                         n = os.write(fd, view)
@@ -447,24 +536,40 @@ class ExternalSolver(_HostSolver):
                         raise self._fault("crash", what, "the program crashed (it closed its input)") from None
                     view = view[n:]
 
+    def _wait_readable(self, sel: selectors.BaseSelector, fd: int, deadline: float, what: str) -> bool:
+        """Wait until ``fd`` (stdout) is readable: True; False when the time is up.  A program that
+        exited while something else (a grandchild) keeps its stdout open is a crash, reported at
+        once (the pidfd wakes us; without one, the exit is polled every 0.2 s)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready = {key.fd for key, _ in sel.select(left if self._pidfd is not None else min(left, 0.2))}
+            if fd in ready:
+                return True
+            if (self._pidfd is not None and self._pidfd in ready) or self._proc.poll() is not None:
+                raise self._fault("crash", what, "the program exited but its output stays open (a process it "
+                                                 "started holds it; the whole process group was killed)")
+
     def _read_into(self, buf: memoryview, deadline: float, what: str, sel: selectors.BaseSelector) -> None:
         fd = self._proc.stdout.fileno()
         got = 0
         while got < len(buf):
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                if time.monotonic() >= deadline:
-                    raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s with no reply (process killed)")
-                continue
+            if not self._wait_readable(sel, fd, deadline, what):
+                raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s with no reply (process killed)")
             n = os.readv(fd, [buf[got:]])
             if n == 0:
                 raise self._fault("crash", what, "the program crashed (its output ended" +
                                   (f" after {got} of {len(buf)} bytes of a frame" if got else "") + ")")
             got += n
 
-    def _read_frame(self, deadline: float, what: str) -> tuple[dict, bytearray]:
+    def _read_frame(self, deadline: float, what: str, max_payload: int) -> tuple[dict, bytearray]:
+        """One reply frame; its payload may hold at most ``max_payload`` bytes (checked before
+        allocating: a larger announcement is a protocol error and kills the process)."""
         with selectors.DefaultSelector() as sel:
             sel.register(self._proc.stdout.fileno(), selectors.EVENT_READ)
+            if self._pidfd is not None:
+                sel.register(self._pidfd, selectors.EVENT_READ)
             raw = bytearray(4)
             self._read_into(memoryview(raw), deadline, what, sel)
             (hlen,) = struct.unpack("<I", raw)
@@ -477,31 +582,45 @@ class ExternalSolver(_HostSolver):
                 header = json.loads(hraw.decode("utf-8"))
                 if not isinstance(header, dict):
                     raise ValueError("header is not a JSON object")
-                nbytes = int(header.get("nbytes", 0))
+                nbytes = int(header.get("nbytes", 0) or 0)
                 if nbytes < 0:
                     raise ValueError(f"negative nbytes {nbytes}")
-            except (ValueError, UnicodeDecodeError, TypeError) as e:
+            except (ValueError, UnicodeDecodeError, TypeError, OverflowError, RecursionError) as e:
                 raise self._fault("protocol", what, f"garbage output (bad frame header "
-                                                    f"{bytes(hraw[:80])!r}: {e}; process killed)") from None
+                                                    f"{bytes(hraw[:80])!r}: {type(e).__name__}: {str(e)[:200]}; "
+                                                    f"process killed)") from None
+            if nbytes > max_payload:
+                raise self._fault("protocol", what, f"the reply announces a payload of {nbytes} bytes, expected at "
+                                                    f"most {max_payload} (process killed)")
             payload = bytearray(nbytes)
             if nbytes:
                 self._read_into(memoryview(payload), deadline, what, sel)
         return header, payload
 
-    def _request(self, header: dict, payload: Sequence[memoryview | bytes], budget: float, what: str
-                 ) -> tuple[dict, bytearray]:
+    def _request(self, header: dict, payload: Sequence[memoryview | bytes], budget: float, what: str,
+                 max_reply: int = 0) -> tuple[dict, bytearray]:
+        """Send one request (with a fresh ``id``) and read its reply (payload <= ``max_reply`` bytes).
+        A reply carrying another id (stale, duplicate), or none from a program that echoes ids, is a
+        protocol error."""
         if self._proc is None or self._proc.poll() is not None:
             if self._proc is not None:
                 raise self._fault("crash", what, "the program had exited before the request")
             raise SolverError(f"external solver '{self.name}' is not running ({self._failure or 'not started'})")
         self._budget = budget
         deadline = time.monotonic() + budget
+        self._next_id += 1
+        rid = self._next_id
         nbytes = sum(memoryview(p).nbytes for p in payload)
-        parts = [encode_frame(header, nbytes), *payload]
+        parts = [encode_frame({**header, "id": rid}, nbytes), *payload]
         if nbytes <= 1 << 16:  # one write, one wake-up of the program
             parts = [b"".join(parts)]
         self._write_all(parts, deadline, what)
-        reply, data = self._read_frame(deadline, what)
+        reply, data = self._read_frame(deadline, what, max_reply)
+        if "id" in reply or self._echoes_id:
+            if reply.get("id") != rid:
+                raise self._fault("protocol", what, f"reply to request id {rid} carries id {reply.get('id')!r} "
+                                                    f"(a stale or duplicate reply; process killed)")
+            self._echoes_id = True
         if not reply.get("ok", False):
             err = reply.get("error", f"reply without ok/error: {reply!r}")
             raise SolverError(f"external solver '{self.name}' refused {what}: {err}")
@@ -513,7 +632,7 @@ class ExternalSolver(_HostSolver):
         header = {"op": "step", "shape": list(x.shape), "dtype": self.dtype,
                   "params_shape": None if p is None else list(p.shape)}
         parts = [memoryview(x).cast("B")] + ([] if p is None else [memoryview(p).cast("B")])
-        reply, data = self._request(header, parts, self.timeout, what)
+        reply, data = self._request(header, parts, self.timeout, what, max_reply=x.nbytes)
         who = f"external solver '{self.name}'"
         shape = reply.get("shape")
         if reply.get("dtype", self.dtype) != self.dtype:
