@@ -65,8 +65,9 @@ class Solver(ABC):
     #: per spatial axis, of the stencil of one ``step`` in the usual regime (every output entry
     #: depends only on input entries that close, periodic wrap allowed); None: unknown or global
     stencil_reach: tuple[int, ...] | None = None
-    #: raise SolverDivergedError when ``step`` turns a finite state into NaN/inf
-    check_finite: bool = True
+    #: raise SolverDivergedError when ``step`` turns a finite state into NaN/inf (the built-in
+    #: solvers do; off by default so that a user's solver keeps its own NaN semantics)
+    check_finite: bool = False
 
     @abstractmethod
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:

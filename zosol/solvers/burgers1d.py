@@ -71,6 +71,7 @@ class Burgers1D(Solver):
     """
 
     channels = ("u",)
+    check_finite = True  # NaN/inf from a finite state: SolverDivergedError
 
     def __init__(self, n: int, nu: float, dt: float, length: float = 2 * math.pi, *, order: int = 2,
                  integrator: str = "rk3", cfl: float = 0.4, forcing_modes: int = 0, u_max: float = 2.0,

@@ -138,6 +138,7 @@ class Burgers2D(Solver):
     """
 
     channels = ("u", "v")
+    check_finite = True  # NaN/inf from a finite state: SolverDivergedError
 
     def __init__(self, n: int, nu: float = 0.1, dt: float = 0.1, length: float = 32.0, *,
                  advection: str = "semi_lagrangian", cfl: float = 1.0, n_sines: int = 20,

@@ -415,7 +415,7 @@ class Karman2DScenario(Scenario):
         return {"reference": (2, c.n_ref_y, c.n_ref_x), "coarse": (2, c.n_coarse_y, c.n_coarse_x)}
 
     def reference_substeps(self) -> int:
-        return 1000 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
+        return 20 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
 
     def reference_solver(self) -> Karman2D:
         c = self.config
