@@ -355,40 +355,73 @@ def test_out_that_is_a_file(tmp_path, cli_user_error):
     assert f.read_text() == "keep"
 
 
-@pytest.mark.parametrize("where", ["part", "final"])
-def test_disk_full_is_one_line_and_loses_nothing(tmp_path, monkeypatch, where, cli_user_error):
-    """A full disk while a part or the final file is written: one line naming the file, no
-    temporary left, finished parts kept; the rerun with space again equals an undisturbed run."""
-    fsutil = importlib.import_module("zosol.fsutil")
-    real, seen = fsutil.atomic_save, []
+class _FillingDisk:
+    """``os.fdopen`` whose files raise ENOSPC once ``budget`` bytes were written in all."""
 
-    def full(path, writer, **kw):
-        seen.append(Path(path).name)
-        if (where == "part" and len(seen) == 3) or (where == "final" and not Path(path).name.endswith(".npz")
-                                                   and Path(path).name != "config.json"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, writer, **kw)
+    def __init__(self, budget: int):
+        self.left, self.real = budget, os.fdopen
 
-    real_path = fsutil.atomic_save_path
+    def __call__(self, fd, *args, **kw):
+        f, disk = self.real(fd, *args, **kw), self
 
-    def full_path(path, writer, **kw):
-        if where == "final":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_path(path, writer, **kw)
+        class Filling:
+            def write(self, data):
+                n = memoryview(data).nbytes
+                if n > disk.left:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.left -= n
+                return f.write(data)
 
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return Filling()
+
+
+@pytest.mark.parametrize("budget, full_at", [(2000, "part"), (8000, "final")])
+def test_disk_full_is_one_line_and_loses_nothing(tmp_path, monkeypatch, budget, full_at, cli_user_error):
+    """The disk fills up while a part (2 kB free) or the final file (8 kB free) is written: one line,
+    exit 2, no temporary left, every part written before kept intact; the rerun with space again
+    equals an undisturbed run."""
     out = tmp_path / "data"
-    monkeypatch.setattr(genmod, "atomic_save", full)
-    monkeypatch.setattr(importlib.import_module("zosol.datasets.hdf5"), "atomic_save_path", full_path)
+    monkeypatch.setattr(os, "fdopen", _FillingDisk(budget))
     line = cli_user_error([*GEN, "--out", str(out), "--batch", "2"], "No space left on device")
-    assert ("train_" in line) if where == "part" else ("burgers1d_tiny.h5" in line)
+    monkeypatch.undo()
+    assert "Traceback" not in line
     parts = out / "burgers1d_tiny.h5.parts"
+    assert not (out / "burgers1d_tiny.h5").exists()
     assert not list(out.glob(".*.tmp")) and not list(parts.glob(".*.tmp"))
     kept = sorted(p.name for p in parts.glob("*.npz"))
-    assert kept == (["train_0.npz", "train_1.npz"] if where == "part" else
-                    ["test_10000.npz", "test_10001.npz", "train_0.npz", "train_1.npz", "train_2.npz"])
-    monkeypatch.undo()
+    assert (len(kept) < 5) if full_at == "part" else (len(kept) == 5)
+    for name in kept:
+        with np.load(parts / name) as z:
+            assert z["trajectory"].shape == (13, 1, 16) and np.isfinite(z["trajectory"]).all()
     assert main([*GEN, "--out", str(out), "--batch", "2"]) == 0
     _same_data(out / "burgers1d_tiny.h5", generate("burgers1d", "tiny", tmp_path / "clean", batch=2, progress=False))
+
+
+def test_file_size_limit_is_one_line_not_a_crash(tmp_path):
+    """``ulimit -f`` 20 kB: the parts (1.4 kB) fit, the final file (~30 kB) does not; the kernel
+    refuses the write (EFBIG).  Was a segfault / bus error from h5py at exit."""
+    limit = 20_000
+    import resource
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "zosol.cli", *GEN, "--out", str(tmp_path / "data")]
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "File too large" in p.stderr and "Traceback" not in p.stderr
+    assert not list((tmp_path / "data").rglob(".*.tmp"))
+    assert len(list((tmp_path / "data").rglob("*.npz"))) == 5  # the finished parts are kept
+    assert main([*GEN, "--out", str(tmp_path / "data")]) == 0
+    _same_data(tmp_path / "data" / "burgers1d_tiny.h5",
+               generate("burgers1d", "tiny", tmp_path / "clean", progress=False))
 
 
 def test_read_only_directory_is_one_line(tmp_path, monkeypatch, cli_user_error):

@@ -69,8 +69,9 @@ def check_generation_budget(scenario: Scenario, batch: int, memory_bytes: int | 
     what = f"generating {scenario.name} (frames={c.frames}, warmup={c.warmup}, {c.train_sims}+{c.test_sims} sims, " \
            f"reference state {list(scenario.state_shapes()['reference'])})"
     if est.peak_bytes > memory:
+        per_batch = min(batch, c.train_sims + c.test_sims)
         raise ValueError(f"{what} needs about {format_bytes(est.peak_bytes)} of memory "
-                         f"({format_bytes(est.step_bytes)} per batch of {min(batch, c.train_sims + c.test_sims)} reference states, "
+                         f"({format_bytes(est.step_bytes)} per batch of {per_batch} reference states, "
                          f"{format_bytes(est.stored_bytes)} of trajectories), more than this machine's "
                          f"{format_bytes(memory)}; lower the grid size, frames, the number of simulations or --batch")
     if est.seconds > max_seconds:

@@ -20,6 +20,7 @@ decompression bomb) are refused, and trajectories and params must be finite.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..fsutil import atomic_save_path, format_bytes, machine_memory_bytes
+from ..fsutil import atomic_write_bytes, format_bytes, machine_memory_bytes
 from ..solvers.base import Scenario, scenario_class
 
 SCHEMA_VERSION = 1
@@ -87,34 +88,34 @@ class FidelityDataset:
 
 def write_dataset(path: str | os.PathLike, scenario: Scenario, train: list[Simulation],
                   test: list[Simulation]) -> Path:
-    """Write a complete dataset atomically (unique temporary file + rename)."""
+    """Write a complete dataset atomically (unique temporary file + rename).  The HDF5 image is built
+    in memory and written by plain file I/O: a full disk or a file-size limit is then an ordinary
+    OSError, never an HDF5 library left with a half-written open file (which crashed at exit)."""
     solver = scenario.coarse_solver()
     frames = (train or test)[0].trajectory.shape[0] - 1
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({
-                "zosol_schema": SCHEMA_VERSION,
-                "scenario": scenario.name,
-                "preset": scenario.preset or "",
-                "config": json.dumps(scenario.config.to_dict()),
-                "dt": solver.dt,
-                "channels": json.dumps(list(solver.channels)),
-                "spatial_shape": json.dumps(list(solver.spatial_shape)),
-                "frames": frames,
-            })
-            for name, c in solver.coords.items():
-                f.create_dataset(f"coords/{name}", data=c.numpy())
-            for split, sims in (("train", train), ("test", test)):
-                g = f.create_group(split)
-                for sim in sims:
-                    d = g.create_dataset(str(sim.seed), data=sim.trajectory.numpy().astype(np.float32),
-                                         compression="gzip", compression_opts=1)
-                    d.attrs["seed"] = sim.seed
-                    d.attrs["params"] = sim.params.numpy().astype(np.float32)
-            f.attrs["complete"] = True
-
-    return atomic_save_path(path, write)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs.update({
+            "zosol_schema": SCHEMA_VERSION,
+            "scenario": scenario.name,
+            "preset": scenario.preset or "",
+            "config": json.dumps(scenario.config.to_dict()),
+            "dt": solver.dt,
+            "channels": json.dumps(list(solver.channels)),
+            "spatial_shape": json.dumps(list(solver.spatial_shape)),
+            "frames": frames,
+        })
+        for name, c in solver.coords.items():
+            f.create_dataset(f"coords/{name}", data=c.numpy())
+        for split, sims in (("train", train), ("test", test)):
+            g = f.create_group(split)
+            for sim in sims:
+                d = g.create_dataset(str(sim.seed), data=sim.trajectory.numpy().astype(np.float32),
+                                     compression="gzip", compression_opts=1)
+                d.attrs["seed"] = sim.seed
+                d.attrs["params"] = sim.params.numpy().astype(np.float32)
+        f.attrs["complete"] = True
+    return atomic_write_bytes(path, image.getbuffer())
 
 
 def _fix(path: Path, attrs: dict[str, Any] | None = None) -> str:

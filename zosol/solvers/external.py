@@ -523,8 +523,8 @@ class ExternalSolver(_HostSolver):
                     ready = {key.fd for key, _ in sel.select(left)} if left > 0 else set()
                     if fd not in ready:
                         if time.monotonic() >= deadline:
-                            raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s (the program stopped reading "
-                                                                f"its input; process killed)")
+                            raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s (the program "
+                                                                f"stopped reading its input; process killed)")
                         if self._pidfd in ready:
                             raise self._fault("crash", what, "the program exited before reading its input")
                         continue
