@@ -435,3 +435,8 @@ def test_read_only_directory_is_one_line(tmp_path, monkeypatch, cli_user_error):
     monkeypatch.setattr(fsutil, "_new_temp", read_only)
     line = cli_user_error([*GEN, "--out", str(tmp_path)], ": Permission denied")
     assert f"cannot write or read {tmp_path}" in line
+
+
+def test_output_name_too_long_is_one_line(tmp_path, cli_user_error):
+    cli_user_error([*GEN, "--out", str(tmp_path / ("x" * 300))], "File name too long")
+    assert list(tmp_path.iterdir()) == []
