@@ -166,3 +166,22 @@ def test_clear_errors_on_bad_input():
         rge(bl, params, distribution="cauchy")
     with pytest.raises(ValueError, match="non-empty dict"):
         cge(bl, {})
+
+
+def test_default_chunk_comes_from_the_memory_budget():
+    """cge's default never evaluates all P x d perturbed copies at once: chunks fit the budget."""
+    model = cnn1d_corrector(hidden=(4, 4), kernel=3).double()
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    bl = batched_loss_from_module(model, lambda o: (o ** 2).mean(), x)
+    params = dict(model.named_parameters())
+    d = sum(p.numel() for p in params.values())
+    sizes = []
+
+    def counting(pd):
+        sizes.append(next(iter(pd.values())).shape[0])
+        return bl(pd)
+
+    est = cge(counting, params, mu=1e-4, memory_budget=3 * d * 8 * 5)
+    assert est.info["chunk_size"] == 5 and max(sizes) == 5
+    ref = cge(bl, params, mu=1e-4, chunk_size=None)
+    assert torch.allclose(est.flat(), ref.flat(), rtol=0, atol=1e-12)

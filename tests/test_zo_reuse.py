@@ -153,18 +153,33 @@ def test_structured_float32_close_to_autograd():
     assert float(torch.nn.functional.cosine_similarity(est.flat().double(), ref.double(), dim=0)) > 0.99
 
 
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if h.shape[-1] > 2:
+            h = h * 2
+        return self.b(h)
+
+
 def test_unsupported_module_error_and_fallback():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    model = _Untraceable().double()
     x = torch.randn(5, 4, dtype=torch.float64)
 
     def lof(forward, P):
         return (forward(x).reshape(P, -1) ** 2).mean(1)
 
-    with pytest.raises(UnsupportedModuleError, match="LayerNorm.*engine='vmap'"):
-        cge_structured(model, lof)
-    est = cge_structured(model, lof, mu=1e-4, scheme="central", engine="auto")
-    assert est.info["engine"] == "vmap"
+    with pytest.raises(UnsupportedModuleError, match="torch.fx cannot trace.*engine='vmap'"):
+        cge_structured(model, lof, engine="structured")
+    with pytest.warns(UserWarning, match="vmap engine because torch.fx cannot trace"):
+        est = cge_structured(model, lof, mu=1e-4, scheme="central")
+    assert est.info["engine"] == "vmap" and "torch.fx" in est.info["engine_reason"]
     ref = cge(vmap(lambda p: (functional_call(model, p, (x,)) ** 2).mean()), dict(model.named_parameters()),
               mu=1e-4, scheme="central")
     assert torch.allclose(est.flat(), ref.flat(), atol=1e-10)

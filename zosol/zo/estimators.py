@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from .checks import NonFiniteLossError, check_loss_values, check_mu, check_params
-from .parallel import evaluate_chunked, resolve_device
+from .parallel import chunk_size_from_budget, evaluate_chunked, memory_budget, resolve_device
 from .plan import CGEPlan, ZOEstimate, flatten_params, selected_coordinates, split_flat, unflatten
 
 __all__ = ["NonFiniteLossError", "ZOEstimate", "cge", "rge", "batched_loss_from_module", "write_grads"]
@@ -45,11 +45,12 @@ def cge(
     mu: float = 5e-3,
     scheme: str = "forward",
     masks: Optional[Mapping] = None,
-    chunk_size: Optional[int] = None,
+    chunk_size: "int | str | None" = "auto",
     device: Optional[torch.device | str] = None,
     distributed: bool = False,
     group=None,
     progress: bool = False,
+    memory_budget: Optional[int] = None,
 ) -> ZOEstimate:
     """Coordinate-wise gradient estimate of ``batched_loss`` at ``params``.
 
@@ -60,16 +61,20 @@ def cge(
         scheme: ``"forward"`` (d+1 queries) or ``"central"`` (2d queries).
         masks: optional name -> bool/0-1 tensor; only coordinates with mask 1 are perturbed,
             the others get exact zeros.
-        chunk_size: perturbations per ``batched_loss`` call (None: all at once).
+        chunk_size: perturbations per ``batched_loss`` call; ``"auto"``: as many perturbed parameter
+            copies (3 d values each: the copy and what the loss builds from it) as fit in
+            ``memory_budget``; None: all at once (a P x d matrix: only for small models).
         device: where perturbed parameters are built and the loss runs (default: params' device).
         distributed: shard the chunks over the ranks of the initialised process group
             (every rank gets the full, identical estimate).
+        memory_budget: bytes for one chunk (default: :func:`zosol.zo.parallel.memory_budget`).
     Returns:
         :class:`ZOEstimate` with ``grads`` shaped like ``params`` and ``queries``.
     """
     plan = CGEPlan.build(check_params(params), masks, scheme, mu)
     dev = resolve_device(device, next(iter(plan.params.values())).device)
     theta = flatten_params(plan.params, dev)
+    chunk_size = _param_copy_chunk(chunk_size, theta, dev, memory_budget)
 
     def eval_chunk(s: int, e: int) -> torch.Tensor:
         P = e - s
@@ -79,6 +84,13 @@ def cge(
 
     return plan.run(eval_chunk, lambda: batched_loss(unflatten(theta.unsqueeze(0), plan.layout)),
                     chunk_size, distributed, group, dev, progress)
+
+
+def _param_copy_chunk(chunk_size, theta: torch.Tensor, device: torch.device, budget: Optional[int]):
+    """``"auto"`` -> perturbations whose parameter copies (3 d values each) fit the memory budget."""
+    if chunk_size != "auto":
+        return chunk_size
+    return chunk_size_from_budget(3 * theta.numel() * theta.element_size(), memory_budget(device, budget))
 
 
 # ----------------------------------------------------------------------------- RGE
@@ -91,11 +103,12 @@ def rge(
     distribution: str = "gaussian",
     generator: Optional[torch.Generator] = None,
     masks: Optional[Mapping] = None,
-    chunk_size: Optional[int] = None,
+    chunk_size: "int | str | None" = "auto",
     device: Optional[torch.device | str] = None,
     distributed: bool = False,
     group=None,
     directions: Optional[torch.Tensor] = None,
+    memory_budget: Optional[int] = None,
 ) -> ZOEstimate:
     """Randomised (forward-difference) gradient estimate with ``q`` directions (q+1 queries).
 
@@ -106,6 +119,7 @@ def rge(
     ``generator`` (default: a fresh generator seeded 0) so results do not depend on the device
     or chunking; with ``masks`` they live on the unmasked coordinates only.  ``directions``
     (shape (q, d)) overrides the sampling (used for common random numbers in ZO-GraSP).
+    ``chunk_size`` / ``memory_budget``: as in :func:`cge` (the q x d directions themselves are kept).
     """
     mu = check_mu(mu)
     if distribution not in ("gaussian", "sphere"):
@@ -121,6 +135,7 @@ def rge(
     U = _rge_directions(q, d, coords, distribution, generator, directions)
     phi = float(de) if distribution == "sphere" else 1.0
     Ud = U.to(device=dev, dtype=theta.dtype)
+    chunk_size = _param_copy_chunk(chunk_size, theta, dev, memory_budget)
 
     def eval_chunk(s, e):
         return check_loss_values(batched_loss(unflatten(theta.unsqueeze(0) + mu * Ud[s:e], layout)), e - s)

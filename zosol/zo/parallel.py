@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,12 @@ import torch.nn as nn
 
 __all__ = [
     "resolve_device",
+    "AutoChunk",
+    "ChunkSize",
+    "DEFAULT_MEMORY_FRACTION",
+    "DEFAULT_MEMORY_CAP",
+    "available_memory",
+    "memory_budget",
     "iter_chunks",
     "shard_chunks",
     "evaluate_chunked",
@@ -46,6 +53,54 @@ def resolve_device(device: Optional[torch.device | str], fallback: Optional[torc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available; pass device='cpu' or None")
     return dev
+
+
+DEFAULT_MEMORY_FRACTION = 0.1
+DEFAULT_MEMORY_CAP = 128 * 2**20
+
+
+def available_memory(device: Optional[torch.device] = None) -> int:
+    """Free memory in bytes: CUDA ``mem_get_info``; CPU ``MemAvailable`` of /proc/meminfo (else 4 GiB)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def memory_budget(device: Optional[torch.device] = None, budget_bytes: Optional[int] = None) -> int:
+    """Bytes an estimator may use for one chunk of perturbations.
+
+    ``budget_bytes`` if given, else ``DEFAULT_MEMORY_FRACTION`` of the free memory, at most
+    ``DEFAULT_MEMORY_CAP`` (larger chunks hardly run faster, and the machine is usually shared).
+    """
+    if budget_bytes is not None:
+        if int(budget_bytes) <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {budget_bytes!r}")
+        return int(budget_bytes)
+    return max(1, min(int(DEFAULT_MEMORY_FRACTION * available_memory(device)), DEFAULT_MEMORY_CAP))
+
+
+@dataclass
+class AutoChunk:
+    """Chunk size decided after a first, small probe chunk.
+
+    The estimator evaluates perturbations ``[0, probe)`` first (its forward records how much memory a
+    perturbation takes), then ``size()`` gives the chunk size of the rest.  ``chosen`` keeps it.
+    """
+
+    size: Callable[[], int]
+    probe: int = 8
+    chosen: Optional[int] = None
+
+
+ChunkSize = Union[int, None, AutoChunk]
 
 
 def iter_chunks(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
@@ -88,7 +143,7 @@ def dist_info(distributed: bool, group=None) -> tuple[int, int]:
 def evaluate_chunked(
     eval_chunk: Callable[[int, int], torch.Tensor],
     n: int,
-    chunk_size: Optional[int],
+    chunk_size: ChunkSize,
     distributed: bool = False,
     group=None,
     dtype: torch.dtype = torch.float64,
@@ -100,23 +155,33 @@ def evaluate_chunked(
     Args:
         eval_chunk: ``(start, stop) -> Tensor (stop - start,)`` of loss values.
         n: number of perturbations.
-        chunk_size: perturbations per call (None: all at once).
+        chunk_size: perturbations per call (None: all at once; :class:`AutoChunk`: a probe chunk,
+            run by every rank and kept from rank 0, then chunks of ``chunk_size.size()``).
         distributed: shard the chunks over the ranks of ``group`` and all-reduce.
         dtype, device: of the returned vector; with NCCL ``device`` must be a CUDA device.
     Returns:
         Tensor ``(n,)`` of loss values, identical on all ranks.
     """
     rank, world = dist_info(distributed, group)
-    chunks = shard_chunks(iter_chunks(n, chunk_size), rank, world)
     out = torch.zeros(n, dtype=dtype, device=device)
+    start = 0
+    if isinstance(chunk_size, AutoChunk):
+        start = min(n, max(1, int(chunk_size.probe)))
+        if start:
+            v = eval_chunk(0, start)
+            if rank == 0:
+                out[:start] = v.detach().to(dtype=dtype, device=out.device)
+        chunk_size.chosen = max(1, int(chunk_size.size()))
+        chunk_size = chunk_size.chosen
+    chunks = [(s + start, e + start) for s, e in iter_chunks(n - start, chunk_size)]
+    chunks = shard_chunks(chunks, rank, world)
     it = chunks
     if progress:
         from tqdm import tqdm
 
         it = tqdm(chunks, desc="zo chunks", leave=False)
     for s, e in it:
-        v = eval_chunk(s, e)
-        out[s:e] = v.detach().to(dtype=dtype, device=out.device)
+        out[s:e] = eval_chunk(s, e).detach().to(dtype=dtype, device=out.device)
     if world > 1:
         # every entry is written by exactly one rank; the others contribute exact zeros
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
@@ -124,7 +189,7 @@ def evaluate_chunked(
 
 
 def chunk_size_from_budget(bytes_per_perturbation: int, budget_bytes: int, max_chunk: Optional[int] = None) -> int:
-    """Largest chunk size whose estimated memory stays within ``budget_bytes`` (at least 1)."""
+    """Largest chunk size whose estimated memory stays within ``budget_bytes`` (at least 1, at most ``max_chunk``)."""
     if bytes_per_perturbation <= 0:
         raise ValueError(f"bytes_per_perturbation must be > 0, got {bytes_per_perturbation}")
     if budget_bytes <= 0:

@@ -44,7 +44,7 @@ def zo_grasp_scores(
     mu: float = 5e-3,
     hvp_step: float = 1e-2,
     generator: Optional[torch.Generator] = None,
-    chunk_size: Optional[int] = None,
+    chunk_size: "int | str | None" = "auto",
 ) -> dict:
     """ZO-GraSP scores ``-theta * Hg`` from function values only (2 (q+1) queries).
 
