@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -114,12 +115,24 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _dead_local_peers(rank: int, wait: float = 3.0) -> list[int]:
+    """Ranks on this host whose process has exited; waits up to ``wait`` s, since a peer's socket
+    closes (and this rank's collective fails) while the peer is still being torn down."""
+    host, deadline = socket.gethostname(), time.monotonic() + wait
+    while True:
+        dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and r != rank and _gone(pid)]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+
+
 def lost_ranks_message(error: BaseException) -> str:
     """One line for a collective that failed or a launcher stop: which ranks are gone (found on
-    this host by their pids), what this rank was doing, and how to continue."""
+    this host by their pids), what this rank was doing, and how to continue.  From here on the
+    launcher's SIGTERM is ignored: this rank is already on its way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rank, size, _ = world()
-    host = socket.gethostname()
-    dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and r != rank and _gone(pid)]
+    dead = _dead_local_peers(rank)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
     if dead:
         cause = ", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in dead) + " stopped"
