@@ -61,7 +61,7 @@ def test_kill_9_during_train_then_resume_equals_uninterrupted(tmp_path, tiny_h5)
     proc = _zosol(*args, "--out", "killed", cwd=tmp_path)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     _kill_when(proc, ckpt.exists)
-    epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    epoch_at_kill = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= epoch_at_kill < 40
     resumed = subprocess.run([sys.executable, "-m", "zosol.cli", *args, "--out", "killed", "--resume"],
                              cwd=tmp_path, env=ENV, capture_output=True, text=True)
@@ -69,8 +69,8 @@ def test_kill_9_during_train_then_resume_equals_uninterrupted(tmp_path, tiny_h5)
     clean = subprocess.run([sys.executable, "-m", "zosol.cli", *args, "--out", "clean"], cwd=tmp_path, env=ENV,
                            capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
-    a = torch.load(ckpt, weights_only=False)
-    b = torch.load(tmp_path / "clean" / "checkpoint.pt", weights_only=False)
+    a = torch.load(ckpt, weights_only=True)
+    b = torch.load(tmp_path / "clean" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 40
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

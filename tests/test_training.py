@@ -174,7 +174,7 @@ def test_divergence_guard_keeps_last_good_checkpoint(tiny, tmp_path):
     solver = ExplodingSolver(tiny.scenario.coarse_solver(), after=cfg.window * steps_per_epoch + 1)
     with pytest.raises(TrainingDiverged, match="diverged at epoch 1"):
         train(tiny, cfg, tmp_path, progress=False, solver=solver)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -227,7 +227,7 @@ def test_divergence_guard_in_zo_sol(tiny, tmp_path):
     solver = ExplodingSolver(tiny.scenario.coarse_solver(), after=counting.calls + 3)  # NaN early in epoch 2
     with pytest.raises(TrainingDiverged, match="diverged at epoch"):
         train(tiny, cfg, tmp_path, progress=False, solver=solver)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] >= 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] >= 1
 
 
 def test_zo_sol_in_two_processes_equals_one(tiny, tmp_path):

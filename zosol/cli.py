@@ -10,15 +10,18 @@
 User errors (bad options, missing or corrupt files, a checkpoint of another config, a job too
 large for this machine, a file in use by another zosol process, a file-system error such as a
 read-only directory or a full disk) end with a one-line message and exit code 2; a failed run
-(solver failure, divergence) with exit code 1; Ctrl-C with 130.  Checkpoints and finished data are
-never lost: rerun the command (with ``--resume`` for train).
+(solver failure, divergence) with exit code 1; Ctrl-C with 130; SIGTERM (a scheduler's stop)
+with 143, after checkpointing.  Checkpoints and finished data are never lost: rerun the command
+(with ``--resume`` for train).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +40,20 @@ def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _parse_methods(text: str | None) -> list[str] | None:
+    """``--methods non,zo-sol`` -> ["non", "zo-sol"]; None when not given; no empty or repeated names."""
+    if text is None:
+        return None
+    names = [m.strip() for m in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--methods '{text}' has an empty name; give a comma-separated subset of "
+                         f"non,nog-sol,fo-sol,zo-sol (or leave --methods out for all)")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"--methods names {', '.join(twice)} twice")
+    return names
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,27 +127,39 @@ def _dataset_for(args: argparse.Namespace):
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
-    """Check and set up ``run_dir`` for ``zosol train``; True when an existing run is resumed."""
-    if not resume and (run_dir / "checkpoint.pt").exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"dataset": str(Path(dataset.path).resolve())}))
+    """Set up the (checked, locked) ``run_dir`` for ``zosol train``: its ``run.json`` names the
+    dataset; True when an existing run is resumed."""
+    from .fsutil import atomic_write_text
+    atomic_write_text(run_dir / "run.json", json.dumps({"dataset": str(Path(dataset.path).resolve())}))
     if resume and not (run_dir / "checkpoint.pt").exists():
-        print(f"zosol: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
+        print(f"zosol: note: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
         return False
     return resume
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import train_config
-    from .compare import evaluate
-    from .training import train
     from .training.launch import broadcast_from_lead, is_lead, lead_first
-    dataset = lead_first(lambda: _dataset_for(args))
+    from .training.processes import check_workers
+    from .training.rundir import directory_lock, prepare_directory
+    check_workers(args.workers)
     config = train_config(args.train_preset or args.preset, args.scenario, method=args.method,
                           **_train_overrides(args))
-    run_dir = Path(args.out or f"runs/{args.scenario}_{args.preset}_{args.method}")
-    resume = broadcast_from_lead(lambda: _prepare_run_dir(run_dir, args.resume, dataset))
+    out = f"runs/{args.scenario}_{args.preset}_{args.method}" if args.out is None else args.out
+    lead = is_lead()  # in a torchrun launch rank 0 checks, locks and writes the run directory
+    run_dir = prepare_directory(out, "--out") if lead else Path(out)
+    with directory_lock(run_dir, f"run directory {run_dir}") if lead else contextlib.nullcontext():
+        if lead and not args.resume and (run_dir / "checkpoint.pt").exists():
+            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        dataset = lead_first(lambda: _dataset_for(args))
+        resume = broadcast_from_lead(lambda: _prepare_run_dir(run_dir, args.resume, dataset))
+        return _train_and_report(args, dataset, config, run_dir, resume)
+
+
+def _train_and_report(args: argparse.Namespace, dataset, config, run_dir: Path, resume: bool) -> int:
+    from .compare import evaluate
+    from .training import train
+    from .training.launch import is_lead
     result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
     ev = evaluate(dataset, result.model, device=config.device)
     if is_lead():
@@ -139,16 +168,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dataset(run: Path) -> str:
+    """The dataset a run was trained on, from its ``run.json``."""
+    meta = run / "run.json"
+    if not meta.is_file():
+        raise ValueError(f"{run}: no run.json naming its dataset; pass --data FILE")
+    try:
+        data = json.loads(meta.read_text())["dataset"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"{meta}: unreadable (it should name the run's dataset); pass --data FILE") from None
+    if not isinstance(data, str):
+        raise ValueError(f"{meta}: unreadable (it should name the run's dataset); pass --data FILE")
+    return data
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
     from .training import load_run
     run = Path(args.run)
-    meta = run / "run.json"
-    data = args.data or (json.loads(meta.read_text())["dataset"] if meta.exists() else None)
-    if data is None:
-        raise ValueError(f"{run}: no run.json naming its dataset; pass --data FILE")
-    dataset = load_dataset(data)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"{run} is not a directory (a file is there); name a run directory")
+    dataset = load_dataset(args.data or _run_dataset(run))
     model, ckpt = load_run(run, dataset)
     ev = evaluate(dataset, model)
     src = evaluate(dataset)
@@ -160,10 +201,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare import compare, stopped_methods
     from .report import markdown_table
-    methods = args.methods.split(",") if args.methods else None
-    kwargs = {"methods": methods} if methods else {}
+    from .training import TrainingError
+    from .training.processes import check_workers
+    check_workers(args.workers)
+    if not args.out:
+        raise ValueError("--out must not be empty; name the output directory")
+    methods = _parse_methods(args.methods)
+    kwargs = {"methods": methods} if methods is not None else {}
     results = compare(args.scenario, args.preset, args.out, data_dir=args.data, train_preset=args.train_preset,
                       overrides=_train_overrides(args), scenario_overrides=_parse_sets(args.set),
                       workers=args.workers, progress=not args.quiet, **kwargs)
@@ -171,6 +217,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "
           f"frame_mae.png, test_simulation.png")
+    stopped = stopped_methods(results)
+    if stopped:
+        raise TrainingError(f"{', '.join(f'{k} {v}' for k, v in stopped.items())} (see 'message' in "
+                            f"{args.out}/results.json; the last good checkpoints are in {args.out}/runs); "
+                            f"the other methods' results are written")
     return 0
 
 
@@ -249,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``zosol: warning: ...`` line (above any progress bar)."""
+    from tqdm.auto import tqdm
+    tqdm.write(f"zosol: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -258,12 +315,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
+    from .training import stop
+    previous = stop.install_sigterm_handler()
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _run(args)
+    finally:
+        stop.restore_sigterm_handler(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its failures turned into one line and an exit code."""
     from .datasets.hdf5 import DatasetError
     from .fsutil import LockedError, os_error_message
     from .solvers.base import SolverError
-    from .training import CheckpointError, TrainingError
+    from .training import CheckpointError, TrainingError, stop
     try:
         return _run_command(args)
+    except stop.Terminated as e:
+        print(f"zosol: {e}" if "resume" in str(e) else f"zosol: {e or 'stopped by SIGTERM'}; finished work is "
+              f"saved, rerun the command (with --resume for train)", file=sys.stderr)
+        return stop.EXIT_CODE
     except KeyboardInterrupt:
         print("zosol: interrupted; finished work is saved, rerun the command (with --resume for train)",
               file=sys.stderr)

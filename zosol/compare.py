@@ -4,9 +4,15 @@
 the same data for the same number of epochs (each in ``<out>/runs/<method>``, resumable), rolls
 every method out on the test simulations, and writes ``results.json``, ``results.md``,
 ``results.csv`` and the plots.  Re-running it after an interruption resumes where it stopped.
+
+A method whose training diverges or fails (or whose trained corrector blows up on the test
+simulations) is stopped with its last good checkpoint and recorded with ``status`` "diverged"
+or "failed" and its ``message``; the other methods still run and the reports are written.  The
+output directory is locked while ``compare`` runs (a second process is refused at once).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -22,12 +28,48 @@ from .metrics import mae_per_frame, mae_per_simulation, nrmse_per_simulation, su
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Solver
-from .training import SolverCounter, train
+from .fsutil import atomic_write_text
+from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, train
 from .training.launch import broadcast_from_lead, is_lead, lead_first, world
+from .training.rundir import directory_lock, prepare_directory
 
-__all__ = ["evaluate", "compare", "DISPLAY_NAMES"]
+__all__ = ["evaluate", "compare", "DISPLAY_NAMES", "EvaluationDiverged", "EXPLODED_FACTOR", "REPORT_FILES",
+           "stopped_methods"]
+
+#: a corrected test rollout whose MAE exceeds this multiple of the reference's largest |value|
+#: has left the solution: it is reported as diverged, never as a score
+EXPLODED_FACTOR = 10.0
+#: what ``compare`` writes into its output directory
+REPORT_FILES = ("results.json", "results.md", "results.csv", "frame_mae.png", "test_simulation.png")
+
+
+class EvaluationDiverged(TrainingDiverged):
+    """A trained corrector's rollout on the test simulations blew up (non-finite, or far outside
+    the reference's range)."""
 
 DISPLAY_NAMES = {"src": "SRC", "non": "NON", "nog-sol": "NOG-SOL", "fo-sol": "FO-SOL", "zo-sol": "ZO-SOL"}
+
+
+def _rollout(step, model, traj, p_arg, feats) -> torch.Tensor:
+    """The corrected rollout (N, T+1, C, *s); a solver blow-up under a corrector is a divergence."""
+    try:
+        return corrected_rollout(step, model, traj[:, 0], p_arg, feats, traj.shape[1] - 1)
+    except FloatingPointError as e:
+        if model is None:
+            raise
+        raise EvaluationDiverged(f"the trained corrector diverges on the test simulations: the coarse solver "
+                                 f"blew up ({e}); retrain with a lower --lr") from e
+
+
+def _check_exploded(mae: torch.Tensor, traj: torch.Tensor) -> None:
+    """EvaluationDiverged if a simulation's MAE is non-finite or above EXPLODED_FACTOR x its max |reference|."""
+    scale = traj.flatten(1).abs().max(1).values.clamp_min(1e-12).to(mae)
+    bad = ~torch.isfinite(mae) | (mae > EXPLODED_FACTOR * scale)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise EvaluationDiverged(f"the trained corrector diverges on the test simulations: MAE {float(mae[i]):.4g} on "
+                                 f"test simulation {i}, whose reference stays within |value| <= {float(scale[i]):.3g}; "
+                                 f"retrain with a lower --lr")
 
 
 def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
@@ -36,7 +78,8 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
     of every test simulation and score it against the reference.
 
     Returns ``mae_mean``, ``mae_std``, ``mae_per_sim`` (N,), ``nrmse_per_sim``, ``per_frame``
-    (N, T) MAE, ``solver_calls``, ``solver_samples`` and ``prediction`` (N, T+1, C, *s)."""
+    (N, T) MAE, ``solver_calls``, ``solver_samples`` and ``prediction`` (N, T+1, C, *s).
+    Raises :class:`EvaluationDiverged` if a corrected rollout blows up (see EXPLODED_FACTOR)."""
     sc = dataset.scenario
     traj, params = dataset.stacked("test")
     traj, params = traj.to(device), params.to(device)
@@ -46,8 +89,10 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
     p_arg = params if solver.num_params else None
     if model is not None:
         model = model.to(device).eval()
-    pred = corrected_rollout(step, model, traj[:, 0], p_arg, feats, traj.shape[1] - 1)
+    pred = _rollout(step, model, traj, p_arg, feats)
     mae = mae_per_simulation(pred, traj)
+    if model is not None:
+        _check_exploded(mae, traj)
     stats = summarize(mae)
     return {"mae_mean": stats["mean"], "mae_std": stats["std"], "mae_per_sim": mae.tolist(),
             "nrmse_per_sim": nrmse_per_simulation(pred, traj).tolist(),
@@ -65,64 +110,126 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     ``train_preset`` defaults to ``preset`` (tiny / default / paper); ``overrides`` change
     training options for every method (e.g. ``{"epochs": 5}``); ``scenario_overrides`` change the
     scenario config (e.g. ``{"frames": 20}``; the dataset is then named ``<scenario>_custom.h5``);
-    ``workers``: processes that share ZO-SOL's perturbation chunks (same result as one)."""
+    ``data_dir``: where the dataset is generated (default ``out/data``), or an existing dataset
+    file; ``workers``: processes that share ZO-SOL's perturbation chunks (same result as one).
+
+    Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
+    "failed" with a ``message`` and no scores (its last good checkpoint stays in
+    ``out/runs/<method>``)."""
+    methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    out = Path(out)
-    if not is_lead():  # other ranks of a torchrun launch compute, rank 0 reports and writes
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods}: choose distinct names from {list(METHODS)}")
+    configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
+    lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
+    if not lead:
         log, progress = (lambda *a, **k: None), False
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    out = _output_directory(out) if lead else Path(out)
+    with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, progress)
+        log(f"dataset {dataset.path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
+            f"{dataset.frames} frames; {time.perf_counter() - t0:.1f} s)")
+        results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(dataset.path),
+                                   "generation_time": time.perf_counter() - t0, "train_config": {}, "methods": {},
+                                   "launch": dict(zip(("world_size", "backend"), world()[1:]))}
+        curves = _evaluate_all(dataset, configs, out, results, workers, progress, log)
+        results["total_time"] = time.perf_counter() - t0
+        if lead:
+            _write_reports(dataset, preset, out, results, *curves)
+    return results
+
+
+def _output_directory(out: str | os.PathLike) -> Path:
+    """``out`` created and checked (see prepare_directory); none of the report names a directory."""
+    out = prepare_directory(out, "--out")
+    for name in REPORT_FILES:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise ValueError(f"{out / name} is a directory, where compare writes a file; remove it or choose "
+                             f"another --out")
+    return out
+
+
+def _dataset(scenario: str, preset: str, out: Path, data_dir: str | os.PathLike | None,
+             scenario_overrides: dict[str, Any] | None, progress: bool) -> FidelityDataset:
+    """The comparison's dataset: ``data_dir`` if it is a dataset file, else generated (or found) there."""
+    if data_dir is not None and Path(data_dir).is_file():
+        if scenario_overrides:
+            raise ValueError(f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
+                             f"or give a directory to generate the data in)")
+        return load_dataset(data_dir, scenario)
     path = lead_first(lambda: generate(scenario, preset, data_dir if data_dir is not None else out / "data",
                                        progress=progress, overrides=scenario_overrides))
-    gen_time = time.perf_counter() - t0
-    dataset = load_dataset(path, scenario)
-    log(f"dataset {path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
-        f"{dataset.frames} frames; {gen_time:.1f} s)")
-    configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
+    return load_dataset(path, scenario)
 
-    results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(path),
-                               "generation_time": gen_time, "train_config": {}, "methods": {},
-                               "launch": dict(zip(("world_size", "backend"), world()[1:]))}
+
+def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, results: dict[str, Any],
+                  workers: int, progress: bool, log) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """SRC and every method into ``results["methods"]``; returns the per-frame MAE (N, T) and the
+    first test simulation's trajectory of every method that finished."""
     src = evaluate(dataset)
     results["methods"]["SRC"] = {k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")}
-    results["methods"]["SRC"].update(wall_time=0.0, solver_calls=0, solver_samples=0,
+    results["methods"]["SRC"].update(status="ok", wall_time=0.0, solver_calls=0, solver_samples=0,
                                      eval_solver_samples=src["solver_samples"])
     predictions = {"reference": dataset.stacked("test")[0][0].numpy(), "SRC": src["prediction"][0].numpy()}
     per_frame = {"SRC": np.asarray(src["per_frame"])}
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
-    for m in methods:
-        cfg = configs[m]
+    for m, cfg in configs.items():
+        name = DISPLAY_NAMES[m]
+        results["train_config"][name] = cfg.to_dict()
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
         resume = broadcast_from_lead(lambda: (run_dir / "checkpoint.pt").exists())
-        result = train(dataset, cfg, run_dir, resume=resume, progress=progress,
-                       workers=workers)
-        ev = evaluate(dataset, result.model, device=cfg.device)
-        name = DISPLAY_NAMES[m]
-        h = result.history
-        entry = {k: v for k, v in ev.items() if k not in ("prediction", "solver_calls", "solver_samples")}
-        entry.update(wall_time=h["wall_time"], solver_calls=h["solver_calls"], solver_samples=h["solver_samples"],
-                     eval_solver_samples=ev["solver_samples"], final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None,
-                     parameters=h.get("parameters"), epochs=cfg.epochs, window=cfg.effective_window)
-        if m == "zo-sol":
-            entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], zo_queries=h["zo_queries"], lprs=h["lprs"])
-        results["methods"][name] = entry
-        results["train_config"][name] = cfg.to_dict()
+        try:
+            result = train(dataset, cfg, run_dir, resume=resume, progress=progress, workers=workers)
+            ev = evaluate(dataset, result.model, device=cfg.device)
+        except TrainingError as e:
+            results["methods"][name] = _stopped_entry(e, cfg, run_dir)
+            log(f"{name:<8} {results['methods'][name]['status']}: {e}")
+            continue
+        results["methods"][name] = _entry(m, cfg, ev, result.history)
         predictions[name] = ev["prediction"][0].numpy()
         per_frame[name] = np.asarray(ev["per_frame"])
-        log(f"{name:<8} MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f}  (train {h['wall_time']:.1f} s)")
+        log(f"{name:<8} MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f}  (train {result.history['wall_time']:.1f} s)")
+    return per_frame, predictions
 
-    results["total_time"] = time.perf_counter() - t0
-    if not is_lead():
-        return results
+
+def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict[str, Any]:
+    entry = {k: v for k, v in ev.items() if k not in ("prediction", "solver_calls", "solver_samples")}
+    entry.update(status="ok", wall_time=h["wall_time"], solver_calls=h["solver_calls"],
+                 solver_samples=h["solver_samples"], eval_solver_samples=ev["solver_samples"],
+                 final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None, parameters=h.get("parameters"),
+                 epochs=cfg.epochs, window=cfg.effective_window)
+    if method == "zo-sol":
+        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], zo_queries=h["zo_queries"], lprs=h["lprs"])
+    return entry
+
+
+def _stopped_entry(e: TrainingError, cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """The entry of a method that diverged or failed: no scores, its message and how far it got."""
+    entry: dict[str, Any] = {"status": "diverged" if isinstance(e, TrainingDiverged) else "failed",
+                             "message": str(e), "mae_mean": None, "mae_std": None, "mae_per_sim": None,
+                             "epochs": cfg.epochs, "window": cfg.effective_window, "epochs_done": 0,
+                             "wall_time": 0.0, "solver_samples": 0, "checkpoint": None}
+    ckpt_path = run_dir / "checkpoint.pt"
+    if is_lead() and ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path)
+        entry.update(epochs_done=ckpt["epoch"], wall_time=ckpt["history"]["wall_time"],
+                     solver_samples=ckpt["history"]["solver_samples"], checkpoint=str(ckpt_path))
+    return entry
+
+
+def _write_reports(dataset: FidelityDataset, preset: str, out: Path, results: dict[str, Any],
+                   per_frame: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
+    """results.json / .md / .csv and the two figures, each written atomically."""
     write_json(results, out / "results.json")
-    table = markdown_table(results)
-    (out / "results.md").write_text(f"# {dataset.scenario.name} ({preset})\n\n{table}")
-    (out / "results.csv").write_text(csv_table(results))
+    atomic_write_text(out / "results.md", f"# {dataset.scenario.name} ({preset})\n\n{markdown_table(results)}")
+    atomic_write_text(out / "results.csv", csv_table(results))
     sc = dataset.scenario
     plot_frame_errors(per_frame, sc.coarse_solver().dt, out / "frame_mae.png", f"{sc.name} ({preset}): MAE per frame")
     shown = {k: v for k, v in predictions.items() if k in ("reference", "SRC", "NON", "ZO-SOL", "FO-SOL")}
     plot_side_by_side(shown, out / "test_simulation.png", f"{sc.name} ({preset}): test simulation 0")
-    return results
+
+
+def stopped_methods(results: dict[str, Any]) -> dict[str, str]:
+    """``{display name: "diverged" | "failed"}`` of the methods that did not finish."""
+    return {k: v["status"] for k, v in results["methods"].items() if v.get("status", "ok") != "ok"}

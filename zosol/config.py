@@ -58,27 +58,10 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the bad field and what it accepts."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-        need(self.method in METHODS, f"unknown method '{self.method}'; choose one of {list(METHODS)}")
-        for name in ("window", "epochs", "batch_size", "width", "kernel", "zo_mask_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
-        need(isinstance(self.depth, int) and self.depth >= 1, f"depth must be an integer >= 1, got {self.depth!r}")
-        need(self.kernel % 2 == 1, f"kernel must be odd (same-size convolutions), got {self.kernel}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(0 < self.lr_final <= 1, f"lr_final must be in (0, 1], got {self.lr_final}")
-        need(self.loss in ("mse", "l1"), f"loss must be 'mse' or 'l1', got '{self.loss}'")
-        need(self.model in ("cnn", "resnet"), f"model must be 'cnn' or 'resnet', got '{self.model}'")
-        need(self.zo_scheme in ("central", "forward"), f"zo_scheme must be 'central' or 'forward', got '{self.zo_scheme}'")
-        need(math.isfinite(self.zo_mu) and self.zo_mu > 0, f"zo_mu must be positive, got {self.zo_mu}")
-        need(0 <= self.zo_sparsity < 1, f"zo_sparsity must be in [0, 1), got {self.zo_sparsity}")
-        need(self.zo_lpr in ("zo-grasp", "fo-grasp", "uniform"),
-             f"zo_lpr must be 'zo-grasp', 'fo-grasp' or 'uniform', got '{self.zo_lpr}'")
-        need(self.zo_chunk is None or self.zo_chunk >= 1, f"zo_chunk must be >= 1 or None, got {self.zo_chunk}")
-        need(self.grad_checks >= 0, f"grad_checks must be >= 0, got {self.grad_checks}")
+        """Raise ValueError naming the bad field and what it accepts (type, range, size bound)."""
+        _check_types(self)
+        _check_ranges(self)
+        _check_device(self.device)
         return self
 
     @property
@@ -87,6 +70,76 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: sane upper bounds of the size fields: far above any useful run, low enough that nothing is
+#: allocated or looped over for minutes before a run could fail (memory is estimated separately)
+MAX_SIZES = {"window": 10_000, "epochs": 1_000_000, "batch_size": 1_000_000, "width": 4096, "depth": 1000,
+             "kernel": 99, "zo_mask_every": 1_000_000, "grad_checks": 10_000, "zo_chunk": 10_000_000}
+_INTS = ("window", "epochs", "batch_size", "width", "depth", "kernel", "zo_mask_every", "seed", "grad_checks")
+_FLOATS = ("lr", "lr_final", "zo_mu", "zo_sparsity")
+_STRS = ("method", "loss", "model", "zo_scheme", "zo_lpr", "device")
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(c: TrainConfig) -> None:
+    """Every field has its declared type (a bool is not an int; "no" is not a bool)."""
+    for name in _INTS:
+        v = getattr(c, name)
+        _need(_is_int(v), f"{name} must be an integer, got {v!r}")
+    for name in _FLOATS:
+        v = getattr(c, name)
+        _need((_is_int(v) or isinstance(v, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
+    for name in _STRS:
+        v = getattr(c, name)
+        _need(isinstance(v, str), f"{name} must be a string, got {v!r}")
+    _need(c.zo_chunk is None or _is_int(c.zo_chunk), f"zo_chunk must be an integer or null, got {c.zo_chunk!r}")
+    _need(isinstance(c.zo_reuse, bool), f"zo_reuse must be true or false, got {c.zo_reuse!r}")
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    _need(c.method in METHODS, f"unknown method '{c.method}'; choose one of {list(METHODS)}")
+    for name in ("window", "epochs", "batch_size", "width", "depth", "kernel", "zo_mask_every"):
+        _need(getattr(c, name) >= 1, f"{name} must be an integer >= 1, got {getattr(c, name)!r}")
+    for name, top in MAX_SIZES.items():
+        v = getattr(c, name)
+        _need(v is None or v <= top, f"{name} {v} is larger than the maximum {top}; choose a smaller {name}")
+    _need(c.kernel % 2 == 1, f"kernel must be odd (same-size convolutions), got {c.kernel}")
+    _need(0 <= c.seed < 2 ** 63, f"seed must be in [0, 2**63), got {c.seed}")
+    _need(c.lr > 0, f"lr must be positive, got {c.lr}")
+    _need(0 < c.lr_final <= 1, f"lr_final must be in (0, 1], got {c.lr_final}")
+    _need(c.loss in ("mse", "l1"), f"loss must be 'mse' or 'l1', got '{c.loss}'")
+    _need(c.model in ("cnn", "resnet"), f"model must be 'cnn' or 'resnet', got '{c.model}'")
+    _need(c.zo_scheme in ("central", "forward"), f"zo_scheme must be 'central' or 'forward', got '{c.zo_scheme}'")
+    _need(c.zo_mu > 0, f"zo_mu must be positive, got {c.zo_mu}")
+    _need(0 <= c.zo_sparsity < 1, f"zo_sparsity must be in [0, 1), got {c.zo_sparsity}")
+    _need(c.zo_lpr in ("zo-grasp", "fo-grasp", "uniform"),
+          f"zo_lpr must be 'zo-grasp', 'fo-grasp' or 'uniform', got '{c.zo_lpr}'")
+    _need(c.zo_chunk is None or c.zo_chunk >= 1, f"zo_chunk must be >= 1 or null, got {c.zo_chunk}")
+    _need(c.grad_checks >= 0, f"grad_checks must be >= 0, got {c.grad_checks}")
+
+
+def _check_device(device: str) -> None:
+    """A torch device this machine has: 'cpu', 'cuda', 'cuda:1', ..."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        _need(torch.cuda.is_available(), f"device '{device}': CUDA is not available on this machine; use --device cpu")
+        n = torch.cuda.device_count()
+        _need(dev.index is None or dev.index < n, f"device '{device}': this machine has {n} CUDA device(s)")
+    else:
+        _need(dev.type == "cpu", f"device '{device}' is not supported; use cpu, cuda or cuda:N")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {

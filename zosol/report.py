@@ -27,14 +27,18 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
     src = methods.get("SRC", {}).get("mae_mean")
     rows = []
     for name, r in methods.items():
+        tail = [f"{r.get('wall_time', 0.0):.1f}", str(r.get("solver_samples", 0))]
+        if r.get("mae_mean") is None:  # diverged or failed: no score
+            rows.append([name, r.get("status", "failed"), "-", "-", *tail])
+            continue
         ratio = f"{r['mae_mean'] / src:.3f}" if src else "-"
-        rows.append([name, f"{r['mae_mean']:.5f}", f"{r['mae_std']:.5f}", ratio,
-                     f"{r.get('wall_time', 0.0):.1f}", str(r.get("solver_samples", 0))])
+        rows.append([name, f"{r['mae_mean']:.5f}", f"{r['mae_std']:.5f}", ratio, *tail])
     return rows
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The MAE table: one row per method (mean +- std over the test simulations)."""
+    """The MAE table: one row per method (mean +- std over the test simulations; a method that
+    diverged or failed shows its status instead of a score)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(results)]
     return "\n".join(lines) + "\n"

@@ -12,17 +12,21 @@ Modules (each small, no cycles; read in this order):
 * :mod:`~zosol.training.hooks`       the gradient check against the differentiable twin.
 * :mod:`~zosol.training.loop`        ``TrainingLoop``: sample -> source -> checks -> optimizer -> hooks.
 * :mod:`~zosol.training.processes`   the same loop in several local processes (``workers``).
+* :mod:`~zosol.training.budget`      memory estimate of a config, refused up front above the machine's.
+* :mod:`~zosol.training.rundir`      run / output directories: checked, locked while in use.
+* :mod:`~zosol.training.stop`        SIGTERM stops a run after its step, checkpointed; workers die with their parent.
 * :mod:`~zosol.training.api`         ``train()``, the public entry point.
 """
+from . import stop
 from .api import train
 from .checkpoint import CHECKPOINT_VERSION, Checkpointer, load_run, read_checkpoint
-from .errors import CheckpointError, TrainingDiverged, TrainingError
+from .errors import CheckpointError, TrainingDiverged, TrainingError, ZOUnderflowWarning
 from .loop import TrainingLoop
 from .sources import SOURCES, GradientSource, SolverCounter, SolverViews, register_source, source_class
 from .state import RunState, TrainResult, make_corrector
 from .windows import WindowBatch, Windows
 
-__all__ = ["train", "TrainResult", "load_run", "make_corrector", "TrainingError", "TrainingDiverged",
-           "CheckpointError", "CHECKPOINT_VERSION", "Checkpointer", "read_checkpoint", "RunState",
+__all__ = ["stop", "train", "TrainResult", "load_run", "make_corrector", "TrainingError", "TrainingDiverged",
+           "CheckpointError", "ZOUnderflowWarning", "CHECKPOINT_VERSION", "Checkpointer", "read_checkpoint", "RunState",
            "TrainingLoop", "GradientSource", "SOURCES", "register_source", "source_class", "SolverCounter",
            "SolverViews", "Windows", "WindowBatch"]

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..solvers.base import BlackBox, Solver
+from .launch import is_lead
 from .loop import TrainingLoop
-from .processes import train_in_processes
+from .processes import check_workers, train_in_processes
+from .rundir import directory_lock, prepare_directory
 from .sources import source_class
 from .state import TrainResult
 
@@ -26,14 +29,28 @@ def train(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathL
     for tests of resumption.  ``workers``: ZO-SOL evaluates its perturbation chunks in this many
     local processes (torch.distributed, gloo on CPU / NCCL on GPU; one thread each); the result is
     identical to one process.
+
+    The run directory is created if missing and locked while training (a second process is
+    refused with :class:`~zosol.fsutil.LockedError`; in a torchrun launch rank 0 holds the lock).
     """
     config.validate()
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    check_workers(workers, bound_by_cores=False)
+    if workers > 1 and solver is not None and source_class(config.method).shardable:
+        raise ValueError("workers > 1 runs the scenario's own solver in every process; "
+                         "pass solver=None or workers=1")
+    if run_dir is None or not is_lead():  # only rank 0 of a torchrun launch writes (and locks)
+        return _train(dataset, config, None if run_dir is None else Path(run_dir), resume, progress, solver,
+                      checkpoint_seconds, stop_after_steps, workers)
+    run_dir = prepare_directory(run_dir, "run directory")
+    with directory_lock(run_dir, f"run directory {run_dir}"):
+        return _train(dataset, config, run_dir, resume, progress, solver, checkpoint_seconds, stop_after_steps,
+                      workers)
+
+
+def _train(dataset: FidelityDataset, config: TrainConfig, run_dir: Path | None, resume: bool, progress: bool,
+           solver: Solver | BlackBox | None, checkpoint_seconds: float, stop_after_steps: int | None,
+           workers: int) -> TrainResult:
     if workers > 1 and source_class(config.method).shardable:
-        if solver is not None:
-            raise ValueError("workers > 1 runs the scenario's own solver in every process; "
-                             "pass solver=None or workers=1")
         return train_in_processes(dataset, config, run_dir, workers, resume=resume, progress=progress,
                                   checkpoint_seconds=checkpoint_seconds, stop_after_steps=stop_after_steps)
     loop = TrainingLoop.setup(dataset, config, run_dir, resume, progress, solver)

@@ -5,10 +5,18 @@ scheduler, window-order generator, epoch, position and order within it, history)
 masks of sparse ZO-SOL, the config and a fingerprint of the dataset; resuming from it continues
 the run bit for bit.  Resuming refuses a checkpoint of another config or dataset; ``load_run``
 rebuilds a trained corrector.
+
+Everything stored is plain data (dicts, lists, numbers, strings, tensors; the RNG state is a
+tensor), and checkpoints are read with ``torch.load(weights_only=True)``: a file that would run
+code when unpickled is refused, never executed.  Its contents are validated before use (keys,
+types, the config, finite weights, epoch and position in range); a drift is a one-line
+:class:`CheckpointError`.  Writes go to a fresh, exclusively created temporary file that is
+renamed over ``checkpoint.pt`` (a planted symlink is replaced, never followed).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,13 +25,19 @@ import torch
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..fsutil import atomic_save, atomic_write_text
 from .errors import CheckpointError
 from .launch import broadcast_from_lead
-from .state import RunState, make_corrector
+from .state import RunState, make_corrector, new_history
 
-__all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", "fingerprint"]
+__all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", "fingerprint", "restore_model"]
 
 CHECKPOINT_VERSION = 1
+#: the keys of a checkpoint, each with the type it must have
+_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": str, "version": int, "config": dict, "dataset": dict, "epoch": int, "position": int,
+    "perm": (torch.Tensor, type(None)), "model": dict, "optimizer": dict, "scheduler": dict,
+    "window_rng": torch.Tensor, "masks": (dict, type(None)), "history": dict}
 
 
 def fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
@@ -31,38 +45,135 @@ def fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
     return {**dataset.scenario.describe(), "train_seeds": [s.seed for s in dataset.train]}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The checkpoint dict at ``path``; CheckpointError if missing, unreadable or of another version."""
+    """The checkpoint dict at ``path``, read without running code (``weights_only=True``) and
+    validated (:func:`_check_contents`); CheckpointError if missing, unreadable, unsafe, of
+    another version or malformed."""
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint (train first, or check the run directory)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt or truncated?): {e}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or a pickle that would run code
+        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt, truncated, or not plain data: "
+                              f"{_first_line(e, 120)}); retrain or restore it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "zosol-checkpoint":
         raise CheckpointError(f"{path}: not a zosol checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this zosol reads "
                               f"{CHECKPOINT_VERSION}; retrain")
+    _check_contents(ckpt, path)
     return ckpt
+
+
+def _check_contents(ckpt: dict, path: Path) -> None:
+    """Keys and types of every entry, the config, finite weights, epoch/position in range."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: damaged checkpoint: {what}; retrain or restore it")
+    need(set(ckpt) == set(_SCHEMA), f"keys {sorted(set(ckpt) ^ set(_SCHEMA))} unexpected or missing")
+    for key, kind in _SCHEMA.items():
+        need(isinstance(ckpt[key], kind) and not isinstance(ckpt[key], bool), f"'{key}' is a {type(ckpt[key]).__name__}")
+    try:
+        config = TrainConfig(**ckpt["config"]).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: its config: {_first_line(e)}") from None
+    model = ckpt["model"]
+    need(bool(model) and all(isinstance(v, torch.Tensor) for v in model.values()), "the model holds no weights")
+    need(all(v.is_floating_point() and bool(torch.isfinite(v).all()) for v in model.values()),
+         "the model's weights are not all finite")
+    need(0 <= ckpt["epoch"] <= config.epochs, f"epoch {ckpt['epoch']} outside 0..{config.epochs}")
+    need(ckpt["position"] >= 0 and (ckpt["perm"] is not None or ckpt["position"] == 0),
+         f"position {ckpt['position']} in epoch {ckpt['epoch']}")
+    need(ckpt["perm"] is None or (ckpt["perm"].dim() == 1 and ckpt["perm"].dtype == torch.long), "'perm'")
+    _check_optimizer(ckpt["optimizer"], [v.shape for v in model.values()], need)
+    h, fresh = ckpt["history"], new_history()
+    need(set(fresh) <= set(h) and all(isinstance(h[k], type(v)) for k, v in fresh.items() if v is not None),
+         "its history")
+    need(all(isinstance(x, (int, float)) and math.isfinite(x) for x in h["loss"]), "non-finite losses in its history")
+
+
+def _check_optimizer(opt: dict, shapes: list[torch.Size], need) -> None:
+    """Adam's per-parameter state: indices of the model's parameters (state-dict order), moment
+    tensors of their shapes (``load_state_dict`` itself does not check)."""
+    state = opt.get("state")
+    need(isinstance(state, dict) and isinstance(opt.get("param_groups"), list), "its optimizer state")
+    need(all(isinstance(i, int) and 0 <= i < len(shapes) and isinstance(e, dict) for i, e in state.items()),
+         "its optimizer state names unknown parameters")
+    for i, entry in state.items():
+        for name, t in entry.items():
+            need(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape == shapes[i],
+                 f"optimizer state '{name}' of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                 f"the parameter {tuple(shapes[i])}")
+
+
+def _check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """CheckpointError naming the first mismatch if ``weights`` do not fit ``model``."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{path}: damaged checkpoint: the model's weights do not match its config "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]}); retrain or restore it")
+    for k, v in own.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: damaged checkpoint: weight '{k}' has shape {tuple(weights[k].shape)}, "
+                                  f"the config's network needs {tuple(v.shape)}; retrain or restore it")
+
+
+def restore_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(weights)`` after :func:`_check_weights`."""
+    _check_weights(model, weights, path)
+    model.load_state_dict(weights)
+
+
+def _restore_state(state: RunState, ckpt: dict, n_windows: int, steps_per_epoch: int, path: Path) -> None:
+    """Continue ``state`` from a validated checkpoint; a CheckpointError if it does not fit the run
+    (weights, optimizer state shapes, window order, position, history length)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: damaged checkpoint: {what}; retrain or restore it")
+    _check_weights(state.model, ckpt["model"], path)
+    perm, pos = ckpt["perm"], ckpt["position"]
+    need(perm is None or torch.equal(perm.sort().values, torch.arange(n_windows)),
+         f"its window order is not a permutation of the {n_windows} training windows")
+    need(pos <= steps_per_epoch, f"position {pos} beyond the {steps_per_epoch} steps of an epoch")
+    need(len(ckpt["history"]["loss"]) == ckpt["epoch"] * steps_per_epoch + pos,
+         f"epoch {ckpt['epoch']}, position {pos} disagree with its {len(ckpt['history']['loss'])} recorded steps")
+    try:
+        state.load_state_dict(ckpt)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: {_first_line(e)}; retrain or restore it") from None
 
 
 def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset) -> tuple[torch.nn.Module, dict]:
     """The trained corrector and the checkpoint dict of a run directory, validated against the
     dataset the run must have been trained on."""
-    ckpt = read_checkpoint(Path(run_dir) / "checkpoint.pt")
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"{run_dir} is not a directory (a file is there); name a run directory")
+    path = Path(run_dir) / "checkpoint.pt"
+    ckpt = read_checkpoint(path)
     if ckpt["dataset"] != fingerprint(dataset):
         raise CheckpointError(f"{run_dir}: the run was trained on another dataset "
                               f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})")
     model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    restore_model(model, ckpt["model"], path)
     return model, ckpt
+
+
+def _save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a unique temporary file renamed over ``path``; an OSError names ``path``."""
+    try:
+        atomic_save(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 class Checkpointer:
@@ -76,9 +187,10 @@ class Checkpointer:
         self.path = self.run_dir / "checkpoint.pt" if self.run_dir is not None else None
         self.config, self.dataset, self.write = config, dataset, write
 
-    def begin(self, state: RunState, resume: bool) -> None:
-        """Resume ``state`` from the checkpoint (checked against config and dataset), or start a
-        new run directory holding ``config.json``."""
+    def begin(self, state: RunState, resume: bool, n_windows: int, steps_per_epoch: int) -> None:
+        """Resume ``state`` from the checkpoint (checked against config, dataset and the run's
+        ``n_windows`` training windows in ``steps_per_epoch`` steps), or start a new run directory
+        holding ``config.json``."""
         if resume:
             if self.path is None:
                 raise ValueError("resume needs a run directory")
@@ -91,19 +203,20 @@ class Checkpointer:
             if ckpt["dataset"] != fingerprint(self.dataset):
                 raise CheckpointError(f"{self.path}: checkpoint from another dataset; use the dataset it was "
                                       f"trained on")
-            state.load_state_dict(ckpt)
+            _restore_state(state, ckpt, n_windows, steps_per_epoch, self.path)
         elif self.run_dir is not None and self.write:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     def save(self, state: RunState, masks: dict[str, torch.Tensor] | None) -> None:
         """Write the checkpoint atomically (a crash leaves the previous one)."""
         if self.path is None or not self.write:
             return
-        _atomic_save({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
-                      "dataset": fingerprint(self.dataset), **state.state_dict(), "masks": masks}, self.path)
+        _save_checkpoint({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION,
+                          "config": self.config.to_dict(), "dataset": fingerprint(self.dataset),
+                          **state.state_dict(), "masks": masks}, self.path)
 
     def write_history(self, history: dict[str, Any]) -> None:
         """``run_dir/history.json`` at the end of a run."""
         if self.path is not None and self.write:
-            (self.run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            atomic_write_text(self.run_dir / "history.json", json.dumps(history, indent=1))

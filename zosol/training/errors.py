@@ -1,7 +1,7 @@
 """The errors a training run raises; each leaves the last good checkpoint intact."""
 from __future__ import annotations
 
-__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError"]
+__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "ZOUnderflowWarning"]
 
 
 class TrainingError(RuntimeError):
@@ -14,3 +14,8 @@ class TrainingDiverged(TrainingError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or belongs to another config or dataset."""
+
+
+class ZOUnderflowWarning(UserWarning):
+    """ZO-SOL's gradient estimate is exactly zero: the perturbation ``zo_mu`` is too small to
+    change the loss in floating point, so training would silently not move."""

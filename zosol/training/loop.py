@@ -6,7 +6,9 @@
 Runs are reproducible from ``config.seed`` and resumable: the run directory holds
 ``checkpoint.pt`` (:mod:`zosol.training.checkpoint`), written atomically every epoch and at most
 every ``checkpoint_seconds``.  A divergence guard stops a run whose loss, gradient or parameters
-become non-finite, leaving the last good checkpoint.  In a multi-process run
+become non-finite, or whose solver blows up (``FloatingPointError``), leaving the last good
+checkpoint.  SIGTERM (see :mod:`zosol.training.stop`) is honoured after the current step: the
+loop checkpoints and raises :class:`~zosol.training.stop.Terminated`.  In a multi-process run
 (:mod:`zosol.training.processes`) every process runs this loop; rank 0 writes and reports.
 """
 from __future__ import annotations
@@ -25,10 +27,12 @@ from ..models import n_params
 from ..solvers.base import BlackBox, Solver, SolverError
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
+from .budget import check_memory
 from .hooks import GradientCheck
 from .launch import is_lead, rank_label, world
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
+from . import stop
 from .windows import WindowBatch, Windows
 
 __all__ = ["TrainingLoop"]
@@ -62,10 +66,11 @@ class TrainingLoop:
         solvers = SolverViews.of(base, dataset.scenario)
         device = torch.device(config.device)
         windows = Windows(dataset, config.effective_window, device)
-        steps = math.ceil(len(windows) / config.batch_size) * config.epochs
-        state = RunState.fresh(dataset, config, device, steps)
+        check_memory(dataset, config, len(windows))
+        steps_per_epoch = math.ceil(len(windows) / config.batch_size)
+        state = RunState.fresh(dataset, config, device, steps_per_epoch * config.epochs)
         checkpointer = Checkpointer(run_dir, config, dataset, write=lead)
-        checkpointer.begin(state, resume)
+        checkpointer.begin(state, resume, len(windows), steps_per_epoch)
         source = source_cls(state.model, config, windows, solvers, distributed)
         source.prepare(state.history)
         state.history.update(world_size=world_size, backend=backend)  # how this (part of the) run ran
@@ -74,7 +79,12 @@ class TrainingLoop:
         return cls(config, windows, state, source, solvers, checkpointer, progress and lead)
 
     def run(self, stop_after_steps: int | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
-        """Train to the last epoch (or ``stop_after_steps`` steps in this call, then checkpoint)."""
+        """Train to the last epoch (or ``stop_after_steps`` steps in this call, then checkpoint);
+        SIGTERM stops it after the current step, checkpointed."""
+        with stop.deferred():
+            return self._train(stop_after_steps, checkpoint_seconds)
+
+    def _train(self, stop_after_steps: int | None, checkpoint_seconds: float) -> TrainResult:
         s, cfg = self.state, self.config
         bar = tqdm(total=self.total_steps, initial=s.epoch * self.steps_per_epoch + s.position,
                    desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))), unit="step",
@@ -94,6 +104,7 @@ class TrainingLoop:
                     if stop_after_steps is not None and done_here >= stop_after_steps:
                         self.save()
                         return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir, {"stopped_early": True})
+                    self._honour_sigterm()
                     if self.checkpointer.path is not None and time.perf_counter() - last_save > checkpoint_seconds:
                         self.save()
                         last_save = time.perf_counter()
@@ -105,6 +116,21 @@ class TrainingLoop:
         self.save()
         self.checkpointer.write_history(s.history)
         return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir)
+
+    def _honour_sigterm(self) -> None:
+        """After a step: if SIGTERM arrived (in any process of a multi-process run), checkpoint and
+        raise Terminated (every process stops at the same step)."""
+        flag = stop.requested()
+        if self.source.distributed:
+            t = torch.tensor([float(flag)], device=next(self.state.model.parameters()).device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        if flag:
+            self.save()
+            s = self.state
+            where = f"; checkpoint in {self.checkpointer.run_dir}, rerun with --resume" \
+                if self.checkpointer.path is not None else ""
+            raise stop.Terminated(f"stopped by SIGTERM at epoch {s.epoch}, step {s.position}{where}")
 
     def step(self) -> float:
         """One optimizer step on the next batch of this epoch's window order; returns the loss."""
@@ -134,6 +160,9 @@ class TrainingLoop:
         try:
             loss = self.source.step(batch, s.history)
             self.check(s.epoch * self.steps_per_epoch + s.position, s.epoch, batch, s.history)
+        except FloatingPointError as e:  # the solver blew up on the corrected states
+            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: the coarse solver "
+                                   f"blew up ({e}); try a lower --lr or a smaller --window") from e
         except SolverError as e:
             raise TrainingError(f"coarse solver failed at epoch {s.epoch}, step {s.position}: {e}") from e
         except zo.NonFiniteLossError as e:

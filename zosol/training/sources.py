@@ -21,6 +21,7 @@ and importing this module fails if a configured method has no source).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
@@ -30,6 +31,7 @@ from .. import zo
 from ..config import METHODS, TrainConfig
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
+from .errors import ZOUnderflowWarning
 from .sparsity import layer_ratios
 from .windows import WindowBatch, Windows
 
@@ -234,8 +236,20 @@ class ZoSolSource(GradientSource):
         history["zo_queries"] += est.queries
         with torch.no_grad():
             loss = window_loss(blackbox, self.model, start, targets, params, feats, 1, c.loss)[0]
+        self._warn_if_underflow(est.flat(), float(loss))
         zo.write_grads(self.model, est.grads)
         return loss
+
+    def _warn_if_underflow(self, grad: torch.Tensor, loss: float) -> None:
+        """Warn once (rank 0) when the estimate is all zeros for a non-zero loss: zo_mu underflows."""
+        if getattr(self, "_warned", False) or loss == 0 or bool(grad.any()):
+            return
+        self._warned = True
+        if self.distributed and torch.distributed.get_rank() != 0:
+            return
+        warnings.warn(f"the ZO gradient estimate is exactly zero for a loss of {loss:.3g}: the perturbation "
+                      f"--zo-mu {self.config.zo_mu:g} underflows (theta +- mu gives the same loss in float32), so "
+                      f"training does not move; use a larger --zo-mu such as 1e-3", ZOUnderflowWarning, stacklevel=2)
 
 
 _missing = [m for m in METHODS if m not in SOURCES]

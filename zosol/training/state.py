@@ -14,21 +14,27 @@ from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import build_corrector
 
-__all__ = ["make_corrector", "new_history", "RunState", "TrainResult"]
+__all__ = ["corrector_shape", "make_corrector", "new_history", "RunState", "TrainResult"]
 
 
-def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Module:
-    """The corrector network that ``config`` describes, sized for the dataset's scenario
-    (seeds torch's global generator with ``config.seed`` first)."""
+def corrector_shape(dataset: FidelityDataset) -> tuple[int, int, int]:
+    """``(spatial dims, input channels, output channels)`` of the dataset's corrector: the
+    state channels plus the scenario's feature channels in, the state channels out."""
     sc = dataset.scenario
     solver = sc.coarse_solver()
     sim = (dataset.train or dataset.test)[0]
     feats = sc.corrector_features(sim.params[None])
     in_ch = len(solver.channels) + (0 if feats is None else feats.shape[1])
+    return len(solver.spatial_shape), in_ch, len(solver.channels)
+
+
+def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Module:
+    """The corrector network that ``config`` describes, sized for the dataset's scenario
+    (seeds torch's global generator with ``config.seed`` first)."""
+    dim, in_ch, out_ch = corrector_shape(dataset)
     torch.manual_seed(config.seed)
-    return build_corrector(config.model, len(solver.spatial_shape), in_ch, len(solver.channels),
-                           width=config.width, depth=config.depth, kernel=config.kernel,
-                           padding_mode=sc.padding_mode)
+    return build_corrector(config.model, dim, in_ch, out_ch, width=config.width, depth=config.depth,
+                           kernel=config.kernel, padding_mode=dataset.scenario.padding_mode)
 
 
 def new_history() -> dict[str, Any]:
