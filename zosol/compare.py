@@ -118,8 +118,10 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     ``out/runs/<method>``)."""
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods {methods}: choose distinct names from {list(METHODS)}")
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods}: give each of {list(METHODS)} at most once, at least one")
     configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
     lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
     if not lead:
