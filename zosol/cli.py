@@ -358,7 +358,8 @@ def _run_command(args: argparse.Namespace) -> int:
     group (see :mod:`zosol.training.launch`), and a rank that is lost ends the job in one line."""
     if args.command not in ("train", "compare"):
         return args.func(args)
-    from .training.launch import LauncherStopped, join_launcher_group, lost_ranks_message
+    from .training import stop
+    from .training.launch import join_launcher_group, lost_local_ranks, lost_ranks_message
     import torch.distributed as dist
     joined = join_launcher_group(getattr(args, "device", None))
     if joined is None:
@@ -371,13 +372,16 @@ def _run_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         return args.func(args)
-    except (LauncherStopped, dist.DistBackendError) as e:
-        print(f"zosol: failed: {lost_ranks_message(e)}", file=sys.stderr)
+    except stop.Terminated as e:  # the launcher stops the other ranks when one fails
+        dead = lost_local_ranks()
+        if not dead:
+            raise
+        print(f"zosol: failed: {lost_ranks_message(e, dead)}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # gloo reports a vanished peer as a plain RuntimeError
+    except RuntimeError as e:  # a collective with a vanished peer (gloo: a plain RuntimeError)
         if not _is_peer_failure(e):
             raise
-        print(f"zosol: failed: {lost_ranks_message(e)}", file=sys.stderr)
+        print(f"zosol: failed: {lost_ranks_message(e, lost_local_ranks())}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .. import zo
 
 __all__ = ["join_launcher_group", "world", "is_lead", "rank_label", "lead_first", "broadcast_from_lead",
-           "lost_ranks_message", "LauncherStopped"]
+           "lost_local_ranks", "lost_ranks_message"]
 
 T = TypeVar("T")
 
@@ -33,25 +33,17 @@ T = TypeVar("T")
 _PEERS: list[tuple[str, int]] = []
 
 
-class LauncherStopped(RuntimeError):
-    """The launcher stopped this rank (SIGTERM), usually because another rank failed."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise LauncherStopped("stopped by the launcher (SIGTERM)")
-
-
 def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | None:
     """Join the process group of a ``torchrun`` launch (None when this process was not started by
     one).  NCCL when ``device`` is CUDA and CUDA is available (GPU ``LOCAL_RANK`` per local rank),
-    gloo otherwise.  Records every rank's host and pid, and turns the launcher's SIGTERM into
-    :class:`LauncherStopped`.  Returns ``(rank, world_size, backend)``."""
+    gloo otherwise.  Records every rank's host and pid.  Returns ``(rank, world_size, backend)``.
+    (The launcher's SIGTERM, sent when another rank failed, stops the loop as any SIGTERM does:
+    :mod:`zosol.training.stop`.)"""
     if not zo.launched_with_env():
         return None
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
     info = zo.init_from_env("nccl" if cuda else "gloo")
     register_peers()
-    signal.signal(signal.SIGTERM, _on_sigterm)
     return info
 
 
@@ -115,9 +107,12 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _dead_local_peers(rank: int, wait: float = 3.0) -> list[int]:
-    """Ranks on this host whose process has exited; waits up to ``wait`` s, since a peer's socket
-    closes (and this rank's collective fails) while the peer is still being torn down."""
+def lost_local_ranks(wait: float = 3.0) -> list[int]:
+    """Other ranks on this host whose process has exited; waits up to ``wait`` s, since a peer's
+    socket closes (and this rank's collective fails) while the peer is still being torn down.
+    From here on the launcher's SIGTERM is ignored: this rank is on its way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    rank = world()[0]
     host, deadline = socket.gethostname(), time.monotonic() + wait
     while True:
         dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and r != rank and _gone(pid)]
@@ -126,17 +121,14 @@ def _dead_local_peers(rank: int, wait: float = 3.0) -> list[int]:
         time.sleep(0.05)
 
 
-def lost_ranks_message(error: BaseException) -> str:
-    """One line for a collective that failed or a launcher stop: which ranks are gone (found on
-    this host by their pids), what this rank was doing, and how to continue.  From here on the
-    launcher's SIGTERM is ignored: this rank is already on its way out."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def lost_ranks_message(error: BaseException, dead: list[int]) -> str:
+    """One line for a rank that lost its peers: which ranks are gone (``dead``, from
+    :func:`lost_local_ranks`), else the collective's error, and how to continue."""
     rank, size, _ = world()
-    dead = _dead_local_peers(rank)
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
     if dead:
         cause = ", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in dead) + " stopped"
     else:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         cause = f"lost contact with another of the {size} ranks (on another host, or it failed): {first}"
     return (f"rank {rank} of {size}: {cause}; the job stops here, the last checkpoint is kept "
             f"(rerun the same command with --resume)")
