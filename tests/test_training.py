@@ -207,11 +207,11 @@ def test_evaluate_src_is_the_bare_coarse_solver(tiny):
 def test_compare_end_to_end_tiny(tmp_path):
     results = compare("burgers1d", "tiny", tmp_path, progress=False, log=lambda *a: None)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"}
+    assert set(on_disk["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL", "ZO-JAC-SOL"}
     for name, r in on_disk["methods"].items():
         assert len(r["mae_per_sim"]) == 2 and math.isfinite(r["mae_mean"]), name
         assert {"mae_mean", "mae_std", "wall_time", "solver_calls"} <= set(r)
-    assert on_disk["methods"]["ZO-SOL"]["grad_cosine_vs_fo"]
+    assert on_disk["methods"]["ZO-SOL"]["grad_cosine_vs_fo"] and on_disk["methods"]["ZO-JAC-SOL"]["grad_cosine_vs_fo"]
     for f in ("results.md", "results.csv", "frame_mae.png", "test_simulation.png"):
         assert (tmp_path / f).stat().st_size > 0
     # a second call resumes the finished runs instead of retraining

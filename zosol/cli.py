@@ -4,8 +4,8 @@
     zosol info FILE [--plot PNG]                           what a dataset holds + coarse error
     zosol train --scenario S --method M [--resume]         train one corrector
     zosol evaluate RUN                                     MAE of a trained run on the test sims
-    zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL
-    zosol bench engine|solvers                             speed benchmarks
+    zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL
+    zosol bench engine|solvers|sol                         speed benchmarks
 
 User errors (bad options, missing or corrupt files, a checkpoint of another config, a job too
 large for this machine, a file in use by another zosol process, a file-system error such as a
@@ -226,13 +226,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    scenarios = args.scenarios.split(",") if args.scenarios else None
     if args.what == "engine":
         from .zo.bench import run_engine_bench
         run_engine_bench(json_path=args.json, quick=args.quick)
+    elif args.what == "sol":
+        from .bench_sol import run_sol_bench
+        run_sol_bench(json_path=args.json, quick=args.quick, scenarios=scenarios)
     else:
         from .bench import run_solver_bench
         run_solver_bench(json_path=args.json, quick=args.quick,
-                         scenarios=args.scenarios.split(",") if args.scenarios else None)
+                         scenarios=scenarios)
     return 0
 
 
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("train", help="train one corrector")
     scenario_args(q)
-    q.add_argument("--method", required=True, help="non, nog-sol, fo-sol or zo-sol")
+    q.add_argument("--method", required=True, help="non, nog-sol, fo-sol, zo-sol or zo-jac-sol")
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: data)")
     q.add_argument("--out", help="run directory (default: runs/<scenario>_<preset>_<method>)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
@@ -281,21 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", help="dataset file (default: the one the run was trained on)")
     q.set_defaults(func=_cmd_evaluate)
 
-    q = sub.add_parser("compare", help="train and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL")
+    q = sub.add_parser("compare", help="train and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL")
     scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     q.add_argument("--data", help="dataset directory (default: OUT/data)")
-    q.add_argument("--methods", help="comma-separated subset of non,nog-sol,fo-sol,zo-sol")
+    q.add_argument("--methods", help="comma-separated subset of non,nog-sol,fo-sol,zo-sol,zo-jac-sol")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
     _add_train_options(q)
     q.set_defaults(func=_cmd_compare)
 
     q = sub.add_parser("bench", help="speed benchmarks")
-    q.add_argument("what", choices=["engine", "solvers"])
+    q.add_argument("what", choices=["engine", "solvers", "sol"],
+                   help="engine: ZO estimators; solvers: coarse-step throughput; sol: time per training step "
+                        "of FO-SOL, ZO-JAC-SOL and ZO-SOL")
     q.add_argument("--json", help="also write the figures as JSON")
     q.add_argument("--quick", action="store_true", help="smaller sizes")
-    q.add_argument("--scenarios", help="solvers bench: comma-separated scenarios (default: all)")
+    q.add_argument("--scenarios", help="solvers / sol bench: comma-separated scenarios (default: all)")
     q.set_defaults(func=_cmd_bench)
     return p
 

@@ -1,4 +1,4 @@
-"""Evaluate correctors on the test simulations and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL.
+"""Evaluate correctors on the test simulations and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL.
 
 ``compare`` is what ``zosol compare`` runs: it generates missing data, trains every method on
 the same data for the same number of epochs (each in ``<out>/runs/<method>``, resumable), rolls
@@ -47,7 +47,8 @@ class EvaluationDiverged(TrainingDiverged):
     """A trained corrector's rollout on the test simulations blew up (non-finite, or far outside
     the reference's range)."""
 
-DISPLAY_NAMES = {"src": "SRC", "non": "NON", "nog-sol": "NOG-SOL", "fo-sol": "FO-SOL", "zo-sol": "ZO-SOL"}
+DISPLAY_NAMES = {"src": "SRC", "non": "NON", "nog-sol": "NOG-SOL", "fo-sol": "FO-SOL", "zo-sol": "ZO-SOL",
+                 "zo-jac-sol": "ZO-JAC-SOL"}
 
 
 def _rollout(step, model, traj, p_arg, feats) -> torch.Tensor:
@@ -201,8 +202,11 @@ def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict
                  solver_samples=h["solver_samples"], eval_solver_samples=ev["solver_samples"],
                  final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None, parameters=h.get("parameters"),
                  epochs=cfg.epochs, window=cfg.effective_window)
-    if method == "zo-sol":
-        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], zo_queries=h["zo_queries"], lprs=h["lprs"])
+    if method in ("zo-sol", "zo-jac-sol"):
+        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], zo_queries=h["zo_queries"], lprs=h["lprs"],
+                     cost_model=h.get("cost_model"))
+    if method == "zo-jac-sol":
+        entry.update(jacobian=h["jacobian"]["describe"], jacobian_events=h["jacobian"]["events"])
     return entry
 
 
@@ -228,7 +232,7 @@ def _write_reports(dataset: FidelityDataset, preset: str, out: Path, results: di
     atomic_write_text(out / "results.csv", csv_table(results))
     sc = dataset.scenario
     plot_frame_errors(per_frame, sc.coarse_solver().dt, out / "frame_mae.png", f"{sc.name} ({preset}): MAE per frame")
-    shown = {k: v for k, v in predictions.items() if k in ("reference", "SRC", "NON", "ZO-SOL", "FO-SOL")}
+    shown = {k: v for k, v in predictions.items() if k in ("reference", "SRC", "NON", "ZO-SOL", "ZO-JAC-SOL", "FO-SOL")}
     plot_side_by_side(shown, out / "test_simulation.png", f"{sc.name} ({preset}): test simulation 0")
 
 

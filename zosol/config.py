@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["METHODS", "TrainConfig", "TRAIN_PRESETS", "train_config"]
 
 #: trained methods; "src" (bare coarse solver) needs no training
-METHODS = ("non", "nog-sol", "fo-sol", "zo-sol")
+METHODS = ("non", "nog-sol", "fo-sol", "zo-sol", "zo-jac-sol")
 
 
 @dataclasses.dataclass
@@ -31,8 +31,12 @@ class TrainConfig:
     ("zo-grasp", "fo-grasp" or "uniform"), masks redrawn every ``zo_mask_every`` epochs,
     ``zo_chunk`` perturbations per batched evaluation (None: all at once; chunks of ~128 were
     3x faster than one huge batch here: they stay in cache), ``zo_reuse`` feature
-    reuse.  ``grad_checks``: how many times during ZO-SOL training the ZO gradient is compared
-    with the autograd (FO-SOL) gradient of the same window batch.
+    reuse.  ``grad_checks``: how many times during ZO-SOL / ZO-JAC-SOL training the ZO gradient
+    is compared with the autograd (FO-SOL) gradient of the same window batch.
+    jac_*: the finite-difference solver Jacobians of ZO-JAC-SOL (step ``zo_mu`` on the state,
+    ``zo_scheme`` differences): ``jac_pattern`` "auto" (probe ``jac_probe_states`` training frames),
+    "probe", "stencil" (the solver's declared ``stencil_reach``) or "dense"; ``jac_margin`` cells
+    added around the pattern; ``jac_batch`` probe states per black-box call (None: all at once).
     """
 
     method: str = "zo-sol"
@@ -55,6 +59,10 @@ class TrainConfig:
     zo_chunk: int | None = 128
     zo_reuse: bool = True
     grad_checks: int = 3
+    jac_pattern: str = "auto"
+    jac_margin: int = 0
+    jac_probe_states: int = 4
+    jac_batch: int | None = 256
     device: str = "cpu"
 
     def validate(self) -> "TrainConfig":
@@ -75,10 +83,12 @@ class TrainConfig:
 #: sane upper bounds of the size fields: far above any useful run, low enough that nothing is
 #: allocated or looped over for minutes before a run could fail (memory is estimated separately)
 MAX_SIZES = {"window": 10_000, "epochs": 1_000_000, "batch_size": 1_000_000, "width": 4096, "depth": 1000,
-             "kernel": 99, "zo_mask_every": 1_000_000, "grad_checks": 10_000, "zo_chunk": 10_000_000}
-_INTS = ("window", "epochs", "batch_size", "width", "depth", "kernel", "zo_mask_every", "seed", "grad_checks")
+             "kernel": 99, "zo_mask_every": 1_000_000, "grad_checks": 10_000, "zo_chunk": 10_000_000,
+             "jac_margin": 1000, "jac_probe_states": 10_000, "jac_batch": 10_000_000}
+_INTS = ("window", "epochs", "batch_size", "width", "depth", "kernel", "zo_mask_every", "seed", "grad_checks",
+         "jac_margin", "jac_probe_states")
 _FLOATS = ("lr", "lr_final", "zo_mu", "zo_sparsity")
-_STRS = ("method", "loss", "model", "zo_scheme", "zo_lpr", "device")
+_STRS = ("method", "loss", "model", "zo_scheme", "zo_lpr", "device", "jac_pattern")
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -102,6 +112,7 @@ def _check_types(c: TrainConfig) -> None:
         v = getattr(c, name)
         _need(isinstance(v, str), f"{name} must be a string, got {v!r}")
     _need(c.zo_chunk is None or _is_int(c.zo_chunk), f"zo_chunk must be an integer or null, got {c.zo_chunk!r}")
+    _need(c.jac_batch is None or _is_int(c.jac_batch), f"jac_batch must be an integer or null, got {c.jac_batch!r}")
     _need(isinstance(c.zo_reuse, bool), f"zo_reuse must be true or false, got {c.zo_reuse!r}")
 
 
@@ -125,6 +136,11 @@ def _check_ranges(c: TrainConfig) -> None:
           f"zo_lpr must be 'zo-grasp', 'fo-grasp' or 'uniform', got '{c.zo_lpr}'")
     _need(c.zo_chunk is None or c.zo_chunk >= 1, f"zo_chunk must be >= 1 or null, got {c.zo_chunk}")
     _need(c.grad_checks >= 0, f"grad_checks must be >= 0, got {c.grad_checks}")
+    _need(c.jac_pattern in ("auto", "probe", "stencil", "dense"),
+          f"jac_pattern must be 'auto', 'probe', 'stencil' or 'dense', got '{c.jac_pattern}'")
+    _need(c.jac_margin >= 0, f"jac_margin must be >= 0, got {c.jac_margin}")
+    _need(c.jac_probe_states >= 1, f"jac_probe_states must be >= 1, got {c.jac_probe_states}")
+    _need(c.jac_batch is None or c.jac_batch >= 1, f"jac_batch must be >= 1 or null, got {c.jac_batch}")
 
 
 def _check_device(device: str) -> None:

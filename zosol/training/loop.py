@@ -90,6 +90,11 @@ class TrainingLoop:
                    desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))), unit="step",
                    disable=not self.progress)
         self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
+        cost = self.source.cost()
+        if cost is not None:
+            s.history["cost_model"] = cost
+            if self.progress:
+                tqdm.write(cost)
         last_save, done_here = time.perf_counter(), 0
         try:
             while s.epoch < cfg.epochs:
@@ -165,6 +170,8 @@ class TrainingLoop:
                                    f"blew up ({e}); try a lower --lr or a smaller --window") from e
         except SolverError as e:
             raise TrainingError(f"coarse solver failed at epoch {s.epoch}, step {s.position}: {e}") from e
+        except zo.JacobianError as e:
+            raise TrainingError(f"solver Jacobian failed at epoch {s.epoch}, step {s.position}: {e}") from e
         except zo.NonFiniteLossError as e:
             raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: a perturbed "
                                    f"rollout's loss is not finite ({e}); try a lower --lr or --zo-mu") from e

@@ -14,6 +14,10 @@ external process) or a differentiable solver (autograd through ``step``).  The t
 * ``zo-sol``  ZO-SOL: the solver is only queried through its black-box view; the gradient is
               DeepZero's coordinate-wise estimate (``zosol.zo``), optionally sparse, evaluated
               for all perturbations as one folded batch.
+* ``zo-jac-sol`` ZO-JAC-SOL: the window through the black box, autograd through the corrector,
+              and every solver call's backward replaced by the transpose of a finite-difference
+              Jacobian of the black box at that call's input (``zosol.zo.jacobian``): its cost is
+              the Jacobian's probes (2 x colours for a local stencil, 2n dense), not the network's size.
 
 Adding a method: subclass :class:`GradientSource`, decorate it with :func:`register_source`
 and name it in ``zosol.config.METHODS`` (the registry refuses names the config does not accept,
@@ -36,7 +40,7 @@ from .sparsity import layer_ratios
 from .windows import WindowBatch, Windows
 
 __all__ = ["SolverCounter", "SolverViews", "GradientSource", "SOURCES", "register_source", "source_class",
-           "NonSource", "NogSolSource", "FoSolSource", "ZoSolSource"]
+           "NonSource", "NogSolSource", "FoSolSource", "ZoSolSource", "ZoJacSolSource", "cost_model"]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -72,11 +76,14 @@ class SolverViews:
     blackbox: SolverCounter
     differentiable: SolverCounter
     twin_differentiable: bool
+    #: the training solver's declared stencil half-width per spatial axis (None: not declared)
+    stencil_reach: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, solver: Solver | BlackBox, scenario: Any) -> "SolverViews":
         twin = solver if _differentiable(solver) else scenario.coarse_solver()
-        return cls(SolverCounter(solver.blackbox().step), SolverCounter(twin.step), _differentiable(twin))
+        return cls(SolverCounter(solver.blackbox().step), SolverCounter(twin.step), _differentiable(twin),
+                   getattr(solver, "stencil_reach", None))
 
     def sync(self, history: dict[str, Any]) -> None:
         """Write the call and sample-step counts of both views into ``history``."""
@@ -121,6 +128,10 @@ class GradientSource:
 
     def checkpoint_masks(self, epoch: int) -> dict[str, torch.Tensor] | None:
         """The gradient masks to store in a checkpoint written at ``epoch`` (None: dense)."""
+        return None
+
+    def cost(self) -> str | None:
+        """A line for the start of training: what one gradient costs (None: nothing to say)."""
         return None
 
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
@@ -226,6 +237,15 @@ class ZoSolSource(GradientSource):
     def checkpoint_masks(self, epoch: int) -> dict[str, torch.Tensor] | None:
         return None if self.schedule is None else self.schedule.masks(min(epoch, self.config.epochs - 1))
 
+    def cost(self) -> str | None:
+        d = sum(p.numel() for p in self.model.parameters())
+        unmasked = max(1, round((1 - self.config.zo_sparsity) * d))
+        jac = zo.FDJacobian.for_step(self.solvers.blackbox, self.windows.traj.shape[2:], pattern="stencil"
+                                     if self.solvers.stencil_reach else "dense", stencil_reach=self.solvers.stencil_reach,
+                                     scheme=self.config.zo_scheme)
+        note = "declared stencil" if self.solvers.stencil_reach else "dense bound: no declared stencil"
+        return cost_model(d, unmasked, self.config.zo_scheme, jac.probes_per_sample, note)
+
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
         c, blackbox = self.config, self.solver_step
         _, _, start, targets, params, feats = batch
@@ -250,6 +270,70 @@ class ZoSolSource(GradientSource):
         warnings.warn(f"the ZO gradient estimate is exactly zero for a loss of {loss:.3g}: the perturbation "
                       f"--zo-mu {self.config.zo_mu:g} underflows (theta +- mu gives the same loss in float32), so "
                       f"training does not move; use a larger --zo-mu such as 1e-3", ZOUnderflowWarning, stacklevel=2)
+
+
+def cost_model(d: int, unmasked: int, scheme: str, jac_probes: int, jac_note: str) -> str:
+    """The cost line printed at the start of ZO training: black-box evaluations per sample-step
+    (one window step of one sample) of ZO-SOL (one perturbed window per estimated coordinate:
+    2 x unmasked coordinates, central; unmasked + 1, forward) and of ZO-JAC-SOL (the step itself
+    plus the Jacobian's probes, for every step after a window's first)."""
+    zo_sol = 2 * unmasked if scheme == "central" else unmasked + 1
+    which = "ZO-JAC-SOL" if 1 + jac_probes < zo_sol else "ZO-SOL"
+    masked = "" if unmasked == d else f", {unmasked} unmasked"
+    return (f"cost model, black-box evaluations per sample-step: ZO-SOL {zo_sol} ({scheme}, d = {d} parameters"
+            f"{masked}); ZO-JAC-SOL {1 + jac_probes} (1 + {jac_probes} Jacobian probes, {jac_note}); "
+            f"{which} is cheaper")
+
+
+@register_source
+class ZoJacSolSource(_AutogradSource):
+    """ZO-JAC-SOL: autograd through the corrector, finite-difference Jacobians of the black box
+    for the solver calls (:func:`zosol.zo.fd_step`).  The Jacobian's structure is chosen once
+    (``config.jac_pattern``) and kept in ``history["jacobian"]`` (a resumed run reuses it, and
+    patterns widened by the leak check are stored again); probe evaluations count in
+    ``history["zo_queries"]`` and in the black box's solver counts."""
+
+    name = "zo-jac-sol"
+    needs = "blackbox"
+    gradient_check = True
+
+    def prepare(self, history: dict[str, Any]) -> None:
+        c, w = self.config, self.windows
+        kw = dict(mu=c.zo_mu, scheme=c.zo_scheme, max_batch=c.jac_batch)
+        saved = history.get("jacobian")
+        if saved is not None:
+            self.jac = zo.FDJacobian.from_pattern_state(self.solver_step, saved["pattern"], **kw)
+            self.jac.events = list(saved["events"])
+        else:
+            frames = w.traj.flatten(0, 1)
+            pick = torch.linspace(0, frames.shape[0] - 1, c.jac_probe_states).round().long()
+            params = w.params.repeat_interleave(w.traj.shape[1], 0)[pick] if w.num_params else None
+            self.jac = zo.FDJacobian.for_step(self.solver_step, w.traj.shape[2:], pattern=c.jac_pattern,
+                                              states=frames[pick], params=params, margin=c.jac_margin,
+                                              stencil_reach=self.solvers.stencil_reach, **kw)
+            history["zo_queries"] += self.jac.evaluations
+        self.fd_step = zo.fd_step(self.jac)
+        self._record(history)
+
+    def _record(self, history: dict[str, Any]) -> None:
+        history["jacobian"] = {"pattern": self.jac.pattern_state(), "describe": self.jac.describe(),
+                               "probes_per_sample": self.jac.probes_per_sample, "events": list(self.jac.events)}
+
+    def cost(self) -> str | None:
+        d = sum(p.numel() for p in self.model.parameters())
+        return f"{self.jac.describe()}\n" + cost_model(d, d, self.config.zo_scheme, self.jac.probes_per_sample,
+                                                        "dense" if self.jac.is_dense else "sparse")
+
+    def _step_fn(self, batch: WindowBatch) -> Step:
+        return self.fd_step
+
+    def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
+        events, spent = len(self.jac.events), self.jac.evaluations
+        loss = super().step(batch, history)
+        history["zo_queries"] += self.jac.evaluations - spent
+        if len(self.jac.events) != events:
+            self._record(history)
+        return loss
 
 
 _missing = [m for m in METHODS if m not in SOURCES]

@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .checks import check_mu, check_scheme
+from .checks import NonFiniteLossError, check_mu, check_scheme
 from .parallel import chunk_size_from_budget, iter_chunks
 
 __all__ = [
@@ -275,8 +275,8 @@ def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.
     p = None if params is None else params.repeat_interleave(d * len(signs), 0)
     out = _eval_batched(step, probes, p, max_batch).reshape(b, len(signs) * d, n)
     if not torch.isfinite(out).all():
-        raise JacobianError("the black box returned non-finite values for states perturbed by "
-                            f"mu={mu:g}; the state is near a blow-up or mu is too large")
+        raise NonFiniteLossError("the black box returned non-finite values for states perturbed by "
+                                 f"mu={mu:g}; the state is near a blow-up or mu is too large")
     if scheme == "central":
         return (out[:, :d] - out[:, d:]) / (2 * mu)
     if f0 is None:
@@ -343,6 +343,16 @@ class _Colouring:
     colours: torch.Tensor     # (n,) colour of every column
     zero_mask: torch.Tensor   # (n, K) True where compressed entry (row, colour) must be zero
     n_colours: int
+    _on: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(rows, cols, entry_colour, zero_mask, directions (K, n)) on ``device`` (cached)."""
+        key = (str(device), dtype)
+        if key not in self._on:
+            dirs = torch.zeros(self.n_colours, self.colours.numel(), dtype=dtype)
+            dirs[self.colours, torch.arange(self.colours.numel())] = 1
+            self._on[key] = tuple(t.to(device) for t in (self.rows, self.cols, self.entry_colour, self.zero_mask, dirs))
+        return self._on[key]
 
     @classmethod
     def of(cls, stencil: Stencil) -> "_Colouring":
@@ -354,12 +364,6 @@ class _Colouring:
         zero = torch.ones(pattern.shape[0], k, dtype=torch.bool)
         zero[rows, col_t[cols]] = False
         return cls(stencil, rows, cols, col_t[cols], col_t, zero, k)
-
-    def directions(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """(K, n) 0/1 probe directions: the sum of the unit vectors of each colour's columns."""
-        d = torch.zeros(self.n_colours, self.colours.numel(), dtype=dtype, device=device)
-        d[self.colours.to(device), torch.arange(self.colours.numel(), device=device)] = 1
-        return d
 
 
 @dataclass
@@ -476,6 +480,23 @@ class FDJacobian:
         self.events.append(msg)
         warnings.warn(f"FDJacobian: {msg}", RuntimeWarning, stacklevel=3)
 
+    def pattern_state(self) -> dict:
+        """The structure as plain data (for checkpoints): restore with :meth:`from_pattern_state`."""
+        if self.colouring is None:
+            return {"kind": "dense", "state_shape": list(self.state_shape)}
+        st = self.colouring.stencil
+        return {"kind": "sparse", "state_shape": list(self.state_shape), "source": st.source,
+                "offsets": st.offsets.tolist()}
+
+    @classmethod
+    def from_pattern_state(cls, step: Step, state: dict, **kw) -> "FDJacobian":
+        """The estimator of a saved :meth:`pattern_state` (same pattern, same colouring)."""
+        shape = tuple(state["state_shape"])
+        if state["kind"] == "dense":
+            return cls.dense(step, shape, **kw)
+        offsets = np.asarray(state["offsets"], dtype=np.int64).reshape(-1, len(shape) + 1)
+        return cls.from_stencil(step, Stencil(shape, offsets, state["source"]), **kw)
+
     # -- reporting ---------------------------------------------------------------------------
     @property
     def n(self) -> int:
@@ -521,8 +542,7 @@ class FDJacobian:
     def compressed(self, x: torch.Tensor, params: Optional[torch.Tensor], f0: Optional[torch.Tensor] = None,
                    mu: Optional[float] = None) -> torch.Tensor:
         """CPR-compressed Jacobians (B, n, K): entry (i, c) = sum of row i over the columns of colour c."""
-        col = self.colouring
-        dirs = col.directions(x.dtype, x.device)
+        dirs = self.colouring.on(x.device, x.dtype)[4]
         q = directional_differences(self.step, x, params, dirs, mu or self._mu(x.dtype), self.scheme, f0,
                                     self.max_batch)
         self.evaluations += x.shape[0] * dirs.shape[0] * (2 if self.scheme == "central" else 1)
@@ -537,16 +557,14 @@ class FDJacobian:
         comp = self._compressed_checked(x, params, f0)
         if comp is None:
             return self.jacobian(x, params, f0)
-        col = self.colouring
+        rows, cols, colour = self.colouring.on(x.device, x.dtype)[:3]
         out = torch.zeros(b, n, n, dtype=x.dtype, device=x.device)
-        rows, cols = col.rows.to(x.device), col.cols.to(x.device)
-        out[:, rows, cols] = comp[:, rows, col.entry_colour.to(x.device)]
+        out[:, rows, cols] = comp[:, rows, colour]
         return out
 
     def _sparse_vjp(self, comp: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        col, dev = self.colouring, comp.device
-        rows, cols = col.rows.to(dev), col.cols.to(dev)
-        vals = comp[:, rows, col.entry_colour.to(dev)]  # (B, nnz)
+        rows, cols, colour = self.colouring.on(comp.device, comp.dtype)[:3]
+        vals = comp[:, rows, colour]  # (B, nnz)
         return torch.zeros_like(g).index_add_(1, cols, vals * g[:, rows])
 
     def _dense_vjp(self, x: torch.Tensor, params: Optional[torch.Tensor], g: torch.Tensor,
@@ -587,7 +605,7 @@ class FDJacobian:
     def _leaks(self, comp: torch.Tensor, x, params, f0) -> Optional[torch.Tensor]:
         """Boolean (B, n, K) of compressed entries that should be zero and are not, or None."""
         tol = self._leak_tol(comp, x, params, f0)
-        leak = (comp.abs() > tol.view(-1, 1, 1)) & self.colouring.zero_mask.to(comp.device)
+        leak = (comp.abs() > tol.view(-1, 1, 1)) & self.colouring.on(comp.device, comp.dtype)[3]
         return leak if bool(leak.any()) else None
 
     def _widen(self, x: torch.Tensor, params, f0, comp: torch.Tensor, leaks: torch.Tensor) -> None:

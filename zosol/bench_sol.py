@@ -1,0 +1,194 @@
+"""``zosol bench sol``: time per training step of FO-SOL, ZO-JAC-SOL and ZO-SOL, side by side.
+
+Every case builds one batch of SOL windows (initial states of the scenario, downsampled, advanced a
+few coarse steps; targets = the coarse trajectory, which does not change the cost), a corrector, and
+times one optimizer step's gradient (loss + gradient, median of ``repeats`` after a warm-up) for
+
+* FO-SOL: autograd through the differentiable coarse solver;
+* ZO-JAC-SOL: the black box with finite-difference Jacobians (:mod:`zosol.zo.jacobian`), its
+  pattern probed beforehand (set-up time reported separately, paid once per run);
+* ZO-SOL: DeepZero's CGE over all parameters (structured forward, chunks of 128).  Where
+  ``2d`` perturbations would take too long, CGE is timed on two coordinate subsets and the time is
+  extrapolated linearly to all ``d`` coordinates (marked ``~``).  Dense ZO-JAC-SOL Jacobians with
+  many probes are extrapolated the same way from a subset of probe columns.
+
+"evals" are black-box evaluations per window sample-step (one step of one window): FO-SOL 1,
+ZO-JAC-SOL 1 + probes x (m - 1) / m (the first call of a window needs no Jacobian), ZO-SOL
+(1 + P (m - 1)) / m + 1 with P perturbations (the first step is shared; +1: the loss itself).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import zo
+from .config import train_config
+from .models import build_corrector, corrector_input, n_params
+from .rollout import window_loss
+from .solvers import get_scenario
+
+__all__ = ["SolCase", "CASES", "run_sol_bench"]
+
+
+@dataclass
+class SolCase:
+    """One benchmark row: scenario (default preset) and corrector overrides of its training preset."""
+
+    scenario: str
+    label: str
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = [
+    SolCase("burgers1d", "cnn w8 (preset)", {}),
+    SolCase("burgers1d", "cnn w32", dict(width=32)),
+    SolCase("burgers1d", "SOL resnet 5x32 k5", dict(model="resnet", width=32, depth=5, kernel=5)),
+    SolCase("burgers1d", "SOL resnet 5x32 k25", dict(model="resnet", width=32, depth=5, kernel=25)),
+    SolCase("burgers2d", "preset corrector", {}),
+    SolCase("karman2d", "preset corrector", {}),
+]
+
+
+def _windows(sc, batch: int, m: int, warm: int = 3):
+    """(start (B, C, *s), targets (B, m, C, *s), params (B, K) | None, features | None)."""
+    solver = sc.coarse_solver()
+    xs, ps = zip(*(sc.sample(s) for s in range(batch)))
+    p = torch.stack(ps)
+    x = sc.downsample(torch.stack(xs))
+    with torch.no_grad():
+        for _ in range(warm):
+            x = solver.step(x, p)
+        frames = [x]
+        for _ in range(m):
+            frames.append(solver.step(frames[-1], p))
+    return x, torch.stack(frames[1:], 1), (p if solver.num_params else None), sc.corrector_features(p)
+
+
+def _median(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up (JIT traces, caches)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
+    start, targets, params, feats = data
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        window_loss(step, model, start, targets, params, feats, 1, loss)[0].backward()
+    return run
+
+
+def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tuple[float, bool]:
+    """CGE step time over all d coordinates, or extrapolated from two subsets (True) when 2d > budget."""
+    start, targets, params, feats = data
+    d = n_params(model)
+
+    def timed(k: int | None) -> float:
+        masks = None
+        if k is not None:
+            flat = torch.zeros(d)
+            flat[torch.linspace(0, d - 1, k).round().long()] = 1
+            masks, i = {}, 0
+            for name, p in model.named_parameters():
+                masks[name] = flat[i:i + p.numel()].view_as(p)
+                i += p.numel()
+        lof = lambda forward, P: window_loss(blackbox, forward, start, targets, params, feats, P, cfg.loss)
+        return _median(lambda: zo.cge_structured(model, lof, mu=cfg.zo_mu, scheme=cfg.zo_scheme, masks=masks,
+                                                 chunk_size=cfg.zo_chunk, batch_size=start.shape[0]), repeats)
+    if 2 * d <= budget:
+        return timed(None), False
+    k1, k2 = budget // 8, budget // 2
+    t1, t2 = timed(k1), timed(k2)
+    return t2 + (d - k2) * max(t2 - t1, 0.0) / (k2 - k1), True
+
+
+def _jac_seconds(model, jac, data, cfg, repeats: int, budget: int) -> tuple[float, bool]:
+    """ZO-JAC-SOL step time; a dense Jacobian with more than ``budget`` probes per window is
+    timed on a subset of probe columns and extrapolated (True)."""
+    start, targets, params, feats = data
+    b, m = start.shape[0], targets.shape[1]
+    per_window = jac.probes_per_sample * b * (m - 1)
+    if not jac.is_dense or per_window <= budget:
+        return _median(_autograd_step(model, zo.fd_step(jac), data, cfg.loss), repeats), False
+    cut = _median(_autograd_step(model, jac.step, data, cfg.loss), repeats)  # window + backprop, no Jacobians
+    cols = max(1, budget // (b * (m - 1) * (2 if jac.scheme == "central" else 1)))
+    eye = torch.eye(jac.n)[:cols]
+    f0 = jac.step(start, params)
+    probe = _median(lambda: zo.jacobian.directional_differences(jac.step, start, params, eye, jac._mu(start.dtype),
+                                                                jac.scheme, f0, jac.max_batch), 1)
+    return cut + (m - 1) * probe * jac.n / cols, True
+
+
+def _evals(m: int, perturbations: int) -> float:
+    """Black-box evaluations per window sample-step for P rollouts sharing the first step, +1 loss."""
+    return (1 + perturbations * (m - 1)) / m + 1
+
+
+def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, Any]:
+    """Time FO-SOL, ZO-JAC-SOL and ZO-SOL on one case; returns the row."""
+    sc = get_scenario(case.scenario, "default")
+    cfg = train_config("default", case.scenario, method="zo-jac-sol", **case.model)
+    solver = sc.coarse_solver()
+    data = _windows(sc, cfg.batch_size, cfg.window)
+    start, targets, params, feats = data
+    in_ch = corrector_input(start, feats).shape[1]
+    torch.manual_seed(0)
+    model = build_corrector(cfg.model, len(solver.spatial_shape), in_ch, len(solver.channels), width=cfg.width,
+                            depth=cfg.depth, kernel=cfg.kernel, padding_mode=sc.padding_mode)
+    torch.nn.init.normal_(model[-1].weight, std=1e-3)  # a non-zero last layer: every layer gets a gradient
+    blackbox = solver.blackbox().step
+    t = time.perf_counter()
+    probe_states = targets[:, -1][: cfg.jac_probe_states]
+    probe_params = None if params is None else params[: cfg.jac_probe_states]
+    jac = zo.FDJacobian.for_step(blackbox, solver.state_shape, pattern=cfg.jac_pattern, states=probe_states,
+                                 params=probe_params, stencil_reach=solver.stencil_reach, mu=cfg.zo_mu,
+                                 scheme=cfg.zo_scheme, max_batch=cfg.jac_batch)
+    setup = time.perf_counter() - t
+    fo = _median(_autograd_step(model, solver.step, data, cfg.loss), repeats)
+    zj, zj_extra = _jac_seconds(model, jac, data, cfg, repeats, budget * 16)
+    zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, repeats, budget)
+    d, m = n_params(model), cfg.window
+    perturbations = 2 * d if cfg.zo_scheme == "central" else d + 1
+    return {"scenario": case.scenario, "corrector": case.label, "params": d, "batch": cfg.batch_size, "window": m,
+            "jacobian": jac.describe(), "jacobian_setup_s": setup, "fo_sol_s": fo, "zo_jac_sol_s": zj,
+            "zo_jac_sol_extrapolated": zj_extra, "zo_sol_s": zs, "zo_sol_extrapolated": zs_extra,
+            "evals_fo_sol": 1.0, "evals_zo_jac_sol": 1 + jac.probes_per_sample * (m - 1) / m,
+            "evals_zo_sol": _evals(m, perturbations)}
+
+
+def _line(r: dict[str, Any]) -> str:
+    zj = f"{'~' if r['zo_jac_sol_extrapolated'] else ''}{r['zo_jac_sol_s']:.3f}"
+    zs = f"{'~' if r['zo_sol_extrapolated'] else ''}{r['zo_sol_s']:.3g}"
+    return (f"{r['scenario']:<10} {r['corrector']:<20} {r['params']:>8} {r['fo_sol_s']:>8.3f} {zj:>10} {zs:>10} "
+            f"{r['zo_jac_sol_s'] / r['fo_sol_s']:>8.2f} {r['zo_sol_s'] / r['zo_jac_sol_s']:>9.0f} "
+            f"{r['evals_zo_jac_sol']:>8.1f} {r['evals_zo_sol']:>9.0f}")
+
+
+def run_sol_bench(json_path: str | None = None, quick: bool = False, scenarios=None, repeats: int = 3,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """Print (and return) one row per case: seconds per training step of each method, ratios,
+    black-box evaluations per window sample-step; ``~`` marks extrapolated times."""
+    cases = [c for c in CASES if scenarios is None or c.scenario in scenarios]
+    if quick:
+        cases = [c for c in cases if "k25" not in c.label and c.scenario != "karman2d"]
+    log(f"{'scenario':<10} {'corrector':<20} {'params':>8} {'FO-SOL':>8} {'ZO-JAC':>10} {'ZO-SOL':>10} "
+        f"{'JAC/FO':>8} {'ZO/JAC':>9} {'ev JAC':>8} {'ev ZO-SOL':>9}   (s per training step; ev: black-box "
+        f"evaluations per window sample-step; ~ extrapolated)")
+    rows = []
+    for case in cases:
+        row = run_case(case, repeats=repeats)
+        rows.append(row)
+        log(_line(row) + f"   [{row['jacobian']}; set-up {row['jacobian_setup_s']:.1f} s]")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
