@@ -154,7 +154,7 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
                                  scheme=cfg.zo_scheme, max_batch=cfg.jac_batch)
     setup = time.perf_counter() - t
     fo = _median(_autograd_step(model, solver.step, data, cfg.loss), repeats)
-    zj, zj_extra = _jac_seconds(model, jac, data, cfg, repeats, budget * 16)
+    zj, zj_extra = _jac_seconds(model, jac, data, cfg, repeats, budget * 2)
     zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, repeats, budget)
     d, m = n_params(model), cfg.window
     perturbations = 2 * d if cfg.zo_scheme == "central" else d + 1
