@@ -94,3 +94,16 @@ def test_a_discontinuous_black_box_stops_with_a_training_error(tiny):
     cfg = train_config("tiny", method="zo-jac-sol", epochs=1, grad_checks=0, jac_pattern="stencil")
     with pytest.raises(TrainingError, match="jumps under perturbations"):
         train(tiny, cfg, progress=False, solver=Jumpy(tiny.scenario.coarse_solver()))
+
+
+def test_sol_bench_rows():
+    from zosol.bench_sol import SolCase, run_sol_bench
+
+    lines = []
+    rows = run_sol_bench(cases=[SolCase("burgers1d", "tiny", {}, preset="tiny")], repeats=1, budget=64,
+                         log=lines.append)
+    r = rows[0]
+    assert r["params"] > 32 and r["zo_sol_extrapolated"] and not r["zo_jac_sol_extrapolated"]
+    assert r["evals_zo_jac_sol"] == 1 + 8 * (r["window"] - 1) / r["window"]
+    assert r["evals_zo_sol"] == (1 + 2 * r["params"] * (r["window"] - 1)) / r["window"] + 1
+    assert all(r[k] > 0 for k in ("fo_sol_s", "zo_jac_sol_s", "zo_sol_s")) and "~" in lines[1]

@@ -36,11 +36,12 @@ __all__ = ["SolCase", "CASES", "run_sol_bench"]
 
 @dataclass
 class SolCase:
-    """One benchmark row: scenario (default preset) and corrector overrides of its training preset."""
+    """One benchmark row: scenario at ``preset`` and corrector overrides of its training preset."""
 
     scenario: str
     label: str
     model: dict[str, Any] = field(default_factory=dict)
+    preset: str = "default"
 
 
 CASES = [
@@ -135,8 +136,8 @@ def _evals(m: int, perturbations: int) -> float:
 
 def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, Any]:
     """Time FO-SOL, ZO-JAC-SOL and ZO-SOL on one case; returns the row."""
-    sc = get_scenario(case.scenario, "default")
-    cfg = train_config("default", case.scenario, method="zo-jac-sol", **case.model)
+    sc = get_scenario(case.scenario, case.preset)
+    cfg = train_config(case.preset, case.scenario, method="zo-jac-sol", **case.model)
     solver = sc.coarse_solver()
     data = _windows(sc, cfg.batch_size, cfg.window)
     start, targets, params, feats = data
@@ -174,10 +175,12 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def run_sol_bench(json_path: str | None = None, quick: bool = False, scenarios=None, repeats: int = 3,
-                  log: Callable[[str], None] = print) -> list[dict]:
-    """Print (and return) one row per case: seconds per training step of each method, ratios,
-    black-box evaluations per window sample-step; ``~`` marks extrapolated times."""
-    cases = [c for c in CASES if scenarios is None or c.scenario in scenarios]
+                  log: Callable[[str], None] = print, cases: list[SolCase] | None = None,
+                  budget: int = 2048) -> list[dict]:
+    """Print (and return) one row per case (default: :data:`CASES`): seconds per training step of
+    each method, ratios, black-box evaluations per window sample-step; ``~`` marks extrapolated
+    times (ZO-SOL beyond ``budget`` perturbations)."""
+    cases = [c for c in cases or CASES if scenarios is None or c.scenario in scenarios]
     if quick:
         cases = [c for c in cases if "k25" not in c.label and c.scenario != "karman2d"]
     log(f"{'scenario':<10} {'corrector':<20} {'params':>8} {'FO-SOL':>8} {'ZO-JAC':>10} {'ZO-SOL':>10} "
@@ -185,7 +188,7 @@ def run_sol_bench(json_path: str | None = None, quick: bool = False, scenarios=N
         f"evaluations per window sample-step; ~ extrapolated)")
     rows = []
     for case in cases:
-        row = run_case(case, repeats=repeats)
+        row = run_case(case, repeats=repeats, budget=budget)
         rows.append(row)
         log(_line(row) + f"   [{row['jacobian']}; set-up {row['jacobian_setup_s']:.1f} s]")
     if json_path:
