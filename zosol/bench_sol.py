@@ -7,6 +7,7 @@ times one optimizer step's gradient (loss + gradient, median of ``repeats`` afte
 * FO-SOL: autograd through the differentiable coarse solver;
 * ZO-JAC-SOL: the black box with finite-difference Jacobians (:mod:`zosol.zo.jacobian`), its
   pattern probed beforehand (set-up time reported separately, paid once per run);
+  FO-SOL and ZO-JAC-SOL are timed in turns (round-robin), so load changes hit both alike;
 * ZO-SOL: DeepZero's CGE over all parameters (structured forward, chunks of 128).  Where
   ``2d`` perturbations would take too long, CGE is timed on two coordinate subsets and the time is
   extrapolated linearly to all ``d`` coordinates (marked ``~``).  Dense ZO-JAC-SOL Jacobians with
@@ -69,14 +70,22 @@ def _windows(sc, batch: int, m: int, warm: int = 3):
     return x, torch.stack(frames[1:], 1), (p if solver.num_params else None), sc.corrector_features(p)
 
 
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (JIT traces, caches)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _medians(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function, timed in turns (round-robin) so that a changing machine
+    load affects all alike; one warm-up call each (JIT traces, caches)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def _median(fn: Callable[[], Any], repeats: int) -> float:
+    return _medians([fn], repeats)[0]
 
 
 def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
@@ -112,21 +121,24 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
     return t2 + (d - k2) * max(t2 - t1, 0.0) / (k2 - k1), True
 
 
-def _jac_seconds(model, jac, data, cfg, repeats: int, budget: int) -> tuple[float, bool]:
-    """ZO-JAC-SOL step time; a dense Jacobian with more than ``budget`` probes per window is
-    timed on a subset of probe columns and extrapolated (True)."""
+def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int) -> tuple[float, float, bool]:
+    """FO-SOL and ZO-JAC-SOL step times, timed in turns; a dense Jacobian with more than
+    ``budget`` probes per window is timed on a subset of probe columns and extrapolated (True)."""
     start, targets, params, feats = data
     b, m = start.shape[0], targets.shape[1]
-    per_window = jac.probes_per_sample * b * (m - 1)
-    if not jac.is_dense or per_window <= budget:
-        return _median(_autograd_step(model, zo.fd_step(jac), data, cfg.loss), repeats), False
-    cut = _median(_autograd_step(model, jac.step, data, cfg.loss), repeats)  # window + backprop, no Jacobians
+    fo = _autograd_step(model, solver.step, data, cfg.loss)
+    if not jac.is_dense or jac.probes_per_sample * b * (m - 1) <= budget:
+        return *_medians([fo, _autograd_step(model, zo.fd_step(jac), data, cfg.loss)], repeats), False
     cols = max(1, budget // (b * (m - 1) * (2 if jac.scheme == "central" else 1)))
     eye = torch.eye(jac.n)[:cols]
     f0 = jac.step(start, params)
-    probe = _median(lambda: zo.jacobian.directional_differences(jac.step, start, params, eye, jac._mu(start.dtype),
-                                                                jac.scheme, f0, jac.max_batch), 1)
-    return cut + (m - 1) * probe * jac.n / cols, True
+
+    def probe():
+        zo.jacobian.directional_differences(jac.step, start, params, eye, jac._mu(start.dtype), jac.scheme, f0,
+                                            jac.max_batch)
+    cut = _autograd_step(model, jac.step, data, cfg.loss)  # window + backprop, no Jacobians
+    t_fo, t_cut, t_probe = _medians([fo, cut, probe], repeats)
+    return t_fo, t_cut + (m - 1) * t_probe * jac.n / cols, True
 
 
 def _evals(m: int, perturbations: int) -> float:
@@ -154,8 +166,7 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
                                  params=probe_params, stencil_reach=solver.stencil_reach, mu=cfg.zo_mu,
                                  scheme=cfg.zo_scheme, max_batch=cfg.jac_batch)
     setup = time.perf_counter() - t
-    fo = _median(_autograd_step(model, solver.step, data, cfg.loss), repeats)
-    zj, zj_extra = _jac_seconds(model, jac, data, cfg, repeats, budget * 2)
+    fo, zj, zj_extra = _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats, budget * 2)
     zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, repeats, budget)
     d, m = n_params(model), cfg.window
     perturbations = 2 * d if cfg.zo_scheme == "central" else d + 1
