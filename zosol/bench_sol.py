@@ -8,7 +8,8 @@ times one optimizer step's gradient (loss + gradient, median of ``repeats`` afte
 * ZO-JAC-SOL: the black box with finite-difference Jacobians (:mod:`zosol.zo.jacobian`), its
   pattern probed beforehand (set-up time reported separately, paid once per run);
   FO-SOL and ZO-JAC-SOL are timed in turns (round-robin), so load changes hit both alike;
-* ZO-SOL: DeepZero's CGE over all parameters (structured forward, chunks of 128).  Where
+* ZO-SOL: DeepZero's CGE over all parameters (structured forward, chunks of 128; one timed call,
+  its time is long enough).  Where
   ``2d`` perturbations would take too long, CGE is timed on two coordinate subsets and the time is
   extrapolated linearly to all ``d`` coordinates (marked ``~``).  Dense ZO-JAC-SOL Jacobians with
   many probes are extrapolated the same way from a subset of probe columns.
@@ -70,10 +71,10 @@ def _windows(sc, batch: int, m: int, warm: int = 3):
     return x, torch.stack(frames[1:], 1), (p if solver.num_params else None), sc.corrector_features(p)
 
 
-def _medians(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True) -> list[float]:
     """Median seconds of each function, timed in turns (round-robin) so that a changing machine
-    load affects all alike; one warm-up call each (JIT traces, caches)."""
-    for fn in fns:
+    load affects all alike; first one warm-up call each (JIT traces, caches)."""
+    for fn in fns if warmup else []:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
@@ -84,8 +85,6 @@ def _medians(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    return _medians([fn], repeats)[0]
 
 
 def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
@@ -112,8 +111,9 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
                 masks[name] = flat[i:i + p.numel()].view_as(p)
                 i += p.numel()
         lof = lambda forward, P: window_loss(blackbox, forward, start, targets, params, feats, P, cfg.loss)
-        return _median(lambda: zo.cge_structured(model, lof, mu=cfg.zo_mu, scheme=cfg.zo_scheme, masks=masks,
-                                                 chunk_size=cfg.zo_chunk, batch_size=start.shape[0]), repeats)
+        return _medians([lambda: zo.cge_structured(model, lof, mu=cfg.zo_mu, scheme=cfg.zo_scheme, masks=masks,
+                                                   chunk_size=cfg.zo_chunk, batch_size=start.shape[0])],
+                        repeats, warmup=False)[0]
     if 2 * d <= budget:
         return timed(None), False
     k1, k2 = budget // 8, budget // 2
@@ -167,7 +167,7 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
                                  scheme=cfg.zo_scheme, max_batch=cfg.jac_batch)
     setup = time.perf_counter() - t
     fo, zj, zj_extra = _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats, budget * 2)
-    zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, repeats, budget)
+    zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, 1, budget)  # seconds to minutes: one call
     d, m = n_params(model), cfg.window
     perturbations = 2 * d if cfg.zo_scheme == "central" else d + 1
     return {"scenario": case.scenario, "corrector": case.label, "params": d, "batch": cfg.batch_size, "window": m,
