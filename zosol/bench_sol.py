@@ -7,7 +7,8 @@ times one optimizer step's gradient (loss + gradient, median of ``repeats`` afte
 * FO-SOL: autograd through the differentiable coarse solver;
 * ZO-JAC-SOL: the black box with finite-difference Jacobians (:mod:`zosol.zo.jacobian`), its
   pattern probed beforehand (set-up time reported separately, paid once per run);
-  FO-SOL and ZO-JAC-SOL are timed in turns (round-robin), so load changes hit both alike;
+  FO-SOL and ZO-JAC-SOL are timed in turns (round-robin), so load changes hit both alike, with
+  enough rounds (up to 41) to fill ~10 s;
 * ZO-SOL: DeepZero's CGE over all parameters (structured forward, chunks of 128; one timed call,
   its time is long enough).  Where
   ``2d`` perturbations would take too long, CGE is timed on two coordinate subsets and the time is
@@ -21,6 +22,7 @@ ZO-JAC-SOL 1 + probes x (m - 1) / m (the first call of a window needs no Jacobia
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,11 +73,17 @@ def _windows(sc, batch: int, m: int, warm: int = 3):
     return x, torch.stack(frames[1:], 1), (p if solver.num_params else None), sc.corrector_features(p)
 
 
-def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True) -> list[float]:
+def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True, min_seconds: float = 0.0) -> list[float]:
     """Median seconds of each function, timed in turns (round-robin) so that a changing machine
-    load affects all alike; first one warm-up call each (JIT traces, caches)."""
+    load affects all alike; first one warm-up call each (JIT traces, caches).  At least ``repeats``
+    rounds, more (up to 41) while the rounds take less than ``min_seconds`` in all: cheap steps
+    on a loaded machine need many samples for a stable median."""
+    t = time.perf_counter()
     for fn in fns if warmup else []:
         fn()
+    per_round = time.perf_counter() - t
+    if warmup and min_seconds > 0:
+        repeats = max(repeats, min(41, math.ceil(min_seconds / max(per_round, 1e-9))))
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
@@ -83,8 +91,6 @@ def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True) ->
             fn()
             ts.append(time.perf_counter() - t)
     return [sorted(ts)[len(ts) // 2] for ts in times]
-
-
 
 
 def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
@@ -128,7 +134,8 @@ def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int
     b, m = start.shape[0], targets.shape[1]
     fo = _autograd_step(model, solver.step, data, cfg.loss)
     if not jac.is_dense or jac.probes_per_sample * b * (m - 1) <= budget:
-        return *_medians([fo, _autograd_step(model, zo.fd_step(jac), data, cfg.loss)], repeats), False
+        return *_medians([fo, _autograd_step(model, zo.fd_step(jac), data, cfg.loss)], repeats,
+                         min_seconds=10.0), False
     cols = max(1, budget // (b * (m - 1) * (2 if jac.scheme == "central" else 1)))
     eye = torch.eye(jac.n)[:cols]
     f0 = jac.step(start, params)
