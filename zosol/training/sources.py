@@ -296,10 +296,11 @@ class ZoJacSolSource(_AutogradSource):
     name = "zo-jac-sol"
     needs = "blackbox"
     gradient_check = True
+    shardable = True  # the probe batches (of jac_batch states) are shared out over the ranks
 
     def prepare(self, history: dict[str, Any]) -> None:
         c, w = self.config, self.windows
-        kw = dict(mu=c.zo_mu, scheme=c.zo_scheme, max_batch=c.jac_batch)
+        kw = dict(mu=c.zo_mu, scheme=c.zo_scheme, max_batch=c.jac_batch, distributed=self.distributed)
         saved = history.get("jacobian")
         if saved is not None:
             self.jac = zo.FDJacobian.from_pattern_state(self.solver_step, saved["pattern"], **kw)

@@ -41,9 +41,10 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.distributed as dist
 
 from .checks import NonFiniteLossError, check_mu, check_scheme
-from .parallel import chunk_size_from_budget, iter_chunks
+from .parallel import chunk_size_from_budget, dist_info, iter_chunks, shard_chunks
 
 __all__ = [
     "JacobianError", "DiscontinuityError", "Stencil", "stencil_offsets", "probe_offsets", "stencil_pattern",
@@ -237,32 +238,52 @@ def colouring_is_valid(pattern: sp.spmatrix, colours: np.ndarray) -> bool:
 
 
 def _eval_batched(step: Step, states: torch.Tensor, params: Optional[torch.Tensor],
-                  max_batch: Optional[int]) -> torch.Tensor:
+                  max_batch: Optional[int], distributed: bool = False) -> torch.Tensor:
     """``step`` on (N, C, *s) in chunks of exactly ``max_batch`` (the last one padded with copies,
-    so a solver that retraces per batch size sees one size); returns (N, C, *s)."""
+    so a solver that retraces per batch size sees one size); returns (N, C, *s).  ``distributed``:
+    the chunks are shared out over the ranks of the process group (round robin, as
+    :func:`~zosol.zo.parallel.evaluate_chunked` does) and summed back, so every rank gets the same
+    result as one process (the chunks, and so the solver's calls, are the same)."""
     n = states.shape[0]
-    if max_batch is None or n <= max_batch:
+    rank, world = dist_info(distributed)
+    chunks = iter_chunks(n, max_batch if max_batch is not None else n)
+    if world == 1 and len(chunks) == 1:
         return step(states, params)
+    pad_to = max_batch if len(chunks) > 1 else None
+    out = torch.zeros_like(states) if world > 1 else None
     outs = []
-    for s, e in iter_chunks(n, max_batch):
-        x, p = states[s:e], None if params is None else params[s:e]
-        pad = max_batch - (e - s)
-        if pad:
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-            p = None if p is None else torch.cat([p, p[-1:].expand(pad, *p.shape[1:])])
-        outs.append(step(x, p)[: e - s])
-    return torch.cat(outs)
+    for s, e in shard_chunks(chunks, rank, world):
+        y = _call_padded(step, states[s:e], None if params is None else params[s:e], pad_to)
+        if out is None:
+            outs.append(y)
+        else:
+            out[s:e] = y
+    if out is None:
+        return torch.cat(outs)
+    dist.all_reduce(out)  # every row is written by exactly one rank, the others add exact zeros
+    return out
+
+
+def _call_padded(step: Step, x: torch.Tensor, p: Optional[torch.Tensor], pad_to: Optional[int]) -> torch.Tensor:
+    """``step(x, p)`` with x (and p) padded by copies of the last row to ``pad_to`` rows."""
+    k = x.shape[0]
+    pad = 0 if pad_to is None else pad_to - k
+    if pad:
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+        p = None if p is None else torch.cat([p, p[-1:].expand(pad, *p.shape[1:])])
+    return step(x, p)[:k]
 
 
 def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.Tensor], dirs: torch.Tensor,
                             mu: float, scheme: str = "central", f0: Optional[torch.Tensor] = None,
-                            max_batch: Optional[int] = None) -> torch.Tensor:
+                            max_batch: Optional[int] = None, distributed: bool = False) -> torch.Tensor:
     """Finite-difference directional derivatives ``J(x_b) d_k`` of ``step``.
 
     Args:
         x: (B, C, *s) states.  params: (B, K) or None.  dirs: (D, n) directions (flattened states)
         or (B, D, n) per-sample directions.  f0: ``step(x)`` (B, C, *s), needed for "forward"
-        (computed when missing).  max_batch: states per black-box call.
+        (computed when missing).  max_batch: states per black-box call.  distributed: share the
+        calls out over the process group's ranks (same result on every rank).
     Returns:
         (B, D, n) difference quotients.
     """
@@ -273,7 +294,7 @@ def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.
     signs = (1.0, -1.0) if scheme == "central" else (1.0,)
     probes = torch.cat([(base + s * mu * dirs) for s in signs], 1).reshape(-1, *x.shape[1:])
     p = None if params is None else params.repeat_interleave(d * len(signs), 0)
-    out = _eval_batched(step, probes, p, max_batch).reshape(b, len(signs) * d, n)
+    out = _eval_batched(step, probes, p, max_batch, distributed).reshape(b, len(signs) * d, n)
     if not torch.isfinite(out).all():
         raise NonFiniteLossError("the black box returned non-finite values for states perturbed by "
                                  f"mu={mu:g}; the state is near a blow-up or mu is too large")
@@ -376,7 +397,9 @@ class FDJacobian:
     size, the last chunk padded); ``dense_fraction``: colours above this fraction of ``n`` switch
     to the dense estimate.  ``evaluations`` counts black-box sample-steps spent on probes and
     ``events`` the pattern changes made at run time.  ``budget_bytes`` (with ``max_batch=None``)
-    sizes the probe batches to a memory budget (~8 copies of a state per probe).
+    sizes the probe batches to a memory budget (~8 copies of a state per probe).  ``distributed``:
+    the probe batches of the products are shared out over the ranks of the process group (every
+    rank must make the same calls; the pattern probes at set-up run on every rank).
     """
 
     step: Step
@@ -392,6 +415,7 @@ class FDJacobian:
     check: bool = True
     max_widenings: int = 4
     budget_bytes: Optional[int] = None
+    distributed: bool = False
     evaluations: int = 0
     events: list = field(default_factory=list)
 
@@ -544,7 +568,7 @@ class FDJacobian:
         """CPR-compressed Jacobians (B, n, K): entry (i, c) = sum of row i over the columns of colour c."""
         dirs = self.colouring.on(x.device, x.dtype)[4]
         q = directional_differences(self.step, x, params, dirs, mu or self._mu(x.dtype), self.scheme, f0,
-                                    self.max_batch)
+                                    self.max_batch, self.distributed)
         self.evaluations += x.shape[0] * dirs.shape[0] * (2 if self.scheme == "central" else 1)
         return q.transpose(1, 2)
 
@@ -575,7 +599,7 @@ class FDJacobian:
         out = torch.empty_like(g)
         for s, e in iter_chunks(n, chunk):
             q = directional_differences(self.step, x, params, eye[s:e], self._mu(x.dtype), self.scheme, f0,
-                                        self.max_batch)
+                                        self.max_batch, self.distributed)
             out[:, s:e] = torch.einsum("bkn,bn->bk", q, g)
         self.evaluations += b * self.probes_per_sample
         return out
