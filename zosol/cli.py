@@ -7,6 +7,10 @@
     zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL
     zosol bench engine|solvers|sol                         speed benchmarks
 
+Training options are derived from ``TrainConfig``'s field declarations (``zosol.options``): every
+field is an ``--option`` of ``train`` and ``compare`` (``zo_reuse`` -> ``--zo-reuse true|false``),
+parsed and checked as declared.
+
 User errors (bad options, missing or corrupt files, a checkpoint of another config, a job too
 large for this machine, a file in use by another zosol process, a file-system error such as a
 read-only directory or a full disk) end with a one-line message and exit code 2; a failed run
@@ -48,42 +52,61 @@ def _parse_methods(text: str | None) -> list[str] | None:
         return None
     names = [m.strip() for m in text.split(",")]
     if not all(names):
+        from .config import METHODS
         raise ValueError(f"--methods '{text}' has an empty name; give a comma-separated subset of "
-                         f"non,nog-sol,fo-sol,zo-sol (or leave --methods out for all)")
+                         f"{','.join(METHODS)} (or leave --methods out for all)")
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
         raise ValueError(f"--methods names {', '.join(twice)} twice")
     return names
 
 
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("epochs", "window", "batch_size", "lr", "loss", "model", "width", "depth", "seed",
-             "zo_scheme", "zo_mu", "zo_sparsity", "zo_lpr", "zo_chunk", "device")
-    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**out, **_parse_sets(getattr(args, "train_set", None))}
+    """The training options given on the command line (``--lr 0.01``, ``--train-set lr=0.01``),
+    parsed as their ``TrainConfig`` declarations say (booleans strictly: true/false, yes/no, 1/0)."""
+    from .config import TrainConfig
+    from .options import parse_text, specs
+    declared = specs(TrainConfig)
+    out = {n: parse_text(s, getattr(args, n)) for n, s in declared.items()
+           if n != "method" and getattr(args, n, None) is not None}
+    for key, text in _split_sets(getattr(args, "train_set", None)).items():
+        out[key] = parse_text(declared[key], text) if key in declared else text
+    return out
+
+
+def _split_sets(items: Sequence[str] | None) -> dict[str, str]:
+    """``["lr=0.01"]`` -> {"lr": "0.01"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--train-set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _metavar(spec: Any) -> str:
+    if spec.kind == "choice":
+        return "{" + ",".join(map(str, spec.choices)) + "}"
+    return {bool: "{true,false}", int: "N", float: "X"}.get(spec.kind, "TEXT")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One ``--option`` per ``TrainConfig`` field (except ``method``), with the declared help."""
+    from .config import TrainConfig
+    from .options import describe, specs
     g = p.add_argument_group("training options (default: the preset's)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--window", type=int, help="SOL unroll length m")
-    g.add_argument("--batch-size", type=int, dest="batch_size")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--loss", choices=["mse", "l1"])
-    g.add_argument("--model", choices=["cnn", "resnet"])
-    g.add_argument("--width", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--zo-scheme", dest="zo_scheme", choices=["central", "forward"])
-    g.add_argument("--zo-mu", dest="zo_mu", type=float)
-    g.add_argument("--zo-sparsity", dest="zo_sparsity", type=float)
-    g.add_argument("--zo-lpr", dest="zo_lpr", choices=["zo-grasp", "fo-grasp", "uniform"])
-    g.add_argument("--zo-chunk", dest="zo_chunk", type=int)
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    for name, spec in specs(TrainConfig).items():
+        if name != "method":  # train: --method, compare: --methods
+            g.add_argument(_option_flag(name), dest=name, metavar=_metavar(spec), help=describe(spec))
     g.add_argument("--workers", type=int, default=1,
                    help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1)")
     g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
-                   help="any other TrainConfig field")
+                   help="a TrainConfig field by name (the same as its --option)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -240,23 +263,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    p = argparse.ArgumentParser(prog="zosol", description="Zeroth-order Solver-in-the-Loop training of "
-                                "neural correctors for black-box PDE solvers.")
-    p.add_argument("--version", action="version", version=f"zosol {__version__}")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the built-in "
-                        "presets run many small tensor operations, where one thread was fastest)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _scenario_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--scenario", required=True, help="burgers1d, burgers2d or karman2d")
+    q.add_argument("--preset", default="default", help="tiny, default or paper (default: %(default)s)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
 
-    def scenario_args(q: argparse.ArgumentParser, preset_default: str = "default") -> None:
-        q.add_argument("--scenario", required=True, help="burgers1d, burgers2d or karman2d")
-        q.add_argument("--preset", default=preset_default, help="tiny, default or paper (default: %(default)s)")
-        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
 
+def _add_data_commands(sub: Any) -> None:
+    """``generate``, ``info`` and ``bench``."""
     q = sub.add_parser("generate", help="generate a fidelity dataset (HDF5)")
-    scenario_args(q)
+    _scenario_args(q)
     q.add_argument("--out", default="datasets", help="output directory (default: %(default)s)")
     q.add_argument("--batch", type=int, default=8, help="simulations run as one batch")
     q.add_argument("--overwrite", action="store_true", help="regenerate even if the file exists")
@@ -270,9 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_info)
 
+    q = sub.add_parser("bench", help="speed benchmarks")
+    q.add_argument("what", choices=["engine", "solvers", "sol"],
+                   help="engine: ZO estimators; solvers: coarse-step throughput; sol: time per training step "
+                        "of FO-SOL, ZO-JAC-SOL and ZO-SOL")
+    q.add_argument("--json", help="also write the figures as JSON")
+    q.add_argument("--quick", action="store_true", help="smaller sizes")
+    q.add_argument("--scenarios", help="solvers / sol bench: comma-separated scenarios (default: all)")
+    q.set_defaults(func=_cmd_bench)
+
+
+def _add_training_commands(sub: Any) -> None:
+    """``train``, ``evaluate`` and ``compare``."""
+    from .config import METHODS, TrainConfig
+    from .options import describe, specs
     q = sub.add_parser("train", help="train one corrector")
-    scenario_args(q)
-    q.add_argument("--method", required=True, help="non, nog-sol, fo-sol, zo-sol or zo-jac-sol")
+    _scenario_args(q)
+    q.add_argument("--method", required=True, help=describe(specs(TrainConfig)["method"]))
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: data)")
     q.add_argument("--out", help="run directory (default: runs/<scenario>_<preset>_<method>)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
@@ -285,24 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", help="dataset file (default: the one the run was trained on)")
     q.set_defaults(func=_cmd_evaluate)
 
-    q = sub.add_parser("compare", help="train and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL")
-    scenario_args(q)
+    q = sub.add_parser("compare", help="train and compare SRC and the training methods")
+    _scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     q.add_argument("--data", help="dataset directory (default: OUT/data)")
-    q.add_argument("--methods", help="comma-separated subset of non,nog-sol,fo-sol,zo-sol,zo-jac-sol")
+    q.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
     _add_train_options(q)
     q.set_defaults(func=_cmd_compare)
 
-    q = sub.add_parser("bench", help="speed benchmarks")
-    q.add_argument("what", choices=["engine", "solvers", "sol"],
-                   help="engine: ZO estimators; solvers: coarse-step throughput; sol: time per training step "
-                        "of FO-SOL, ZO-JAC-SOL and ZO-SOL")
-    q.add_argument("--json", help="also write the figures as JSON")
-    q.add_argument("--quick", action="store_true", help="smaller sizes")
-    q.add_argument("--scenarios", help="solvers / sol bench: comma-separated scenarios (default: all)")
-    q.set_defaults(func=_cmd_bench)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zosol`` command line."""
+    from . import __version__
+    p = argparse.ArgumentParser(prog="zosol", description="Zeroth-order Solver-in-the-Loop training of "
+                                "neural correctors for black-box PDE solvers.")
+    p.add_argument("--version", action="version", version=f"zosol {__version__}")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the built-in "
+                        "presets run many small tensor operations, where one thread was fastest)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
     return p
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MODEL_KINDS
 from .zo.plan import n_params
 from .zo.reuse import Residual
 
-__all__ = ["small_cnn", "sol_resnet", "build_corrector", "corrector_input", "n_params"]
+__all__ = ["small_cnn", "sol_resnet", "build_corrector", "CORRECTORS", "corrector_input", "n_params"]
 
 
 def _conv(dim: int, cin: int, cout: int, kernel: int, padding_mode: str) -> nn.Module:
@@ -64,14 +65,17 @@ def sol_resnet(dim: int, in_channels: int, out_channels: int, width: int = 32, b
     return _zero_last(nn.Sequential(*layers))
 
 
+#: corrector builders by ``TrainConfig.model`` kind (the kinds are declared in zosol.config)
+_BUILDERS = {"cnn": small_cnn, "resnet": sol_resnet}
+CORRECTORS = {kind: _BUILDERS[kind] for kind in MODEL_KINDS}
+
+
 def build_corrector(kind: str, dim: int, in_channels: int, out_channels: int, *, width: int, depth: int,
                     kernel: int, padding_mode: str = "circular") -> nn.Sequential:
     """Corrector by name: ``"cnn"`` (``depth`` conv layers) or ``"resnet"`` (``depth`` residual blocks)."""
-    if kind == "cnn":
-        return small_cnn(dim, in_channels, out_channels, width, depth, kernel, padding_mode)
-    if kind == "resnet":
-        return sol_resnet(dim, in_channels, out_channels, width, depth, kernel, padding_mode)
-    raise ValueError(f"unknown corrector model '{kind}'; choose 'cnn' or 'resnet'")
+    if kind not in CORRECTORS:
+        raise ValueError(f"unknown corrector model '{kind}'; choose one of {list(CORRECTORS)}")
+    return CORRECTORS[kind](dim, in_channels, out_channels, width, depth, kernel, padding_mode)
 
 
 def corrector_input(state: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:

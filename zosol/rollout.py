@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .config import LOSSES as LOSS_NAMES
 from .models import corrector_input
 
 __all__ = ["corrected_rollout", "window_loss", "LOSSES"]
@@ -26,10 +27,12 @@ __all__ = ["corrected_rollout", "window_loss", "LOSSES"]
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-LOSSES = {
+_POINTWISE = {
     "mse": lambda err: err.pow(2),
     "l1": lambda err: err.abs(),
 }
+#: pointwise losses by ``TrainConfig.loss`` name (the names are declared in zosol.config)
+LOSSES = {name: _POINTWISE[name] for name in LOSS_NAMES}
 
 
 def _repeat(t: torch.Tensor | None, p: int) -> torch.Tensor | None:

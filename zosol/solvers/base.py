@@ -16,11 +16,12 @@ states and parameters.  Scenarios are registered by name with presets ``tiny`` (
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
 import torch
+
+from ..options import check_fields, option
 
 __all__ = [
     "Solver",
@@ -171,40 +172,43 @@ def check_finite_output(solver: Any, state: torch.Tensor, out: torch.Tensor) -> 
 # Scenarios
 
 
+#: a rule between fields of a scenario config: ``config -> message naming the fix, or None``
+Constraint = Callable[[Any], "str | None"]
+
+
+def multiple_of(fine: str, coarse: str) -> Constraint:
+    """Constraint: field ``fine`` (a reference grid size) is a multiple of field ``coarse``."""
+    def rule(c: Any) -> str | None:
+        a, b = getattr(c, fine), getattr(c, coarse)
+        return None if a % b == 0 else f"{fine} ({a}) must be a multiple of {coarse} ({b})"
+    return rule
+
+
 @dataclasses.dataclass
 class ScenarioConfig:
     """Fields shared by every scenario's config; scenarios subclass it with their physics.
 
-    ``frames``: number of coarse steps recorded after the initial frame (T);
-    ``warmup``: reference steps run (and discarded) before frame 0;
-    ``train_sims`` / ``test_sims``: simulation counts; seeds are ``seed + i`` for training and
-    ``seed + 10_000 + i`` for testing.
+    Every field declares its type, help text and bounds with :func:`zosol.options.option`; rules
+    between fields (e.g. a reference grid divisible by the coarse grid) are listed in the
+    subclass's ``constraints``.  :meth:`validate` checks both.  Seeds are ``seed + i`` for
+    training and ``seed + 10_000 + i`` for testing.
     """
 
-    frames: int = 32
-    warmup: int = 0
-    train_sims: int = 4
-    test_sims: int = 2
-    seed: int = 0
+    frames: int = option(32, "coarse steps recorded after the initial frame (T)", gt=0)
+    warmup: int = option(0, "reference steps run (and discarded) before frame 0", ge=0)
+    train_sims: int = option(4, "training simulations", gt=0)
+    test_sims: int = option(2, "test simulations", gt=0)
+    seed: int = option(0, "first seed of the simulations", ge=0)
+
+    constraints: ClassVar[tuple[Constraint, ...]] = ()
 
     def validate(self) -> None:
         """Raise ValueError for values that cannot work, naming the field and the fix."""
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            default = f.default
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                want = int if isinstance(default, int) else (int, float)
-                if isinstance(v, bool) or not isinstance(v, want):
-                    kind = "an integer" if want is int else "a number"
-                    raise ValueError(f"config field '{f.name}' must be {kind}, got {v!r}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if f.name in ("warmup", "seed"):
-                if v < 0:
-                    raise ValueError(f"config field '{f.name}' must be >= 0, got {v}")
-            elif f.name.startswith(("n_", "frames", "train_sims", "test_sims")) or f.name in ("dt", "nu", "length"):
-                if not (v > 0) or (isinstance(v, float) and not math.isfinite(v)):
-                    raise ValueError(f"config field '{f.name}' must be positive, got {v}")
+        check_fields(self, label="config field '{name}'", nouns=False)
+        for rule in self.constraints:
+            message = rule(self)
+            if message:
+                raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError
+from ..options import option
+from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError, multiple_of
 
 __all__ = ["Burgers1D", "Burgers1DConfig", "Burgers1DScenario", "forcing_field"]
 
@@ -155,21 +156,18 @@ class Burgers1DConfig(ScenarioConfig):
     equally hard; only the shape of the forcing differs).
     """
 
-    n_ref: int = 512
-    n_coarse: int = 32
-    nu: float = 0.01
-    dt: float = 0.05
-    length: float = 2 * math.pi
-    ic_modes: int = 4
-    ic_amplitude: float = 1.0
-    forcing_modes: int = 3
-    forcing_amplitude: float = 0.3
-    u_max: float = 2.0
+    n_ref: int = option(512, "reference grid cells", gt=0)
+    n_coarse: int = option(32, "coarse grid cells", gt=0)
+    nu: float = option(0.01, "viscosity", gt=0)
+    dt: float = option(0.05, "time step of a frame", gt=0)
+    length: float = option(2 * math.pi, "domain length", gt=0)
+    ic_modes: int = option(4, "sine modes of the initial condition", gt=0)
+    ic_amplitude: float = option(1.0, "maximum of the initial condition", ge=0)
+    forcing_modes: int = option(3, "forcing modes", ge=0)
+    forcing_amplitude: float = option(0.3, "RMS of the forcing", ge=0)
+    u_max: float = option(2.0, "velocity bound of the solvers' CFL sub-stepping", gt=0)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.n_ref % self.n_coarse:
-            raise ValueError(f"n_ref ({self.n_ref}) must be a multiple of n_coarse ({self.n_coarse})")
+    constraints = (multiple_of("n_ref", "n_coarse"),)
 
 
 class Burgers1DScenario(Scenario):

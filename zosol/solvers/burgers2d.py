@@ -74,7 +74,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError
+from ..options import option
+from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError, multiple_of
 
 __all__ = ["Burgers2D", "Burgers2DConfig", "Burgers2DScenario", "forcing_field", "PARAMS_PER_SINE"]
 
@@ -331,33 +332,22 @@ class Burgers2DConfig(ScenarioConfig):
     ``A = forcing_amplitude``, phases ~ U(0, 2 pi).
     """
 
-    n_ref: int = 64
-    n_coarse: int = 32
-    nu: float = 0.1
-    dt: float = 0.1
-    length: float = 32.0
-    cfl_ref: float = 0.5
-    cfl_coarse: float = 1.0
-    ic_modes: int = 6
-    ic_kmax: int = 3
-    ic_amplitude: float = 1.0
-    forcing_sines: int = 20
-    forcing_kmax: int = 3
-    forcing_amplitude: float = 0.05
-    u_max: float = 2.0
+    n_ref: int = option(64, "reference grid cells per side", gt=0)
+    n_coarse: int = option(32, "coarse grid cells per side", gt=0)
+    nu: float = option(0.1, "viscosity", gt=0)
+    dt: float = option(0.1, "time step of a frame", gt=0)
+    length: float = option(32.0, "side of the periodic square", gt=0)
+    cfl_ref: float = option(0.5, "Courant number of the reference's sub-steps", gt=0, le=1)
+    cfl_coarse: float = option(1.0, "Courant number of the coarse solver's sub-steps", gt=0, le=1)
+    ic_modes: int = option(6, "random Fourier modes of the initial velocity per component", gt=0)
+    ic_kmax: int = option(3, "largest wave number of the initial velocity", ge=1)
+    ic_amplitude: float = option(1.0, "max |u, v| of the initial velocity", ge=0)
+    forcing_sines: int = option(20, "forcing sines (0: unforced)", ge=0)
+    forcing_kmax: int = option(3, "largest wave number of the forcing", ge=1)
+    forcing_amplitude: float = option(0.05, "forcing amplitude bound A", ge=0)
+    u_max: float = option(2.0, "velocity bound of the solvers' CFL sub-stepping", gt=0)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.n_ref % self.n_coarse:
-            raise ValueError(f"n_ref ({self.n_ref}) must be a multiple of n_coarse ({self.n_coarse})")
-        for name in ("cfl_ref", "cfl_coarse"):
-            v = getattr(self, name)
-            if not (0 < v <= 1):
-                raise ValueError(f"config field '{name}' must be in (0, 1], got {v}")
-        if self.forcing_sines < 0:
-            raise ValueError(f"config field 'forcing_sines' must be >= 0, got {self.forcing_sines}")
-        if self.ic_kmax < 1 or self.forcing_kmax < 1:
-            raise ValueError("config fields 'ic_kmax' and 'forcing_kmax' must be >= 1")
+    constraints = (multiple_of("n_ref", "n_coarse"),)
 
 
 class Burgers2DScenario(Scenario):

@@ -99,6 +99,7 @@ from typing import Sequence
 
 import torch
 
+from ..options import option
 from .base import Scenario, ScenarioConfig, Solver, SolverError
 
 
@@ -337,6 +338,24 @@ _PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
 _PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
 
 
+def _grid_ratio(c: "Karman2DConfig") -> str | None:
+    """Constraint: the reference grid is the coarse grid refined by one integer ratio in x and y."""
+    if c.n_ref_x % c.n_coarse_x or c.n_ref_y % c.n_coarse_y:
+        return (f"reference grid {c.n_ref_x}x{c.n_ref_y} must be a multiple of the coarse "
+                f"grid {c.n_coarse_x}x{c.n_coarse_y}")
+    if c.n_ref_x // c.n_coarse_x != c.n_ref_y // c.n_coarse_y:
+        return "the reference/coarse ratio must be the same in x and y"
+    return None
+
+
+def _positive_reynolds(c: "Karman2DConfig") -> str | None:
+    """Constraint: both splits have Reynolds numbers, all positive."""
+    if not c.train_re or not c.test_re or min(c.train_re + c.test_re) <= 0:
+        return (f"train_re/test_re must be non-empty tuples of positive Reynolds numbers, got "
+                f"{c.train_re} / {c.test_re}")
+    return None
+
+
 @dataclasses.dataclass
 class Karman2DConfig(ScenarioConfig):
     """Wake flow: reference on ``n_ref_x`` x ``n_ref_y`` cells, conservatively averaged to the coarse
@@ -348,36 +367,25 @@ class Karman2DConfig(ScenarioConfig):
     symmetry so shedding starts early.  ``ref_substeps`` / ``coarse_substeps``: sub-steps per dt.
     """
 
-    n_ref_x: int = 128
-    n_ref_y: int = 64
-    n_coarse_x: int = 64
-    n_coarse_y: int = 32
-    dt: float = 1.0
-    inflow: float = 1.0
-    ref_substeps: int = 1
-    coarse_substeps: int = 1
-    tol: float = 1e-4
-    perturbation: float = 0.5
-    diffusion: bool = True
-    train_re: tuple = _PAPER_TRAIN_RE
-    test_re: tuple = _PAPER_TEST_RE
+    n_ref_x: int = option(128, "reference grid cells in x", gt=0)
+    n_ref_y: int = option(64, "reference grid cells in y", gt=0)
+    n_coarse_x: int = option(64, "coarse grid cells in x", gt=0)
+    n_coarse_y: int = option(32, "coarse grid cells in y", gt=0)
+    dt: float = option(1.0, "time step of a frame", gt=0)
+    inflow: float = option(1.0, "inflow velocity U", gt=0)
+    ref_substeps: int = option(1, "reference sub-steps per dt", gt=0)
+    coarse_substeps: int = option(1, "coarse sub-steps per dt", gt=0)
+    tol: float = option(1e-4, "pressure solve tolerance", gt=0)
+    perturbation: float = option(0.5, "amplitude of the symmetry-breaking bump (relative to U)", ge=0)
+    diffusion: bool = option(True, "explicit viscous diffusion")
+    train_re: tuple = option(_PAPER_TRAIN_RE, "Reynolds numbers of the training simulations")
+    test_re: tuple = option(_PAPER_TEST_RE, "Reynolds numbers of the test simulations")
+
+    constraints = (_grid_ratio, _positive_reynolds)
 
     def __post_init__(self):
         self.train_re = tuple(float(r) for r in self.train_re)
         self.test_re = tuple(float(r) for r in self.test_re)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.n_ref_x % self.n_coarse_x or self.n_ref_y % self.n_coarse_y:
-            raise ValueError(f"reference grid {self.n_ref_x}x{self.n_ref_y} must be a multiple of the coarse "
-                             f"grid {self.n_coarse_x}x{self.n_coarse_y}")
-        if self.n_ref_x // self.n_coarse_x != self.n_ref_y // self.n_coarse_y:
-            raise ValueError("the reference/coarse ratio must be the same in x and y")
-        if not self.train_re or not self.test_re or min(self.train_re + self.test_re) <= 0:
-            raise ValueError(f"train_re/test_re must be non-empty tuples of positive Reynolds numbers, got "
-                             f"{self.train_re} / {self.test_re}")
-        if self.perturbation < 0:
-            raise ValueError(f"config field 'perturbation' must be >= 0, got {self.perturbation}")
 
 
 class Karman2DScenario(Scenario):

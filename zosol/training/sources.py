@@ -20,7 +20,7 @@ external process) or a differentiable solver (autograd through ``step``).  The t
               the Jacobian's probes (2 x colours for a local stencil, 2n dense), not the network's size.
 
 Adding a method: subclass :class:`GradientSource`, decorate it with :func:`register_source`
-and name it in ``zosol.config.METHODS`` (the registry refuses names the config does not accept,
+and name it in ``zosol.config.Method`` (the registry refuses names the config does not accept,
 and importing this module fails if a configured method has no source).
 """
 from __future__ import annotations
