@@ -41,8 +41,7 @@ def test_every_training_field_is_a_cli_option(command):
     assert (cfg.jac_pattern, cfg.jac_margin, cfg.jac_probe_states, cfg.jac_batch) == ("dense", 1, 2, None)
 
 
-@pytest.mark.parametrize("text, value", [("no", False), ("false", False), ("0", False), ("Off", False),
-                                         ("yes", True), ("true", True), ("1", True)])
+@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("true", True), ("TRUE", True)])
 def test_booleans_parse_strictly(text, value):
     assert _train_overrides(_args("train", "--zo-reuse", text))["zo_reuse"] is value
     assert _train_overrides(_args("train", "--train-set", f"zo_reuse={text}"))["zo_reuse"] is value
@@ -50,7 +49,8 @@ def test_booleans_parse_strictly(text, value):
 
 @pytest.mark.parametrize("argv, match", [
     (["--zo-reuse", "maybe"], "zo_reuse must be true or false, got 'maybe'"),
-    (["--train-set", "zo_reuse=2"], "zo_reuse must be true or false"),
+    (["--zo-reuse", "no"], "zo_reuse must be true or false, got 'no'"),
+    (["--train-set", "zo_reuse=1"], "zo_reuse must be true or false"),
     (["--epochs", "x"], "epochs must be an integer, got 'x'"),
     (["--lr", "fast"], "lr must be a number"),
 ])

@@ -67,7 +67,7 @@ def _option_flag(name: str) -> str:
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The training options given on the command line (``--lr 0.01``, ``--train-set lr=0.01``),
-    parsed as their ``TrainConfig`` declarations say (booleans strictly: true/false, yes/no, 1/0)."""
+    parsed as their ``TrainConfig`` declarations say (booleans only as true or false)."""
     from .config import TrainConfig
     from .options import parse_text, specs
     declared = specs(TrainConfig)

@@ -12,7 +12,7 @@ such as ``tuple``.  Bounds: ``ge``/``gt``/``le``/``lt`` (the valid range), ``odd
 sanity maximum for sizes, far above any useful value).  Everything else is derived from these
 declarations: :func:`check_fields` (what ``validate()`` runs, one message naming the field and
 what it accepts), :func:`describe` (help text with the accepted values) and :func:`parse_text`
-(a value given as text on the command line; booleans parse strictly).
+(a value given as text on the command line; booleans are only true or false).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from typing import Any, Callable, Literal, Union
 
 __all__ = ["option", "Spec", "specs", "check_fields", "describe", "parse_text", "parse_bool"]
 
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
@@ -171,10 +170,10 @@ def describe(s: Spec) -> str:
 
 
 def parse_bool(text: str) -> bool:
-    """``true``/``yes``/``on``/``1`` or ``false``/``no``/``off``/``0`` (any case); else ValueError."""
+    """``true`` or ``false`` (any case); anything else (``no``, ``1``, ...) is a ValueError."""
     t = text.strip().lower()
-    if t in _TRUE or t in _FALSE:
-        return t in _TRUE
+    if t in ("true", "false"):
+        return t == "true"
     raise ValueError(f"'{text}' is not a boolean; use true or false")
 
 
