@@ -157,3 +157,21 @@ def test_auto_chunk_follows_the_memory_budget():
     assert torch.allclose(small.flat(), big.flat(), rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="memory_budget"):
         cge_structured(model, lambda f, P: lof(f, x, P), memory_budget=0)
+
+
+def test_modules_without_a_cheap_delta_are_rerun_per_perturbation():
+    """ConvTranspose2d (no hand-written delta) re-runs per perturbation; max pooling, upsampling."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.Tanh(),
+        torch.nn.ConvTranspose2d(3, 2, 2, stride=2), torch.nn.Upsample(scale_factor=0.5), torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 2)).double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    y = torch.randn(3, 2, dtype=torch.float64)
+    single, lof = _losses("mse", y)
+    snap = _snapshot(model)
+    est = cge_structured(model, lambda f, P: lof(f, x, P), mu=1e-6, scheme="central", chunk_size=17)
+    _assert_unchanged(model, snap)
+    assert est.info["engine"] == "structured"
+    ref = _autograd(model, x, single)
+    assert float((est.flat() - ref).norm() / ref.norm()) < 1e-6

@@ -6,7 +6,8 @@ Layers (each imports only the ones above it; no cycles):
                 (spawn_local, init_from_env for torchrun)
     plan        the CGE perturbation plan and its assembly (ZOEstimate, CGEPlan, n_params)
     estimators  cge, rge, batched_loss_from_module, write_grads
-    reuse       cge_structured: structured perturbed forward with feature reuse, Residual
+    structured  the structured perturbed forward over a torch.fx graph (feature reuse, any traceable net)
+    reuse       cge_structured: picks the structured or the vmap engine (and says why), Residual
     sparsity    ZO-GraSP -> layer-wise pruning ratios -> masks, MaskScheduler
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
     bench_nets, bench   reference networks of the benches, ``zosol bench engine``
@@ -19,7 +20,7 @@ from .parallel import (
 )
 from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
 from .plan import CGEPlan, ZOEstimate, n_params
-from .reuse import Residual, cge_structured, check_structured_support
+from .reuse import ENGINES, Residual, cge_structured, check_structured_support
 from .sparsity import (
     MaskScheduler, fo_grasp_lprs, fo_grasp_scores, layerwise_pruning_ratios, mask_sparsity, random_masks,
     score_correlation, uniform_lprs, zo_grasp_lprs, zo_grasp_scores,
@@ -28,9 +29,9 @@ from .sparsity import (
 __all__ = [
     "SCHEMES", "NonFiniteLossError", "UnsupportedModuleError", "ZOEstimate", "CGEPlan", "n_params",
     "cge", "rge", "batched_loss_from_module", "write_grads",
-    "cge_structured", "Residual", "check_structured_support",
+    "cge_structured", "Residual", "check_structured_support", "ENGINES",
     "evaluate_chunked", "iter_chunks", "chunk_size_from_budget", "estimate_bytes_per_perturbation",
-    "measure_peak_memory", "resolve_device", "spawn_local", "init_from_env", "launched_with_env",
+    "measure_peak_memory", "memory_budget", "available_memory", "resolve_device", "spawn_local", "init_from_env", "launched_with_env",
     "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios", "zo_grasp_lprs", "fo_grasp_lprs",
     "uniform_lprs", "random_masks", "mask_sparsity", "MaskScheduler", "score_correlation",
     "FDJacobian", "fd_step", "JacobianError", "DiscontinuityError",

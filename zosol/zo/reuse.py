@@ -41,7 +41,7 @@ __all__ = ["Residual", "UnsupportedModuleError", "check_structured_support", "cg
 LossOfForward = Callable[[Callable[..., torch.Tensor], int], torch.Tensor]
 ENGINES = ("auto", "structured", "vmap")
 # live activations per perturbation, in units of the largest per-perturbation activation
-_LIVE_FACTOR = 4
+_LIVE_FACTOR = 5
 
 
 class Residual(nn.Sequential):

@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .checks import UnsupportedModuleError
 
 __all__ = ["State", "Pert", "GraphPlan", "trace_plan", "run_graph", "NORMS", "AFFINE"]
 
