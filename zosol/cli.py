@@ -48,8 +48,9 @@ def _parse_methods(text: str | None) -> list[str] | None:
         return None
     names = [m.strip() for m in text.split(",")]
     if not all(names):
+        from .config import METHODS
         raise ValueError(f"--methods '{text}' has an empty name; give a comma-separated subset of "
-                         f"non,nog-sol,fo-sol,zo-sol (or leave --methods out for all)")
+                         f"{','.join(METHODS)} (or leave --methods out for all)")
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
         raise ValueError(f"--methods names {', '.join(twice)} twice")
@@ -81,7 +82,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zo-chunk", dest="zo_chunk", type=int)
     g.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--workers", type=int, default=1,
-                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1)")
+                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1; at most "
+                        "the CPU cores; they die with this process, SIGTERM checkpoints all of them)")
     g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
                    help="any other TrainConfig field")
 
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("compare", help="train and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL")
     scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
-    q.add_argument("--data", help="dataset directory (default: OUT/data)")
+    q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
     q.add_argument("--methods", help="comma-separated subset of non,nog-sol,fo-sol,zo-sol,zo-jac-sol")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
