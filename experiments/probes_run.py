@@ -359,14 +359,46 @@ def _(c):
     return verdict(c.train("--resume"), 0)
 
 
-@probe("7b read-only run directory")
+@probe("7b read-only run directory (a refused write; root ignores chmod, so it is injected)")
 def _(c):
-    (c.root / "run").mkdir()
-    os.chmod(c.root / "run", 0o555)
-    try:
-        return verdict(c.train(), 2, "run")
-    finally:
-        os.chmod(c.root / "run", 0o755)
+    if os.geteuid() != 0:
+        (c.root / "run").mkdir()
+        os.chmod(c.root / "run", 0o555)
+        try:
+            return verdict(c.train(), 2, "run")
+        finally:
+            os.chmod(c.root / "run", 0o755)
+    code = ("import errno, builtins, os, sys\n"
+            "real = builtins.open\n"
+            "def ro(f, mode='r', *a, **k):\n"
+            "    if any(m in mode for m in 'wax+') and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+            "    return real(f, mode, *a, **k)\n"
+            "builtins.open = ro\n"
+            "import io; io.open = ro\n"
+            "real_os_open = os.open\n"
+            "def ro_os(f, flags, *a, **k):\n"
+            "    if flags & (os.O_WRONLY | os.O_RDWR) and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+            "    return real_os_open(f, flags, *a, **k)\n"
+            "os.open = ro_os\n"
+            "import zosol.cli\n"
+            f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n")
+    r = subprocess.run([PY, "-c", code], cwd=c.root, env=ENV, capture_output=True, text=True)
+    return verdict(r, 2, "Permission denied")
+
+
+@probe("7i ulimit -f 8 kB while training (EFBIG on the checkpoint)")
+def _(c):
+    import resource
+    r = subprocess.run([PY, "-m", "zosol.cli", "train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run"],
+                       cwd=c.root, env=ENV, capture_output=True, text=True,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000)))
+    problem = verdict(r, 2, "File too large")
+    if problem:
+        return problem
+    left = [p.name for p in (c.root / "run").iterdir() if "tmp" in p.name]
+    return f"left temporary files {left}" if left else verdict(c.train(), 0)
 
 
 @probe("7c train --out that is a file")
