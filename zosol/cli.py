@@ -308,12 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one ``zosol: warning: ...`` line (above any progress bar)."""
-    from tqdm.auto import tqdm
-    tqdm.write(f"zosol: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -327,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = stop.install_sigterm_handler()
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            from .training.errors import show_warning
+            warnings.showwarning = show_warning
             return _run(args)
     finally:
         stop.restore_sigterm_handler(previous)
