@@ -176,14 +176,18 @@ def _concurrent(c: Ctx, first: list[str], second: list[str], out: str) -> str | 
     t0 = time.time()
     r2 = zosol(c.root, *second)
     dt = time.time() - t0
+    t0 = time.time()  # the same command's start-up alone: refused at once for a bad option
+    zosol(c.root, *second, "--workers", "0")
+    startup = time.time() - t0
     p1.communicate(timeout=600)
     problem = verdict(r2, 2, "in use by")
     if problem:
         return f"second run not refused: {problem}; first exit {p1.returncode}"
     if p1.returncode != 0:
         return f"first run failed (exit {p1.returncode})"
-    # the refusal may include interpreter start-up; measured from the command start
-    return None if dt < 6 else f"refusal took {dt:.1f} s"
+    # a process's refusal includes interpreter start-up (seconds on a loaded machine): compare
+    # with the same command refused for a bad option
+    return None if dt < startup + 1.0 else f"refusal took {dt:.1f} s (start-up alone {startup:.1f} s)"
 
 
 @probe("4a two train runs into one --out (different --lr)")
@@ -327,7 +331,7 @@ def _(c):
         return f"no results.json (exit {r.returncode}): {message_lines(r.stderr)[-1:]}"
     methods = json.loads(res.read_text())["methods"]
     md = (c.root / "cmp" / "results.md").read_text()
-    unmarked = [k for k, v in methods.items() if k != "SRC" and not v.get("diverged")
+    unmarked = [k for k, v in methods.items() if k != "SRC" and v.get("status") != "diverged"
                 and not (v.get("mae_mean") is not None and v["mae_mean"] < 1)]
     if unmarked:
         return f"diverged methods not marked: {unmarked}"
@@ -350,7 +354,7 @@ def _(c):
             "torch.save = full\n"
             f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n")
     r = subprocess.run([PY, "-c", code], cwd=c.root, env=ENV, capture_output=True, text=True)
-    problem = verdict(r, 1, "No space left")
+    problem = verdict(r, 2, "No space left")  # a file-system error is exit 2 (zosol/cli.py)
     if problem:
         return problem
     left = [p.name for p in (c.root / "run").glob("*tmp*")]
@@ -359,14 +363,46 @@ def _(c):
     return verdict(c.train("--resume"), 0)
 
 
-@probe("7b read-only run directory")
+@probe("7b read-only run directory (a refused write; root ignores chmod, so it is injected)")
 def _(c):
-    (c.root / "run").mkdir()
-    os.chmod(c.root / "run", 0o555)
-    try:
-        return verdict(c.train(), 2, "run")
-    finally:
-        os.chmod(c.root / "run", 0o755)
+    if os.geteuid() != 0:
+        (c.root / "run").mkdir()
+        os.chmod(c.root / "run", 0o555)
+        try:
+            return verdict(c.train(), 2, "run")
+        finally:
+            os.chmod(c.root / "run", 0o755)
+    code = ("import errno, builtins, os, sys\n"
+            "real = builtins.open\n"
+            "def ro(f, mode='r', *a, **k):\n"
+            "    if any(m in mode for m in 'wax+') and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+            "    return real(f, mode, *a, **k)\n"
+            "builtins.open = ro\n"
+            "import io; io.open = ro\n"
+            "real_os_open = os.open\n"
+            "def ro_os(f, flags, *a, **k):\n"
+            "    if flags & (os.O_WRONLY | os.O_RDWR) and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+            "    return real_os_open(f, flags, *a, **k)\n"
+            "os.open = ro_os\n"
+            "import zosol.cli\n"
+            f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n")
+    r = subprocess.run([PY, "-c", code], cwd=c.root, env=ENV, capture_output=True, text=True)
+    return verdict(r, 2, "Permission denied")
+
+
+@probe("7i ulimit -f 8 kB while training (EFBIG on the checkpoint)")
+def _(c):
+    import resource
+    r = subprocess.run([PY, "-m", "zosol.cli", "train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run"],
+                       cwd=c.root, env=ENV, capture_output=True, text=True,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000)))
+    problem = verdict(r, 2, "File too large")
+    if problem:
+        return problem
+    left = [p.name for p in (c.root / "run").iterdir() if "tmp" in p.name]
+    return f"left temporary files {left}" if left else verdict(c.train(), 0)
 
 
 @probe("7c train --out that is a file")

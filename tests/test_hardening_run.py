@@ -379,6 +379,40 @@ def test_read_only_run_directory(tmp_path, tiny_h5, cli_user_error):
     assert list(run.iterdir()) == []
 
 
+def test_a_write_refused_by_the_file_system(tmp_path, tiny_h5, cli_user_error, monkeypatch):
+    """Root ignores chmod, so the refusal is injected where the kernel raises it (the temporary
+    file of an atomic write): one line naming the directory, nothing left behind."""
+    import zosol.fsutil as fsutil
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))
+
+    monkeypatch.setattr(fsutil, "_new_temp", refused)
+    run = tmp_path / "run"
+    cli_user_error(_train(tiny_h5, run), f"cannot write or read {run}: Permission denied")
+    cli_user_error(_compare(tiny_h5, tmp_path / "cmp"), "Permission denied")
+    assert not [p for p in run.iterdir() if p.name != ".zosol.lock"]
+
+
+def test_file_size_limit_while_checkpointing(tmp_path, tiny_h5, capsys):
+    """``ulimit -f`` 8 kB: config.json and run.json fit, the checkpoint (~13 kB) does not (EFBIG)."""
+    import resource
+    limit = 8_000
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "zosol.cli", *_train(tiny_h5, run, "--epochs", "2")], env=ENV,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    lines = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if ln.strip() and not _progress(ln)]
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert len(lines) == 1 and "File too large" in lines[0] and "checkpoint.pt" in lines[0], lines
+    assert sorted(q.name for q in run.iterdir()) == ["config.json", "run.json"]
+    assert main(_train(tiny_h5, run, "--epochs", "2")) == 0
+    assert main(_train(tiny_h5, tmp_path / "clean", "--epochs", "2")) == 0
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "clean" / "checkpoint.pt", weights_only=True)
+    assert a["history"]["loss"] == b["history"]["loss"]
+
+
 def test_output_paths_that_cannot_be_used(tmp_path, tiny_h5, cli_user_error):
     (tmp_path / "afile").write_text("keep")
     cli_user_error(_train(tiny_h5, tmp_path / "afile"), "not a directory")

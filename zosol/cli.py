@@ -104,7 +104,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if name != "method":  # train: --method, compare: --methods
             g.add_argument(_option_flag(name), dest=name, metavar=_metavar(spec), help=describe(spec))
     g.add_argument("--workers", type=int, default=1,
-                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1)")
+                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1; at most "
+                        "the CPU cores; they die with this process, SIGTERM checkpoints all of them)")
     g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
                    help="a TrainConfig field by name (the same as its --option)")
 
@@ -318,7 +319,7 @@ def _add_training_commands(sub: Any) -> None:
     q = sub.add_parser("compare", help="train and compare SRC and the training methods")
     _scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
-    q.add_argument("--data", help="dataset directory (default: OUT/data)")
+    q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
@@ -341,12 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one ``zosol: warning: ...`` line (above any progress bar)."""
-    from tqdm.auto import tqdm
-    tqdm.write(f"zosol: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -360,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = stop.install_sigterm_handler()
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            from .training.errors import show_warning
+            warnings.showwarning = show_warning
             return _run(args)
     finally:
         stop.restore_sigterm_handler(previous)

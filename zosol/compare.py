@@ -58,7 +58,7 @@ def _rollout(step, model, traj, p_arg, feats) -> torch.Tensor:
     except FloatingPointError as e:
         if model is None:
             raise
-        raise EvaluationDiverged(f"the trained corrector diverges on the test simulations: the coarse solver "
+        raise EvaluationDiverged(f"the trained corrector diverged on the test simulations: the coarse solver "
                                  f"blew up ({e}); retrain with a lower --lr") from e
 
 
@@ -68,7 +68,7 @@ def _check_exploded(mae: torch.Tensor, traj: torch.Tensor) -> None:
     bad = ~torch.isfinite(mae) | (mae > EXPLODED_FACTOR * scale)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise EvaluationDiverged(f"the trained corrector diverges on the test simulations: MAE {float(mae[i]):.4g} on "
+        raise EvaluationDiverged(f"the trained corrector diverged on the test simulations: MAE {float(mae[i]):.4g} on "
                                  f"test simulation {i}, whose reference stays within |value| <= {float(scale[i]):.3g}; "
                                  f"retrain with a lower --lr")
 

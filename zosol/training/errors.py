@@ -1,7 +1,7 @@
 """The errors a training run raises; each leaves the last good checkpoint intact."""
 from __future__ import annotations
 
-__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "ZOUnderflowWarning"]
+__all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "ZOUnderflowWarning", "show_warning"]
 
 
 class TrainingError(RuntimeError):
@@ -19,3 +19,12 @@ class CheckpointError(ValueError):
 class ZOUnderflowWarning(UserWarning):
     """ZO-SOL's gradient estimate is exactly zero: the perturbation ``zo_mu`` is too small to
     change the loss in floating point, so training would silently not move."""
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``warnings.showwarning`` that prints one ``zosol: warning: ...`` line to stderr, above any
+    progress bar (the CLI and the ``--workers`` processes use it)."""
+    import sys
+
+    from tqdm.auto import tqdm
+    tqdm.write(f"zosol: warning: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..datasets.hdf5 import FidelityDataset
 from ..fsutil import atomic_write_text
 from ..solvers.base import SolverError
 from .checkpoint import load_run
-from .errors import CheckpointError, TrainingDiverged, TrainingError
+from .errors import CheckpointError, TrainingDiverged, TrainingError, show_warning
 from .loop import TrainingLoop
 from .state import TrainResult
 from . import stop
@@ -66,6 +67,7 @@ def _worker(rank: int, world_size: int, dataset: FidelityDataset, config: TrainC
     ``run_dir/failure.json`` by rank 0."""
     stop.die_with_parent(kwargs["parent"])
     stop.install_sigterm_handler()
+    warnings.showwarning = show_warning  # one line, as in the parent
     try:
         loop = TrainingLoop.setup(dataset, config, run_dir, kwargs["resume"], kwargs["progress"], None)
         loop.run(kwargs["stop_after_steps"], kwargs["checkpoint_seconds"])
