@@ -431,7 +431,9 @@ class FDJacobian:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_stencil(cls, step: Step, stencil: Stencil, **kw) -> "FDJacobian":
-        return cls(step, stencil.state_shape, _Colouring.of(stencil), **kw)
+        self = cls.dense(step, stencil.state_shape, **kw)
+        self._set_stencil(stencil, None, warn_dense=True)
+        return self
 
     @classmethod
     def for_step(cls, step: Step, state_shape: Sequence[int], *, pattern: str = "auto",
@@ -472,7 +474,7 @@ class FDJacobian:
             grown = found if stencil is None else stencil.union(found)
             quiet = quiet + 1 if stencil is not None and len(grown.offsets) == len(stencil.offsets) else 0
             stencil = grown
-            if quiet >= 2 or _Colouring.of(stencil.dilate(margin)).n_colours > self.dense_fraction * self.n:
+            if quiet >= 2 or self._colouring_of(stencil.dilate(margin)) is None:
                 break
         source = f"probed at {used} state(s)" + (f", margin {margin}" if margin else "")
         self._set_stencil(Stencil(stencil.state_shape, stencil.dilate(margin).offsets, source), None)
@@ -485,12 +487,20 @@ class FDJacobian:
         self.evaluations += self.n + 1
         return probe_offsets(self.step, x, params, mu, self.rtol, self.noise_factor, 0, self.max_batch)
 
-    def _set_stencil(self, stencil: Stencil, why: Optional[str]) -> None:
+    def _colouring_of(self, stencil: Stencil) -> Optional[_Colouring]:
+        """The stencil's colouring, or None when it needs more than ``dense_fraction * n`` colours
+        (known without colouring when a row alone has that many entries)."""
+        if stencil.per_row > self.dense_fraction * self.n:
+            return None
         col = _Colouring.of(stencil)
-        if col.n_colours > self.dense_fraction * self.n:
+        return None if col.n_colours > self.dense_fraction * self.n else col
+
+    def _set_stencil(self, stencil: Stencil, why: Optional[str], warn_dense: bool = False) -> None:
+        col = self._colouring_of(stencil)
+        if col is None:
             self.colouring = None
-            if why:
-                self._event(f"{why}; {col.n_colours} colours > {self.dense_fraction:g} n: dense Jacobian")
+            if why or warn_dense:
+                self._event(f"{why or stencil.source}; more than {self.dense_fraction:g} n colours: dense Jacobian")
             return
         self.colouring = col
         if why:
