@@ -392,7 +392,12 @@ def registered(name: str) -> "type[Scenario] | Scenario":
     entry = _REGISTRY[name]
     if isinstance(entry, Scenario) or (isinstance(entry, type) and issubclass(entry, Scenario)):
         return entry
-    return entry()
+    loaded = entry()
+    if not (isinstance(loaded, Scenario) or (isinstance(loaded, type) and issubclass(loaded, Scenario))):
+        raise TypeError(f"the loader registered for scenario '{name}' returned {type(loaded).__name__}, "
+                        f"not a Scenario subclass or scenario object")
+    _REGISTRY[name] = loaded  # loaded once: a scenario object keeps its solvers
+    return loaded
 
 
 def scenario_class(name: str) -> type[Scenario]:
