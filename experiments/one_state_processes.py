@@ -35,7 +35,7 @@ def main() -> None:
     from zosol.datasets import generate, load_dataset
     from zosol.solvers import get_scenario
     from zosol.solvers.external import NumpySolver
-    from zosol.train import train
+    from zosol.training import train
 
     t0 = time.perf_counter()
     scenario = get_scenario("burgers1d_pypde", "tiny")
