@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""1-D viscous Burgers, u_t + u u_x = nu u_xx on a periodic [0, 2 pi), stepped by py-pde.
+"""1-D viscous Burgers, u_t + (u^2 / 2)_x = nu u_xx on a periodic [0, 2 pi), stepped by py-pde.
 
 py-pde (``pip install py-pde``, or ``pip install -e ".[pypde]"`` in a zosol checkout) compiles
 its right-hand side with numba: nothing here can be differentiated, so zosol trains through it
@@ -35,7 +35,7 @@ def make_step(n: int, *, nu: float = NU, dt: float = DT, substeps: int = 10, sch
     import pde  # py-pde
 
     grid = pde.CartesianGrid([(0.0, 2 * math.pi)], [n], periodic=True)
-    eq = pde.PDE({"u": f"-u * d_dx(u) + {nu!r} * laplace(u)"})
+    eq = pde.PDE({"u": f"-d_dx(u**2) / 2 + {nu!r} * laplace(u)"})
     field = pde.ScalarField(grid)
     solver = pde.solvers.EulerSolver(eq) if scheme == "euler" else pde.solvers.RungeKuttaSolver(eq)
     stepper = solver.make_stepper(field, dt=dt / substeps)
@@ -67,7 +67,7 @@ def build(processes: int = 1):
         "burgers1d_pypde", reference=make_step(N_REF, scheme="rk4"), coarse=make_step(N_COARSE), sample=sample,
         dt=DT, reference_shape=(N_REF,), coarse_shape=(N_COARSE,), batched=False, frames=32,
         train_sims=8, test_sims=3, presets={"tiny": dict(frames=8, train_sims=3, test_sims=2)},
-        physics={"equation": "u_t + u u_x = nu u_xx", "nu": NU, "n_ref": N_REF, "n_coarse": N_COARSE,
+        physics={"equation": "u_t + (u^2/2)_x = nu u_xx", "nu": NU, "n_ref": N_REF, "n_coarse": N_COARSE,
                  "solver": "py-pde"})
 
 

@@ -115,17 +115,32 @@ def test_dataset_of_user_scenario_opens_in_fresh_process(heat_module, tmp_path):
     assert "user_heat_mod" in bad.stderr and "--plugin" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_scenario_made_in_a_script_names_the_fix(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(HEAT_MODULE.replace("user_heat", "script_heat") + textwrap.dedent(f'''
-        from zosol.datasets import generate
-        print(generate(scenario, out={str(tmp_path / "d")!r}, progress=False))
-    '''))
+def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch):
+    code = HEAT_MODULE.replace("user_heat", "script_heat") + textwrap.dedent(f'''
+        if __name__ == "__main__":
+            from zosol.datasets import generate
+            print(generate(scenario, out={str(tmp_path / "d")!r}, progress=False))
+    ''')
+    (tmp_path / "script_heat_run.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    made = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    made = subprocess.run([sys.executable, str(tmp_path / "script_heat_run.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert made.returncode == 0, made.stderr
+    path = made.stdout.strip()
+    with pytest.raises(DatasetError, match="its module 'script_heat_run' cannot be imported.*--plugin script_heat_run"):
+        load_dataset(path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder: the script is a module there
+    try:
+        assert load_dataset(path).scenario.name == "script_heat"
+    finally:
+        sys.modules.pop("script_heat_run", None)
+        from zosol.solvers import base
+        base._REGISTRY.pop("script_heat", None)
+    inline = subprocess.run([sys.executable, "-c", code.replace(str(tmp_path / "d"), str(tmp_path / "e"))],
+                            env=env, capture_output=True, text=True, timeout=300)  # python -c: no module
+    assert inline.returncode == 0, inline.stderr
     with pytest.raises(DatasetError, match="__main__.*move the scenario into a module"):
-        load_dataset(made.stdout.strip())
+        load_dataset(inline.stdout.strip())
 
 
 def test_make_scenario_checks_its_parts():
@@ -214,3 +229,135 @@ def test_external_solver_max_batch_and_copies():
         pids = {two.pid, two._copies[0].pid}
         two.step(x, p)
         assert {two.pid, two._copies[0].pid} == pids and len(pids) == 2  # started once
+
+
+# ---- solvers built once, compare() for user solvers, gradient checks without a twin ----------
+
+from zosol.compare import compare  # noqa: E402
+from zosol.config import train_config  # noqa: E402
+from zosol.solvers import register  # noqa: E402
+from zosol.solvers.burgers1d import Burgers1DScenario  # noqa: E402
+from zosol.training import train  # noqa: E402
+from zosol.training.gradcheck import check_gradient  # noqa: E402
+
+
+class CountingBurgers(Burgers1DScenario):
+    """burgers1d that counts how often its solvers are constructed."""
+
+    name = "counting_burgers1d"
+    built = {"coarse": 0, "reference": 0}
+
+    def coarse_solver(self):
+        CountingBurgers.built["coarse"] += 1
+        return super().coarse_solver()
+
+    def reference_solver(self):
+        CountingBurgers.built["reference"] += 1
+        return super().reference_solver()
+
+
+@pytest.fixture
+def counting_registered():
+    register(CountingBurgers.name, CountingBurgers)
+    yield
+    from zosol.solvers import base
+    base._REGISTRY.pop(CountingBurgers.name, None)
+
+
+def test_train_and_compare_build_each_solver_once(tmp_path, counting_registered):
+    CountingBurgers.built.update(coarse=0, reference=0)
+    results = compare(CountingBurgers.name, "tiny", tmp_path, overrides={"epochs": 1}, progress=False,
+                      log=lambda *a: None)
+    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"}
+    assert CountingBurgers.built == {"coarse": 1, "reference": 1}
+    CountingBurgers.built.update(coarse=0, reference=0)
+    ds = load_dataset(tmp_path / "data" / "counting_burgers1d_tiny.h5", scenario=CountingBurgers.name)
+    for method in ("non", "fo-sol", "zo-sol"):  # zo-sol also runs its gradient check (the twin)
+        train(ds, train_config("tiny", method=method, epochs=1), progress=False)
+    assert CountingBurgers.built == {"coarse": 1, "reference": 0}
+
+
+def test_compare_user_black_box_leaves_out_fo_sol(heat_module, tmp_path):
+    lines = []
+    results = compare(heat_module.scenario, "tiny", tmp_path, overrides={"epochs": 1, "grad_checks": 1},
+                      progress=False, log=lines.append)
+    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "ZO-SOL"}
+    assert lines[0].startswith("FO-SOL left out: it needs autograd") and "twin=" in lines[0]
+    fd = results["methods"]["ZO-SOL"]["grad_cosine_vs_fd"]
+    assert len(fd) == 1 and fd[0]["cosine"] > 0.99  # the check ran through the black box, no twin
+    assert (tmp_path / "data" / "user_heat_tiny.h5").exists()
+
+
+def test_public_gradient_check_with_and_without_twin(heat_module, tmp_path):
+    sc = get_scenario("burgers1d", "tiny")
+    ds = load_dataset(generate(sc, out=tmp_path, progress=False), scenario=sc)
+    rep = check_gradient(ds, train_config("tiny", window=3), solver=sc.coarse_solver().blackbox())
+    zo = rep["methods"]["zo-sol"]
+    assert zo["cosine_vs_fd"] > 0.999 and zo["cosine_vs_twin"] > 0.999 and rep["twin"]["cosine"] > 0.999
+    heat = load_dataset(generate(heat_module.scenario, out=tmp_path, progress=False))
+    rep = check_gradient(heat, train_config("tiny"))
+    assert rep["twin"] is None and rep["methods"]["zo-sol"]["cosine_vs_twin"] is None
+    assert rep["methods"]["zo-sol"]["cosine_vs_fd"] > 0.999
+    # a wrong gradient is caught: a solver that returns noise of the size of the perturbation
+    noisy = NumpySolver(lambda u, p: u + 1e-3 * np.random.default_rng().standard_normal(u.shape), dt=0.05,
+                        channels=("u",), spatial_shape=(16,), num_params=1)
+    bad = check_gradient(heat, train_config("tiny"), solver=noisy)
+    assert bad["methods"]["zo-sol"]["cosine_vs_fd"] < 0.99
+
+
+def test_cli_plugin_trains_and_opens_user_scenario(heat_module, tmp_path):
+    run = _zosol(["train", "--plugin", "user_heat_mod", "--scenario", "user_heat", "--preset", "tiny", "--method",
+                  "zo-sol", "--epochs", "1", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
+                 tmp_path, env_path=tmp_path)
+    assert run.returncode == 0, run.stderr
+    ev = _zosol(["evaluate", str(tmp_path / "run")], tmp_path, env_path=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["method"] == "zo-sol"
+    missing = _zosol(["compare", "--plugin", "no_such_plugin_mod", "--scenario", "x"], tmp_path)
+    assert missing.returncode == 2 and "plugin 'no_such_plugin_mod' cannot be imported" in missing.stderr
+
+
+def _doc_module() -> str:
+    """The `my_burgers.py` block of docs/your_own_solver.md."""
+    text = (ROOT / "docs" / "your_own_solver.md").read_text()
+    return text.split("## The whole example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_your_own_solver_doc_is_short_and_public():
+    code = _doc_module()
+    lines = [ln for ln in code.splitlines() if ln.strip()]
+    assert len(lines) <= 40
+    imports = [ln for ln in lines if "import" in ln]
+    assert imports and not any("._" in ln or "import _" in ln for ln in imports)  # no private names
+
+
+@pytest.mark.slow
+def test_your_own_solver_doc(tmp_path):
+    """The doc's example end to end at the tiny preset (py-pde compiles with numba: minutes)."""
+    pytest.importorskip("pde")
+    (tmp_path / "my_burgers.py").write_text(_doc_module())
+    script = textwrap.dedent('''
+        import json, torch
+        from zosol.compare import compare
+        from zosol.config import train_config
+        from zosol.datasets import load_dataset
+        from zosol.training.gradcheck import check_gradient
+        from my_burgers import scenario
+        torch.set_num_threads(1)
+        res = compare(scenario, "tiny", "out", train_preset="tiny", overrides={"epochs": 1}, progress=False)
+        ds = load_dataset("out/data/my_burgers_tiny.h5", scenario=scenario)
+        rep = check_gradient(ds, train_config("tiny"))
+        print(json.dumps({"methods": sorted(res["methods"]), "cos": rep["methods"]["zo-sol"]["cosine_vs_fd"]}))
+    ''')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["methods"] == ["NOG-SOL", "NON", "SRC", "ZO-SOL"] and out["cos"] >= 0.999
+    info = _zosol(["info", "out/data/my_burgers_tiny.h5", "--json"], tmp_path, env_path=tmp_path)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert json.loads(info.stdout)["scenario"] == "my_burgers"
+    cli = _zosol(["train", "--plugin", "my_burgers", "--scenario", "my_burgers", "--preset", "tiny", "--method",
+                  "zo-sol", "--epochs", "1", "--data", "out/data", "--out", "runs/zo"], tmp_path, env_path=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-2000:]

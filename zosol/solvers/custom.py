@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -60,7 +61,7 @@ def block_average(fine: torch.Tensor, coarse_shape: Sequence[int]) -> torch.Tens
 
 
 def _as_solver(part: Any, role: str, dt: float, channels: Sequence[str], shape: Sequence[int] | None,
-               num_params: int, batched: bool) -> Solver:
+               num_params: int, batched: bool, processes: int) -> Solver:
     if isinstance(part, Solver) or (hasattr(part, "step") and hasattr(part, "spatial_shape")):
         return part
     if not callable(part):
@@ -70,7 +71,7 @@ def _as_solver(part: Any, role: str, dt: float, channels: Sequence[str], shape: 
         raise ValueError(f"make_scenario: {role} is a function; pass {role}_shape=(cells, ...) (its grid)")
     from .external import NumpySolver
     return NumpySolver(part, dt=dt, channels=channels, spatial_shape=shape, num_params=num_params,
-                       batched=batched, name=f"{role} {getattr(part, '__name__', 'fn')}")
+                       batched=batched, processes=processes, name=f"{role} {getattr(part, '__name__', 'fn')}")
 
 
 def _check_parts(ref: Solver, coarse: Solver, dt: float) -> None:
@@ -152,13 +153,22 @@ class CustomScenario(Scenario):
         or of the function that made it; ``__main__:...`` when it was made in a script."""
         module = self._parts["module"]
         mod = sys.modules.get(module)
+        name = _script_module(mod) if module == "__main__" else module
         for key, value in (vars(mod).items() if mod is not None else ()):
             if isinstance(value, CustomScenario) and value._parts is self._parts:
-                return f"{module}:{key}"
-        return f"{module}:{self._parts['maker'] or self.name}"
+                return f"{name}:{key}"
+        return f"{name}:{self._parts['maker'] or self.name}"
 
     def __repr__(self) -> str:
         return f"CustomScenario({self.name!r}, preset={self.preset!r}, source={self.source!r})"
+
+
+def _script_module(mod: Any) -> str:
+    """A script run as ``python my_pde.py`` is the module ``my_pde`` to another process that has
+    its folder on the path; ``__main__`` when there is no such file (``python -c``, notebooks)."""
+    file = getattr(mod, "__file__", None)
+    stem = Path(file).stem if file else ""
+    return stem if stem.isidentifier() and getattr(mod, "__spec__", None) is None else "__main__"
 
 
 def _caller() -> tuple[str, str | None]:
@@ -173,7 +183,7 @@ def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | C
                   sample: Callable[[int], tuple[Any, Any]], dt: float,
                   reference_shape: Sequence[int] | None = None, coarse_shape: Sequence[int] | None = None,
                   downsample: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  channels: Sequence[str] = ("u",), num_params: int = 0, batched: bool = True,
+                  channels: Sequence[str] = ("u",), num_params: int = 0, batched: bool = True, processes: int = 1,
                   frames: int = 32, warmup: int = 0, train_sims: int = 4, test_sims: int = 2, seed: int = 0,
                   presets: Mapping[str, Mapping[str, Any]] | None = None, physics: Mapping[str, Any] | None = None,
                   features: Callable[[torch.Tensor], torch.Tensor] | None = None, padding_mode: str = "circular",
@@ -192,6 +202,8 @@ def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | C
         downsample: ``(B, C, *reference) tensor -> (B, C, *coarse)``; default: conservative
             block averaging when each reference extent is a multiple of the coarse one.
         channels, num_params: state channel names and per-simulation parameter count K.
+        batched, processes: for step functions: False when they take one state at a time; spread
+            every batch over this many local processes (see ``NumpySolver``).
         frames, warmup, train_sims, test_sims, seed: as in :class:`ScenarioConfig` (train seeds
             ``seed + i``, test seeds ``seed + 10000 + i``).
         presets: preset name -> overrides of those fields (``"default"`` is added if missing).
@@ -201,8 +213,8 @@ def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | C
         train_presets: training-preset adjustments (preset -> TrainConfig fields).
     """
     module, maker = _caller()
-    ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, batched)
-    crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, batched)
+    ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, batched, processes)
+    crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, batched, processes)
     _check_parts(ref, crs, float(dt))
     fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
     if downsample is None:
