@@ -298,8 +298,9 @@ def test_public_gradient_check_with_and_without_twin(heat_module, tmp_path):
     rep = check_gradient(heat, train_config("tiny"))
     assert rep["twin"] is None and rep["methods"]["zo-sol"]["cosine_vs_twin"] is None
     assert rep["methods"]["zo-sol"]["cosine_vs_fd"] > 0.999
-    # a wrong gradient is caught: a solver that returns noise of the size of the perturbation
-    noisy = NumpySolver(lambda u, p: u + 1e-3 * np.random.default_rng().standard_normal(u.shape), dt=0.05,
+    # a wrong gradient is caught: a solver that adds fresh noise on every call (seeded)
+    rng = np.random.default_rng(0)
+    noisy = NumpySolver(lambda u, p: u + 1e-2 * rng.standard_normal(u.shape), dt=0.05,
                         channels=("u",), spatial_shape=(16,), num_params=1)
     bad = check_gradient(heat, train_config("tiny"), solver=noisy)
     assert bad["methods"]["zo-sol"]["cosine_vs_fd"] < 0.99
@@ -361,3 +362,20 @@ def test_your_own_solver_doc(tmp_path):
     cli = _zosol(["train", "--plugin", "my_burgers", "--scenario", "my_burgers", "--preset", "tiny", "--method",
                   "zo-sol", "--epochs", "1", "--data", "out/data", "--out", "runs/zo"], tmp_path, env_path=tmp_path)
     assert cli.returncode == 0, cli.stderr[-2000:]
+
+
+def test_entry_point_group_registers_scenarios(heat_module, tmp_path, monkeypatch):
+    """An installed package declares `ep_heat = "user_heat_mod:scenario"` in `zosol.scenarios`."""
+    from zosol.solvers import base
+    info = tmp_path / "site" / "fake_zosol_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-zosol-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[zosol.scenarios]\nep_heat = user_heat_mod:scenario\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(base, "_entry_points_loaded", False)
+    try:
+        sc = get_scenario("ep_heat", "tiny")
+        assert sc.name == "user_heat" and sc.config.frames == 4
+        assert sc.coarse_solver() is heat_module.scenario.coarse_solver()
+    finally:
+        base._REGISTRY.pop("ep_heat", None)
