@@ -91,20 +91,21 @@ def serve(n: int, scheme: str, substeps: int) -> int:
     while (raw := _read(inp, 4)) is not None:
         header = json.loads(_read(inp, struct.unpack("<I", raw)[0]))
         payload = _read(inp, header["nbytes"]) if header.get("nbytes") else b""
+        rid = {"id": header["id"]} if "id" in header else {}  # echoed in every reply
         if header["op"] == "hello":
             x = ((np.arange(n) + 0.5) * (2 * math.pi / n)).tolist()
-            _write(out, {"ok": True, "protocol": 1, "dt": DT, "channels": ["u"], "spatial_shape": [n],
+            _write(out, {"ok": True, **rid, "protocol": 1, "dt": DT, "channels": ["u"], "spatial_shape": [n],
                          "num_params": 0, "max_batch": 1, "coords": {"x": x}, "name": f"py-pde burgers {scheme}"})
         elif header["op"] == "quit":
-            _write(out, {"ok": True})
+            _write(out, {"ok": True, **rid})
             return 0
         elif header["op"] == "step" and header["shape"][0] == 1:
             dtype = np.dtype(header["dtype"])
             u = np.frombuffer(payload, dtype, int(np.prod(header["shape"]))).reshape(header["shape"])
             new = step(u[0].astype(np.float64)).astype(dtype)[None]
-            _write(out, {"ok": True, "shape": list(new.shape), "dtype": header["dtype"]}, new.tobytes())
+            _write(out, {"ok": True, **rid, "shape": list(new.shape), "dtype": header["dtype"]}, new.tobytes())
         else:
-            _write(out, {"ok": False, "error": f"cannot do {header.get('op')} with shape {header.get('shape')} "
+            _write(out, {"ok": False, **rid, "error": f"cannot do {header.get('op')} with shape {header.get('shape')} "
                                                f"(one state per step: max_batch 1)"})
     return 0
 
