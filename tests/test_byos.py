@@ -179,6 +179,15 @@ def test_import_trajectories_and_pdebench_hdf5(heat_module, tmp_path):
                         params="nu_forcing")
     ds2 = load_dataset(path2)
     torch.testing.assert_close(ds2.stacked("test")[0], ds.stacked("test")[0])
+    # The Well style: one array per field under t0_fields, on the coarse grid already
+    with h5py.File(tmp_path / "the_well.h5", "w") as f:
+        f["t0_fields/u"] = ds.stacked("train")[0][:, :, 0].numpy()
+        f["params"] = p[:3].numpy()
+    path3 = import_hdf5(sc, tmp_path / "the_well.h5", tmp_path / "well_zosol.h5", fields=["t0_fields/u"], test=1,
+                        params="params")
+    torch.testing.assert_close(load_dataset(path3).stacked("test")[0], ds.stacked("train")[0][2:])
+    with pytest.raises(DatasetError, match="no array 't0_fields/v'"):
+        import_hdf5(sc, tmp_path / "the_well.h5", tmp_path / "z.h5", fields=["t0_fields/v"])
     with pytest.raises(ValueError, match="grid \\[10\\] is neither"):
         import_trajectories(sc, np.zeros((2, 3, 1, 10)), np.zeros((1, 3, 1, 10)), tmp_path / "x.h5",
                             train_params=np.ones((2, 1)), test_params=np.ones((1, 1)))
