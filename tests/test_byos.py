@@ -277,11 +277,11 @@ def test_train_and_compare_build_each_solver_once(tmp_path, counting_registered)
     CountingBurgers.built.update(coarse=0, reference=0)
     results = compare(CountingBurgers.name, "tiny", tmp_path, overrides={"epochs": 1}, progress=False,
                       log=lambda *a: None)
-    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"}
+    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL", "ZO-JAC-SOL"}
     assert CountingBurgers.built == {"coarse": 1, "reference": 1}
     CountingBurgers.built.update(coarse=0, reference=0)
     ds = load_dataset(tmp_path / "data" / "counting_burgers1d_tiny.h5", scenario=CountingBurgers.name)
-    for method in ("non", "fo-sol", "zo-sol"):  # zo-sol also runs its gradient check (the twin)
+    for method in ("non", "fo-sol", "zo-sol", "zo-jac-sol"):  # the ZO methods also run their gradient checks
         train(ds, train_config("tiny", method=method, epochs=1), progress=False)
     assert CountingBurgers.built == {"coarse": 1, "reference": 0}
 
@@ -290,10 +290,11 @@ def test_compare_user_black_box_leaves_out_fo_sol(heat_module, tmp_path):
     lines = []
     results = compare(heat_module.scenario, "tiny", tmp_path, overrides={"epochs": 1, "grad_checks": 1},
                       progress=False, log=lines.append)
-    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "ZO-SOL"}
+    assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "ZO-SOL", "ZO-JAC-SOL"}
     assert lines[0].startswith("FO-SOL left out: it needs autograd") and "twin=" in lines[0]
-    fd = results["methods"]["ZO-SOL"]["grad_cosine_vs_fd"]
-    assert len(fd) == 1 and fd[0]["cosine"] > 0.99  # the check ran through the black box, no twin
+    for name in ("ZO-SOL", "ZO-JAC-SOL"):  # the checks ran through the black box, no twin
+        fd = results["methods"][name]["grad_cosine_vs_fd"]
+        assert len(fd) == 1 and fd[0]["cosine"] > 0.99, (name, fd)
     assert (tmp_path / "data" / "user_heat_tiny.h5").exists()
 
 
@@ -301,8 +302,10 @@ def test_public_gradient_check_with_and_without_twin(heat_module, tmp_path):
     sc = get_scenario("burgers1d", "tiny")
     ds = load_dataset(generate(sc, out=tmp_path, progress=False), scenario=sc)
     rep = check_gradient(ds, train_config("tiny", window=3), solver=sc.coarse_solver().blackbox())
-    zo = rep["methods"]["zo-sol"]
-    assert zo["cosine_vs_fd"] > 0.999 and zo["cosine_vs_twin"] > 0.999 and rep["twin"]["cosine"] > 0.999
+    assert set(rep["methods"]) == {"zo-sol", "zo-jac-sol"}
+    for zo in rep["methods"].values():
+        assert zo["cosine_vs_fd"] > 0.999 and zo["cosine_vs_twin"] > 0.999
+    assert rep["twin"]["cosine"] > 0.999
     heat = load_dataset(generate(heat_module.scenario, out=tmp_path, progress=False))
     rep = check_gradient(heat, train_config("tiny"))
     assert rep["twin"] is None and rep["methods"]["zo-sol"]["cosine_vs_twin"] is None
