@@ -182,7 +182,7 @@ def parse_faults(args: argparse.Namespace) -> dict[str, int]:
     return faults
 
 
-def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0) -> int:
+def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0, max_batch: int = 0) -> int:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print() must never corrupt the protocol stream
     calls = 0
@@ -194,7 +194,8 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
         rid = {"id": header["id"]} if "id" in header else {}  # echoed in every reply
         op = header.get("op")
         if op == "hello":
-            write_frame(out, {"ok": True, **rid, "protocol": PROTOCOL_VERSION, **solver.metadata()})
+            limit = {"max_batch": max_batch} if max_batch else {}
+            write_frame(out, {"ok": True, **rid, "protocol": PROTOCOL_VERSION, **solver.metadata(), **limit})
         elif op == "quit":
             write_frame(out, {"ok": True, **rid})
             return 0
@@ -216,6 +217,9 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0)
                 continue
             if "error_after" in faults and k >= faults["error_after"]:
                 write_frame(out, {"ok": False, **rid, "error": f"injected error in step call {calls}"})
+                continue
+            if max_batch and header["shape"][0] > max_batch:
+                write_frame(out, {"ok": False, **rid, "error": f"batch {header['shape'][0]} > max_batch {max_batch}"})
                 continue
             try:
                 dtype = DTYPES[header.get("dtype", "float32")]
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--error-after", type=int)
     ap.add_argument("--duplicate-after", type=int)
     ap.add_argument("--slow", type=float, default=0.0, metavar="MS")
+    ap.add_argument("--max-batch", type=int, default=0, help="declare (and enforce) at most K states per step")
     args = ap.parse_args(argv)
     if args.bench:
         bench(args, sizes=args.bench_sizes)
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     solver = CoarseBurgers1D(args.n, args.nu, args.dt, args.length, cfl=args.cfl, forcing_modes=args.forcing_modes,
                              u_max=args.u_max)
     try:
-        return serve(solver, parse_faults(args), args.slow)
+        return serve(solver, parse_faults(args), args.slow, args.max_batch)
     except (BrokenPipeError, KeyboardInterrupt):
         return 0
 

@@ -264,8 +264,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE first (it registers scenarios of your own; repeatable)")
+
+
 def _scenario_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--scenario", required=True, help="burgers1d, burgers2d or karman2d")
+    _plugin_arg(q)
+    q.add_argument("--scenario", required=True,
+                   help="burgers1d, burgers2d, karman2d, or a scenario of your own (--plugin MODULE)")
     q.add_argument("--preset", default="default", help="tiny, default or paper (default: %(default)s)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
 
@@ -282,6 +289,7 @@ def _add_data_commands(sub: Any) -> None:
 
     q = sub.add_parser("info", help="describe a dataset file and its coarse-solver error")
     q.add_argument("file")
+    _plugin_arg(q)
     q.add_argument("--plot", metavar="FILE", help="write a reference vs coarse figure (format from the "
                    "suffix: .png, .pdf, .svg, ...)")
     q.add_argument("--json", action="store_true")
@@ -313,6 +321,7 @@ def _add_training_commands(sub: Any) -> None:
 
     q = sub.add_parser("evaluate", help="test MAE of a trained run")
     q.add_argument("run", help="run directory")
+    _plugin_arg(q)
     q.add_argument("--data", help="dataset file (default: the one the run was trained on)")
     q.set_defaults(func=_cmd_evaluate)
 
@@ -369,6 +378,9 @@ def _run(args: argparse.Namespace) -> int:
     from .solvers.base import SolverError
     from .training import CheckpointError, TrainingError, stop
     try:
+        for module in getattr(args, "plugin", None) or []:
+            from .solvers import load_plugin
+            load_plugin(module)
         return _run_command(args)
     except stop.Terminated as e:
         print(f"zosol: {e}" if "resume" in str(e) else f"zosol: {e or 'stopped by SIGTERM'}; finished work is "

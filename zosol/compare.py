@@ -21,19 +21,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import METHODS, train_config
+from .config import METHODS, TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
 from .metrics import mae_per_frame, mae_per_simulation, nrmse_per_simulation, summarize
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
-from .solvers.base import BlackBox, Solver
+from .solvers.base import BlackBox, Scenario, Solver, get_scenario
 from .fsutil import atomic_write_text
-from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, train
+from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, source_class, train
 from .training.launch import broadcast_from_lead, is_lead, lead_first, world
 from .training.rundir import directory_lock, prepare_directory
 
-__all__ = ["evaluate", "compare", "DISPLAY_NAMES", "EvaluationDiverged", "EXPLODED_FACTOR", "REPORT_FILES",
+__all__ = ["evaluate", "compare", "runnable_methods", "DISPLAY_NAMES", "EvaluationDiverged", "EXPLODED_FACTOR", "REPORT_FILES",
            "stopped_methods"]
 
 #: a corrected test rollout whose MAE exceeds this multiple of the reference's largest |value|
@@ -101,29 +101,35 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
             "solver_samples": step.samples, "prediction": pred.cpu()}
 
 
-def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "results", *,
-            methods: Sequence[str] = METHODS, data_dir: str | os.PathLike | None = None,
-            train_preset: str | None = None, overrides: dict[str, Any] | None = None,
-            scenario_overrides: dict[str, Any] | None = None, workers: int = 1, progress: bool = True,
-            log=print) -> dict[str, Any]:
+def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = None,
+            out: str | os.PathLike = "results", *, methods: Sequence[str] = METHODS,
+            solver: Solver | BlackBox | None = None, twin: Solver | None = None,
+            data_dir: str | os.PathLike | None = None, train_preset: str | None = None,
+            overrides: dict[str, Any] | None = None, scenario_overrides: dict[str, Any] | None = None,
+            workers: int = 1, progress: bool = True, log=print) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
-    ``train_preset`` defaults to ``preset`` (tiny / default / paper); ``overrides`` change
-    training options for every method (e.g. ``{"epochs": 5}``); ``scenario_overrides`` change the
-    scenario config (e.g. ``{"frames": 20}``; the dataset is then named ``<scenario>_custom.h5``);
-    ``data_dir``: where the dataset is generated (default ``out/data``), or an existing dataset
-    file; ``workers``: processes that share ZO-SOL's perturbation chunks (same result as one).
+    ``scenario``: a registered name, a scenario object (e.g. from ``make_scenario``) or a loaded
+    dataset; ``preset``: the scenario preset (default: "default" for a name, the object's own
+    config for an object).  ``solver``: the coarse solver every method trains and is evaluated
+    with (default: the scenario's; e.g. your black box); ``twin``: an optional differentiable
+    twin of it (FO-SOL trains through it; default: the solver itself if differentiable, else the
+    scenario's coarse solver if that is); methods that cannot run are left out before any
+    training, each with one line.  ``train_preset`` defaults to ``preset`` (or "default");
+    ``overrides`` change training options for every method (e.g. ``{"epochs": 5}``);
+    ``scenario_overrides`` change the scenario config (e.g. ``{"frames": 20}``; the dataset is then
+    named ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default
+    ``out/data``), or an existing dataset file; ``workers``: processes that share ZO-SOL's
+    perturbation chunks (same result as one).
 
     Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
     "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods {methods}: give each of {list(METHODS)} at most once, at least one")
-    configs = {m: train_config(train_preset or preset, scenario, method=m, **(overrides or {})) for m in methods}
+    methods = _check_methods(methods)
+    sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
+    tp = train_preset or preset or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS
+                                    else "default")
+    configs = {m: train_config(tp, sc0, method=m, **(overrides or {})) for m in methods}
     lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
     if not lead:
         log, progress = (lambda *a, **k: None), False
@@ -131,16 +137,61 @@ def compare(scenario: str, preset: str = "default", out: str | os.PathLike = "re
     with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
         t0 = time.perf_counter()
         dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, progress)
+        solver, twin = _solvers(dataset.scenario, solver, twin)
+        configs = {m: configs[m] for m in runnable_methods(methods, solver, twin, log)}
         log(f"dataset {dataset.path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
             f"{dataset.frames} frames; {time.perf_counter() - t0:.1f} s)")
         results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(dataset.path),
                                    "generation_time": time.perf_counter() - t0, "train_config": {}, "methods": {},
                                    "launch": dict(zip(("world_size", "backend"), world()[1:]))}
-        curves = _evaluate_all(dataset, configs, out, results, workers, progress, log)
+        curves = _evaluate_all(dataset, configs, out, results, workers, progress, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
-            _write_reports(dataset, preset, out, results, *curves)
+            _write_reports(dataset, preset or dataset.scenario.preset or "custom", out, results, *curves)
     return results
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods}: give each of {list(METHODS)} at most once, at least one")
+    return methods
+
+
+def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None,
+                     log=print) -> list[str]:
+    """``methods`` less those that cannot run with this solver (e.g. FO-SOL needs a differentiable
+    solver or twin), each left out with one line saying why."""
+    differentiable = any(getattr(s, "differentiable", False) for s in (solver, twin) if s is not None)
+    keep = []
+    for m in _check_methods(methods):
+        if source_class(m).needs == "differentiable" and not differentiable:
+            log(f"{DISPLAY_NAMES.get(m, m)} left out: it needs autograd through the solver, and "
+                f"{getattr(solver, 'name', type(solver).__name__)} is a black box with no differentiable twin "
+                f"(pass twin=... to run it)")
+            continue
+        keep.append(m)
+    return keep
+
+
+def _solvers(sc: Scenario, solver: Solver | BlackBox | None, twin: Solver | None) -> tuple:
+    """The black box every method uses (default: the scenario's coarse solver) and its
+    differentiable twin (default: the solver if differentiable, else the scenario's coarse solver)."""
+    solver = solver if solver is not None else sc.coarse_solver()
+    if twin is None:
+        twin = solver if getattr(solver, "differentiable", False) else sc.coarse_solver()
+    return solver, twin
+
+
+def _solver_args(solver: Solver | BlackBox, twin: Solver | None, scenario: Scenario) -> dict:
+    """train()'s solver/twin arguments: none when they are the scenario's own (so that ``workers``
+    processes can rebuild them), else the objects."""
+    if solver is scenario.coarse_solver() and twin in (None, solver):
+        return {}
+    return {"solver": solver, "twin": twin}
 
 
 def _output_directory(out: str | os.PathLike) -> Path:
@@ -153,24 +204,36 @@ def _output_directory(out: str | os.PathLike) -> Path:
     return out
 
 
-def _dataset(scenario: str, preset: str, out: Path, data_dir: str | os.PathLike | None,
-             scenario_overrides: dict[str, Any] | None, progress: bool) -> FidelityDataset:
-    """The comparison's dataset: ``data_dir`` if it is a dataset file, else generated (or found) there."""
+def _dataset(scenario: str | Scenario | FidelityDataset, preset: str | None, out: Path,
+             data_dir: str | os.PathLike | None, scenario_overrides: dict[str, Any] | None,
+             progress: bool) -> FidelityDataset:
+    """The comparison's dataset: given; ``data_dir`` if it is a dataset file; else generated (or
+    found) there for the scenario name or object.  The scenario object is the one the dataset
+    holds, so its solvers are built once."""
+    if isinstance(scenario, FidelityDataset):
+        return scenario
     if data_dir is not None and Path(data_dir).is_file():
         if scenario_overrides:
             raise ValueError(f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
                              f"or give a directory to generate the data in)")
         return load_dataset(data_dir, scenario)
-    path = lead_first(lambda: generate(scenario, preset, data_dir if data_dir is not None else out / "data",
-                                       progress=progress, overrides=scenario_overrides))
-    return load_dataset(path, scenario)
+    if isinstance(scenario, str):
+        scenario = get_scenario(scenario, preset or "default", **(scenario_overrides or {}))
+    elif preset is not None or scenario_overrides:
+        scenario = scenario.with_preset(preset or scenario.preset or "default", **(scenario_overrides or {}))
+    if scenario_overrides:
+        scenario.preset = None
+    path = lead_first(lambda: generate(scenario, out=data_dir if data_dir is not None else out / "data",
+                                       progress=progress))
+    return load_dataset(path, scenario=scenario)
 
 
 def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, results: dict[str, Any],
-                  workers: int, progress: bool, log) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                  workers: int, progress: bool, log, solver: Solver | BlackBox,
+                  twin: Solver | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """SRC and every method into ``results["methods"]``; returns the per-frame MAE (N, T) and the
     first test simulation's trajectory of every method that finished."""
-    src = evaluate(dataset)
+    src = evaluate(dataset, solver=solver)
     results["methods"]["SRC"] = {k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")}
     results["methods"]["SRC"].update(status="ok", wall_time=0.0, solver_calls=0, solver_samples=0,
                                      eval_solver_samples=src["solver_samples"])
@@ -178,13 +241,14 @@ def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, 
     per_frame = {"SRC": np.asarray(src["per_frame"])}
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
     for m, cfg in configs.items():
-        name = DISPLAY_NAMES[m]
+        name = DISPLAY_NAMES.get(m, m.upper())
         results["train_config"][name] = cfg.to_dict()
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
         resume = broadcast_from_lead(lambda: (run_dir / "checkpoint.pt").exists())
         try:
-            result = train(dataset, cfg, run_dir, resume=resume, progress=progress, workers=workers)
-            ev = evaluate(dataset, result.model, device=cfg.device)
+            result = train(dataset, cfg, run_dir, resume=resume, progress=progress, workers=workers,
+                           **_solver_args(solver, twin, dataset.scenario))
+            ev = evaluate(dataset, result.model, solver=solver, device=cfg.device)
         except TrainingError as e:
             results["methods"][name] = _stopped_entry(e, cfg, run_dir)
             log(f"{name:<8} {results['methods'][name]['status']}: {e}")
@@ -203,8 +267,8 @@ def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict
                  final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None, parameters=h.get("parameters"),
                  epochs=cfg.epochs, window=cfg.effective_window)
     if method in ("zo-sol", "zo-jac-sol"):
-        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], zo_queries=h["zo_queries"], lprs=h["lprs"],
-                     cost_model=h.get("cost_model"))
+        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], grad_cosine_vs_fd=h.get("grad_cosine_vs_fd", []),
+                     zo_queries=h["zo_queries"], lprs=h["lprs"], cost_model=h.get("cost_model"))
     if method == "zo-jac-sol":
         entry.update(jacobian=h["jacobian"]["describe"], jacobian_events=h["jacobian"]["events"])
     return entry

@@ -114,9 +114,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def train_config(preset: str = "default", scenario: str | None = None, **overrides: Any) -> TrainConfig:
-    """The training preset ``preset``, adjusted for ``scenario`` (its ``train_presets``: e.g. a
-    cheaper corrector for the 2-D scenarios on a CPU), then ``overrides``; validated."""
+def train_config(preset: str = "default", scenario: Any = None, **overrides: Any) -> TrainConfig:
+    """The training preset ``preset``, adjusted for ``scenario`` (a name or a scenario object; its
+    ``train_presets``: e.g. a cheaper corrector for the 2-D scenarios on a CPU), then
+    ``overrides``; validated."""
     if preset not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset '{preset}'; choose one of {sorted(TRAIN_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -125,6 +126,7 @@ def train_config(preset: str = "default", scenario: str | None = None, **overrid
         raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
     per_scenario: dict[str, Any] = {}
     if scenario is not None:
-        from .solvers import scenario_class
-        per_scenario = scenario_class(scenario).train_presets.get(preset, {})
+        from .solvers import registered
+        entry = registered(scenario) if isinstance(scenario, str) else scenario
+        per_scenario = entry.train_presets.get(preset, {})
     return TrainConfig(**{**TRAIN_PRESETS[preset], **per_scenario, **overrides}).validate()

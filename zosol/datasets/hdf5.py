@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_write_bytes, format_bytes, machine_memory_bytes
-from ..solvers.base import Scenario, scenario_class
+from ..solvers.base import Scenario
+from ..solvers.plugins import ScenarioNotFound, scenario_from_record
 
 SCHEMA_VERSION = 1
 #: refuse attributes stored in more bytes than this (the config JSON of a scenario is ~1 KiB)
@@ -100,6 +101,7 @@ def write_dataset(path: str | os.PathLike, scenario: Scenario, train: list[Simul
             "scenario": scenario.name,
             "preset": scenario.preset or "",
             "config": json.dumps(scenario.config.to_dict()),
+            "scenario_source": scenario.source,
             "dt": solver.dt,
             "channels": json.dumps(list(solver.channels)),
             "spatial_shape": json.dumps(list(solver.spatial_shape)),
@@ -157,7 +159,7 @@ def _member(group: h5py.Group, key: str, kind: type, path: Path) -> Any:
     return obj
 
 
-def _scenario_of(f: h5py.File, path: Path, scenario: str | None) -> tuple[Scenario, dict[str, Any]]:
+def _scenario_of(f: h5py.File, path: Path, scenario: str | Scenario | None) -> tuple[Scenario, dict[str, Any]]:
     """The file's scenario (validated config) and its top-level attributes."""
     if "zosol_schema" not in f.attrs:
         raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
@@ -170,11 +172,14 @@ def _scenario_of(f: h5py.File, path: Path, scenario: str | None) -> tuple[Scenar
     if not attrs["complete"]:
         raise DatasetError(f"{path}: incomplete dataset (not written by zosol's atomic writer); {_fix(path, attrs)}")
     name = str(attrs["scenario"])
-    if scenario is not None and name != scenario:
+    if isinstance(scenario, str) and name != scenario:
         raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
+    source = str(_attr(f, "scenario_source", path)) if "scenario_source" in f.attrs else None
     try:
-        cls = scenario_class(name)
-        sc = cls.from_config_dict(json.loads(attrs["config"]), preset=str(attrs["preset"]) or None)
+        sc = scenario_from_record(name, json.loads(attrs["config"]), str(attrs["preset"]) or None, source,
+                                  scenario if isinstance(scenario, Scenario) else None)
+    except ScenarioNotFound as e:
+        raise DatasetError(f"{path}: {e}") from None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise DatasetError(f"{path}: invalid scenario config: {str(e)[:300]}; {_fix(path, attrs)}") from None
     return sc, attrs
@@ -232,7 +237,7 @@ def _read_sim(d: h5py.Dataset, path: Path, num_params: int, attrs: dict[str, Any
     return Simulation(int(_attr(d, "seed", path)), torch.from_numpy(data), torch.from_numpy(params))
 
 
-def _load(f: h5py.File, path: Path, scenario: str | None) -> FidelityDataset:
+def _load(f: h5py.File, path: Path, scenario: str | Scenario | None) -> FidelityDataset:
     sc, attrs = _scenario_of(f, path, scenario)
     frames = int(attrs["frames"])
     if frames < 0:
@@ -243,9 +248,13 @@ def _load(f: h5py.File, path: Path, scenario: str | None) -> FidelityDataset:
     return FidelityDataset(path, sc, splits["train"], splits["test"])
 
 
-def load_dataset(path: str | os.PathLike, scenario: str | None = None) -> FidelityDataset:
+def load_dataset(path: str | os.PathLike, scenario: str | Scenario | None = None) -> FidelityDataset:
     """Read and validate a dataset; ``scenario`` (a name), if given, must match the file's.
-    Raises DatasetError naming the file, the problem and the fix."""
+    Raises DatasetError naming the file, the problem and the fix.
+
+    The file's scenario is rebuilt from its record (name, config, ``scenario_source``
+    ``module:object``; see :mod:`zosol.solvers.plugins`), or is ``scenario`` when that is a scenario
+    object (reused as it is, with its built solvers, when its config equals the file's)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset file (create it with `zosol generate`)")

@@ -1,6 +1,8 @@
 """Solvers and scenarios: what a simulator looks like to zosol (installed as ``zosol.solvers``)."""
 from .base import (BlackBox, Scenario, ScenarioConfig, Solver, SolverDivergedError, SolverError, check_state,
-                   get_scenario, register, scenario_class, scenario_names)
+                   get_scenario, is_registered, register, registered, scenario_class, scenario_names)
+from .custom import CustomScenario, block_average, make_scenario
+from .plugins import ScenarioNotFound, load_plugin, scenario_from_record
 
 
 def _burgers1d():
@@ -22,5 +24,7 @@ register("burgers1d", _burgers1d)
 register("burgers2d", _burgers2d)
 register("karman2d", _karman2d)
 
-__all__ = ["BlackBox", "Scenario", "ScenarioConfig", "Solver", "SolverDivergedError", "SolverError", "check_state",
-           "get_scenario", "register", "scenario_class", "scenario_names"]
+__all__ = ["BlackBox", "CustomScenario", "Scenario", "ScenarioConfig", "ScenarioNotFound", "Solver",
+           "SolverDivergedError", "SolverError", "block_average", "check_state", "get_scenario", "is_registered",
+           "load_plugin", "make_scenario", "register", "registered", "scenario_class", "scenario_from_record",
+           "scenario_names"]

@@ -16,6 +16,7 @@ states and parameters.  Scenarios are registered by name with presets ``tiny`` (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
@@ -34,6 +35,9 @@ __all__ = [
     "get_scenario",
     "scenario_names",
     "check_state",
+    "registered",
+    "is_registered",
+    "load_entry_points",
 ]
 
 
@@ -214,12 +218,47 @@ class ScenarioConfig:
         return dataclasses.asdict(self)
 
 
+def _built_once(method: Callable[["Scenario"], Solver]) -> Callable[["Scenario"], Solver]:
+    """Memoise a scenario's solver factory per scenario object (and per process: the cache is not
+    pickled), so a solver with an expensive start (a compile, an external process) starts once."""
+    @functools.wraps(method)
+    def get(self: "Scenario", *args: Any, **kwargs: Any) -> Solver:
+        cache = self.__dict__.setdefault("_solvers", {})
+        key = method.__name__ if not (args or kwargs) else (method.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = method(self, *args, **kwargs)
+        return cache[key]
+    get.built_once = True
+    return get
+
+
 class Scenario(ABC):
     """A named pair of fidelities plus the sampler of simulations.
 
     Subclasses define ``name``, ``Config`` (a ScenarioConfig subclass), ``presets``
     (preset name -> dict of config overrides) and the abstract methods below.
+    ``reference_solver()`` and ``coarse_solver()`` build their solver on the first call only:
+    later calls on the same scenario object (in the same process) return the same solver.
+    Without subclassing: :func:`zosol.solvers.make_scenario`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("reference_solver", "coarse_solver"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "built_once", False):
+                setattr(cls, name, _built_once(fn))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its built solvers: each process builds its own once."""
+        return {k: v for k, v in self.__dict__.items() if k != "_solvers"}
+
+    @property
+    def source(self) -> str:
+        """Importable ``module:object`` that rebuilds this scenario from its config (recorded in
+        datasets so that they open in a new process)."""
+        cls = type(self)
+        return f"{cls.__module__}:{cls.__qualname__}"
 
     name: ClassVar[str]
     Config: ClassVar[type[ScenarioConfig]]
@@ -251,6 +290,14 @@ class Scenario(ABC):
     def from_config_dict(cls, d: dict[str, Any], preset: str | None = None) -> "Scenario":
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}), preset=preset)
+
+    def with_preset(self, preset: str = "default", **overrides: Any) -> "Scenario":
+        """This scenario at another preset / config overrides (what ``get_scenario`` calls)."""
+        return type(self).from_preset(preset, **overrides)
+
+    def with_config(self, config: dict[str, Any], preset: str | None = None) -> "Scenario":
+        """This scenario with the config a dataset recorded (what ``load_dataset`` calls)."""
+        return type(self).from_config_dict(config, preset=preset)
 
     # -- the two fidelities --------------------------------------------------------------
     @abstractmethod
@@ -298,24 +345,73 @@ class Scenario(ABC):
         return {"scenario": self.name, "preset": self.preset, "config": self.config.to_dict()}
 
 
-_REGISTRY: dict[str, Callable[[], type[Scenario]]] = {}
+#: name -> a zero-argument loader returning a Scenario class, a Scenario class, or a Scenario object
+_REGISTRY: dict[str, Any] = {}
 
 
-def register(name: str, loader: Callable[[], type[Scenario]]) -> None:
-    """Register a scenario class under ``name``; ``loader`` imports it lazily (PhiFlow is slow to import)."""
-    _REGISTRY[name] = loader
+def register(name: str, scenario: Any) -> None:
+    """Register a scenario under ``name``: a Scenario subclass, a scenario object (e.g. from
+    :func:`zosol.solvers.make_scenario`), or a zero-argument loader returning either (imported
+    lazily: PhiFlow is slow to import)."""
+    if not (isinstance(scenario, Scenario) or callable(scenario)):
+        raise TypeError(f"register('{name}', ...) needs a Scenario subclass, a scenario object or a loader; "
+                        f"got {type(scenario).__name__}")
+    _REGISTRY[name] = scenario
+
+
+ENTRY_POINT_GROUP = "zosol.scenarios"
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Register every scenario that installed packages declare in the ``zosol.scenarios``
+    entry-point group (``my_pde = "my_package.module:scenario"``); each is imported on first use."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            register(ep.name, lambda ep=ep: ep.load())
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered scenario (entry points included)."""
+    load_entry_points()
+    return name in _REGISTRY
 
 
 def scenario_names() -> list[str]:
+    load_entry_points()
     return sorted(_REGISTRY)
 
 
-def scenario_class(name: str) -> type[Scenario]:
+def registered(name: str) -> "type[Scenario] | Scenario":
+    """The Scenario class or scenario object registered under ``name`` (loaders are called)."""
+    load_entry_points()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown scenario '{name}'; choose one of {scenario_names()}")
-    return _REGISTRY[name]()
+        raise ValueError(f"unknown scenario '{name}'; choose one of {scenario_names()} (a scenario of your own: "
+                         f"register it in a module and load that module with --plugin MODULE)")
+    entry = _REGISTRY[name]
+    if isinstance(entry, Scenario) or (isinstance(entry, type) and issubclass(entry, Scenario)):
+        return entry
+    loaded = entry()
+    if not (isinstance(loaded, Scenario) or (isinstance(loaded, type) and issubclass(loaded, Scenario))):
+        raise TypeError(f"the loader registered for scenario '{name}' returned {type(loaded).__name__}, "
+                        f"not a Scenario subclass or scenario object")
+    _REGISTRY[name] = loaded  # loaded once: a scenario object keeps its solvers
+    return loaded
+
+
+def scenario_class(name: str) -> type[Scenario]:
+    entry = registered(name)
+    return entry if isinstance(entry, type) else type(entry)
 
 
 def get_scenario(name: str, preset: str = "default", **overrides: Any) -> Scenario:
     """The scenario ``name`` at ``preset`` with optional config overrides, e.g. ``frames=16``."""
-    return scenario_class(name).from_preset(preset, **overrides)
+    entry = registered(name)
+    if isinstance(entry, Scenario):
+        return entry.with_preset(preset, **overrides)
+    return entry.from_preset(preset, **overrides)

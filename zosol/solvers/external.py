@@ -30,7 +30,15 @@
   call is re-run once.
 
 * :class:`NumpySolver` wraps ``fn(state: ndarray (B, C, *s), params: ndarray (B, K) | None) ->
-  ndarray (B, C, *s)`` in-process.
+  ndarray (B, C, *s)`` in-process (or ``fn(state (C, *s), params (K,) | None) -> (C, *s)`` with
+  ``batched=False``), optionally in N local worker processes (``processes=N``).
+
+Call sizes: a solver sees the batches zosol makes (up to the full folded ZO-SOL batch, P x B
+states) unless it declares a limit: ``batched=False`` (one state per call) or ``max_batch=k``
+(an external program may also send ``"max_batch": k`` in its hello reply); zosol then splits
+every batch into calls of at most that many states and joins the results in order
+(:mod:`zosol.solvers.pool`).  With ``processes=N`` the calls of one batch are spread over N
+local processes started once.
 
 Both are ``differentiable = False``: inputs go to CPU numpy float32 (``dtype``) and outputs come
 back as new tensors on the input's device and dtype, so no autograd graph can pass through them.
@@ -58,6 +66,7 @@ import torch
 
 from ..fsutil import format_bytes, machine_memory_bytes
 from .base import Solver, SolverError, check_state
+from .pool import StatePool, run_rows, split_rows
 
 __all__ = ["ExternalSolver", "NumpySolver", "NotDifferentiableError", "PROTOCOL_VERSION",
            "encode_frame", "MAX_HEADER_BYTES"]
@@ -152,23 +161,34 @@ class NumpySolver(_HostSolver):
     """A plain numpy step function as a (non-differentiable) Solver.
 
     Args:
-        fn: ``fn(state (B, C, *spatial) ndarray, params (B, K) ndarray | None) -> (B, C, *spatial)``.
+        fn: ``fn(state (B, C, *spatial) ndarray, params (B, K) ndarray | None) -> (B, C, *spatial)``;
+            with ``batched=False``: ``fn(state (C, *spatial), params (K,) | None) -> (C, *spatial)``.
         dt, channels, spatial_shape, num_params, coords: the solver's metadata (coords: name ->
             1-D array; default: cell-centre indices).
         dtype: array dtype handed to ``fn`` ("float32" or "float64").
         check_finite: raise SolverError when ``fn`` returns NaN/inf for finite input.
+        batched: False when ``fn`` steps one state at a time (zosol loops over the batch).
+        max_batch: at most this many states per call of a batched ``fn`` (None: any number).
+        processes: spread the calls of every batch over this many local worker processes,
+            started once at the first multi-state step (forked on POSIX: ``fn`` may be a closure)
+            and stopped by :meth:`close`; the result equals ``processes=1`` exactly.
     Exceptions raised by ``fn`` become SolverError naming them.
     """
 
     def __init__(self, fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray], *, dt: float,
                  channels: Sequence[str], spatial_shape: Sequence[int], num_params: int = 0,
                  coords: Mapping[str, Any] | None = None, dtype: str = "float32", check_finite: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, batched: bool = True, max_batch: int | None = None, processes: int = 1):
         super().__init__(dtype, check_finite)
         if not callable(fn):
             raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
         if not (math.isfinite(dt) and dt > 0):
             raise ValueError(f"NumpySolver: dt must be positive, got {dt}")
+        if max_batch is not None and (int(max_batch) != max_batch or max_batch < 1):
+            raise ValueError(f"NumpySolver: max_batch must be an integer >= 1 or None, got {max_batch!r}")
+        self.batched, self.max_batch = bool(batched), None if max_batch is None else int(max_batch)
+        self.pool = StatePool(fn, processes, batched=self.batched, max_batch=self.max_batch) \
+            if processes != 1 else None
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
         self.dt = float(dt)
@@ -182,14 +202,30 @@ class NumpySolver(_HostSolver):
         x, p = self._to_numpy(state), self._to_numpy(params) if self.num_params else None
         who = f"NumpySolver({self.name})"
         try:
-            out = self.fn(x.copy(), None if p is None else p.copy())
+            out = self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
         except Exception as e:
             raise SolverError(f"{who} raised {type(e).__name__}: {e}") from e
         out = self._check_output(out, x, who)
         return self._to_torch(np.ascontiguousarray(out, dtype=self._np_dtype), state)
 
+    @property
+    def processes(self) -> int:
+        return 1 if self.pool is None else self.pool.processes
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (a later step starts them again)."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> "NumpySolver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "fn": self.name, "num_params": self.num_params}
+        return {**super().describe(), "fn": self.name, "num_params": self.num_params, "batched": self.batched,
+                "max_batch": self.max_batch, "processes": self.processes}
 
     def __repr__(self) -> str:
         return f"NumpySolver({self.name}, dt={self.dt}, state={self.state_shape})"
@@ -304,8 +340,15 @@ class ExternalSolver(_HostSolver):
                  restart: bool = False, max_restarts: int = 3, env: Mapping[str, str] | None = None,
                  cwd: str | os.PathLike | None = None, dtype: str = "float32", check_finite: bool = True,
                  expect: Mapping[str, Any] | None = None, stderr_tail: int = 2000, name: str | None = None,
-                 pipe_size: int = 1 << 20):
+                 pipe_size: int = 1 << 20, max_batch: int | None = None, processes: int = 1):
         super().__init__(dtype, check_finite)
+        options = dict(timeout=timeout, startup_timeout=startup_timeout, restart=restart, max_restarts=max_restarts,
+                       env=env, cwd=cwd, dtype=dtype, check_finite=check_finite, expect=expect,
+                       stderr_tail=stderr_tail, name=name, pipe_size=pipe_size, max_batch=max_batch)
+        for what, v in (("max_batch", max_batch), ("processes", processes)):
+            if v is not None and (int(v) != v or v < 1):
+                raise ValueError(f"ExternalSolver: {what} must be an integer >= 1, got {v!r}")
+        self.max_batch = None if max_batch is None else int(max_batch)
         if os.name != "posix":
             raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
         self.command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
@@ -338,6 +381,8 @@ class ExternalSolver(_HostSolver):
         self._failure: str | None = None  # why the process died, while not restarted
         self._lock = threading.RLock()
         self._start()
+        #: further copies of the program for ``processes > 1`` (each started once, own pipes)
+        self._copies = [ExternalSolver(command, **options) for _ in range(int(processes) - 1)]
 
     # -- process life ------------------------------------------------------------------------
     @property
@@ -430,6 +475,10 @@ class ExternalSolver(_HostSolver):
                       if isinstance(coords, dict) else _default_coords(meta["spatial_shape"]))
         except (TypeError, ValueError, RuntimeError) as e:
             raise SolverError(f"{who}: bad coords in hello reply: {type(e).__name__}: {e}") from None
+        declared = reply.get("max_batch")
+        if declared is not None and (not isinstance(declared, int) or isinstance(declared, bool) or declared < 1):
+            raise SolverError(f"{who}: invalid max_batch {declared!r} in hello reply (an integer >= 1 or absent)")
+        self.max_batch = min(filter(None, (self.max_batch, declared)), default=None)
         self.dt, self.channels = meta["dt"], meta["channels"]
         self.spatial_shape, self.num_params = meta["spatial_shape"], meta["num_params"]
         self.coords = coords
@@ -459,7 +508,9 @@ class ExternalSolver(_HostSolver):
         return f"; stderr tail:\n{text}" if text else "; stderr was empty"
 
     def close(self) -> None:
-        """Ask the program to quit (op "quit"), then make sure it is gone.  Idempotent."""
+        """Ask the program (and its copies) to quit (op "quit"), then make sure they are gone.  Idempotent."""
+        for copy in getattr(self, "_copies", ()):
+            copy.close()
         with self._lock:
             self._shutdown(kill=False)
             self._failure = "the solver was closed"
@@ -646,9 +697,33 @@ class ExternalSolver(_HostSolver):
         out = np.frombuffer(data, dtype=self._np_dtype).reshape(x.shape)
         return self._check_output(out, x, who)
 
+    @property
+    def processes(self) -> int:
+        return 1 + len(self._copies)
+
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         x = self._to_numpy(state)
         p = self._to_numpy(params) if self.num_params else None
+        blocks = split_rows(x.shape[0], self.processes)
+        if len(blocks) == 1:
+            return self._to_torch(self._rows(x, p), state)
+        from concurrent.futures import ThreadPoolExecutor  # the programs compute; threads only wait
+        with ThreadPoolExecutor(len(blocks)) as threads:
+            outs = threads.map(lambda job: job[0]._rows(x[job[1]], None if p is None else p[job[1]]),
+                               zip([self, *self._copies], blocks))
+            return self._to_torch(np.concatenate(list(outs)), state)
+
+    def _rows(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
+        """Step ``x`` (B, C, *s) in requests of at most ``max_batch`` states."""
+        limit = self.max_batch or x.shape[0]
+        if x.shape[0] <= limit:
+            return self._call(x, p)
+        return np.concatenate([self._call(np.ascontiguousarray(x[i:i + limit]),
+                                          None if p is None else np.ascontiguousarray(p[i:i + limit]))
+                               for i in range(0, x.shape[0], limit)])
+
+    def _call(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
+        """One step request (restarting a failed program once if ``restart``)."""
         with self._lock:
             retried = False
             while True:
@@ -673,11 +748,12 @@ class ExternalSolver(_HostSolver):
                         self._start()
                     except SolverError as e2:
                         raise SolverError(f"{e}; the restart failed: {e2}") from None
-        return self._to_torch(out, state)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "command": self.command, "num_params": self.num_params,
-                "timeout": self.timeout, "restart": self.restart_enabled, "metadata": self.metadata}
+                "timeout": self.timeout, "restart": self.restart_enabled, "metadata": self.metadata,
+                "max_batch": self.max_batch, "processes": self.processes}
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.alive else "stopped"

@@ -51,7 +51,8 @@ class TrainingLoop:
 
     @classmethod
     def setup(cls, dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
-              resume: bool, progress: bool, solver: Solver | BlackBox | None) -> "TrainingLoop":
+              resume: bool, progress: bool, solver: Solver | BlackBox | None,
+              twin: Solver | None = None) -> "TrainingLoop":
         """Build the solver views, windows, run state (resumed if asked) and the gradient source."""
         _, world_size, backend = world()
         distributed, lead = world_size > 1, is_lead()  # the lead process writes and reports
@@ -59,11 +60,12 @@ class TrainingLoop:
             raise ValueError(f"{dataset.path}: no training simulations")
         source_cls = source_class(config.method)
         base = solver if solver is not None else dataset.scenario.coarse_solver()
-        if source_cls.needs == "differentiable" and not getattr(base, "differentiable", False):
+        solvers = SolverViews.of(base, dataset.scenario, twin)
+        if source_cls.needs == "differentiable" and not (getattr(base, "differentiable", False) or
+                                                         (twin is not None and solvers.twin_differentiable)):
             others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
             raise ValueError(f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
-                             f"(use one of {others})")
-        solvers = SolverViews.of(base, dataset.scenario)
+                             f"(use one of {others}, or pass a differentiable twin: twin=...)")
         device = torch.device(config.device)
         windows = Windows(dataset, config.effective_window, device)
         check_memory(dataset, config, len(windows))

@@ -80,8 +80,11 @@ class SolverViews:
     stencil_reach: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, solver: Solver | BlackBox, scenario: Any) -> "SolverViews":
-        twin = solver if _differentiable(solver) else scenario.coarse_solver()
+    def of(cls, solver: Solver | BlackBox, scenario: Any, twin: Solver | None = None) -> "SolverViews":
+        """``twin``: the differentiable twin (default: ``solver`` if differentiable, else the
+        scenario's coarse solver)."""
+        if twin is None:
+            twin = solver if _differentiable(solver) else scenario.coarse_solver()
         return cls(SolverCounter(solver.blackbox().step), SolverCounter(twin.step), _differentiable(twin),
                    getattr(solver, "stencil_reach", None))
 

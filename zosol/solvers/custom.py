@@ -1,0 +1,236 @@
+"""A scenario from parts, no subclass needed: :func:`make_scenario`.
+
+A scenario is a reference step, a coarse step, a sampler of initial states and per-simulation
+parameters, a downsampling rule from the reference grid to the coarse grid, ``dt``, the number of
+frames and the train/test seeds.  ``make_scenario`` takes each as a plain value::
+
+    scenario = make_scenario(
+        "my_pde",
+        reference=fine_step,            # Solver, or fn(state, params) -> state on numpy arrays
+        coarse=coarse_step,             # Solver or fn; a black box is fine
+        sample=lambda seed: (u0, p),    # (C, *fine) and (K,) arrays or tensors
+        reference_shape=(128,), coarse_shape=(32,), dt=0.05,
+        frames=32, train_sims=8, test_sims=3)
+
+Step functions given as callables are wrapped in :class:`~zosol.solvers.external.NumpySolver`
+(``batched=False`` when they step one state at a time, ``processes=N`` to spread a batch over
+N local processes).  The solvers are built by you, once; every copy of the scenario at another
+preset shares them.
+
+A dataset records how to rebuild its scenario (:attr:`CustomScenario.source`, an importable
+``module:object``): define the scenario at module level of an importable module (not in a
+script run as ``__main__``) and ``load_dataset`` / ``zosol info`` / ``zosol evaluate`` open it
+in any process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .base import Scenario, ScenarioConfig, Solver
+
+__all__ = ["make_scenario", "CustomScenario", "CustomConfig", "block_average"]
+
+
+@dataclasses.dataclass
+class CustomConfig(ScenarioConfig):
+    """The generic fields of every scenario plus ``physics``: a JSON-able description of the
+    physics the parts implement (recorded in datasets; a rebuilt scenario must match it)."""
+
+    physics: dict = dataclasses.field(default_factory=dict)
+
+
+def block_average(fine: torch.Tensor, coarse_shape: Sequence[int]) -> torch.Tensor:
+    """Conservative averaging of (B, C, *fine) onto (B, C, *coarse) when every fine extent is a
+    multiple of the coarse one (each coarse cell = the mean of its r_1 x r_2 ... fine cells)."""
+    fine_shape = fine.shape[2:]
+    ratios = [f // c for f, c in zip(fine_shape, coarse_shape)]
+    shape: list[int] = list(fine.shape[:2])
+    for c, r in zip(coarse_shape, ratios):
+        shape += [c, r]
+    out = fine.reshape(shape)
+    return out.mean(dim=tuple(range(3, 3 + 2 * len(ratios), 2)))
+
+
+def _as_solver(part: Any, role: str, dt: float, channels: Sequence[str], shape: Sequence[int] | None,
+               num_params: int, batched: bool, processes: int) -> Solver:
+    if isinstance(part, Solver) or (hasattr(part, "step") and hasattr(part, "spatial_shape")):
+        return part
+    if not callable(part):
+        raise TypeError(f"make_scenario: {role} must be a Solver or a step function fn(state, params) -> state, "
+                        f"got {type(part).__name__}")
+    if shape is None:
+        raise ValueError(f"make_scenario: {role} is a function; pass {role}_shape=(cells, ...) (its grid)")
+    from .external import NumpySolver
+    return NumpySolver(part, dt=dt, channels=channels, spatial_shape=shape, num_params=num_params,
+                       batched=batched, processes=processes, name=f"{role} {getattr(part, '__name__', 'fn')}")
+
+
+def _check_parts(ref: Solver, coarse: Solver, dt: float) -> None:
+    for what in ("channels", "num_params"):
+        a, b = getattr(ref, what), getattr(coarse, what)
+        if (tuple(a) if what == "channels" else a) != (tuple(b) if what == "channels" else b):
+            raise ValueError(f"make_scenario: reference and coarse solvers differ in {what}: {a} vs {b}")
+    for role, s in (("reference", ref), ("coarse", coarse)):
+        if not math.isclose(float(s.dt), dt, rel_tol=1e-9):
+            raise ValueError(f"make_scenario: the {role} solver advances dt={s.dt}, the scenario's dt is {dt}")
+
+
+class CustomScenario(Scenario):
+    """A scenario assembled from parts by :func:`make_scenario` (see the module docstring)."""
+
+    Config = CustomConfig
+    presets: dict[str, dict[str, Any]] = {"default": {}}
+
+    def __init__(self, config: CustomConfig, preset: str | None = None, *, parts: dict[str, Any]):
+        super().__init__(config, preset)
+        self._parts = parts
+        self.name = parts["name"]
+        self.presets = parts["presets"]
+        self.padding_mode = parts["padding_mode"]
+        self.description = parts["description"]
+        self.train_presets = parts["train_presets"]
+        self.__dict__["_solvers"] = {"reference_solver": parts["reference"], "coarse_solver": parts["coarse"]}
+
+    # the solvers were built by the caller: return them (never rebuild)
+    def reference_solver(self) -> Solver:
+        return self._parts["reference"]
+
+    def coarse_solver(self) -> Solver:
+        return self._parts["coarse"]
+
+    def downsample(self, fine: torch.Tensor) -> torch.Tensor:
+        rule = self._parts["downsample"]
+        out = rule(fine)
+        return torch.as_tensor(out, dtype=fine.dtype, device=fine.device) if isinstance(out, np.ndarray) else out
+
+    def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state, params = self._parts["sample"](int(seed))
+        state = torch.as_tensor(np.asarray(state) if not isinstance(state, torch.Tensor) else state)
+        params = torch.zeros(0) if params is None else torch.as_tensor(
+            np.asarray(params) if not isinstance(params, torch.Tensor) else params)
+        return state.float(), params.float().reshape(-1)
+
+    def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:
+        fn = self._parts["features"]
+        return None if fn is None else fn(params)
+
+    # -- copies at other presets / configs share the parts (and so the built solvers) ----------
+    def with_preset(self, preset: str = "default", **overrides: Any) -> "CustomScenario":
+        if preset not in self.presets:
+            raise ValueError(f"unknown preset '{preset}' for scenario '{self.name}'; choose one of "
+                             f"{sorted(self.presets)}")
+        fields = {f.name for f in dataclasses.fields(CustomConfig)} - {"physics"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown} for scenario '{self.name}' (a scenario from "
+                             f"parts has only {sorted(fields)}: change the physics where the parts are made)")
+        merged = {**self._parts["base_config"], **self.presets[preset], **overrides}
+        return CustomScenario(CustomConfig(**merged), preset if not overrides else None, parts=self._parts)
+
+    def with_config(self, config: dict[str, Any], preset: str | None = None) -> "CustomScenario":
+        recorded = json.loads(json.dumps(config.get("physics", {})))
+        mine = json.loads(json.dumps(self.config.physics))
+        if recorded != mine:
+            diff = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
+            raise ValueError(f"scenario '{self.name}' ({self.source}) now has other physics than the dataset "
+                             f"was made with (differs in {diff}: dataset {recorded}, now {mine})")
+        fields = {f.name for f in dataclasses.fields(CustomConfig)}
+        return CustomScenario(CustomConfig(**{k: v for k, v in config.items() if k in fields}), preset,
+                              parts=self._parts)
+
+    @property
+    def source(self) -> str:
+        """``module:name`` of the module-level variable (or registered name) holding this scenario,
+        or of the function that made it; ``__main__:...`` when it was made in a script."""
+        module = self._parts["module"]
+        mod = sys.modules.get(module)
+        name = _script_module(mod) if module == "__main__" else module
+        for key, value in (vars(mod).items() if mod is not None else ()):
+            if isinstance(value, CustomScenario) and value._parts is self._parts:
+                return f"{name}:{key}"
+        return f"{name}:{self._parts['maker'] or self.name}"
+
+    def __repr__(self) -> str:
+        return f"CustomScenario({self.name!r}, preset={self.preset!r}, source={self.source!r})"
+
+
+def _script_module(mod: Any) -> str:
+    """A script run as ``python my_pde.py`` is the module ``my_pde`` to another process that has
+    its folder on the path; ``__main__`` when there is no such file (``python -c``, notebooks)."""
+    file = getattr(mod, "__file__", None)
+    stem = Path(file).stem if file else ""
+    return stem if stem.isidentifier() and getattr(mod, "__spec__", None) is None else "__main__"
+
+
+def _caller() -> tuple[str, str | None]:
+    """Module name and function name of the code that called make_scenario."""
+    frame = inspect.currentframe().f_back.f_back
+    module = frame.f_globals.get("__name__", "__main__")
+    func = frame.f_code.co_name
+    return module, (None if func == "<module>" else func)
+
+
+def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | Callable,
+                  sample: Callable[[int], tuple[Any, Any]], dt: float,
+                  reference_shape: Sequence[int] | None = None, coarse_shape: Sequence[int] | None = None,
+                  downsample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  channels: Sequence[str] = ("u",), num_params: int = 0, batched: bool = True, processes: int = 1,
+                  frames: int = 32, warmup: int = 0, train_sims: int = 4, test_sims: int = 2, seed: int = 0,
+                  presets: Mapping[str, Mapping[str, Any]] | None = None, physics: Mapping[str, Any] | None = None,
+                  features: Callable[[torch.Tensor], torch.Tensor] | None = None, padding_mode: str = "circular",
+                  train_presets: Mapping[str, Mapping[str, Any]] | None = None,
+                  description: str = "") -> CustomScenario:
+    """A scenario from parts (see the module docstring).
+
+    Args:
+        name: the scenario's name (datasets are named ``<name>_<preset>.h5``).
+        reference, coarse: a :class:`Solver` (any, black boxes included) or a numpy step function
+            ``fn(state (B, C, *shape), params (B, K) | None) -> (B, C, *shape)``; with
+            ``batched=False`` the functions take one state ``(C, *shape)`` and params ``(K,)``.
+        sample: ``sample(seed) -> (state (C, *reference_shape), params (K,) or None)``.
+        dt: time between frames (both solvers advance exactly ``dt`` per step).
+        reference_shape, coarse_shape: the grids (needed for step functions; read from Solvers).
+        downsample: ``(B, C, *reference) tensor -> (B, C, *coarse)``; default: conservative
+            block averaging when each reference extent is a multiple of the coarse one.
+        channels, num_params: state channel names and per-simulation parameter count K.
+        batched, processes: for step functions: False when they take one state at a time; spread
+            every batch over this many local processes (see ``NumpySolver``).
+        frames, warmup, train_sims, test_sims, seed: as in :class:`ScenarioConfig` (train seeds
+            ``seed + i``, test seeds ``seed + 10000 + i``).
+        presets: preset name -> overrides of those fields (``"default"`` is added if missing).
+        physics: JSON-able description recorded in datasets (e.g. ``{"nu": 0.01, "n": 32}``).
+        features: extra corrector input channels from params (B, K) -> (B, F, *coarse).
+        padding_mode: the corrector's convolution padding ("circular" for periodic domains).
+        train_presets: training-preset adjustments (preset -> TrainConfig fields).
+    """
+    module, maker = _caller()
+    ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, batched, processes)
+    crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, batched, processes)
+    _check_parts(ref, crs, float(dt))
+    fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
+    if downsample is None:
+        if len(fine) != len(small) or any(f % c for f, c in zip(fine, small)):
+            raise ValueError(f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
+                             f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)")
+        downsample = (lambda u: u) if fine == small else (lambda u: block_average(u, small))
+    try:
+        json.dumps(dict(physics or {}))
+    except TypeError as e:
+        raise ValueError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
+    parts = dict(name=name, reference=ref, coarse=crs, sample=sample, downsample=downsample, features=features,
+                 presets={"default": {}, **{k: dict(v) for k, v in (presets or {}).items()}},
+                 padding_mode=padding_mode, description=description, module=module, maker=maker,
+                 train_presets={k: dict(v) for k, v in (train_presets or {}).items()})
+    config = CustomConfig(frames=frames, warmup=warmup, train_sims=train_sims, test_sims=test_sims, seed=seed,
+                          physics=dict(physics or {}))
+    parts["base_config"] = config.to_dict()
+    return CustomScenario(config, "default", parts=parts)
