@@ -333,6 +333,9 @@ def strouhal_number(signal: torch.Tensor, dt: float, diameter: float = 2 * RADIU
 # --------------------------------------------------------------------------------------------
 # Scenario
 
+#: coarse solvers: "direct" (torch step, pressure by a factored sparse LU) or "phiflow"
+COARSE_SOLVERS = ("direct", "phiflow")
+
 _PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
 _PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
 
@@ -359,6 +362,7 @@ class Karman2DConfig(ScenarioConfig):
     tol: float = 1e-4
     perturbation: float = 0.5
     diffusion: bool = True
+    coarse: str = "direct"
     train_re: tuple = _PAPER_TRAIN_RE
     test_re: tuple = _PAPER_TEST_RE
 
@@ -378,6 +382,8 @@ class Karman2DConfig(ScenarioConfig):
                              f"{self.train_re} / {self.test_re}")
         if self.perturbation < 0:
             raise ValueError(f"config field 'perturbation' must be >= 0, got {self.perturbation}")
+        if self.coarse not in COARSE_SOLVERS:
+            raise ValueError(f"config field 'coarse' must be one of {list(COARSE_SOLVERS)}, got {self.coarse!r}")
 
 
 class Karman2DScenario(Scenario):
@@ -399,7 +405,7 @@ class Karman2DScenario(Scenario):
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
                      train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
         # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
-        "default": dict(n_ref_x=128, n_ref_y=64, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
+        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
                         train_sims=6, test_sims=5),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
         "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
