@@ -95,10 +95,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from abc import abstractmethod
 from typing import Sequence
 
 import torch
 
+from . import karman2d_direct as direct
 from .base import Scenario, ScenarioConfig, Solver, SolverError
 
 
@@ -106,7 +108,7 @@ from .base import Scenario, ScenarioConfig, Solver, SolverError
 # are off and that CSR support is beta: harmless here, and noise in every command's output.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-__all__ = ["Karman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
+__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
            "strouhal_number"]
 
 #: domain and cylinder of the SOL / DeepZero set-up
@@ -120,8 +122,9 @@ def _phi():
     return flow
 
 
-class Karman2D(Solver):
-    """Wake flow behind a cylinder on an ``nx`` x ``ny`` staggered grid.
+class WakeSolver(Solver):
+    """What the PhiFlow and the direct wake-flow steps share: the grid, the cylinder, the boundary
+    conditions, the Reynolds-number check, the thread cap and the blow-up check.
 
     ``step(state, params)``: ``state`` (B, 2, ny, nx) float32 in the staggered layout of the module
     docstring; ``params`` (B, 1) = Reynolds number per sample.  Returns (B, 2, ny, nx).
@@ -129,9 +132,8 @@ class Karman2D(Solver):
     Args:
         nx, ny: cells in x and y (the domain is 200 x 100; use nx = 2 ny for square cells).
         dt: time advanced per ``step``.  substeps: equal sub-steps per ``step``.
-        inflow: inflow speed U.  tol: absolute and relative tolerance of the pressure solve.
-        max_iterations: iteration cap of the pressure solve (beyond it: SolverError).
-        diffusion: apply explicit viscous diffusion (False: inviscid apart from numerics).
+        inflow: inflow speed U.  diffusion: apply explicit viscous diffusion (False: inviscid apart
+            from numerics).  blowup: |v| above ``blowup * U`` (or NaN) raises SolverError.
         threads: torch intra-op threads used during a CPU step (the previous setting is restored
             afterwards); None leaves torch's setting alone.
     """
@@ -141,27 +143,25 @@ class Karman2D(Solver):
 
     def __init__(self, nx: int, ny: int, dt: float = 1.0, *, substeps: int = 1, inflow: float = 1.0,
                  length: float = LENGTH, height: float = HEIGHT, radius: float = RADIUS,
-                 center: Sequence[float] = CENTER, tol: float = 1e-4, max_iterations: int = 2000,
-                 diffusion: bool = True, solve_method: str = "auto", blowup: float = 50.0,
+                 center: Sequence[float] = CENTER, diffusion: bool = True, blowup: float = 50.0,
                  threads: int | None = 1):
         for name, v in (("nx", nx), ("ny", ny)):
             if int(v) != v or v < 4:
-                raise ValueError(f"Karman2D: {name} must be an integer >= 4, got {v}")
+                raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 4, got {v}")
         for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height),
-                        ("radius", radius), ("tol", tol)):
+                        ("radius", radius)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"Karman2D: {name} must be a positive number, got {v}")
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive number, got {v}")
         if int(substeps) != substeps or substeps < 1:
-            raise ValueError(f"Karman2D: substeps must be an integer >= 1, got {substeps}")
+            raise ValueError(f"{type(self).__name__}: substeps must be an integer >= 1, got {substeps}")
         if threads is not None and (int(threads) != threads or threads < 1):
-            raise ValueError(f"Karman2D: threads must be None or an integer >= 1, got {threads}")
+            raise ValueError(f"{type(self).__name__}: threads must be None or an integer >= 1, got {threads}")
         self.threads = None if threads is None else int(threads)
         self.nx, self.ny = int(nx), int(ny)
         self.dt, self.substeps, self.inflow = float(dt), int(substeps), float(inflow)
         self.length, self.height, self.radius = float(length), float(height), float(radius)
         self.center = (float(center[0]), float(center[1]))
-        self.tol, self.max_iterations = float(tol), int(max_iterations)
-        self.diffusion, self.solve_method, self.blowup = bool(diffusion), solve_method, float(blowup)
+        self.diffusion, self.blowup = bool(diffusion), float(blowup)
         self.dx, self.dy = self.length / self.nx, self.height / self.ny
         self.spatial_shape = (self.ny, self.nx)
         #: cell centres; vx lives at (x + dx/2, y), vy at (x, y - dy/2) (see module docstring)
@@ -171,6 +171,83 @@ class Karman2D(Solver):
         # explicit diffusion is stable for nu * tau * (2/dx^2 + 2/dy^2) <= 1
         tau = self.dt / self.substeps
         self.min_re = self.inflow * self.diameter * tau * (2 / self.dx ** 2 + 2 / self.dy ** 2)
+
+    @abstractmethod
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        """One ``dt`` from validated inputs; nu (B,) = kinematic viscosity per sample."""
+
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        re = params[:, 0]
+        with torch.no_grad():
+            bad = ~(re.detach() >= self.min_re)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{type(self).__name__}: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit "
+                    f"diffusion on this grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is "
+                    f"unstable; raise Re or substeps")
+        nu = (self.inflow * self.diameter / re).to(state.dtype)
+        # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
+        # module docstring): 2 threads on the shared 2-core CPU made the PhiFlow step ~50x slower
+        before = torch.get_num_threads()
+        cap = self.threads is not None and state.device.type == "cpu" and before > self.threads
+        if cap:
+            torch.set_num_threads(self.threads)
+        try:
+            out = self._step_impl(state, nu)
+        finally:
+            if cap:
+                torch.set_num_threads(before)
+        with torch.no_grad():
+            vmax = out.detach().abs().amax()
+            if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
+                raise SolverError(
+                    f"{type(self).__name__} ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> "
+                    f"{self.blowup:g} U or NaN/inf): the pressure solve failed or the state diverged")
+        return out.to(state.dtype)
+
+    def divergence(self, state: torch.Tensor) -> torch.Tensor:
+        """Cell divergence (B, H, W) of a staggered state (inflow U on the left face, walls 0)."""
+        return direct.divergence(state, self.dx, self.dy, self.inflow)
+
+    def _far_mask(self) -> torch.Tensor:
+        """(H, W) bool: cells whose faces are all clear of the cylinder."""
+        xc, yc = self.coords["x"], self.coords["y"]
+        r = ((xc[None] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2).sqrt()
+        return r > self.radius + 1.5 * max(self.dx, self.dy)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def uniform_state(self, batch: int = 1) -> torch.Tensor:
+        """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
+        s = torch.zeros(batch, 2, self.ny, self.nx)
+        xf = (torch.arange(self.nx) + 1.0) * self.dx
+        yc = (torch.arange(self.ny) + 0.5) * self.dy
+        inside = (xf[None, :] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2 < self.radius ** 2
+        s[:, 0] = torch.where(inside, 0.0, self.inflow)
+        return s
+
+    def describe(self):
+        d = super().describe()
+        d.update(substeps=self.substeps, inflow=self.inflow, diffusion=self.diffusion, threads=self.threads,
+                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        return d
+
+
+class Karman2D(WakeSolver):
+    """The wake flow on PhiFlow 3.4 (torch backend, ``jit_compile``): the reference solver, and the
+    coarse one with ``coarse="phiflow"``.  Arguments of :class:`WakeSolver`, plus
+
+    Args:
+        tol: absolute and relative tolerance of the pressure solve.
+        max_iterations: iteration cap of the pressure solve (beyond it: SolverError).
+        solve_method: PhiFlow's solve method (default 'auto').
+    """
+
+    def __init__(self, nx: int, ny: int, dt: float = 1.0, *, tol: float = 1e-4, max_iterations: int = 2000,
+                 solve_method: str = "auto", **kwargs):
+        super().__init__(nx, ny, dt, **kwargs)
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise ValueError(f"Karman2D: tol must be a positive number, got {tol}")
+        self.tol, self.max_iterations, self.solve_method = float(tol), int(max_iterations), solve_method
         self._jit = None
 
     # -- conversion between the (B, 2, H, W) tensor and PhiFlow ---------------------------------
@@ -202,92 +279,73 @@ class Karman2D(Solver):
 
         self._jit = math_.jit_compile(step_fn)
 
-    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
-        # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
-        # module docstring): 2 threads on the shared 2-core CPU made the step ~50x slower
-        before = torch.get_num_threads()
-        cap = self.threads is not None and state.device.type == "cpu" and before > self.threads
-        if cap:
-            torch.set_num_threads(self.threads)
-        try:
-            return self._step_impl(state, params)
-        finally:
-            if cap:
-                torch.set_num_threads(before)
-
-    def _step_impl(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
-        flow = _phi()
-        math_ = flow.math
-        re = params[:, 0]
-        with torch.no_grad():
-            bad = ~(re.detach() >= self.min_re)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"Karman2D: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit diffusion on this "
-                    f"grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is unstable; "
-                    f"raise Re or substeps")
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
         if self._jit is None:
             self._build()
-        nu = (self.inflow * self.diameter / re).to(state.dtype)
+        math_ = _phi().math
         vx = math_.tensor(state[:, 0].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
         vy = math_.tensor(state[:, 1, 1:].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
-        nu_t = math_.tensor(nu, math_.batch("b"))
         try:
-            vx2, vy2 = self._jit(vx, vy, nu_t)
+            vx2, vy2 = self._jit(vx, vy, math_.tensor(nu, math_.batch("b")))
         except math_.ConvergenceException as e:
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge to "
                 f"tol {self.tol:g} within {self.max_iterations} iterations ({type(e).__name__}: "
                 f"{str(e)[:200]}); the state is probably diverging") from e
-        vx_n = vx2.native("b,y,x")
+        vx_n, vy_n = vx2.native("b,y,x"), vy2.native("b,y,x")
+        out = torch.stack([vx_n, torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)], 1)
         # inside jit_compile PhiFlow checks convergence only while tracing: a solve that fails later
-        # returns garbage silently, so check the result here
+        # returns garbage silently, so check the projection's result here
         with torch.no_grad():
-            vmax = torch.maximum(vx_n.detach().abs().amax(), vy2.native("b,y,x").detach().abs().amax())
-            if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
-                raise SolverError(
-                    f"Karman2D ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> {self.blowup:g} U or "
-                    f"NaN/inf): the pressure solve failed or the state diverged")
-        vy_n = vy2.native("b,y,x")
-        out = torch.cat([vx_n[:, None], torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)[:, None]], 1)
-        # PhiFlow does not raise NotConverged inside jit_compile: check the projection's result instead
-        with torch.no_grad():
+            finite = bool(torch.isfinite(out).all())
             div = (self.divergence(out.detach()) * self._far_mask()).abs().amax()
         limit = max(10 * self.tol, 1e-5)
-        if not bool(div <= limit):
+        if finite and not bool(div <= limit):
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge "
                 f"(max |div v| = {float(div):.3g} > {limit:.3g} after the projection; tol {self.tol:g}, "
                 f"max_iterations {self.max_iterations}); the state may be diverging")
-        return out.to(state.dtype)
-
-    def divergence(self, state: torch.Tensor) -> torch.Tensor:
-        """Cell divergence (B, H, W) of a staggered state (inflow U on the left face, walls 0)."""
-        vx = torch.cat([torch.full_like(state[:, 0, :, :1], self.inflow), state[:, 0]], 2)
-        vy = torch.cat([state[:, 1, :1] * 0, state[:, 1, 1:], torch.zeros_like(state[:, 1, :1])], 1)
-        return (vx[:, :, 1:] - vx[:, :, :-1]) / self.dx + (vy[:, 1:] - vy[:, :-1]) / self.dy
-
-    def _far_mask(self) -> torch.Tensor:
-        """(H, W) bool: cells whose faces are all clear of the cylinder."""
-        xc, yc = self.coords["x"], self.coords["y"]
-        r = ((xc[None] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2).sqrt()
-        return r > self.radius + 1.5 * max(self.dx, self.dy)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def uniform_state(self, batch: int = 1) -> torch.Tensor:
-        """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
-        s = torch.zeros(batch, 2, self.ny, self.nx)
-        xf = (torch.arange(self.nx) + 1.0) * self.dx
-        yc = (torch.arange(self.ny) + 0.5) * self.dy
-        inside = (xf[None, :] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2 < self.radius ** 2
-        s[:, 0] = torch.where(inside, 0.0, self.inflow)
-        return s
+        return out
 
     def describe(self):
         d = super().describe()
-        d.update(substeps=self.substeps, inflow=self.inflow, tol=self.tol, diffusion=self.diffusion,
-                 threads=self.threads,
-                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        d.update(tol=self.tol, pressure=f"PhiFlow Solve('{self.solve_method}', {self.tol:g})")
+        return d
+
+
+class DirectKarman2D(WakeSolver):
+    """The same step as :class:`Karman2D` in plain torch, the pressure matrix factored once
+    (:mod:`zosol.solvers.karman2d_direct`): the default coarse solver (``coarse="direct"``).
+
+    Exact pressure solve (no tolerance), cost independent of the state, and differentiable: autograd
+    flows through advection and diffusion, and the solve's backward pass is a solve with the
+    transposed factor.  Arguments of :class:`WakeSolver`.  Agrees with PhiFlow's step (tight
+    tolerance) to float32 round-off; see the module docstring ("Direct coarse step").
+    """
+
+    def __init__(self, nx: int, ny: int, dt: float = 1.0, **kwargs):
+        super().__init__(nx, ny, dt, **kwargs)
+        masks = direct.obstacle_masks(self.nx, self.ny, self.length, self.height, self.center, self.radius)
+        self.lu = direct.PressureLU(masks["hard"], masks["active"], self.dx, self.dy)
+        self.masks = {k: v.float() for k, v in masks.items()}
+
+    def _masks(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.to(like.device, like.dtype) for k, v in self.masks.items()}
+
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        tau = self.dt / self.substeps
+        masks = self._masks(state)
+        v = state
+        for _ in range(self.substeps):
+            v = direct.advect(v, tau, self.dx, self.dy, self.inflow)
+            if self.diffusion:
+                v = direct.diffuse(v, nu * tau, self.dx, self.dy, self.inflow)
+            v = direct.project(v, masks, self.lu, self.dx, self.dy, self.inflow)
+        return v
+
+    def describe(self):
+        d = super().describe()
+        d.update(pressure="band LU (LAPACK dgbtrf), factored once")
         return d
 
 
@@ -424,12 +482,20 @@ class Karman2DScenario(Scenario):
         return 20 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
 
     def reference_solver(self) -> Karman2D:
+        """PhiFlow on the reference grid."""
         c = self.config
         return self._solver(c.n_ref_x, c.n_ref_y, c.ref_substeps)
 
-    def coarse_solver(self) -> Karman2D:
+    def coarse_solver(self) -> WakeSolver:
+        """The coarse grid's solver: :class:`DirectKarman2D` (``coarse="direct"``, built and factored
+        once per scenario object) or PhiFlow's :class:`Karman2D` (``coarse="phiflow"``)."""
         c = self.config
-        return self._solver(c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+        if c.coarse == "phiflow":
+            return self._solver(c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+        if getattr(self, "_direct", None) is None:
+            self._direct = DirectKarman2D(c.n_coarse_x, c.n_coarse_y, c.dt, substeps=c.coarse_substeps,
+                                          inflow=c.inflow, diffusion=c.diffusion)
+        return self._direct
 
     @property
     def ratio(self) -> int:
