@@ -9,8 +9,9 @@ import torch
 pytest.importorskip("phi")
 
 from zosol.solvers import BlackBox, SolverError, get_scenario  # noqa: E402
-from zosol.solvers.karman2d import (Karman2D, Karman2DScenario, centered_velocity, strouhal_number,  # noqa: E402
-                                    vorticity)
+from zosol.solvers import karman2d_direct as direct  # noqa: E402
+from zosol.solvers.karman2d import (DirectKarman2D, Karman2D, Karman2DScenario, centered_velocity,  # noqa: E402
+                                    strouhal_number, vorticity)
 
 
 
@@ -251,3 +252,100 @@ def test_strouhal_number_64x32():
     st = strouhal_number(probe[300:], dt=1.0)
     print(f"karman2d 64x32: St = {st:.3f}")
     assert 0.1 <= st <= 0.3
+
+
+# --------------------------------------------------------------------------------------------
+# The direct coarse step (DirectKarman2D): same numerics as PhiFlow, exact pressure, exact adjoint
+
+
+def _developed_states(solver, sc, steps: int = 30, seeds=(0, 1, 2)):
+    """Coarse states a few dozen steps after the seeded start: (len(seeds), 2, H, W), params (len(seeds), 1)."""
+    s = torch.stack([sc.downsample(sc.sample(seed)[0][None])[0] for seed in seeds])
+    p = torch.tensor([[1.6e5], [3.2e5], [5.12e6]])[:len(seeds)]
+    with torch.no_grad():
+        for _ in range(steps):
+            s = solver.step(s, p)
+    return s, p
+
+
+def test_coarse_solver_choice(tiny):
+    assert isinstance(tiny.coarse_solver(), DirectKarman2D)
+    assert tiny.coarse_solver() is tiny.coarse_solver()  # factored once per scenario
+    assert type(get_scenario("karman2d", "tiny", coarse="phiflow").coarse_solver()) is Karman2D
+    with pytest.raises(ValueError, match="coarse"):
+        get_scenario("karman2d", "tiny", coarse="spectral")
+
+
+@pytest.mark.parametrize("re", [1.6e5, 20.0])  # paper Re (diffusion negligible) and a viscous one
+def test_direct_step_matches_phiflow(tiny, re):
+    """Same states into both steps: the direct step equals PhiFlow's (solved to 1e-7) to float32 round-off."""
+    direct = tiny.coarse_solver()
+    s, _ = _developed_states(direct, tiny)
+    p = torch.full((s.shape[0], 1), re)
+    phiflow = Karman2D(32, 16, tol=1e-7, max_iterations=20_000)
+    with torch.no_grad():
+        a, b = direct.step(s, p), phiflow.step(s, p)
+    assert float((a - b).abs().max()) < 5e-5, float((a - b).abs().max())
+    assert float((a - s).abs().max()) > 1e-2  # the step does something
+
+
+def test_direct_vs_iterative_pressure(tiny):
+    """The factored solve and batched CG (1e-12) give the same pressure; the projection leaves no
+    divergence in fluid cells, and the adjoint solve is the transpose of the forward one."""
+    solver = tiny.coarse_solver()
+    torch.manual_seed(4)
+    rhs = torch.randn(3, 16, 32, dtype=torch.float64) * solver.masks["active"].double()
+    p_direct = solver.lu.solve(rhs)
+    p_cg = direct.cg_solve(solver.lu.matrix, rhs, tol=1e-12)
+    assert torch.allclose(p_direct, p_cg, rtol=1e-8, atol=1e-8 * float(p_cg.abs().max()))
+    s, _ = _developed_states(solver, tiny, steps=5)
+    masks = solver._masks(s.double())
+    v = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0)
+    v_cg = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0,
+                          solve=lambda r: direct.cg_solve(solver.lu.matrix, r, tol=1e-12))
+    assert float((v - v_cg).abs().max()) < 1e-9
+    div = solver.divergence(v) * masks["active"]
+    assert float(div.abs().max()) < 1e-10
+    y = torch.randn_like(rhs)
+    assert float((solver.lu.solve(rhs) * y).sum()) == pytest.approx(float((rhs * solver.lu.solve(y, transpose=True)).sum()),
+                                                                     rel=1e-10)
+
+
+def test_direct_twin_gradient_matches_finite_differences(tiny):
+    """Autograd through the direct step (adjoint pressure solve) vs central differences, float64."""
+    solver = tiny.coarse_solver()
+    s, p = _developed_states(solver, tiny, steps=20, seeds=(0, 1))
+    s, p = s.double(), p.double()
+    torch.manual_seed(5)
+    w = torch.randn_like(s)
+
+    def loss(x):
+        return (w * solver.step(x, p)).sum() + 0.5 * solver.step(solver.step(x, p), p).pow(2).sum()
+
+    x = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(x), x)
+    for _ in range(3):
+        d = torch.randn_like(s)
+        d[:, 1, 0] = 0
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (loss(s + eps * d) - loss(s - eps * d)) / (2 * eps)
+        assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_direct_strouhal_number_32x16(tiny):
+    """A short run of the direct solver sheds like PhiFlow's at 32x16 (fast probe check)."""
+    sc = _single_grid(32, 16)
+    solver = sc.coarse_solver()
+    s, p = sc.sample(0)
+    s, p = s[None], p[None]
+    ix, iy = int(100 / solver.dx), int(50 / solver.dy)
+    probe = []
+    with torch.no_grad():
+        for _ in range(320):
+            s = solver.step(s, p)
+            probe.append(float(s[0, 1, iy, ix]))
+    st = strouhal_number(torch.tensor(probe[120:]), dt=1.0)
+    ref_probe, _ = _probe_series(32, 16, 320)
+    assert st == pytest.approx(strouhal_number(ref_probe[120:], dt=1.0), abs=0.01)
+    assert 0.05 <= st <= 0.35

@@ -108,7 +108,7 @@ from .base import Scenario, ScenarioConfig, Solver, SolverError
 # are off and that CSR support is beta: harmless here, and noise in every command's output.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
+__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "restrict", "prolong", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
            "strouhal_number"]
 
 #: domain and cylinder of the SOL / DeepZero set-up
@@ -349,6 +349,32 @@ class DirectKarman2D(WakeSolver):
         return d
 
 
+def restrict(fine: torch.Tensor, r: int) -> torch.Tensor:
+    """Face-flux-conserving restriction of staggered states (B, 2, r H, r W) -> (B, 2, H, W): a coarse
+    face's value is the mean of the r fine faces that tile it (see ``Karman2DScenario.downsample``)."""
+    b, c, hf, wf = fine.shape
+    if c != 2 or hf % r or wf % r:
+        raise ValueError(f"karman2d.restrict: expected (B, 2, H, W) with H, W multiples of {r}, got {tuple(fine.shape)}")
+    h, w = hf // r, wf // r
+    vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
+    vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
+    return torch.stack([vx, vy], 1)
+
+
+def prolong(coarse: torch.Tensor, inflow: float = 1.0) -> torch.Tensor:
+    """Staggered states (B, 2, H, W) -> (B, 2, 2H, 2W) on the twice finer grid: fine faces on a coarse
+    face copy it, fine faces half-way between two coarse faces average them (inflow ``U`` left of the
+    first column, wall 0 above the last row); ``restrict(prolong(s), 2) == s``.  Not divergence-free
+    on the fine grid: the fine solver's first projection makes it so."""
+    vx, vy = coarse[:, 0], coarse[:, 1]
+    left = torch.cat([torch.full_like(vx[:, :, :1], inflow), vx[:, :, :-1]], 2)
+    fx = torch.stack([(left + vx) / 2, vx], 3).flatten(2).repeat_interleave(2, 1)
+    vy = torch.cat([torch.zeros_like(vy[:, :1]), vy[:, 1:]], 1)
+    up = torch.cat([vy[:, 1:], torch.zeros_like(vy[:, :1])], 1)
+    fy = torch.stack([vy, (vy + up) / 2], 2).flatten(1, 2).repeat_interleave(2, 2)
+    return torch.stack([fx, fy], 1)
+
+
 def centered_velocity(state: torch.Tensor) -> torch.Tensor:
     """Staggered state (B, 2, H, W) -> cell-centred velocity (B, 2, H, W) by averaging face pairs
     (left x-face of column 0 and the top wall use the inflow value 1 / the wall value 0)."""
@@ -509,15 +535,11 @@ class Karman2DScenario(Scenario):
         every coarse face (and hence through any vertical line of faces, and the divergence of
         every coarse cell) equals the fine one.  y-faces likewise: ``fine[:, 1, J r, I r : (I+1) r]``.
         """
-        r = self.ratio
-        b, c, hf, wf = fine.shape
-        h, w = hf // r, wf // r
-        if c != 2 or hf != h * r or wf != w * r or (h, w) != (self.config.n_coarse_y, self.config.n_coarse_x):
-            raise ValueError(f"karman2d.downsample: expected (B, 2, {self.config.n_ref_y}, {self.config.n_ref_x}), "
+        c = self.config
+        if fine.dim() != 4 or tuple(fine.shape[1:]) != (2, c.n_ref_y, c.n_ref_x):
+            raise ValueError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), "
                              f"got {tuple(fine.shape)}")
-        vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
-        vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
-        return torch.stack([vx, vy], 1)
+        return restrict(fine, self.ratio)
 
     def reynolds(self, seed: int) -> float:
         """Reynolds number of the simulation with ``seed`` (train: seed + i, test: seed + 10000 + i)."""
