@@ -9,7 +9,9 @@ staggered (MAC) layout of that module (``state[:, 0]`` = x-velocity on the right
    face is the mean of its 4 neighbours.  Outside the grid each component is padded by one layer as
    PhiFlow's extrapolation says (vx: inflow ``U`` at ``x = 0``, copy at the outflow, 0 at the walls;
    vy: 0 at the inflow and the walls, copy at the outflow) and clamped beyond it.
-2. **Explicit diffusion** (``diffuse.explicit``): ``v + nu tau laplace(v)`` with the same padding.
+2. **Explicit diffusion** (``diffuse.explicit``): ``v + nu tau laplace(v)`` with the same padding, on
+   every face except the outflow faces of vx (PhiFlow's Laplacian of the staggered grid leaves them out,
+   so they keep their value).
 3. **Pressure projection around the cylinder** (``fluid.make_incompressible``): faces are scaled by
    ``1 - solid`` (PhiFlow's soft obstacle mask), the pressure solves ``A p = active * div v`` with
    ``A p = div(hard * grad p)`` on active cells (identity inside the cylinder; p = 0 beyond the outflow,
@@ -215,6 +217,7 @@ def diffuse(state: torch.Tensor, amount: torch.Tensor, dx: float, dy: float, inf
     xp, yp = pad_components(state, inflow)
     lap_x = ((xp[:, 1:-1, 2:] - 2 * state[:, 0] + xp[:, 1:-1, :-2]) / dx ** 2
              + (xp[:, 2:, 1:-1] - 2 * state[:, 0] + xp[:, :-2, 1:-1]) / dy ** 2)
+    lap_x = torch.cat([lap_x[:, :, :-1], torch.zeros_like(lap_x[:, :, -1:])], 2)  # PhiFlow: outflow faces keep their value
     vy = state[:, 1, 1:]
     lap_y = ((yp[:, 1:-1, 2:] - 2 * vy + yp[:, 1:-1, :-2]) / dx ** 2
              + (yp[:, 2:, 1:-1] - 2 * vy + yp[:, :-2, 1:-1]) / dy ** 2)
