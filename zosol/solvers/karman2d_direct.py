@@ -127,8 +127,16 @@ class PressureLU:
             raise ValueError(f"PressureLU: the pressure matrix is singular (LAPACK dgbtrf info {info}); "
                              f"check the obstacle masks")
         self._dgbtrs = lapack.dgbtrs
+        self._inverses: dict = {}
 
-    def solve(self, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    def solve(self, rhs: torch.Tensor, transpose: bool = False, dense: bool | None = None) -> torch.Tensor:
+        """Solve for a batch rhs (B, ny, nx).  ``dense`` (default: on any device but the CPU) multiplies
+        by the explicit inverse ``A^{-1}`` (computed once from the factor, cached per device and dtype)
+        instead: one batched matrix product, which is what suits a GPU."""
+        if dense if dense is not None else rhs.device.type != "cpu":
+            inv = self._inverse(rhs.device, rhs.dtype)
+            flat = rhs.reshape(rhs.shape[0], -1)
+            return (flat @ (inv if transpose else inv.T)).reshape(rhs.shape)
         b = rhs.shape[0]
         flat = rhs.detach().reshape(b, -1).to("cpu", torch.float64).numpy()
         x, info = self._dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[:, self._order].T), self._piv,
@@ -136,6 +144,14 @@ class PressureLU:
         out = np.empty_like(flat)
         out[:, self._order] = x.T
         return torch.from_numpy(out).reshape(b, *self.shape).to(rhs.device, rhs.dtype)
+
+    def _inverse(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        if key not in self._inverses:
+            n = self.shape[0] * self.shape[1]
+            eye = torch.eye(n, dtype=torch.float64).reshape(n, *self.shape)
+            self._inverses[key] = self.solve(eye, dense=False).reshape(n, n).T.contiguous().to(device, dtype)
+        return self._inverses[key]
 
 
 class PressureSolve(torch.autograd.Function):
