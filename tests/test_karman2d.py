@@ -354,3 +354,20 @@ def test_direct_strouhal_number_32x16(tiny):
     ref_probe, _ = _probe_series(32, 16, 320)
     assert st == pytest.approx(strouhal_number(ref_probe[120:], dt=1.0), abs=0.01)
     assert 0.05 <= st <= 0.35
+
+
+def test_book_metrics_next_to_ours():
+    """The book's mean|dvx| + mean|dvy| is 2x our MAE on equally sized channels; its relative L1 divides
+    by the reference's L1 frame by frame."""
+    from zosol.metrics import channel_sum_mae_per_simulation, mae_per_simulation, relative_l1_per_simulation
+
+    torch.manual_seed(6)
+    ref = torch.randn(3, 5, 2, 4, 8)
+    pred = ref + 0.1 * torch.randn_like(ref)
+    pred[:, 0] = ref[:, 0] + 5  # frame 0 is never scored
+    assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), 2 * mae_per_simulation(pred, ref))
+    d = (pred[:, 1:] - ref[:, 1:]).abs()
+    want = (d.flatten(2).sum(2) / ref[:, 1:].abs().flatten(2).sum(2)).mean(1)
+    assert torch.allclose(relative_l1_per_simulation(pred, ref), want)
+    by_hand = ((d[:, :, 0].mean((2, 3)) + d[:, :, 1].mean((2, 3))).mean(1))
+    assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), by_hand)
