@@ -489,8 +489,8 @@ class Karman2DScenario(Scenario):
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
                      train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
         # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
-        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
-                        train_sims=6, test_sims=5),
+        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=200,
+                        train_sims=4, test_sims=3),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
         "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
                       train_sims=6, test_sims=5),
