@@ -108,7 +108,7 @@ from .base import Scenario, ScenarioConfig, Solver, SolverError
 # are off and that CSR support is beta: harmless here, and noise in every command's output.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "restrict", "prolong", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
+__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "restrict", "prolong", "uniform_state", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
            "strouhal_number"]
 
 #: domain and cylinder of the SOL / DeepZero set-up
@@ -218,12 +218,7 @@ class WakeSolver(Solver):
     # -- helpers ---------------------------------------------------------------------------
     def uniform_state(self, batch: int = 1) -> torch.Tensor:
         """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
-        s = torch.zeros(batch, 2, self.ny, self.nx)
-        xf = (torch.arange(self.nx) + 1.0) * self.dx
-        yc = (torch.arange(self.ny) + 0.5) * self.dy
-        inside = (xf[None, :] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2 < self.radius ** 2
-        s[:, 0] = torch.where(inside, 0.0, self.inflow)
-        return s
+        return uniform_state(self.nx, self.ny, batch, self.inflow, self.length, self.height, self.center, self.radius)
 
     def describe(self):
         d = super().describe()
@@ -349,6 +344,17 @@ class DirectKarman2D(WakeSolver):
         return d
 
 
+def uniform_state(nx: int, ny: int, batch: int = 1, inflow: float = 1.0, length: float = LENGTH,
+                  height: float = HEIGHT, center: Sequence[float] = CENTER, radius: float = RADIUS) -> torch.Tensor:
+    """Uniform flow (U, 0) with vx = 0 on the faces inside the cylinder: (batch, 2, ny, nx), staggered."""
+    s = torch.zeros(batch, 2, ny, nx)
+    xf = (torch.arange(nx) + 1.0) * (length / nx)
+    yc = (torch.arange(ny) + 0.5) * (height / ny)
+    inside = (xf[None, :] - center[0]) ** 2 + (yc[:, None] - center[1]) ** 2 < radius ** 2
+    s[:, 0] = torch.where(inside, 0.0, inflow)
+    return s
+
+
 def restrict(fine: torch.Tensor, r: int) -> torch.Tensor:
     """Face-flux-conserving restriction of staggered states (B, 2, r H, r W) -> (B, 2, H, W): a coarse
     face's value is the mean of the r fine faces that tile it (see ``Karman2DScenario.downsample``)."""
@@ -417,8 +423,9 @@ def strouhal_number(signal: torch.Tensor, dt: float, diameter: float = 2 * RADIU
 # --------------------------------------------------------------------------------------------
 # Scenario
 
-#: coarse solvers: "direct" (torch step, pressure by a factored sparse LU) or "phiflow"
-COARSE_SOLVERS = ("direct", "phiflow")
+#: solver kinds for the config fields ``coarse`` and ``reference``: "direct" (:class:`DirectKarman2D`,
+#: torch step, pressure by a factored band LU) or "phiflow" (:class:`Karman2D`, PhiFlow 3.4)
+SOLVER_KINDS = ("direct", "phiflow")
 
 _PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
 _PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
@@ -447,6 +454,7 @@ class Karman2DConfig(ScenarioConfig):
     perturbation: float = 0.5
     diffusion: bool = True
     coarse: str = "direct"
+    reference: str = "phiflow"
     train_re: tuple = _PAPER_TRAIN_RE
     test_re: tuple = _PAPER_TEST_RE
 
@@ -466,8 +474,10 @@ class Karman2DConfig(ScenarioConfig):
                              f"{self.train_re} / {self.test_re}")
         if self.perturbation < 0:
             raise ValueError(f"config field 'perturbation' must be >= 0, got {self.perturbation}")
-        if self.coarse not in COARSE_SOLVERS:
-            raise ValueError(f"config field 'coarse' must be one of {list(COARSE_SOLVERS)}, got {self.coarse!r}")
+        for name in ("coarse", "reference"):
+            if getattr(self, name) not in SOLVER_KINDS:
+                raise ValueError(f"config field '{name}' must be one of {list(SOLVER_KINDS)}, got "
+                                 f"{getattr(self, name)!r}")
 
 
 class Karman2DScenario(Scenario):
@@ -489,16 +499,19 @@ class Karman2DScenario(Scenario):
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
                      train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
         # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
-        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=200,
-                        train_sims=4, test_sims=3),
+        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
+                        train_sims=6, test_sims=5),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
         "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
                       train_sims=6, test_sims=5),
     }
 
-    def _solver(self, nx: int, ny: int, substeps: int) -> Karman2D:
+    def _solver(self, kind: str, nx: int, ny: int, substeps: int) -> WakeSolver:
         c = self.config
-        return Karman2D(nx, ny, c.dt, substeps=substeps, inflow=c.inflow, tol=c.tol, diffusion=c.diffusion)
+        common = dict(substeps=substeps, inflow=c.inflow, diffusion=c.diffusion)
+        if kind == "phiflow":
+            return Karman2D(nx, ny, c.dt, tol=c.tol, **common)
+        return DirectKarman2D(nx, ny, c.dt, **common)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
@@ -507,20 +520,20 @@ class Karman2DScenario(Scenario):
     def reference_substeps(self) -> int:
         return 20 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
 
-    def reference_solver(self) -> Karman2D:
-        """PhiFlow on the reference grid."""
+    def reference_solver(self) -> WakeSolver:
+        """The reference grid's solver: PhiFlow's :class:`Karman2D` (``reference="phiflow"``, the
+        default) or the same numerics in :class:`DirectKarman2D` (``reference="direct"``)."""
         c = self.config
-        return self._solver(c.n_ref_x, c.n_ref_y, c.ref_substeps)
+        return self._solver(c.reference, c.n_ref_x, c.n_ref_y, c.ref_substeps)
 
     def coarse_solver(self) -> WakeSolver:
-        """The coarse grid's solver: :class:`DirectKarman2D` (``coarse="direct"``, built and factored
-        once per scenario object) or PhiFlow's :class:`Karman2D` (``coarse="phiflow"``)."""
+        """The coarse grid's solver: :class:`DirectKarman2D` (``coarse="direct"``, the default; built and
+        factored once per scenario object) or PhiFlow's :class:`Karman2D` (``coarse="phiflow"``)."""
         c = self.config
         if c.coarse == "phiflow":
-            return self._solver(c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+            return self._solver("phiflow", c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
         if getattr(self, "_direct", None) is None:
-            self._direct = DirectKarman2D(c.n_coarse_x, c.n_coarse_y, c.dt, substeps=c.coarse_substeps,
-                                          inflow=c.inflow, diffusion=c.diffusion)
+            self._direct = self._solver("direct", c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
         return self._direct
 
     @property
@@ -553,15 +566,14 @@ class Karman2DScenario(Scenario):
         """Uniform flow plus a seeded smooth cross-stream bump behind the cylinder: state (2, H, W) on
         the reference grid (staggered layout), params (1,) = [Re]."""
         c = self.config
-        solver = self.reference_solver()
         g = torch.Generator().manual_seed(int(seed))
         amp = c.perturbation * c.inflow * (0.5 + 0.5 * torch.rand((), generator=g).item())
         sign = 1.0 if torch.rand((), generator=g).item() < 0.5 else -1.0
         x0 = CENTER[0] + 2 * RADIUS * (1.0 + torch.rand((), generator=g).item())   # 20..40 behind centre
         y0 = CENTER[1] + RADIUS * (torch.rand((), generator=g).item() - 0.5)
-        state = solver.uniform_state(1)[0]
-        xc = (torch.arange(solver.nx) + 0.5) * solver.dx
-        yf = torch.arange(solver.ny) * solver.dy
+        state = uniform_state(c.n_ref_x, c.n_ref_y, 1, c.inflow)[0]
+        xc = (torch.arange(c.n_ref_x) + 0.5) * (LENGTH / c.n_ref_x)
+        yf = torch.arange(c.n_ref_y) * (HEIGHT / c.n_ref_y)
         bump = torch.exp(-((xc[None, :] - x0) ** 2 + (yf[:, None] - y0) ** 2) / (2 * RADIUS ** 2))
         state[1] = sign * amp * bump
         state[1, 0] = 0.0
