@@ -128,6 +128,8 @@ class PressureLU:
                              f"check the obstacle masks")
         self._dgbtrs = lapack.dgbtrs
         self._inverses: dict = {}
+        #: right-hand sides per LAPACK call (see ``solve``)
+        self.block = 64
 
     def solve(self, rhs: torch.Tensor, transpose: bool = False, dense: bool | None = None) -> torch.Tensor:
         """Solve for a batch rhs (B, ny, nx).  ``dense`` (default: on any device but the CPU) multiplies
@@ -139,10 +141,12 @@ class PressureLU:
             return (flat @ (inv if transpose else inv.T)).reshape(rhs.shape)
         b = rhs.shape[0]
         flat = rhs.detach().reshape(b, -1).to("cpu", torch.float64).numpy()
-        x, info = self._dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[:, self._order].T), self._piv,
-                               trans=1 if transpose else 0)
         out = np.empty_like(flat)
-        out[:, self._order] = x.T
+        # blocks of right-hand sides that stay in cache: 1024 at once were ~15x slower per sample than 128
+        for i in range(0, b, self.block):
+            x, info = self._dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[i:i + self.block, self._order].T),
+                                   self._piv, trans=1 if transpose else 0)
+            out[i:i + self.block, self._order] = x.T
         return torch.from_numpy(out).reshape(b, *self.shape).to(rhs.device, rhs.dtype)
 
     def _inverse(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
