@@ -1,4 +1,4 @@
-"""2-D unsteady wake flow behind a cylinder (Karman vortex street), on PhiFlow 3.4 (torch backend).
+"""2-D unsteady wake flow behind a cylinder (Karman vortex street): PhiFlow 3.4 and a direct torch twin.
 
 This is the ``karman2d`` scenario of Solver-in-the-Loop (Um et al. 2020), used by DeepZero's
 ZO-SOL benchmark: incompressible Navier-Stokes in a 200 x 100 channel, a cylinder of radius 10
@@ -43,52 +43,54 @@ differ little and mostly through the seeded perturbation of the initial state (a
 Re channel is still fed to the corrector).  :meth:`Karman2DScenario.corrector_features` turns Re
 into one constant channel ``log10(Re) - 6``.
 
-**Pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
+**Two implementations of one step.**  :class:`Karman2D` runs it on PhiFlow 3.4 (the reference solver,
+and the coarse one with ``coarse="phiflow"``); :class:`DirectKarman2D` (``karman2d_direct``) writes
+the same three stages out in torch and solves the pressure with a band LU of the fixed pressure
+matrix, factored once (the default coarse solver; ``reference="direct"`` also uses it on the
+reference grid).  On the same states the two agree to float32 round-off once PhiFlow's iterative
+solve is tight (64x32, 64 states of a developing wake, mean |v| 0.55: max |difference| 2.5e-6, mean
+5.4e-8 with PhiFlow at tol 1e-7; 9.2e-5 / 2.6e-5 at PhiFlow's default 1e-4, where the difference is
+PhiFlow's solver tolerance).  ``experiments/karman2d_direct_bench.py`` measures both side by side.
+
+**PhiFlow pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
 batched calls equal per-sample calls up to solver tolerance); ``Solve('auto', tol, tol)`` with
 ``tol = 1e-4`` (CG from a zero guess; the pressure solve dominates the cost).
 A pressure solve that does not converge raises :class:`solvers.base.SolverError`: inside
 ``jit_compile`` PhiFlow does not raise NotConverged (checked only while tracing, and not even
 then), so after each step the divergence of the result away from the cylinder is checked
-(> max(10 tol, 1e-5) -> SolverError), as are NaN/inf and |v| > ``blowup`` U.
+(> max(10 tol, 1e-5) -> SolverError), as are NaN/inf and |v| > ``blowup`` U (both solvers).
 
-The whole step is one ``phiml.math.jit_compile``-d function whose Fields are built from raw
+The PhiFlow step is one ``phiml.math.jit_compile``-d function whose Fields are built from raw
 tensors inside the trace (eager PhiFlow is ~10x slower).  It retraces once per new batch size;
-keep batch sizes stable.  Autograd flows through it (FO-SOL); ``blackbox()`` gives the no-grad view.
+keep batch sizes stable.  Autograd flows through both steps (FO-SOL); ``blackbox()`` gives the no-grad
+view.  The direct step's autograd is exact: the pressure solve's backward is a solve with the
+transposed factor.  Its only non-smooth points are those of semi-Lagrangian advection itself
+(bilinear interpolation has kinks where a look-up lands exactly on a grid line, e.g. zero-velocity
+faces inside the cylinder), as in PhiFlow.
 
-**Speed (CPU threads).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads and
-restores the caller's setting afterwards.  On the shared 2-core machine the sparse CG of the
-pressure solve with 2 threads was ~50x slower (64x32, batch 6, first 100 steps from ``sample``:
-1.2 s/step with 2 threads vs 22 ms with 1), which is what made ``default`` far too slow (the earlier
-"275-800 ms per step at 64x32, ~6 s at 256x128" were 2-thread timings).  With 1 thread
-(``experiments/bench_karman2d.py``, median of 10 steps on a developed wake; noisy +-30 %)::
+**Speed (one CPU thread).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads
+and restores the caller's setting afterwards (on the shared 2-core machine PhiFlow's sparse CG with 2
+threads was ~50x slower).  PhiFlow coarse step vs the direct one, 64x32, interleaved in one run on a
+loaded machine, CPU time per step (``karman2d_direct_bench.py``)::
 
-    coarse 64x32:  b1 8.0 ms/step (8.0 ms/sample), b16 32 (2.0), b64 151 (2.4), b256 1213 (4.7)
-    reference 256x128: b1 336 ms/step, b3 685, b8 1535 (early steps)
-    128x64 (default reference): ~140 ms/step at batch 6 over 400 steps (stays flat as the wake develops)
+    batch        1        16        64        256
+    PhiFlow   12.9 ms   40.2 ms   139.3 ms   934.8 ms  (2.2 ms per sample at 64)
+    direct     1.6 ms    3.9 ms    12.8 ms    63.0 ms  (0.20 ms per sample at 64)
+    speed-up    8.2x     10.4x     10.9x      14.8x
 
-``zosol generate --scenario karman2d --preset default`` (128x64 -> 64x32, 300 + 100 steps, 11 sims
-in chunks of 8 + 3) took 1 min 53 s measured (so the preset keeps the specified sizes; no looser
-tolerance, shorter warm-up or smaller grid was needed: a 64x32 -> 32x16 ``default`` would take
-~20 s at ~22 ms per batch-6 step, but its 32x16 coarse grid barely sheds); ``paper`` extrapolates to ~0.9 h
-(1500 steps x (1.5 s + 0.7 s)).  Backward passes (FO-SOL) run outside the step and use the
-caller's thread setting: call ``torch.set_num_threads(1)`` in training scripts on such machines.
+The direct step's forward + backward costs 2.3x its forward (batch 64).
 
-**Accuracy** (``bench_karman2d.py``: a 256x128 run, train seed 0, 300 steps, restricted to 128x64 and
-64x32, each then stepped on its own grid; MAE of the 64x32 restriction, mean |v| = 0.61)::
+PhiFlow on the reference grids (earlier, quiet machine): 256x128 b1 336 ms/step, b8 1535 ms.
+Backward passes (FO-SOL) run outside the step and use the caller's thread setting: call
+``torch.set_num_threads(1)`` in training scripts on such machines.
 
-    steps after the restart          1       5      10      20
-    128x64 ref vs 256x128         0.0037  0.0065  0.0096  0.0149   (the reference's own error)
-    64x32 coarse vs 256x128       0.0071  0.0188  0.0289  0.0454
-    64x32 coarse vs 128x64 ref    0.0043  0.0131  0.0206  0.0319   (what a corrector learns)
-
-so the coarse solver's error against the ``default`` reference is ~1.2x the reference's own error
-after 1 step and ~2x after 5-20 steps (against 256x128, 2-3x).
-
-**Shedding.** Vortex shedding from the seeded bump (``sample``), probe ``vy`` at (x, y) ~ (100, 50)
-(2.5 D behind the cylinder centre, on the axis), St = f D / U from steps 300..700 (train seed 0,
-Re 1.6e5): 128x64 (default reference) St = 0.195 (amplitude 0.8 U), 64x32 (tiny reference, paper
-and default coarse grid) St = 0.160, 32x16 (tiny coarse, steps 120..400) St = 0.140 (amplitude
-0.04 U: barely shedding).  Textbook St ~ 0.2; the coarse grids lose it to numerical diffusion.
+**Presets.** ``default``: 256x128 reference restricted to 64x32 (the paper's grids), 300 warm-up steps,
+100 frames, 6 training / 5 test simulations at the paper's Re.  With the PhiFlow reference its
+generation is ~400 steps x (1.5 s + 0.7 s) on a quiet 2-core machine (~15 min); with
+``--set reference=direct`` it took 17 min 46 s wall / 62 s CPU on the loaded shared machine.  ``paper``:
+1000 warm-up steps and 500 frames (~0.9 h with PhiFlow, extrapolated).  How good the ``default``
+reference is (its error against the same set-up on a 2x finer grid, the coarse solver's error,
+Strouhal numbers) is measured by ``experiments/karman2d_reference.py``; numbers in the README.
 """
 from __future__ import annotations
 
