@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import lapack
 import torch
 import torch.nn.functional as F
 
@@ -113,8 +114,6 @@ class PressureLU:
     """
 
     def __init__(self, hard: torch.Tensor, active: torch.Tensor, dx: float, dy: float):
-        from scipy.linalg import lapack
-
         self.matrix = pressure_matrix(hard, active, dx, dy)
         self.shape = ny, nx = tuple(active.shape)
         self._order = np.arange(ny * nx).reshape(ny, nx).T.ravel()   # band position -> cell index
@@ -126,7 +125,6 @@ class PressureLU:
         if info != 0:
             raise ValueError(f"PressureLU: the pressure matrix is singular (LAPACK dgbtrf info {info}); "
                              f"check the obstacle masks")
-        self._dgbtrs = lapack.dgbtrs
         self._inverses: dict = {}
         #: right-hand sides per LAPACK call (see ``solve``)
         self.block = 64
@@ -144,7 +142,7 @@ class PressureLU:
         out = np.empty_like(flat)
         # blocks of right-hand sides that stay in cache: 1024 at once were ~15x slower per sample than 128
         for i in range(0, b, self.block):
-            x, info = self._dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[i:i + self.block, self._order].T),
+            x, info = lapack.dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[i:i + self.block, self._order].T),
                                    self._piv, trans=1 if transpose else 0)
             out[i:i + self.block, self._order] = x.T
         return torch.from_numpy(out).reshape(b, *self.shape).to(rhs.device, rhs.dtype)
