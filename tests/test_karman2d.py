@@ -371,3 +371,28 @@ def test_book_metrics_next_to_ours():
     assert torch.allclose(relative_l1_per_simulation(pred, ref), want)
     by_hand = ((d[:, :, 0].mean((2, 3)) + d[:, :, 1].mean((2, 3))).mean(1))
     assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), by_hand)
+
+
+def test_paper_experiment_script_runs_at_tiny(tmp_path):
+    """experiments/karman2d_paper.py (DeepZero's set-up on a GPU) through all its code paths on the CPU:
+    data, the per-method time estimate, the comparison of every method, the reports."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "karman2d_paper.py"
+    spec = importlib.util.spec_from_file_location("karman2d_paper", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        out = script.main(["--preset", "tiny", "--train-preset", "tiny", "--device", "cpu", "--out", str(tmp_path),
+                           "--set", "frames=4", "--set", "warmup=2", "--train", "epochs=1", "--probe-steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    expected = json.loads((tmp_path / "expected_time.json").read_text())
+    assert expected["total_expected_hours"] > 0 and expected["zo-sol"]["steps"] >= 1
+    methods = out["results"]["methods"]
+    assert {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"} <= set(methods)
+    assert all(m["mae_mean"] > 0 for m in methods.values())
+    assert (tmp_path / "results.md").exists()
