@@ -9,8 +9,9 @@ import torch
 pytest.importorskip("phi")
 
 from zosol.solvers import BlackBox, SolverError, get_scenario  # noqa: E402
-from zosol.solvers.karman2d import (Karman2D, Karman2DScenario, centered_velocity, strouhal_number,  # noqa: E402
-                                    vorticity)
+from zosol.solvers import karman2d_direct as direct  # noqa: E402
+from zosol.solvers.karman2d import (DirectKarman2D, Karman2D, Karman2DScenario, centered_velocity,  # noqa: E402
+                                    strouhal_number, vorticity)
 
 
 
@@ -251,3 +252,147 @@ def test_strouhal_number_64x32():
     st = strouhal_number(probe[300:], dt=1.0)
     print(f"karman2d 64x32: St = {st:.3f}")
     assert 0.1 <= st <= 0.3
+
+
+# --------------------------------------------------------------------------------------------
+# The direct coarse step (DirectKarman2D): same numerics as PhiFlow, exact pressure, exact adjoint
+
+
+def _developed_states(solver, sc, steps: int = 30, seeds=(0, 1, 2)):
+    """Coarse states a few dozen steps after the seeded start: (len(seeds), 2, H, W), params (len(seeds), 1)."""
+    s = torch.stack([sc.downsample(sc.sample(seed)[0][None])[0] for seed in seeds])
+    p = torch.tensor([[1.6e5], [3.2e5], [5.12e6]])[:len(seeds)]
+    with torch.no_grad():
+        for _ in range(steps):
+            s = solver.step(s, p)
+    return s, p
+
+
+def test_coarse_solver_choice(tiny):
+    assert isinstance(tiny.coarse_solver(), DirectKarman2D)
+    assert tiny.coarse_solver() is tiny.coarse_solver()  # factored once per scenario
+    assert type(get_scenario("karman2d", "tiny", coarse="phiflow").coarse_solver()) is Karman2D
+    with pytest.raises(ValueError, match="coarse"):
+        get_scenario("karman2d", "tiny", coarse="spectral")
+
+
+@pytest.mark.parametrize("re", [1.6e5, 20.0])  # paper Re (diffusion negligible) and a viscous one
+def test_direct_step_matches_phiflow(tiny, re):
+    """Same states into both steps: the direct step equals PhiFlow's (solved to 1e-7) to float32 round-off."""
+    direct = tiny.coarse_solver()
+    s, _ = _developed_states(direct, tiny)
+    p = torch.full((s.shape[0], 1), re)
+    phiflow = Karman2D(32, 16, tol=1e-7, max_iterations=20_000)
+    with torch.no_grad():
+        a, b = direct.step(s, p), phiflow.step(s, p)
+    assert float((a - b).abs().max()) < 5e-5, float((a - b).abs().max())
+    assert float((a - s).abs().max()) > 1e-2  # the step does something
+
+
+def test_direct_vs_iterative_pressure(tiny):
+    """The factored solve and batched CG (1e-12) give the same pressure; the projection leaves no
+    divergence in fluid cells, and the adjoint solve is the transpose of the forward one."""
+    solver = tiny.coarse_solver()
+    torch.manual_seed(4)
+    rhs = torch.randn(3, 16, 32, dtype=torch.float64) * solver.masks["active"].double()
+    p_direct = solver.lu.solve(rhs)
+    p_cg = direct.cg_solve(solver.lu.matrix, rhs, tol=1e-12)
+    assert torch.allclose(p_direct, p_cg, rtol=1e-8, atol=1e-8 * float(p_cg.abs().max()))
+    s, _ = _developed_states(solver, tiny, steps=5)
+    masks = solver._masks(s.double())
+    v = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0)
+    v_cg = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0,
+                          solve=lambda r: direct.cg_solve(solver.lu.matrix, r, tol=1e-12))
+    assert float((v - v_cg).abs().max()) < 1e-9
+    div = solver.divergence(v) * masks["active"]
+    assert float(div.abs().max()) < 1e-10
+    y = torch.randn_like(rhs)
+    assert float((solver.lu.solve(rhs) * y).sum()) == pytest.approx(float((rhs * solver.lu.solve(y, transpose=True)).sum()),
+                                                                     rel=1e-10)
+
+
+def test_direct_twin_gradient_matches_finite_differences(tiny):
+    """Autograd through the direct step (adjoint pressure solve) vs central differences, float64.
+
+    The states get a small random perturbation (as a corrector's output would): a face with exactly
+    zero velocity (inside the cylinder, after a projection) looks itself up exactly on a grid node,
+    where bilinear interpolation has a kink and central differences average its two one-sided slopes
+    (PhiFlow's semi-Lagrangian step has the same kink)."""
+    solver = tiny.coarse_solver()
+    s, p = _developed_states(solver, tiny, steps=20, seeds=(0, 1))
+    torch.manual_seed(5)
+    s, p = s.double() + 1e-3 * torch.randn(s.shape, dtype=torch.float64), p.double()
+    w = torch.randn_like(s)
+
+    def loss(x):
+        return (w * solver.step(x, p)).sum() + 0.5 * solver.step(solver.step(x, p), p).pow(2).sum()
+
+    x = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(x), x)
+    for _ in range(3):
+        d = torch.randn_like(s)
+        d[:, 1, 0] = 0
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (loss(s + eps * d) - loss(s - eps * d)) / (2 * eps)
+        assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_direct_strouhal_number_32x16(tiny):
+    """A short run of the direct solver sheds like PhiFlow's at 32x16 (fast probe check)."""
+    sc = _single_grid(32, 16)
+    solver = sc.coarse_solver()
+    s, p = sc.sample(0)
+    s, p = s[None], p[None]
+    ix, iy = int(100 / solver.dx), int(50 / solver.dy)
+    probe = []
+    with torch.no_grad():
+        for _ in range(320):
+            s = solver.step(s, p)
+            probe.append(float(s[0, 1, iy, ix]))
+    st = strouhal_number(torch.tensor(probe[120:]), dt=1.0)
+    ref_probe, _ = _probe_series(32, 16, 320)
+    assert st == pytest.approx(strouhal_number(ref_probe[120:], dt=1.0), abs=0.01)
+    assert 0.05 <= st <= 0.35
+
+
+def test_book_metrics_next_to_ours():
+    """The book's mean|dvx| + mean|dvy| is 2x our MAE on equally sized channels; its relative L1 divides
+    by the reference's L1 frame by frame."""
+    from zosol.metrics import channel_sum_mae_per_simulation, mae_per_simulation, relative_l1_per_simulation
+
+    torch.manual_seed(6)
+    ref = torch.randn(3, 5, 2, 4, 8)
+    pred = ref + 0.1 * torch.randn_like(ref)
+    pred[:, 0] = ref[:, 0] + 5  # frame 0 is never scored
+    assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), 2 * mae_per_simulation(pred, ref))
+    d = (pred[:, 1:] - ref[:, 1:]).abs()
+    want = (d.flatten(2).sum(2) / ref[:, 1:].abs().flatten(2).sum(2)).mean(1)
+    assert torch.allclose(relative_l1_per_simulation(pred, ref), want)
+    by_hand = ((d[:, :, 0].mean((2, 3)) + d[:, :, 1].mean((2, 3))).mean(1))
+    assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), by_hand)
+
+
+def test_paper_experiment_script_runs_at_tiny(tmp_path):
+    """experiments/karman2d_paper.py (DeepZero's set-up on a GPU) through all its code paths on the CPU:
+    data, the per-method time estimate, the comparison of every method, the reports."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "karman2d_paper.py"
+    spec = importlib.util.spec_from_file_location("karman2d_paper", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        out = script.main(["--preset", "tiny", "--train-preset", "tiny", "--device", "cpu", "--out", str(tmp_path),
+                           "--set", "frames=4", "--set", "warmup=2", "--train", "epochs=1", "--probe-steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    expected = json.loads((tmp_path / "expected_time.json").read_text())
+    assert expected["total_expected_hours"] > 0 and expected["zo-sol"]["steps"] >= 1
+    methods = out["results"]["methods"]
+    assert {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"} <= set(methods)
+    assert all(m["mae_mean"] > 0 for m in methods.values())
+    assert (tmp_path / "results.md").exists()

@@ -24,7 +24,8 @@ import torch
 from .config import METHODS, TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
-from .metrics import mae_per_frame, mae_per_simulation, nrmse_per_simulation, summarize
+from .metrics import (channel_sum_mae_per_simulation, mae_per_frame, mae_per_simulation, nrmse_per_simulation,
+                      relative_l1_per_simulation, summarize)
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Scenario, Solver, get_scenario
@@ -78,8 +79,9 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
     """Roll out the corrected coarse solver (``model=None``: bare coarse solver, SRC) from frame 0
     of every test simulation and score it against the reference.
 
-    Returns ``mae_mean``, ``mae_std``, ``mae_per_sim`` (N,), ``nrmse_per_sim``, ``per_frame``
-    (N, T) MAE, ``solver_calls``, ``solver_samples`` and ``prediction`` (N, T+1, C, *s).
+    Returns ``mae_mean``, ``mae_std``, ``mae_per_sim`` (N,), ``nrmse_per_sim``, the Solver-in-the-Loop
+    book's errors ``book_mae_per_sim`` (sum over channels of the channel MAE) and ``rel_l1_per_sim``,
+    ``per_frame`` (N, T) MAE, ``solver_calls``, ``solver_samples`` and ``prediction`` (N, T+1, C, *s).
     Raises :class:`EvaluationDiverged` if a corrected rollout blows up (see EXPLODED_FACTOR)."""
     sc = dataset.scenario
     traj, params = dataset.stacked("test")
@@ -97,6 +99,8 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
     stats = summarize(mae)
     return {"mae_mean": stats["mean"], "mae_std": stats["std"], "mae_per_sim": mae.tolist(),
             "nrmse_per_sim": nrmse_per_simulation(pred, traj).tolist(),
+            "book_mae_per_sim": channel_sum_mae_per_simulation(pred, traj).tolist(),
+            "rel_l1_per_sim": relative_l1_per_simulation(pred, traj).tolist(),
             "per_frame": mae_per_frame(pred, traj).tolist(), "solver_calls": step.calls,
             "solver_samples": step.samples, "prediction": pred.cpu()}
 

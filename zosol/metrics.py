@@ -10,7 +10,8 @@ import math
 
 import torch
 
-__all__ = ["mae_per_simulation", "mae_per_frame", "nrmse_per_simulation", "summarize"]
+__all__ = ["mae_per_simulation", "mae_per_frame", "nrmse_per_simulation", "channel_sum_mae_per_simulation",
+           "relative_l1_per_simulation", "summarize"]
 
 
 def mae_per_frame(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,21 @@ def nrmse_per_simulation(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """(N,) RMSE over frames 1..T divided by the RMS of the reference frames 1..T."""
     err = (pred[:, 1:] - ref[:, 1:]).pow(2).flatten(1).mean(1).sqrt()
     return err / ref[:, 1:].pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)
+
+
+def channel_sum_mae_per_simulation(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N,) the Solver-in-the-Loop book's karman2d error: per frame, the sum over channels of each
+    channel's mean |difference| (``mean|dvx| + mean|dvy|``), averaged over frames 1..T.  With equally
+    sized channels this is exactly C times :func:`mae_per_simulation`."""
+    err = (pred[:, 1:] - ref[:, 1:]).abs()
+    return err.flatten(3).mean(3).sum(2).mean(1)
+
+
+def relative_l1_per_simulation(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N,) the book's newer relative error: per frame sum |difference| / sum |reference| (all cells and
+    channels), averaged over frames 1..T."""
+    err = (pred[:, 1:] - ref[:, 1:]).abs().flatten(2).sum(2)
+    return (err / ref[:, 1:].abs().flatten(2).sum(2).clamp_min(1e-12)).mean(1)
 
 
 def summarize(values: torch.Tensor | list[float]) -> dict[str, float]:

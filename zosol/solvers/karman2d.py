@@ -1,4 +1,4 @@
-"""2-D unsteady wake flow behind a cylinder (Karman vortex street), on PhiFlow 3.4 (torch backend).
+"""2-D unsteady wake flow behind a cylinder (Karman vortex street): PhiFlow 3.4 and a direct torch twin.
 
 This is the ``karman2d`` scenario of Solver-in-the-Loop (Um et al. 2020), used by DeepZero's
 ZO-SOL benchmark: incompressible Navier-Stokes in a 200 x 100 channel, a cylinder of radius 10
@@ -43,63 +43,67 @@ differ little and mostly through the seeded perturbation of the initial state (a
 Re channel is still fed to the corrector).  :meth:`Karman2DScenario.corrector_features` turns Re
 into one constant channel ``log10(Re) - 6``.
 
-**Pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
+**Two implementations of one step.**  :class:`Karman2D` runs it on PhiFlow 3.4 (the reference solver,
+and the coarse one with ``coarse="phiflow"``); :class:`DirectKarman2D` (``karman2d_direct``) writes
+the same three stages out in torch and solves the pressure with a band LU of the fixed pressure
+matrix, factored once (the default coarse solver; ``reference="direct"`` also uses it on the
+reference grid).  On the same states the two agree to float32 round-off once PhiFlow's iterative
+solve is tight (64x32, 64 states of a developing wake, mean |v| 0.55: max |difference| 2.5e-6, mean
+5.4e-8 with PhiFlow at tol 1e-7; 9.2e-5 / 2.6e-5 at PhiFlow's default 1e-4, where the difference is
+PhiFlow's solver tolerance).  ``experiments/karman2d_direct_bench.py`` measures both side by side.
+
+**PhiFlow pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
 batched calls equal per-sample calls up to solver tolerance); ``Solve('auto', tol, tol)`` with
 ``tol = 1e-4`` (CG from a zero guess; the pressure solve dominates the cost).
 A pressure solve that does not converge raises :class:`solvers.base.SolverError`: inside
 ``jit_compile`` PhiFlow does not raise NotConverged (checked only while tracing, and not even
 then), so after each step the divergence of the result away from the cylinder is checked
-(> max(10 tol, 1e-5) -> SolverError), as are NaN/inf and |v| > ``blowup`` U.
+(> max(10 tol, 1e-5) -> SolverError), as are NaN/inf and |v| > ``blowup`` U (both solvers).
 
-The whole step is one ``phiml.math.jit_compile``-d function whose Fields are built from raw
+The PhiFlow step is one ``phiml.math.jit_compile``-d function whose Fields are built from raw
 tensors inside the trace (eager PhiFlow is ~10x slower).  It retraces once per new batch size;
-keep batch sizes stable.  Autograd flows through it (FO-SOL); ``blackbox()`` gives the no-grad view.
+keep batch sizes stable.  Autograd flows through both steps (FO-SOL); ``blackbox()`` gives the no-grad
+view.  The direct step's autograd is exact: the pressure solve's backward is a solve with the
+transposed factor.  Its only non-smooth points are those of semi-Lagrangian advection itself
+(bilinear interpolation has kinks where a look-up lands exactly on a grid line, e.g. zero-velocity
+faces inside the cylinder), as in PhiFlow.
 
-**Speed (CPU threads).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads and
-restores the caller's setting afterwards.  On the shared 2-core machine the sparse CG of the
-pressure solve with 2 threads was ~50x slower (64x32, batch 6, first 100 steps from ``sample``:
-1.2 s/step with 2 threads vs 22 ms with 1), which is what made ``default`` far too slow (the earlier
-"275-800 ms per step at 64x32, ~6 s at 256x128" were 2-thread timings).  With 1 thread
-(``experiments/bench_karman2d.py``, median of 10 steps on a developed wake; noisy +-30 %)::
+**Speed (one CPU thread).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads
+and restores the caller's setting afterwards (on the shared 2-core machine PhiFlow's sparse CG with 2
+threads was ~50x slower).  PhiFlow coarse step vs the direct one, 64x32, interleaved in one run on a
+loaded machine, CPU time per step (``karman2d_direct_bench.py``)::
 
-    coarse 64x32:  b1 8.0 ms/step (8.0 ms/sample), b16 32 (2.0), b64 151 (2.4), b256 1213 (4.7)
-    reference 256x128: b1 336 ms/step, b3 685, b8 1535 (early steps)
-    128x64 (default reference): ~140 ms/step at batch 6 over 400 steps (stays flat as the wake develops)
+    batch        1        16        64        256
+    PhiFlow   12.9 ms   40.2 ms   139.3 ms   934.8 ms  (2.2 ms per sample at 64)
+    direct     1.6 ms    3.9 ms    12.8 ms    63.0 ms  (0.20 ms per sample at 64)
+    speed-up    8.2x     10.4x     10.9x      14.8x
 
-``zosol generate --scenario karman2d --preset default`` (128x64 -> 64x32, 300 + 100 steps, 11 sims
-in chunks of 8 + 3) took 1 min 53 s measured (so the preset keeps the specified sizes; no looser
-tolerance, shorter warm-up or smaller grid was needed: a 64x32 -> 32x16 ``default`` would take
-~20 s at ~22 ms per batch-6 step, but its 32x16 coarse grid barely sheds); ``paper`` extrapolates to ~0.9 h
-(1500 steps x (1.5 s + 0.7 s)).  Backward passes (FO-SOL) run outside the step and use the
-caller's thread setting: call ``torch.set_num_threads(1)`` in training scripts on such machines.
+The direct step's forward + backward costs 2.3x its forward (batch 64).
 
-**Accuracy** (``bench_karman2d.py``: a 256x128 run, train seed 0, 300 steps, restricted to 128x64 and
-64x32, each then stepped on its own grid; MAE of the 64x32 restriction, mean |v| = 0.61)::
+PhiFlow on the reference grids (earlier, quiet machine): 256x128 b1 336 ms/step, b8 1535 ms.
+Backward passes (FO-SOL) run outside the step and use the caller's thread setting: call
+``torch.set_num_threads(1)`` in training scripts on such machines.
 
-    steps after the restart          1       5      10      20
-    128x64 ref vs 256x128         0.0037  0.0065  0.0096  0.0149   (the reference's own error)
-    64x32 coarse vs 256x128       0.0071  0.0188  0.0289  0.0454
-    64x32 coarse vs 128x64 ref    0.0043  0.0131  0.0206  0.0319   (what a corrector learns)
-
-so the coarse solver's error against the ``default`` reference is ~1.2x the reference's own error
-after 1 step and ~2x after 5-20 steps (against 256x128, 2-3x).
-
-**Shedding.** Vortex shedding from the seeded bump (``sample``), probe ``vy`` at (x, y) ~ (100, 50)
-(2.5 D behind the cylinder centre, on the axis), St = f D / U from steps 300..700 (train seed 0,
-Re 1.6e5): 128x64 (default reference) St = 0.195 (amplitude 0.8 U), 64x32 (tiny reference, paper
-and default coarse grid) St = 0.160, 32x16 (tiny coarse, steps 120..400) St = 0.140 (amplitude
-0.04 U: barely shedding).  Textbook St ~ 0.2; the coarse grids lose it to numerical diffusion.
+**Presets.** ``default``: 256x128 reference restricted to 64x32 (the paper's grids), 300 warm-up steps,
+100 frames, 6 training / 5 test simulations at the paper's Re.  With the PhiFlow reference its
+generation is ~400 steps x (1.5 s + 0.7 s) on a quiet 2-core machine (~15 min); with
+``--set reference=direct`` it took 17 min 46 s wall / 62 s CPU on the loaded shared machine.  ``paper``:
+1000 warm-up steps and 500 frames (~0.9 h with PhiFlow, extrapolated).  How good the ``default``
+reference is (its error against the same set-up on a 2x finer grid, the coarse solver's error,
+Strouhal numbers) is measured by ``experiments/karman2d_reference.py``; numbers in the README.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from typing import Sequence
+from abc import abstractmethod
+from typing import Literal, Sequence, get_args
 
 import torch
 
 from ..options import option
+from . import karman2d_direct as direct
 from .base import Scenario, ScenarioConfig, Solver, SolverError
 
 
@@ -107,7 +111,7 @@ from .base import Scenario, ScenarioConfig, Solver, SolverError
 # are off and that CSR support is beta: harmless here, and noise in every command's output.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-__all__ = ["Karman2D", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
+__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "restrict", "prolong", "uniform_state", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
            "strouhal_number"]
 
 #: domain and cylinder of the SOL / DeepZero set-up
@@ -121,8 +125,9 @@ def _phi():
     return flow
 
 
-class Karman2D(Solver):
-    """Wake flow behind a cylinder on an ``nx`` x ``ny`` staggered grid.
+class WakeSolver(Solver):
+    """What the PhiFlow and the direct wake-flow steps share: the grid, the cylinder, the boundary
+    conditions, the Reynolds-number check, the thread cap and the blow-up check.
 
     ``step(state, params)``: ``state`` (B, 2, ny, nx) float32 in the staggered layout of the module
     docstring; ``params`` (B, 1) = Reynolds number per sample.  Returns (B, 2, ny, nx).
@@ -130,9 +135,8 @@ class Karman2D(Solver):
     Args:
         nx, ny: cells in x and y (the domain is 200 x 100; use nx = 2 ny for square cells).
         dt: time advanced per ``step``.  substeps: equal sub-steps per ``step``.
-        inflow: inflow speed U.  tol: absolute and relative tolerance of the pressure solve.
-        max_iterations: iteration cap of the pressure solve (beyond it: SolverError).
-        diffusion: apply explicit viscous diffusion (False: inviscid apart from numerics).
+        inflow: inflow speed U.  diffusion: apply explicit viscous diffusion (False: inviscid apart
+            from numerics).  blowup: |v| above ``blowup * U`` (or NaN) raises SolverError.
         threads: torch intra-op threads used during a CPU step (the previous setting is restored
             afterwards); None leaves torch's setting alone.
     """
@@ -142,27 +146,25 @@ class Karman2D(Solver):
 
     def __init__(self, nx: int, ny: int, dt: float = 1.0, *, substeps: int = 1, inflow: float = 1.0,
                  length: float = LENGTH, height: float = HEIGHT, radius: float = RADIUS,
-                 center: Sequence[float] = CENTER, tol: float = 1e-4, max_iterations: int = 2000,
-                 diffusion: bool = True, solve_method: str = "auto", blowup: float = 50.0,
+                 center: Sequence[float] = CENTER, diffusion: bool = True, blowup: float = 50.0,
                  threads: int | None = 1):
         for name, v in (("nx", nx), ("ny", ny)):
             if int(v) != v or v < 4:
-                raise ValueError(f"Karman2D: {name} must be an integer >= 4, got {v}")
+                raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 4, got {v}")
         for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height),
-                        ("radius", radius), ("tol", tol)):
+                        ("radius", radius)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"Karman2D: {name} must be a positive number, got {v}")
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive number, got {v}")
         if int(substeps) != substeps or substeps < 1:
-            raise ValueError(f"Karman2D: substeps must be an integer >= 1, got {substeps}")
+            raise ValueError(f"{type(self).__name__}: substeps must be an integer >= 1, got {substeps}")
         if threads is not None and (int(threads) != threads or threads < 1):
-            raise ValueError(f"Karman2D: threads must be None or an integer >= 1, got {threads}")
+            raise ValueError(f"{type(self).__name__}: threads must be None or an integer >= 1, got {threads}")
         self.threads = None if threads is None else int(threads)
         self.nx, self.ny = int(nx), int(ny)
         self.dt, self.substeps, self.inflow = float(dt), int(substeps), float(inflow)
         self.length, self.height, self.radius = float(length), float(height), float(radius)
         self.center = (float(center[0]), float(center[1]))
-        self.tol, self.max_iterations = float(tol), int(max_iterations)
-        self.diffusion, self.solve_method, self.blowup = bool(diffusion), solve_method, float(blowup)
+        self.diffusion, self.blowup = bool(diffusion), float(blowup)
         self.dx, self.dy = self.length / self.nx, self.height / self.ny
         self.spatial_shape = (self.ny, self.nx)
         #: cell centres; vx lives at (x + dx/2, y), vy at (x, y - dy/2) (see module docstring)
@@ -172,6 +174,78 @@ class Karman2D(Solver):
         # explicit diffusion is stable for nu * tau * (2/dx^2 + 2/dy^2) <= 1
         tau = self.dt / self.substeps
         self.min_re = self.inflow * self.diameter * tau * (2 / self.dx ** 2 + 2 / self.dy ** 2)
+
+    @abstractmethod
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        """One ``dt`` from validated inputs; nu (B,) = kinematic viscosity per sample."""
+
+    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        re = params[:, 0]
+        with torch.no_grad():
+            bad = ~(re.detach() >= self.min_re)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{type(self).__name__}: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit "
+                    f"diffusion on this grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is "
+                    f"unstable; raise Re or substeps")
+        nu = (self.inflow * self.diameter / re).to(state.dtype)
+        # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
+        # module docstring): 2 threads on the shared 2-core CPU made the PhiFlow step ~50x slower
+        before = torch.get_num_threads()
+        cap = self.threads is not None and state.device.type == "cpu" and before > self.threads
+        if cap:
+            torch.set_num_threads(self.threads)
+        try:
+            out = self._step_impl(state, nu)
+        finally:
+            if cap:
+                torch.set_num_threads(before)
+        with torch.no_grad():
+            vmax = out.detach().abs().amax()
+            if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
+                raise SolverError(
+                    f"{type(self).__name__} ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> "
+                    f"{self.blowup:g} U or NaN/inf): the pressure solve failed or the state diverged")
+        return out.to(state.dtype)
+
+    def divergence(self, state: torch.Tensor) -> torch.Tensor:
+        """Cell divergence (B, H, W) of a staggered state (inflow U on the left face, walls 0)."""
+        return direct.divergence(state, self.dx, self.dy, self.inflow)
+
+    def _far_mask(self) -> torch.Tensor:
+        """(H, W) bool: cells whose faces are all clear of the cylinder."""
+        xc, yc = self.coords["x"], self.coords["y"]
+        r = ((xc[None] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2).sqrt()
+        return r > self.radius + 1.5 * max(self.dx, self.dy)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def uniform_state(self, batch: int = 1) -> torch.Tensor:
+        """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
+        return uniform_state(self.nx, self.ny, batch, self.inflow, self.length, self.height, self.center, self.radius)
+
+    def describe(self):
+        d = super().describe()
+        d.update(substeps=self.substeps, inflow=self.inflow, diffusion=self.diffusion, threads=self.threads,
+                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        return d
+
+
+class Karman2D(WakeSolver):
+    """The wake flow on PhiFlow 3.4 (torch backend, ``jit_compile``): the reference solver, and the
+    coarse one with ``coarse="phiflow"``.  Arguments of :class:`WakeSolver`, plus
+
+    Args:
+        tol: absolute and relative tolerance of the pressure solve.
+        max_iterations: iteration cap of the pressure solve (beyond it: SolverError).
+        solve_method: PhiFlow's solve method (default 'auto').
+    """
+
+    def __init__(self, nx: int, ny: int, dt: float = 1.0, *, tol: float = 1e-4, max_iterations: int = 2000,
+                 solve_method: str = "auto", **kwargs):
+        super().__init__(nx, ny, dt, **kwargs)
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise ValueError(f"Karman2D: tol must be a positive number, got {tol}")
+        self.tol, self.max_iterations, self.solve_method = float(tol), int(max_iterations), solve_method
         self._jit = None
 
     # -- conversion between the (B, 2, H, W) tensor and PhiFlow ---------------------------------
@@ -203,93 +277,111 @@ class Karman2D(Solver):
 
         self._jit = math_.jit_compile(step_fn)
 
-    def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
-        # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
-        # module docstring): 2 threads on the shared 2-core CPU made the step ~50x slower
-        before = torch.get_num_threads()
-        cap = self.threads is not None and state.device.type == "cpu" and before > self.threads
-        if cap:
-            torch.set_num_threads(self.threads)
-        try:
-            return self._step_impl(state, params)
-        finally:
-            if cap:
-                torch.set_num_threads(before)
-
-    def _step_impl(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
-        flow = _phi()
-        math_ = flow.math
-        re = params[:, 0]
-        with torch.no_grad():
-            bad = ~(re.detach() >= self.min_re)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"Karman2D: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit diffusion on this "
-                    f"grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is unstable; "
-                    f"raise Re or substeps")
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
         if self._jit is None:
             self._build()
-        nu = (self.inflow * self.diameter / re).to(state.dtype)
+        math_ = _phi().math
         vx = math_.tensor(state[:, 0].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
         vy = math_.tensor(state[:, 1, 1:].transpose(1, 2), math_.batch("b"), math_.spatial("x,y"))
-        nu_t = math_.tensor(nu, math_.batch("b"))
         try:
-            vx2, vy2 = self._jit(vx, vy, nu_t)
+            vx2, vy2 = self._jit(vx, vy, math_.tensor(nu, math_.batch("b")))
         except math_.ConvergenceException as e:
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge to "
                 f"tol {self.tol:g} within {self.max_iterations} iterations ({type(e).__name__}: "
                 f"{str(e)[:200]}); the state is probably diverging") from e
-        vx_n = vx2.native("b,y,x")
+        vx_n, vy_n = vx2.native("b,y,x"), vy2.native("b,y,x")
+        out = torch.stack([vx_n, torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)], 1)
         # inside jit_compile PhiFlow checks convergence only while tracing: a solve that fails later
-        # returns garbage silently, so check the result here
+        # returns garbage silently, so check the projection's result here
         with torch.no_grad():
-            vmax = torch.maximum(vx_n.detach().abs().amax(), vy2.native("b,y,x").detach().abs().amax())
-            if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
-                raise SolverError(
-                    f"Karman2D ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> {self.blowup:g} U or "
-                    f"NaN/inf): the pressure solve failed or the state diverged")
-        vy_n = vy2.native("b,y,x")
-        out = torch.cat([vx_n[:, None], torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)[:, None]], 1)
-        # PhiFlow does not raise NotConverged inside jit_compile: check the projection's result instead
-        with torch.no_grad():
+            finite = bool(torch.isfinite(out).all())
             div = (self.divergence(out.detach()) * self._far_mask()).abs().amax()
         limit = max(10 * self.tol, 1e-5)
-        if not bool(div <= limit):
+        if finite and not bool(div <= limit):
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge "
                 f"(max |div v| = {float(div):.3g} > {limit:.3g} after the projection; tol {self.tol:g}, "
                 f"max_iterations {self.max_iterations}); the state may be diverging")
-        return out.to(state.dtype)
-
-    def divergence(self, state: torch.Tensor) -> torch.Tensor:
-        """Cell divergence (B, H, W) of a staggered state (inflow U on the left face, walls 0)."""
-        vx = torch.cat([torch.full_like(state[:, 0, :, :1], self.inflow), state[:, 0]], 2)
-        vy = torch.cat([state[:, 1, :1] * 0, state[:, 1, 1:], torch.zeros_like(state[:, 1, :1])], 1)
-        return (vx[:, :, 1:] - vx[:, :, :-1]) / self.dx + (vy[:, 1:] - vy[:, :-1]) / self.dy
-
-    def _far_mask(self) -> torch.Tensor:
-        """(H, W) bool: cells whose faces are all clear of the cylinder."""
-        xc, yc = self.coords["x"], self.coords["y"]
-        r = ((xc[None] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2).sqrt()
-        return r > self.radius + 1.5 * max(self.dx, self.dy)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def uniform_state(self, batch: int = 1) -> torch.Tensor:
-        """Uniform flow (U, 0) outside the cylinder, 0 inside: (batch, 2, ny, nx)."""
-        s = torch.zeros(batch, 2, self.ny, self.nx)
-        xf = (torch.arange(self.nx) + 1.0) * self.dx
-        yc = (torch.arange(self.ny) + 0.5) * self.dy
-        inside = (xf[None, :] - self.center[0]) ** 2 + (yc[:, None] - self.center[1]) ** 2 < self.radius ** 2
-        s[:, 0] = torch.where(inside, 0.0, self.inflow)
-        return s
+        return out
 
     def describe(self):
         d = super().describe()
-        d.update(substeps=self.substeps, inflow=self.inflow, tol=self.tol, diffusion=self.diffusion,
-                 threads=self.threads,
-                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        d.update(tol=self.tol, pressure=f"PhiFlow Solve('{self.solve_method}', {self.tol:g})")
         return d
+
+
+class DirectKarman2D(WakeSolver):
+    """The same step as :class:`Karman2D` in plain torch, the pressure matrix factored once
+    (:mod:`zosol.solvers.karman2d_direct`): the default coarse solver (``coarse="direct"``).
+
+    Exact pressure solve (no tolerance), cost independent of the state, and differentiable: autograd
+    flows through advection and diffusion, and the solve's backward pass is a solve with the
+    transposed factor.  Arguments of :class:`WakeSolver`.  Agrees with PhiFlow's step (tight
+    tolerance) to float32 round-off; see the module docstring ("Direct coarse step").
+    """
+
+    def __init__(self, nx: int, ny: int, dt: float = 1.0, **kwargs):
+        super().__init__(nx, ny, dt, **kwargs)
+        masks = direct.obstacle_masks(self.nx, self.ny, self.length, self.height, self.center, self.radius)
+        self.lu = direct.PressureLU(masks["hard"], masks["active"], self.dx, self.dy)
+        self.masks = {k: v.float() for k, v in masks.items()}
+
+    def _masks(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.to(like.device, like.dtype) for k, v in self.masks.items()}
+
+    def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        tau = self.dt / self.substeps
+        masks = self._masks(state)
+        v = state
+        for _ in range(self.substeps):
+            v = direct.advect(v, tau, self.dx, self.dy, self.inflow)
+            if self.diffusion:
+                v = direct.diffuse(v, nu * tau, self.dx, self.dy, self.inflow)
+            v = direct.project(v, masks, self.lu, self.dx, self.dy, self.inflow)
+        return v
+
+    def describe(self):
+        d = super().describe()
+        d.update(pressure="band LU (LAPACK dgbtrf), factored once")
+        return d
+
+
+def uniform_state(nx: int, ny: int, batch: int = 1, inflow: float = 1.0, length: float = LENGTH,
+                  height: float = HEIGHT, center: Sequence[float] = CENTER, radius: float = RADIUS) -> torch.Tensor:
+    """Uniform flow (U, 0) with vx = 0 on the faces inside the cylinder: (batch, 2, ny, nx), staggered."""
+    s = torch.zeros(batch, 2, ny, nx)
+    xf = (torch.arange(nx) + 1.0) * (length / nx)
+    yc = (torch.arange(ny) + 0.5) * (height / ny)
+    inside = (xf[None, :] - center[0]) ** 2 + (yc[:, None] - center[1]) ** 2 < radius ** 2
+    s[:, 0] = torch.where(inside, 0.0, inflow)
+    return s
+
+
+def restrict(fine: torch.Tensor, r: int) -> torch.Tensor:
+    """Face-flux-conserving restriction of staggered states (B, 2, r H, r W) -> (B, 2, H, W): a coarse
+    face's value is the mean of the r fine faces that tile it (see ``Karman2DScenario.downsample``)."""
+    b, c, hf, wf = fine.shape
+    if c != 2 or hf % r or wf % r:
+        raise ValueError(f"karman2d.restrict: expected (B, 2, H, W) with H, W multiples of {r}, got {tuple(fine.shape)}")
+    h, w = hf // r, wf // r
+    vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
+    vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
+    return torch.stack([vx, vy], 1)
+
+
+def prolong(coarse: torch.Tensor, inflow: float = 1.0) -> torch.Tensor:
+    """Staggered states (B, 2, H, W) -> (B, 2, 2H, 2W) on the twice finer grid: fine faces on a coarse
+    face copy it, fine faces half-way between two coarse faces average them (inflow ``U`` left of the
+    first column, wall 0 above the last row); ``restrict(prolong(s), 2) == s``.  Not divergence-free
+    on the fine grid: the fine solver's first projection makes it so."""
+    vx, vy = coarse[:, 0], coarse[:, 1]
+    left = torch.cat([torch.full_like(vx[:, :, :1], inflow), vx[:, :, :-1]], 2)
+    fx = torch.stack([(left + vx) / 2, vx], 3).flatten(2).repeat_interleave(2, 1)
+    vy = torch.cat([torch.zeros_like(vy[:, :1]), vy[:, 1:]], 1)
+    up = torch.cat([vy[:, 1:], torch.zeros_like(vy[:, :1])], 1)
+    fy = torch.stack([vy, (vy + up) / 2], 2).flatten(1, 2).repeat_interleave(2, 2)
+    return torch.stack([fx, fy], 1)
 
 
 def centered_velocity(state: torch.Tensor) -> torch.Tensor:
@@ -333,6 +425,12 @@ def strouhal_number(signal: torch.Tensor, dt: float, diameter: float = 2 * RADIU
 
 # --------------------------------------------------------------------------------------------
 # Scenario
+
+#: solver kinds for the config fields ``coarse`` and ``reference``: "direct" (:class:`DirectKarman2D`,
+#: torch step, pressure by a factored band LU) or "phiflow" (:class:`Karman2D`, PhiFlow 3.4)
+#: the solvers a karman2d scenario can use for its reference and its coarse step
+SolverKind = Literal["direct", "phiflow"]
+SOLVER_KINDS: tuple[str, ...] = get_args(SolverKind)
 
 _PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
 _PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
@@ -378,6 +476,9 @@ class Karman2DConfig(ScenarioConfig):
     tol: float = option(1e-4, "pressure solve tolerance", gt=0)
     perturbation: float = option(0.5, "amplitude of the symmetry-breaking bump (relative to U)", ge=0)
     diffusion: bool = option(True, "explicit viscous diffusion")
+    coarse: SolverKind = option("direct", "coarse solver: direct (torch step with a factored "
+                                                  "pressure solve, differentiable) or phiflow")
+    reference: SolverKind = option("phiflow", "reference solver: phiflow or direct")
     train_re: tuple = option(_PAPER_TRAIN_RE, "Reynolds numbers of the training simulations")
     test_re: tuple = option(_PAPER_TEST_RE, "Reynolds numbers of the test simulations")
 
@@ -396,27 +497,35 @@ class Karman2DScenario(Scenario):
     description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
                    "advection + pressure projection; params = Reynolds number")
     padding_mode = "replicate"  # not periodic: corrector convolutions extend the boundary values
-    # PhiFlow steps of hundreds of perturbed rollouts cost ~50 s per ZO-SOL step on 2 CPU cores: a
-    # CPU comparison needs few steps (README: --set frames=20 with these settings took 26 min)
+    # Training budgets.  default: the README table -- a 186-parameter CNN (width 4, depth 2, kernel 3)
+    # so that dense central-difference ZO-SOL (372 perturbed windows per step) fits the shared 2-core
+    # CPU: ~5 CPU-s per ZO-SOL step (m = 4, batch 8), 2 epochs = 146 steps for every method.
+    # paper: the experiments/karman2d_paper.py run (GPU): a wider CNN, sparse ZO-SOL as DeepZero.
     train_presets = {
         "tiny": dict(kernel=3),
-        "default": dict(kernel=3, window=2, batch_size=8, epochs=2, lr=3e-3, zo_sparsity=0.9),
+        "default": dict(width=4, depth=2, kernel=3, window=4, batch_size=8, epochs=2, lr=1e-2, zo_sparsity=0.0,
+                        grad_checks=3),
+        "paper": dict(model="cnn", width=16, depth=3, kernel=5, window=4, batch_size=16, epochs=100, lr=1e-3,
+                      zo_sparsity=0.9),
     }
     presets = {
         # seconds: for tests
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
                      train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
         # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
-        "default": dict(n_ref_x=128, n_ref_y=64, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
+        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
                         train_sims=6, test_sims=5),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
         "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
                       train_sims=6, test_sims=5),
     }
 
-    def _solver(self, nx: int, ny: int, substeps: int) -> Karman2D:
+    def _solver(self, kind: str, nx: int, ny: int, substeps: int) -> WakeSolver:
         c = self.config
-        return Karman2D(nx, ny, c.dt, substeps=substeps, inflow=c.inflow, tol=c.tol, diffusion=c.diffusion)
+        common = dict(substeps=substeps, inflow=c.inflow, diffusion=c.diffusion)
+        if kind == "phiflow":
+            return Karman2D(nx, ny, c.dt, tol=c.tol, **common)
+        return DirectKarman2D(nx, ny, c.dt, **common)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
@@ -425,13 +534,21 @@ class Karman2DScenario(Scenario):
     def reference_substeps(self) -> int:
         return 20 * self.config.ref_substeps  # pressure-solve iterations make a PhiFlow step costly
 
-    def reference_solver(self) -> Karman2D:
+    def reference_solver(self) -> WakeSolver:
+        """The reference grid's solver: PhiFlow's :class:`Karman2D` (``reference="phiflow"``, the
+        default) or the same numerics in :class:`DirectKarman2D` (``reference="direct"``)."""
         c = self.config
-        return self._solver(c.n_ref_x, c.n_ref_y, c.ref_substeps)
+        return self._solver(c.reference, c.n_ref_x, c.n_ref_y, c.ref_substeps)
 
-    def coarse_solver(self) -> Karman2D:
+    def coarse_solver(self) -> WakeSolver:
+        """The coarse grid's solver: :class:`DirectKarman2D` (``coarse="direct"``, the default; built and
+        factored once per scenario object) or PhiFlow's :class:`Karman2D` (``coarse="phiflow"``)."""
         c = self.config
-        return self._solver(c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+        if c.coarse == "phiflow":
+            return self._solver("phiflow", c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+        if getattr(self, "_direct", None) is None:
+            self._direct = self._solver("direct", c.n_coarse_x, c.n_coarse_y, c.coarse_substeps)
+        return self._direct
 
     @property
     def ratio(self) -> int:
@@ -445,15 +562,11 @@ class Karman2DScenario(Scenario):
         every coarse face (and hence through any vertical line of faces, and the divergence of
         every coarse cell) equals the fine one.  y-faces likewise: ``fine[:, 1, J r, I r : (I+1) r]``.
         """
-        r = self.ratio
-        b, c, hf, wf = fine.shape
-        h, w = hf // r, wf // r
-        if c != 2 or hf != h * r or wf != w * r or (h, w) != (self.config.n_coarse_y, self.config.n_coarse_x):
-            raise ValueError(f"karman2d.downsample: expected (B, 2, {self.config.n_ref_y}, {self.config.n_ref_x}), "
+        c = self.config
+        if fine.dim() != 4 or tuple(fine.shape[1:]) != (2, c.n_ref_y, c.n_ref_x):
+            raise ValueError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), "
                              f"got {tuple(fine.shape)}")
-        vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
-        vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
-        return torch.stack([vx, vy], 1)
+        return restrict(fine, self.ratio)
 
     def reynolds(self, seed: int) -> float:
         """Reynolds number of the simulation with ``seed`` (train: seed + i, test: seed + 10000 + i)."""
@@ -467,15 +580,14 @@ class Karman2DScenario(Scenario):
         """Uniform flow plus a seeded smooth cross-stream bump behind the cylinder: state (2, H, W) on
         the reference grid (staggered layout), params (1,) = [Re]."""
         c = self.config
-        solver = self.reference_solver()
         g = torch.Generator().manual_seed(int(seed))
         amp = c.perturbation * c.inflow * (0.5 + 0.5 * torch.rand((), generator=g).item())
         sign = 1.0 if torch.rand((), generator=g).item() < 0.5 else -1.0
         x0 = CENTER[0] + 2 * RADIUS * (1.0 + torch.rand((), generator=g).item())   # 20..40 behind centre
         y0 = CENTER[1] + RADIUS * (torch.rand((), generator=g).item() - 0.5)
-        state = solver.uniform_state(1)[0]
-        xc = (torch.arange(solver.nx) + 0.5) * solver.dx
-        yf = torch.arange(solver.ny) * solver.dy
+        state = uniform_state(c.n_ref_x, c.n_ref_y, 1, c.inflow)[0]
+        xc = (torch.arange(c.n_ref_x) + 0.5) * (LENGTH / c.n_ref_x)
+        yf = torch.arange(c.n_ref_y) * (HEIGHT / c.n_ref_y)
         bump = torch.exp(-((xc[None, :] - x0) ** 2 + (yf[:, None] - y0) ** 2) / (2 * RADIUS ** 2))
         state[1] = sign * amp * bump
         state[1, 0] = 0.0
