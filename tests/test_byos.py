@@ -143,6 +143,17 @@ def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch)
         load_dataset(inline.stdout.strip())
 
 
+def test_scenario_without_parameters_round_trips(tmp_path):
+    """K = 0 (no per-simulation parameters): the params attribute is an empty array."""
+    step = lambda u, p: 0.9 * u  # noqa: E731
+    sc = make_scenario("no_params", reference=step, coarse=step, sample=lambda s: (np.full((1, 8), s + 1.0), None),
+                       dt=0.1, reference_shape=(8,), coarse_shape=(4,), batched=False, frames=2, train_sims=2,
+                       test_sims=1)
+    ds = load_dataset(generate(sc, out=tmp_path, progress=False), scenario=sc)
+    assert ds.stacked("train")[1].shape == (2, 0)
+    torch.testing.assert_close(ds.stacked("test")[0][0, :, 0, 0], torch.tensor([10001.0, 9000.9, 8100.81]))
+
+
 def test_make_scenario_checks_its_parts():
     step = lambda u, p: u  # noqa: E731
     with pytest.raises(ValueError, match="not a multiple of the coarse grid"):

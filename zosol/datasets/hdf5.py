@@ -134,7 +134,8 @@ def _attr(obj: Any, name: str, path: Path) -> Any:
     """Attribute ``name`` of ``obj``, refusing absurdly large ones before reading them."""
     if name not in obj.attrs:
         raise KeyError(f"attribute '{name}' of {obj.name} is missing")
-    size = obj.attrs.get_id(name).get_storage_size()
+    aid = obj.attrs.get_id(name)  # an empty array (no per-simulation parameters) stores 0 bytes, and
+    size = aid.get_storage_size() if aid.get_space().get_simple_extent_npoints() else 0  # HDF5 errs on 0
     if size > MAX_ATTRIBUTE_BYTES:
         raise DatasetError(f"{path}: attribute '{name}' of {obj.name} holds {format_bytes(size)} "
                            f"(at most {format_bytes(MAX_ATTRIBUTE_BYTES)}); {_fix(path)}")
