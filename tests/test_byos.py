@@ -378,7 +378,7 @@ def test_your_own_solver_doc(tmp_path):
                          timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["methods"] == ["NOG-SOL", "NON", "SRC", "ZO-SOL"] and out["cos"] >= 0.999
+    assert out["methods"] == ["NOG-SOL", "NON", "SRC", "ZO-JAC-SOL", "ZO-SOL"] and out["cos"] >= 0.999
     info = _zosol(["info", "out/data/my_burgers_tiny.h5", "--json"], tmp_path, env_path=tmp_path)
     assert info.returncode == 0, info.stderr[-2000:]
     assert json.loads(info.stdout)["scenario"] == "my_burgers"
