@@ -35,14 +35,11 @@ __all__ = ["main"]
 def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
     """``["frames=16", "nu=0.05"]`` -> {"frames": 16, "nu": 0.05} (values parsed as JSON when possible)."""
     out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
-        key, value = item.split("=", 1)
+    for key, value in _split_sets(items, "--set").items():
         try:
-            out[key.strip()] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
+            out[key] = value
     return out
 
 
@@ -78,12 +75,12 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _split_sets(items: Sequence[str] | None) -> dict[str, str]:
-    """``["lr=0.01"]`` -> {"lr": "0.01"}."""
+def _split_sets(items: Sequence[str] | None, flag: str = "--train-set") -> dict[str, str]:
+    """``["lr=0.01"]`` -> {"lr": "0.01"} (the values of ``flag KEY=VALUE`` options)."""
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--train-set expects KEY=VALUE, got '{item}'")
+            raise ValueError(f"{flag} expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
