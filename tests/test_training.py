@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zosol.compare import compare, evaluate
+from run_checks import assert_same_run
 from zosol.config import train_config
 from zosol.datasets import generate, load_dataset
 from zosol.metrics import mae_per_frame, mae_per_simulation, summarize
@@ -136,9 +137,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     part = train(tiny, cfg, tmp_path / "part", progress=False, stop_after_steps=3)
     assert part.extra.get("stopped_early")
     resumed = train(tiny, cfg, tmp_path / "part", progress=False, resume=True)
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert full.history["loss"] == resumed.history["loss"]
+    assert_same_run(full, resumed)
     model, ckpt = load_run(tmp_path / "part", tiny)
     assert ckpt["epoch"] == 2
 
@@ -235,10 +234,7 @@ def test_zo_sol_in_two_processes_equals_one(tiny, tmp_path):
     cfg = train_config("tiny", method="zo-sol", epochs=2, zo_chunk=16, zo_sparsity=0.5, zo_lpr="uniform")
     one = train(tiny, cfg, tmp_path / "one", progress=False)
     two = train(tiny, cfg, tmp_path / "two", progress=False, workers=2)
-    for (k, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert one.history["loss"] == two.history["loss"]
-    assert two.history["zo_queries"] == one.history["zo_queries"]
+    assert_same_run(one, two, "zo_queries")
 
 
 def test_multiprocess_failure_keeps_its_type(tiny, tmp_path):
