@@ -31,7 +31,7 @@
 
 * :class:`NumpySolver` wraps ``fn(state: ndarray (B, C, *s), params: ndarray (B, K) | None) ->
   ndarray (B, C, *s)`` in-process (or ``fn(state (C, *s), params (K,) | None) -> (C, *s)`` with
-  ``batched=False``), optionally in N local worker processes (``processes=N``).
+  ``batched=False``), optionally spread over N local processes (``processes=N``: this one and N - 1 workers).
 
 Call sizes: a solver sees the batches zosol makes (up to the full folded ZO-SOL batch, P x B
 states) unless it declares a limit: ``batched=False`` (one state per call) or ``max_batch=k``
@@ -169,9 +169,10 @@ class NumpySolver(_HostSolver):
         check_finite: raise SolverError when ``fn`` returns NaN/inf for finite input.
         batched: False when ``fn`` steps one state at a time (zosol loops over the batch).
         max_batch: at most this many states per call of a batched ``fn`` (None: any number).
-        processes: spread the calls of every batch over this many local worker processes,
-            started once at the first multi-state step (forked on POSIX: ``fn`` may be a closure)
-            and stopped by :meth:`close`; the result equals ``processes=1`` exactly.
+        processes: spread the calls of every batch over this many local processes: this one and
+            ``processes - 1`` workers started once at the first multi-state step (forked on
+            POSIX: ``fn`` may be a closure) and stopped by :meth:`close`; the result equals
+            ``processes=1`` exactly.
     Exceptions raised by ``fn`` become SolverError naming them.
     """
 

@@ -5,10 +5,10 @@ zosol hands a solver whole batches (``(B, C, *spatial)``; ZO-SOL folds all pertu
 one batch, so B reaches thousands).  A solver that steps one state at a time (py-pde, most legacy
 codes) or a bounded number of states declares it (``NumpySolver(batched=False)`` or
 ``max_batch=k``; an external program by ``"max_batch": k`` in its hello reply) and zosol makes
-the calls for it.  :class:`StatePool` runs those calls in N local worker processes that are
-started once (at the first batch) and live as long as the solver; on POSIX they are forked, so
-the step function need not be picklable (a closure over a compiled solver is fine), and each
-worker keeps whatever the function compiles or caches on its first call.
+the calls for it.  :class:`StatePool` runs those calls in N local processes: this one and N - 1
+worker processes that are started once (at the first batch) and live as long as the solver; on
+POSIX they are forked, so the step function need not be picklable (a closure over a compiled
+solver is fine), and each worker keeps whatever the function compiles or caches on its first call.
 """
 from __future__ import annotations
 
@@ -51,60 +51,98 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
                            for i in range(0, x.shape[0], max_batch)])
 
 
-_WORKER: dict = {}
+def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None) -> None:
+    """A worker process: step the blocks that come down ``conn`` until None (or the pipe closes)."""
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            conn.send((True, run_rows(fn, batched, max_batch, *job)))
+        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+            try:
+                conn.send((False, e))
+            except Exception:  # noqa: BLE001 - the exception itself does not pickle
+                conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
 
 
-def _init_worker(fn: StepFn, batched: bool, max_batch: int | None) -> None:
-    _WORKER.update(fn=fn, batched=batched, max_batch=max_batch)
-
-
-def _work(args: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
-    return run_rows(_WORKER["fn"], _WORKER["batched"], _WORKER["max_batch"], *args)
+def _stop(workers: list) -> None:
+    for proc, conn in workers:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        conn.close()
+    for proc, _ in workers:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
 
 
 class StatePool:
-    """``processes`` worker processes that apply one step function to blocks of states.
+    """Apply one step function to a batch of states in ``processes`` local processes: this one
+    and ``processes - 1`` workers.
 
-    The processes start at the first :meth:`map` and stay until :meth:`close` (or garbage
-    collection / interpreter exit).  Each call of :meth:`map` splits the batch into
-    ``processes * blocks_per_process`` contiguous blocks; results come back in order, so the
-    output equals the one-process result exactly (samples are independent)."""
+    The workers start at the first :meth:`map` and stay until :meth:`close` (or garbage
+    collection / interpreter exit).  Each call of :meth:`map` splits the batch into ``processes``
+    contiguous blocks; this process sends the workers theirs (one pipe each, no helper threads),
+    steps the first block itself, and joins the blocks in order, so the output equals the
+    one-process result exactly (samples are independent)."""
 
-    def __init__(self, fn: StepFn, processes: int, *, batched: bool = True, max_batch: int | None = None,
-                 blocks_per_process: int = 2):
-        if int(processes) != processes or processes < 1:
-            raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    def __init__(self, fn: StepFn, processes: int, *, batched: bool = True, max_batch: int | None = None):
+        if int(processes) != processes or processes < 2:
+            raise ValueError(f"processes must be an integer >= 2 (1: no pool), got {processes!r}")
         self.fn, self.processes, self.batched, self.max_batch = fn, int(processes), batched, max_batch
-        self.blocks_per_process = blocks_per_process
         self.starts = 0  # how many times the worker processes were started (once per pool)
-        self._pool = None
+        self._workers: list = []  # (process, pipe end)
         self._finalizer = None
 
-    def _ensure(self):
-        if self._pool is None:
-            method = "fork" if os.name == "posix" else "spawn"
-            ctx = multiprocessing.get_context(method)
-            self._pool = ctx.Pool(self.processes, initializer=_init_worker,
-                                  initargs=(self.fn, self.batched, self.max_batch))
-            self._finalizer = weakref.finalize(self, self._pool.terminate)
+    def _ensure(self) -> list:
+        if not self._workers:
+            ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            for _ in range(self.processes - 1):
+                conn, child = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(child, self.fn, self.batched, self.max_batch), daemon=True)
+                proc.start()
+                child.close()
+                self._workers.append((proc, conn))
+            self._finalizer = weakref.finalize(self, _stop, list(self._workers))
             self.starts += 1
-        return self._pool
+        return self._workers
 
     def map(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
-        """The step of every row of ``x`` (B, C, *s), computed in the worker processes."""
-        blocks = split_rows(x.shape[0], self.processes * self.blocks_per_process)
+        """The step of every row of ``x`` (B, C, *s): the first block here, the others in the workers."""
+        blocks = split_rows(x.shape[0], self.processes)
+        rows = lambda sl: (x[sl], None if p is None else p[sl])  # noqa: E731
         if len(blocks) == 1:  # one state: no process round trip
-            return run_rows(self.fn, self.batched, self.max_batch, x, p)
-        jobs = [(x[sl], None if p is None else p[sl]) for sl in blocks]
-        return np.concatenate(self._ensure().map(_work, jobs, chunksize=1))
+            return run_rows(self.fn, self.batched, self.max_batch, *rows(blocks[0]))
+        workers = self._ensure()[:len(blocks) - 1]
+        try:
+            for (_, conn), sl in zip(workers, blocks[1:]):
+                conn.send(rows(sl))
+            try:
+                first = run_rows(self.fn, self.batched, self.max_batch, *rows(blocks[0]))
+            finally:  # always collect the workers' answers: the pipes stay in step for the next batch
+                answers = [conn.recv() for _, conn in workers]
+        except (EOFError, OSError) as e:
+            codes = [proc.exitcode for proc, _ in self._workers]
+            self.close()
+            raise RuntimeError(f"a worker process of the state pool stopped (exit codes {codes}); "
+                               f"the next batch starts new ones") from e
+        for ok, value in answers:
+            if not ok:
+                raise value
+        return np.concatenate([first, *(value for _, value in answers)])
 
     def close(self) -> None:
         """Stop the worker processes (a later :meth:`map` starts new ones)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
+        if self._workers:
             self._finalizer.detach()
-            self._pool = None
+            _stop(self._workers)
+            self._workers = []
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None, "_finalizer": None}
+        return {**self.__dict__, "_workers": [], "_finalizer": None}
