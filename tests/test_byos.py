@@ -235,6 +235,32 @@ def test_one_state_solver_splits_batches_and_processes_match():
         assert two.pool.starts == 1  # the processes start once and serve every later batch
 
 
+def _fails_on_negative(u, q):
+    if (u < 0).all():
+        raise ValueError("negative state")
+    if (u > 100).all():
+        os._exit(3)  # a worker that dies
+    return u + 1
+
+
+def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
+    from zosol.solvers.base import SolverError
+    x = torch.ones(6, 1, 4)
+    with NumpySolver(_fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False,
+                     processes=2) as two:
+        assert torch.equal(two.step(x), x + 1)
+        bad = x.clone()
+        bad[4:] = -1  # only in the worker's block
+        with pytest.raises(SolverError, match="ValueError: negative state"):
+            two.step(bad)
+        assert torch.equal(two.step(x), x + 1) and two.pool.starts == 1  # the pipes stayed in step
+        dead = x.clone()
+        dead[4:] = 1000
+        with pytest.raises(SolverError, match="worker process of the state pool stopped"):
+            two.step(dead)
+        assert torch.equal(two.step(x), x + 1) and two.pool.starts == 2  # new workers for the next batch
+
+
 def test_external_solver_max_batch_and_copies():
     cmd = [sys.executable, str(ROOT / "solvers" / "burgers1d_numpy.py"), "--n", "16"]
     x, p = torch.randn(11, 1, 16) * 0.5, torch.randn(11, 6) * 0.1
