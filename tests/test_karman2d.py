@@ -396,3 +396,12 @@ def test_paper_experiment_script_runs_at_tiny(tmp_path):
     assert {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"} <= set(methods)
     assert all(m["mae_mean"] > 0 for m in methods.values())
     assert (tmp_path / "results.md").exists()
+
+
+def test_compare_leaves_out_zo_jac_sol_by_default_on_karman2d():
+    from zosol.compare import default_methods
+    from zosol.config import METHODS
+    lines = []
+    assert default_methods("karman2d", lines.append) == [m for m in METHODS if m != "zo-jac-sol"]
+    assert len(lines) == 1 and "ZO-JAC-SOL left out by default on karman2d" in lines[0] and "dense" in lines[0]
+    assert default_methods("burgers1d", lines.append) == list(METHODS) and len(lines) == 1

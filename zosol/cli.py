@@ -326,7 +326,8 @@ def _add_training_commands(sub: Any) -> None:
     _scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
-    q.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    q.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all the "
+                                     f"scenario runs by default, e.g. karman2d leaves out zo-jac-sol)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
     _add_train_options(q)

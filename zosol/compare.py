@@ -28,7 +28,7 @@ from .metrics import (channel_sum_mae_per_simulation, mae_per_frame, mae_per_sim
                       relative_l1_per_simulation, summarize)
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
-from .solvers.base import BlackBox, Scenario, Solver, get_scenario
+from .solvers.base import BlackBox, Scenario, Solver, get_scenario, registered
 from .fsutil import atomic_write_text
 from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, source_class, train
 from .training.launch import broadcast_from_lead, is_lead, lead_first, world
@@ -106,13 +106,15 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
 
 
 def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = None,
-            out: str | os.PathLike = "results", *, methods: Sequence[str] = METHODS,
+            out: str | os.PathLike = "results", *, methods: Sequence[str] | None = None,
             solver: Solver | BlackBox | None = None, twin: Solver | None = None,
             data_dir: str | os.PathLike | None = None, train_preset: str | None = None,
             overrides: dict[str, Any] | None = None, scenario_overrides: dict[str, Any] | None = None,
             workers: int = 1, progress: bool = True, log=print) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
+    ``methods``: default all of :data:`~zosol.config.METHODS` less the scenario's
+    ``not_by_default`` (each left out with one line saying why).
     ``scenario``: a registered name, a scenario object (e.g. from ``make_scenario``) or a loaded
     dataset; ``preset``: the scenario preset (default: "default" for a name, the object's own
     config for an object).  ``solver``: the coarse solver every method trains and is evaluated
@@ -129,8 +131,8 @@ def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = Non
     Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
     "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
-    methods = _check_methods(methods)
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
+    methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
     tp = train_preset or preset or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS
                                     else "default")
     configs = {m: train_config(tp, sc0, method=m, **(overrides or {})) for m in methods}
@@ -163,6 +165,16 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods {methods}: give each of {list(METHODS)} at most once, at least one")
     return methods
+
+
+def default_methods(scenario: str | Scenario, log=print) -> list[str]:
+    """All methods less the scenario's ``not_by_default``, each left out with one line."""
+    entry = registered(scenario) if isinstance(scenario, str) else scenario
+    skip = getattr(entry, "not_by_default", {})
+    for m, why in skip.items():
+        log(f"{DISPLAY_NAMES.get(m, m)} left out by default on {entry.name}: {why} "
+            f"(name it in --methods / methods= to run it)")
+    return [m for m in METHODS if m not in skip]
 
 
 def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None,

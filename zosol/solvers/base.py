@@ -268,6 +268,9 @@ class Scenario(ABC):
     padding_mode: ClassVar[str] = "circular"
     #: training-preset adjustments for this scenario (preset -> TrainConfig fields), see zosol.config
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: methods ``compare`` leaves out unless asked for by name (method -> why), e.g. one whose cost
+    #: on this scenario is out of proportion
+    not_by_default: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: ScenarioConfig, preset: str | None = None):
         config.validate()

@@ -501,6 +501,11 @@ class Karman2DScenario(Scenario):
     # so that dense central-difference ZO-SOL (372 perturbed windows per step) fits the shared 2-core
     # CPU: ~5 CPU-s per ZO-SOL step (m = 4, batch 8), 2 epochs = 146 steps for every method.
     # paper: the experiments/karman2d_paper.py run (GPU): a wider CNN, sparse ZO-SOL as DeepZero.
+    not_by_default = {
+        "zo-jac-sol": "the pressure projection couples every cell, so the coarse step's Jacobian is dense and "
+                      "each finite-difference Jacobian costs a probe per state value (4,097 per sample-step at "
+                      "64x32, forward), several times ZO-SOL's perturbations for the preset correctors",
+    }
     train_presets = {
         "tiny": dict(kernel=3),
         "default": dict(width=4, depth=2, kernel=3, window=4, batch_size=8, epochs=2, lr=1e-2, zo_sparsity=0.0,
