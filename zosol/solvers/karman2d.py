@@ -86,7 +86,7 @@ Backward passes (FO-SOL) run outside the step and use the caller's thread settin
 
 **Presets.** ``default``: 256x128 reference restricted to 64x32 (the paper's grids), 300 warm-up steps,
 100 frames, 6 training / 5 test simulations at the paper's Re.  With the PhiFlow reference its
-generation is ~400 steps x (1.5 s + 0.7 s) on a quiet 2-core machine (~15 min); with
+generation took 13 min 34 s (one thread, ``--batch 11``, quiet 2-core machine); with
 ``--set reference=direct`` it took 17 min 46 s wall / 62 s CPU on the loaded shared machine.  ``paper``:
 1000 warm-up steps and 500 frames (~0.9 h with PhiFlow, extrapolated).  How good the ``default``
 reference is (its error against the same set-up on a 2x finer grid, the coarse solver's error,
@@ -518,7 +518,7 @@ class Karman2DScenario(Scenario):
         # seconds: for tests
         "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
                      train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
-        # ~2 min on the shared 2-core CPU (measured 1:53, 1 thread; see "Speed"); same physics and Re as the paper
+        # 13.5 min with the PhiFlow reference on a quiet 2-core CPU (measured 13:34, 1 thread, --batch 11); paper's Re
         "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
                         train_sims=6, test_sims=5),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
