@@ -240,6 +240,8 @@ def _fails_on_negative(u, q):
         raise ValueError("negative state")
     if (u > 100).all():
         os._exit(3)  # a worker that dies
+    if (u == 7).all():
+        raise KeyboardInterrupt  # the user stops the run half-way through a batch
     return u + 1
 
 
@@ -254,11 +256,21 @@ def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
         with pytest.raises(SolverError, match="ValueError: negative state"):
             two.step(bad)
         assert torch.equal(two.step(x), x + 1) and two.pool.starts == 1  # the pipes stayed in step
+        bad = x.clone()
+        bad[:3] = -1  # only in this process's block
+        with pytest.raises(SolverError, match="ValueError: negative state"):
+            two.step(bad)
+        assert torch.equal(two.step(x * 2), x * 2 + 1) and two.pool.starts == 1
         dead = x.clone()
         dead[4:] = 1000
         with pytest.raises(SolverError, match="worker process of the state pool stopped"):
             two.step(dead)
         assert torch.equal(two.step(x), x + 1) and two.pool.starts == 2  # new workers for the next batch
+        stop = x.clone()
+        stop[:3] = 7
+        with pytest.raises(KeyboardInterrupt):
+            two.step(stop)
+        assert torch.equal(two.step(x * 3), x * 3 + 1) and two.pool.starts == 3  # no stale answer
 
 
 def test_external_solver_max_batch_and_copies():

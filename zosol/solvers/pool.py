@@ -120,18 +120,25 @@ class StatePool:
         if len(blocks) == 1:  # one state: no process round trip
             return run_rows(self.fn, self.batched, self.max_batch, *rows(blocks[0]))
         workers = self._ensure()[:len(blocks) - 1]
+        own_error = None
         try:
             for (_, conn), sl in zip(workers, blocks[1:]):
                 conn.send(rows(sl))
             try:
                 first = run_rows(self.fn, self.batched, self.max_batch, *rows(blocks[0]))
-            finally:  # always collect the workers' answers: the pipes stay in step for the next batch
-                answers = [conn.recv() for _, conn in workers]
+            except Exception as e:  # noqa: BLE001 - raised below, once the workers have answered
+                own_error = e
+            answers = [conn.recv() for _, conn in workers]  # the pipes stay in step for the next batch
         except (EOFError, OSError) as e:
             codes = [proc.exitcode for proc, _ in self._workers]
             self.close()
             raise RuntimeError(f"a worker process of the state pool stopped (exit codes {codes}); "
                                f"the next batch starts new ones") from e
+        except BaseException:  # e.g. KeyboardInterrupt half-way: no stale answer may reach the next batch
+            self.close()
+            raise
+        if own_error is not None:
+            raise own_error
         for ok, value in answers:
             if not ok:
                 raise value
