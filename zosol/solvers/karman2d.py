@@ -497,9 +497,9 @@ class Karman2DScenario(Scenario):
     description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
                    "advection + pressure projection; params = Reynolds number")
     padding_mode = "replicate"  # not periodic: corrector convolutions extend the boundary values
-    # Training budgets.  default: the README table -- a 186-parameter CNN (width 4, depth 2, kernel 3)
-    # so that dense central-difference ZO-SOL (372 perturbed windows per step) fits the shared 2-core
-    # CPU: ~5 CPU-s per ZO-SOL step (m = 4, batch 8), 2 epochs = 146 steps for every method.
+    # Training budgets.  default: the README table -- a 910-parameter CNN (width 4, depth 3, kernel 5)
+    # so that dense central-difference ZO-SOL (1,820 perturbed windows per step) fits a 2-core CPU:
+    # ~40 CPU-s per ZO-SOL step (m = 6, batch 8), 3 epochs = 216 steps for every method.
     # paper: the experiments/karman2d_paper.py run (GPU): a wider CNN, sparse ZO-SOL as DeepZero.
     not_by_default = {
         "zo-jac-sol": "the pressure projection couples every cell, so the coarse step's Jacobian is dense and "
@@ -508,7 +508,6 @@ class Karman2DScenario(Scenario):
     }
     train_presets = {
         "tiny": dict(kernel=3),
-        # 910 parameters, 216 optimizer steps: dense central ZO-SOL in ~1 h on a quiet 2-core CPU (--workers 2)
         "default": dict(width=4, depth=3, kernel=5, window=6, batch_size=8, epochs=3, lr=3e-3, zo_sparsity=0.0,
                         grad_checks=3),
         "paper": dict(model="cnn", width=16, depth=3, kernel=5, window=4, batch_size=16, epochs=100, lr=1e-3,
