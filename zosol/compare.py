@@ -131,14 +131,14 @@ def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = Non
     Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
     "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
+    lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
+    if not lead:
+        log, progress = (lambda *a, **k: None), False
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
     methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
     tp = train_preset or preset or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS
                                     else "default")
     configs = {m: train_config(tp, sc0, method=m, **(overrides or {})) for m in methods}
-    lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
-    if not lead:
-        log, progress = (lambda *a, **k: None), False
     out = _output_directory(out) if lead else Path(out)
     with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
         t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def default_methods(scenario: str | Scenario, log=print) -> list[str]:
     entry = registered(scenario) if isinstance(scenario, str) else scenario
     skip = getattr(entry, "not_by_default", {})
     for m, why in skip.items():
-        log(f"{DISPLAY_NAMES.get(m, m)} left out by default on {entry.name}: {why} "
+        log(f"{DISPLAY_NAMES.get(m, m)} left out by default on {getattr(entry, 'name', 'this scenario')}: {why} "
             f"(name it in --methods / methods= to run it)")
     return [m for m in METHODS if m not in skip]
 
