@@ -235,7 +235,15 @@ def test_one_state_solver_splits_batches_and_processes_match():
         assert two.pool.starts == 1  # the processes start once and serve every later batch
 
 
+class _UnpicklableError(Exception):
+    def __init__(self):
+        super().__init__("holds a lambda")
+        self.hook = lambda: None
+
+
 def _fails_on_negative(u, q):
+    if (u == 5).all():
+        raise _UnpicklableError()
     if (u < 0).all():
         raise ValueError("negative state")
     if (u > 100).all():
@@ -261,6 +269,11 @@ def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
         with pytest.raises(SolverError, match="ValueError: negative state"):
             two.step(bad)
         assert torch.equal(two.step(x * 2), x * 2 + 1) and two.pool.starts == 1
+        odd = x.clone()
+        odd[4:] = 5  # the worker's exception cannot be pickled: its text comes back
+        with pytest.raises(SolverError, match="_UnpicklableError: holds a lambda"):
+            two.step(odd)
+        assert two.pool.starts == 1
         dead = x.clone()
         dead[4:] = 1000
         with pytest.raises(SolverError, match="worker process of the state pool stopped"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import weakref
 from typing import Callable
 
@@ -52,7 +53,9 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
 
 
 def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None) -> None:
-    """A worker process: step the blocks that come down ``conn`` until None (or the pipe closes)."""
+    """A worker process: step the blocks that come down ``conn`` until None (or the pipe closes).
+    Ctrl-C is the parent's to handle (it stops the workers), so the worker ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             job = conn.recv()
@@ -61,12 +64,15 @@ def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None) -> None:
         if job is None:
             return
         try:
-            conn.send((True, run_rows(fn, batched, max_batch, *job)))
+            answer = (True, run_rows(fn, batched, max_batch, *job))
         except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
-            try:
-                conn.send((False, e))
-            except Exception:  # noqa: BLE001 - the exception itself does not pickle
-                conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+            answer = (False, e)
+        try:
+            conn.send(answer)
+        except OSError:  # the parent has closed the pipe: nobody waits for this answer
+            return
+        except Exception:  # noqa: BLE001 - the exception does not pickle: send its text
+            conn.send((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
 
 
 def _stop(workers: list) -> None:
