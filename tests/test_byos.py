@@ -255,6 +255,8 @@ def _fails_on_negative(u, q):
 
 def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
     from zosol.solvers.base import SolverError
+    with pytest.raises(ValueError, match="NumpySolver: processes must be an integer >= 1, got 0"):
+        NumpySolver(_fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False, processes=0)
     x = torch.ones(6, 1, 4)
     with NumpySolver(_fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False,
                      processes=2) as two:

@@ -157,6 +157,16 @@ def _default_coords(spatial_shape: Sequence[int]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_counts(who: str, **counts: int | None) -> None:
+    """``max_batch`` (None allowed: no limit) and ``processes`` must be integers >= 1."""
+    for what, v in counts.items():
+        if v is None and what == "max_batch":
+            continue
+        if v is None or int(v) != v or v < 1:
+            raise ValueError(f"{who}: {what} must be an integer >= 1{' or None' if what == 'max_batch' else ''}, "
+                             f"got {v!r}")
+
+
 class NumpySolver(_HostSolver):
     """A plain numpy step function as a (non-differentiable) Solver.
 
@@ -185,8 +195,7 @@ class NumpySolver(_HostSolver):
             raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
         if not (math.isfinite(dt) and dt > 0):
             raise ValueError(f"NumpySolver: dt must be positive, got {dt}")
-        if max_batch is not None and (int(max_batch) != max_batch or max_batch < 1):
-            raise ValueError(f"NumpySolver: max_batch must be an integer >= 1 or None, got {max_batch!r}")
+        _check_counts("NumpySolver", max_batch=max_batch, processes=processes)
         self.batched, self.max_batch = bool(batched), None if max_batch is None else int(max_batch)
         self.pool = StatePool(fn, processes, batched=self.batched, max_batch=self.max_batch) \
             if processes != 1 else None
@@ -346,9 +355,7 @@ class ExternalSolver(_HostSolver):
         options = dict(timeout=timeout, startup_timeout=startup_timeout, restart=restart, max_restarts=max_restarts,
                        env=env, cwd=cwd, dtype=dtype, check_finite=check_finite, expect=expect,
                        stderr_tail=stderr_tail, name=name, pipe_size=pipe_size, max_batch=max_batch)
-        for what, v in (("max_batch", max_batch), ("processes", processes)):
-            if v is not None and (int(v) != v or v < 1):
-                raise ValueError(f"ExternalSolver: {what} must be an integer >= 1, got {v!r}")
+        _check_counts("ExternalSolver", max_batch=max_batch, processes=processes)
         self.max_batch = None if max_batch is None else int(max_batch)
         if os.name != "posix":
             raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
