@@ -8,6 +8,7 @@ On a shared, oversubscribed 2-core machine ``--threads 2`` made each parallelise
 ~10 ms (OpenMP threads waiting for a core) and the batched steps 30-100x slower than
 ``--threads 1``: compare runs with the same thread count and a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ def main(argv=None) -> None:
     c = sc.config
     coarse, ref = sc.coarse_solver(), sc.reference_solver()
     print(f"burgers2d preset={args.preset}  threads={torch.get_num_threads()}  torch {torch.__version__}")
-    print(f"coarse: {c.n_coarse}x{c.n_coarse} semi-Lagrangian, {coarse.min_substeps} sub-step(s)/dt;  "
-          f"reference: {c.n_ref}x{c.n_ref} MacCormack, {ref.min_substeps} sub-step(s)/dt\n")
+    print(
+        f"coarse: {c.n_coarse}x{c.n_coarse} semi-Lagrangian, {coarse.min_substeps} sub-step(s)/dt;  "
+        f"reference: {c.n_ref}x{c.n_ref} MacCormack, {ref.min_substeps} sub-step(s)/dt\n"
+    )
 
     print("| solver | grid | batch | ms/step | samples/s |")
     print("|---|---|---|---|---|")
@@ -62,12 +65,15 @@ def main(argv=None) -> None:
     if args.no_phiflow:
         return
     import warnings
+
     warnings.filterwarnings("ignore")
     print("\nhand-written torch vs PhiFlow 3.4 jit_compile (same numerics, same grid), ms/step")
     print("| scheme | grid | batch | torch | PhiFlow jit | ratio | max abs diff (1 step) |")
     print("|---|---|---|---|---|---|---|")
-    cases = [("semi-Lagrangian (coarse)", sc.coarse_solver, True, args.batches),
-             ("MacCormack (reference)", sc.reference_solver, False, [1, 16])]
+    cases = [
+        ("semi-Lagrangian (coarse)", sc.coarse_solver, True, args.batches),
+        ("MacCormack (reference)", sc.reference_solver, False, [1, 16]),
+    ]
     for name, make, is_coarse, batches in cases:
         a, bphi = make(), make(backend="phiflow")
         n = c.n_coarse if is_coarse else c.n_ref

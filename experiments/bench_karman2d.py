@@ -27,6 +27,7 @@ Sections (each printed and written to the JSON):
 (``Karman2D(threads=1)``), which on the shared 2-core machine was ~50x faster than 2 threads.
 ``--only thread_comparison --update`` runs one section and merges it into an existing ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ from zosol.solvers import get_scenario
 
 
 def _state(scenario, solver, batch: int, warm: int):
-    seeds = (scenario.train_seeds + scenario.test_seeds)
+    seeds = scenario.train_seeds + scenario.test_seeds
     seeds = [seeds[i % len(seeds)] for i in range(batch)]
     s0, p0 = zip(*(scenario.sample(s) for s in seeds))
     s, p = torch.stack(s0), torch.stack(p0)
@@ -66,9 +67,9 @@ def time_steps(solver, s, p, steps: int) -> float:
 
 def accuracy(warm: int, steps: int, seed: int | None = None) -> dict:
     """Coarse error and reference error against a 256x128 run (see module docstring)."""
-    fine_sc = get_scenario("karman2d", "paper", n_coarse_x=64, n_coarse_y=32)       # 256x128 -> 64x32
-    to128 = get_scenario("karman2d", "paper", n_coarse_x=128, n_coarse_y=64)       # 256x128 -> 128x64
-    default = get_scenario("karman2d", "default")                                  # 128x64 -> 64x32
+    fine_sc = get_scenario("karman2d", "paper", n_coarse_x=64, n_coarse_y=32)  # 256x128 -> 64x32
+    to128 = get_scenario("karman2d", "paper", n_coarse_x=128, n_coarse_y=64)  # 256x128 -> 128x64
+    default = get_scenario("karman2d", "default")  # 128x64 -> 64x32
     fine, ref, coarse = fine_sc.reference_solver(), default.reference_solver(), default.coarse_solver()
     seed = default.train_seeds[0] if seed is None else seed
     s, p = fine_sc.sample(seed)
@@ -84,20 +85,28 @@ def accuracy(warm: int, steps: int, seed: int | None = None) -> dict:
             s, r, c = fine.step(s, p), ref.step(r, p), coarse.step(c, p)
             truth, r_d = fine_sc.downsample(s), default.downsample(r)
             if k in (1, 2, 5, 10, 20, 50) or k == steps:
-                row = {"step": k,
-                       "ref128_vs_256": float((r_d - truth).abs().mean()),
-                       "coarse64_vs_256": float((c - truth).abs().mean()),
-                       "coarse64_vs_ref128": float((c - r_d).abs().mean()),
-                       "mean_abs_velocity": float(truth.abs().mean())}
+                row = {
+                    "step": k,
+                    "ref128_vs_256": float((r_d - truth).abs().mean()),
+                    "coarse64_vs_256": float((c - truth).abs().mean()),
+                    "coarse64_vs_ref128": float((c - r_d).abs().mean()),
+                    "mean_abs_velocity": float(truth.abs().mean()),
+                }
                 rows.append(row)
                 print("  " + "  ".join(f"{k_}={v:.4g}" for k_, v in row.items()), flush=True)
-    return {"seed": seed, "re": float(p[0, 0]), "warm_steps_256x128": warm, "rows": rows,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "seed": seed,
+        "re": float(p[0, 0]),
+        "warm_steps_256x128": warm,
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def thread_comparison(steps: int) -> dict:
     """ms per 64x32 step (batch 6, from ``sample``) with the 1-thread cap vs 2 uncapped threads."""
     from zosol.solvers.karman2d import Karman2D
+
     sc = get_scenario("karman2d", "tiny", n_ref_x=64, n_ref_y=32, n_coarse_x=64, n_coarse_y=32)
     seeds = sc.train_seeds + sc.test_seeds
     s0, p0 = zip(*(sc.sample(x) for x in (seeds * 6)[:6]))
@@ -187,13 +196,17 @@ def main(argv=None):
     est = (c.warmup + c.frames) * sum(per_chunk[b] for b in sizes)
     res["estimates"]["paper_s"] = est
     res["estimates"]["paper_ms_per_step_by_batch"] = {b: 1e3 * t for b, t in per_chunk.items()}
-    print(f"paper dataset estimate: {nsim} sims in chunks {sizes} x {c.warmup + c.frames} ref steps at 256x128: "
-          f"~{est / 3600:.2f} h (extrapolated from {args.paper_frac} early steps per chunk; a developed wake "
-          f"may cost more)", flush=True)
+    print(
+        f"paper dataset estimate: {nsim} sims in chunks {sizes} x {c.warmup + c.frames} ref steps at 256x128: "
+        f"~{est / 3600:.2f} h (extrapolated from {args.paper_frac} early steps per chunk; a developed wake "
+        f"may cost more)",
+        flush=True,
+    )
     dump()
 
     if not args.skip_generate:
         from zosol.datasets.generate import generate
+
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             path = generate("karman2d", "default", tmp, batch=args.gen_batch, progress=False)
@@ -201,10 +214,15 @@ def main(argv=None):
         d = get_scenario("karman2d", "default").config
         res["estimates"]["default_s"] = el
         res["estimates"]["default_measured"] = True
-        res["estimates"]["default_config"] = {k: getattr(d, k) for k in (
-            "n_ref_x", "n_ref_y", "n_coarse_x", "n_coarse_y", "warmup", "frames", "train_sims", "test_sims")}
-        print(f"default dataset generation (measured, batch {args.gen_batch}): {el:.1f} s ({el / 60:.2f} min) "
-              f"-> {path.name}", flush=True)
+        res["estimates"]["default_config"] = {
+            k: getattr(d, k)
+            for k in ("n_ref_x", "n_ref_y", "n_coarse_x", "n_coarse_y", "warmup", "frames", "train_sims", "test_sims")
+        }
+        print(
+            f"default dataset generation (measured, batch {args.gen_batch}): {el:.1f} s ({el / 60:.2f} min) "
+            f"-> {path.name}",
+            flush=True,
+        )
         dump()
 
     if not args.skip_accuracy:

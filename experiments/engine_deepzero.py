@@ -23,6 +23,7 @@ coordinates (:func:`block_masks`), so layers are sampled in proportion to their 
 Peak memory: each estimator once more in a fresh subprocess (peak RSS of that process, VmHWM, and
 its increase over the RSS just before the estimate).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,10 +75,10 @@ def block_masks(model, coords: int, blocks: int = 8) -> dict:
     flat = torch.zeros(d, dtype=torch.bool)
     for j in range(blocks):
         start = min(d - size, int((j + 0.5) * d / blocks) - size // 2)
-        flat[start:start + size] = True
+        flat[start : start + size] = True
     out, o = {}, 0
     for k, p in params.items():
-        out[k] = flat[o:o + p.numel()].reshape(p.shape)
+        out[k] = flat[o : o + p.numel()].reshape(p.shape)
         o += p.numel()
     return out
 
@@ -176,16 +177,31 @@ def _memory_child(deepzero: str, method: str, coords: int, mu: float) -> dict:
     before = _status_kb("VmRSS") * 1024
     run()
     peak = _status_kb("VmHWM") * 1024
-    out = {"method": method, "coords": coords, "peak_rss_bytes": peak, "rss_before_bytes": before,
-           "peak_increase_bytes": peak - before}
+    out = {
+        "method": method,
+        "coords": coords,
+        "peak_rss_bytes": peak,
+        "rss_before_bytes": before,
+        "peak_increase_bytes": peak - before,
+    }
     if method == "zosol":
         out["chunk_size"] = box["est"].info["chunk_size"]
     return out
 
 
 def _memory(deepzero: str, method: str, coords: int, mu: float) -> dict:
-    cmd = [sys.executable, __file__, "--deepzero", deepzero, "--memory-child", method, "--coords", str(coords),
-           "--mu", str(mu)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--deepzero",
+        deepzero,
+        "--memory-child",
+        method,
+        "--coords",
+        str(coords),
+        "--mu",
+        str(mu),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -210,10 +226,15 @@ def _sol(coords: int, reps: int, mu: float, B: int = 8) -> dict:
         tc.append(_time(lambda: res.setdefault("a", cge_structured(net, lof, mu=mu, masks=masks))))
         ts.append(_time(lambda: res.setdefault("b", cge_structured(seq, lof, mu=mu, masks=smasks))))
     a, b = res.pop("a"), res.pop("b")
-    res.update({"custom_forward_s_per_grad": min(tc) * res["d"] / res["coords"],
-                "sequential_s_per_grad": min(ts) * res["d"] / res["coords"],
-                "engine_custom": a.info["engine"], "engine_sequential": b.info["engine"],
-                "max_abs_diff": float((a.flat() - b.flat()).abs().max())})
+    res.update(
+        {
+            "custom_forward_s_per_grad": min(tc) * res["d"] / res["coords"],
+            "sequential_s_per_grad": min(ts) * res["d"] / res["coords"],
+            "engine_custom": a.info["engine"],
+            "engine_sequential": b.info["engine"],
+            "max_abs_diff": float((a.flat() - b.flat()).abs().max()),
+        }
+    )
     res["custom_vs_sequential_time_ratio"] = res["custom_forward_s_per_grad"] / res["sequential_s_per_grad"]
     return res
 
@@ -241,10 +262,19 @@ def run(deepzero: str, coords: int, reps: int, mu: float, mem_coords: int, sol_c
     dz_vals = dz[:, 2].double()
     scale = d / K
     res = {
-        "model": "DeepZero resnet20 (train-mode BatchNorm)", "d": d, "coords_timed": K, "batch": x.shape[0],
-        "input": list(x.shape[1:]), "mu": mu, "scheme": "forward", "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "zosol_engine": est.info["engine"], "zosol_chunk_size": est.info["chunk_size"],
-        "deepzero_worker_s_per_grad": min(t_dz) * scale, "zosol_s_per_grad": min(t_zo) * scale,
+        "model": "DeepZero resnet20 (train-mode BatchNorm)",
+        "d": d,
+        "coords_timed": K,
+        "batch": x.shape[0],
+        "input": list(x.shape[1:]),
+        "mu": mu,
+        "scheme": "forward",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "zosol_engine": est.info["engine"],
+        "zosol_chunk_size": est.info["chunk_size"],
+        "deepzero_worker_s_per_grad": min(t_dz) * scale,
+        "zosol_s_per_grad": min(t_zo) * scale,
         "floor_s_per_grad": floor * scale,
         "cosine_zosol_vs_deepzero": float(F.cosine_similarity(zo_vals, dz_vals, dim=0)),
     }
@@ -252,28 +282,42 @@ def run(deepzero: str, coords: int, reps: int, mu: float, mem_coords: int, sol_c
     res["zosol_vs_floor"] = res["zosol_s_per_grad"] / res["floor_s_per_grad"]
     res["deepzero_worker_vs_floor"] = res["deepzero_worker_s_per_grad"] / res["floor_s_per_grad"]
     res["memory"] = {m: _memory(deepzero, m, mem_coords, mu) for m in ("deepzero_worker", "zosol")}
-    res["peak_rss_ratio_zosol_vs_deepzero"] = (res["memory"]["zosol"]["peak_rss_bytes"]
-                                               / res["memory"]["deepzero_worker"]["peak_rss_bytes"])
+    res["peak_rss_ratio_zosol_vs_deepzero"] = (
+        res["memory"]["zosol"]["peak_rss_bytes"] / res["memory"]["deepzero_worker"]["peak_rss_bytes"]
+    )
     res["sol_corrector"] = _sol(sol_coords, reps, mu)
     return res
 
 
 def _print(res: dict) -> None:
-    print(f"ResNet-20 (DeepZero's), d={res['d']}, batch {res['batch']}, {res['coords_timed']} coordinates timed, "
-          f"extrapolated to the full gradient; one thread; zosol engine {res['zosol_engine']}, "
-          f"chunk {res['zosol_chunk_size']}")
+    print(
+        f"ResNet-20 (DeepZero's), d={res['d']}, batch {res['batch']}, {res['coords_timed']} coordinates timed, "
+        f"extrapolated to the full gradient; one thread; zosol engine {res['zosol_engine']}, "
+        f"chunk {res['zosol_chunk_size']}"
+    )
     for k in ("deepzero_worker_s_per_grad", "zosol_s_per_grad", "floor_s_per_grad"):
         print(f"  {k:32s} {res[k]:9.1f} s")
-    for k in ("speedup_vs_deepzero_worker", "zosol_vs_floor", "deepzero_worker_vs_floor", "cosine_zosol_vs_deepzero",
-              "peak_rss_ratio_zosol_vs_deepzero"):
+    for k in (
+        "speedup_vs_deepzero_worker",
+        "zosol_vs_floor",
+        "deepzero_worker_vs_floor",
+        "cosine_zosol_vs_deepzero",
+        "peak_rss_ratio_zosol_vs_deepzero",
+    ):
         print(f"  {k:32s} {res[k]:9.3f}")
     for m, r in res["memory"].items():
-        print(f"  peak RSS {m:18s} {r['peak_rss_bytes'] / 2**20:8.0f} MiB (+{r['peak_increase_bytes'] / 2**20:.0f} MiB "
-              f"during the estimate, {r['coords']} coordinates)")
+        print(
+            f"  peak RSS {m:18s} {r['peak_rss_bytes'] / 2**20:8.0f} MiB (+{r['peak_increase_bytes'] / 2**20:.0f} MiB "
+            f"during the estimate, {r['coords']} coordinates)"
+        )
     s = res["sol_corrector"]
-    print(f"SOL corrector d={s['d']}, batch {s['B']} on {s['grid']}: custom forward {s['custom_forward_s_per_grad']:.1f} s, "
-          f"Sequential {s['sequential_s_per_grad']:.1f} s per gradient (ratio {s['custom_vs_sequential_time_ratio']:.3f}, "
-          f"engines {s['engine_custom']}/{s['engine_sequential']}, max |diff| {s['max_abs_diff']:.1e})")
+    print(
+        f"SOL corrector d={s['d']}, batch {s['B']} on {s['grid']}: "
+        f"custom forward {s['custom_forward_s_per_grad']:.1f} s, "
+        f"Sequential {s['sequential_s_per_grad']:.1f} s per gradient "
+        f"(ratio {s['custom_vs_sequential_time_ratio']:.3f}, "
+        f"engines {s['engine_custom']}/{s['engine_sequential']}, max |diff| {s['max_abs_diff']:.1e})"
+    )
 
 
 def main(argv=None) -> None:

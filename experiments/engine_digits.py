@@ -8,6 +8,7 @@ the same number of optimizer steps as CGE dense (it uses no function queries).
 
     python experiments/engine_digits.py [--budget-steps 100] [--sparsity 0.9] [--threads 2] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,16 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from zosol.zo import (MaskScheduler, batched_loss_from_module, cge_structured, mask_sparsity, rge,
-                      write_grads, zo_grasp_lprs)
-from zosol.zo import n_params
+from zosol.zo import (
+    MaskScheduler,
+    batched_loss_from_module,
+    cge_structured,
+    mask_sparsity,
+    n_params,
+    rge,
+    write_grads,
+    zo_grasp_lprs,
+)
 from zosol.zo.bench_nets import cnn2d
 
 
@@ -45,7 +53,7 @@ def batches(n: int, B: int, gen: torch.Generator):
     while True:
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n - B + 1, B):
-            yield epoch, perm[s:s + B]
+            yield epoch, perm[s : s + B]
         epoch += 1
 
 
@@ -61,8 +69,9 @@ def train(method: str, steps_or_queries: int, args, Xtr, ytr, Xte, yte) -> dict:
     if method == "cge_sparse":
         Xb, yb = Xtr[: args.batch], ytr[: args.batch]
         bl = batched_loss_from_module(model, lambda o: F.cross_entropy(o.double(), yb), Xb)
-        lprs = zo_grasp_lprs(bl, params, args.sparsity, q=192, mu=5e-3, generator=torch.Generator().manual_seed(1),
-                             chunk_size=193)
+        lprs = zo_grasp_lprs(
+            bl, params, args.sparsity, q=192, mu=5e-3, generator=torch.Generator().manual_seed(1), chunk_size=193
+        )
         extra_q = 2 * 193  # ZO-GraSP queries count against the budget
         queries = extra_q
         sched = MaskScheduler(params, lprs, every=5, seed=args.seed)
@@ -75,6 +84,7 @@ def train(method: str, steps_or_queries: int, args, Xtr, ytr, Xte, yte) -> dict:
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
         else:
+
             def lof(forward, P, xb=xb, yb=yb):
                 logp = F.log_softmax(forward(xb).double().reshape(P, len(yb), -1), -1)
                 return -logp.gather(2, yb.view(1, -1, 1).expand(P, -1, 1)).squeeze(2).mean(1)
@@ -95,8 +105,16 @@ def train(method: str, steps_or_queries: int, args, Xtr, ytr, Xte, yte) -> dict:
         opt.step()
         steps += 1
     wall = time.perf_counter() - t0
-    out = {"method": method, "steps": steps, "queries": queries if method != "fo" else 0, "grasp_queries": extra_q,
-           "test_acc": accuracy(model, Xte, yte), "train_acc": accuracy(model, Xtr, ytr), "wall_s": wall, "d": d}
+    out = {
+        "method": method,
+        "steps": steps,
+        "queries": queries if method != "fo" else 0,
+        "grasp_queries": extra_q,
+        "test_acc": accuracy(model, Xte, yte),
+        "train_acc": accuracy(model, Xtr, ytr),
+        "wall_s": wall,
+        "d": d,
+    }
     if sched is not None:
         out["grad_sparsity"] = mask_sparsity(sched.masks(0))
         out["lprs"] = {k: round(v, 3) for k, v in sched.lprs.items()}
@@ -122,18 +140,25 @@ def main(argv=None) -> dict:
     Xtr, ytr, Xte, yte = data(args.seed)
     d = n_params(cnn2d(in_ch=1, hw=8, ch=4, n_out=10))
     budget = args.budget_steps * (d + 1)
-    print(f"digits: train {len(Xtr)}, test {len(Xte)}; CNN d={d}; query budget {budget} "
-          f"(= {args.budget_steps} dense CGE steps); batch {args.batch}, Adam lr {args.lr}, mu {args.mu}")
+    print(
+        f"digits: train {len(Xtr)}, test {len(Xte)}; CNN d={d}; query budget {budget} "
+        f"(= {args.budget_steps} dense CGE steps); batch {args.batch}, Adam lr {args.lr}, mu {args.mu}"
+    )
     rows = []
     for m in args.methods.split(","):
         r = train(m, args.budget_steps if m == "fo" else budget, args, Xtr, ytr, Xte, yte)
         rows.append(r)
-        print(f"  {m:11s} steps {r['steps']:5d} queries {r['queries']:8d} test acc {r['test_acc']:.4f} "
-              f"wall {r['wall_s']:.1f}s", flush=True)
+        print(
+            f"  {m:11s} steps {r['steps']:5d} queries {r['queries']:8d} test acc {r['test_acc']:.4f} "
+            f"wall {r['wall_s']:.1f}s",
+            flush=True,
+        )
     print(f"\n{'method':12s} {'steps':>6s} {'queries':>9s} {'test acc':>9s} {'train acc':>9s} {'wall s':>8s}")
     for r in rows:
-        print(f"{r['method']:12s} {r['steps']:6d} {r['queries']:9d} {r['test_acc']:9.4f} {r['train_acc']:9.4f} "
-              f"{r['wall_s']:8.1f}")
+        print(
+            f"{r['method']:12s} {r['steps']:6d} {r['queries']:9d} {r['test_acc']:9.4f} {r['train_acc']:9.4f} "
+            f"{r['wall_s']:8.1f}"
+        )
     for r in rows:
         if "lprs" in r:
             print(f"cge_sparse: gradient sparsity {r['grad_sparsity']:.3f}, ZO-GraSP LPRs {r['lprs']}")

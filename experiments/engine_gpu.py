@@ -8,6 +8,7 @@ Designed to finish in well under 5 minutes on one GPU.
 
     python experiments/engine_gpu.py [--json out.json] [--coords 4096] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,8 @@ import time
 
 import torch
 
-from zosol.zo import cge_structured
+from zosol.zo import cge_structured, n_params
 from zosol.zo.bench import subset_masks
-from zosol.zo import n_params
 from zosol.zo.bench_nets import cnn1d_corrector
 from zosol.zo.parallel import measure_peak_memory
 
@@ -90,8 +90,9 @@ def main(argv=None):
         line = f"hidden={hidden} d={row['cpu']['d']}: "
         for dev in devices:
             r = row[dev.type]
-            line += " | " + dev.type + " " + ", ".join(
-                f"{k} {r[k]['queries_per_s']:.0f} q/s" for k in variants if k in r)
+            line += (
+                " | " + dev.type + " " + ", ".join(f"{k} {r[k]['queries_per_s']:.0f} q/s" for k in variants if k in r)
+            )
         if "gpu_over_cpu_reuse_qps" in row:
             line += f" | GPU/CPU (reuse) {row['gpu_over_cpu_reuse_qps']:.1f}x"
         print(line, flush=True)

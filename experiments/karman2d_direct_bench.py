@@ -16,6 +16,7 @@ tolerance (1e-4, what ``coarse="phiflow"`` runs) and solved to 1e-7; max and mea
 the mean |v| for scale.  Also the direct step's forward + backward (autograd through the adjoint solve)
 time per step at batch 64, relative to its forward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,9 +80,12 @@ def main(argv=None) -> dict:
             r[f"speedup_{k[:-2]}"] = r["phiflow"][k] / r["direct"][k]
         r["ms_per_sample"] = {n: 1e3 * r[n]["cpu_s"] / b for n in solvers}
         out["speed"][b] = r
-        print(f"batch {b:4d}: PhiFlow {1e3 * r['phiflow']['cpu_s']:8.1f} ms CPU/step, direct "
-              f"{1e3 * r['direct']['cpu_s']:7.1f} ms: speed-up {r['speedup_cpu']:.1f}x CPU, {r['speedup_wall']:.1f}x wall",
-              flush=True)
+        print(
+            f"batch {b:4d}: PhiFlow {1e3 * r['phiflow']['cpu_s']:8.1f} ms CPU/step, direct "
+            f"{1e3 * r['direct']['cpu_s']:7.1f} ms: speed-up {r['speedup_cpu']:.1f}x CPU, "
+            f"{r['speedup_wall']:.1f}x wall",
+            flush=True,
+        )
     s, p = s_all[:64], p_all[:64]
     with torch.no_grad():
         d = solvers["direct"].step(s, p)

@@ -27,12 +27,12 @@ Any ``--set KEY=VALUE`` changes the scenario (e.g. ``--set frames=100``), ``--tr
 training option for every method (e.g. ``--train epochs=20``); ``--preset tiny --train-preset tiny``
 runs the same code paths in seconds on a CPU (tests/test_karman2d.py does).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +75,9 @@ def estimate(dataset, configs: dict, probe_steps: int) -> dict:
             t = time.perf_counter()
             result = train(dataset, cfg, Path(tmp) / method, progress=False, stop_after_steps=probe_steps)
             per_step = (time.perf_counter() - t) / max(len(result.history["loss"]), 1)
-        steps = math.ceil(len(dataset.train) * (windows_per_sim - cfg.effective_window + 1) / cfg.batch_size) * cfg.epochs
+        steps = (
+            math.ceil(len(dataset.train) * (windows_per_sim - cfg.effective_window + 1) / cfg.batch_size) * cfg.epochs
+        )
         out[method] = {"seconds_per_step": per_step, "steps": steps, "expected_seconds": per_step * steps}
         print(f"{method:<8} {per_step:8.3f} s/step x {steps} steps = {per_step * steps / 3600:.2f} h", flush=True)
     out["total_expected_hours"] = sum(v["expected_seconds"] for v in out.values()) / 3600
@@ -110,9 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "expected_time.json").write_text(json.dumps(expected, indent=1))
     if args.estimate_only:
         return {"expected": expected}
-    results = compare("karman2d", args.preset, out, methods=args.methods, data_dir=out / "data",
-                      train_preset=preset, overrides=overrides, scenario_overrides=scenario_overrides,
-                      workers=args.workers)
+    results = compare(
+        "karman2d",
+        args.preset,
+        out,
+        methods=args.methods,
+        data_dir=out / "data",
+        train_preset=preset,
+        overrides=overrides,
+        scenario_overrides=scenario_overrides,
+        workers=args.workers,
+    )
     return {"expected": expected, "results": results}
 
 

@@ -21,6 +21,7 @@ One test simulation of the preset (its first test seed and Re):
    over ``st_steps`` steps from ``S0``: the PhiFlow reference (continued after the frames) and the
    coarse solver.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,10 +73,22 @@ def main(argv=None) -> dict:
     warm = kinds[args.warm_solver](c.n_ref_x, c.n_ref_y, c.dt, **common)
     fine = kinds[args.fine_solver](2 * c.n_ref_x, 2 * c.n_ref_y, c.dt, **common)
     ref, coarse = sc.reference_solver(), sc.coarse_solver()
-    out = {"preset": args.preset, "seed": seed, "re": float(p[0, 0]), "relax": args.relax, "frames": c.frames,
-           "grids": {"coarse": [c.n_coarse_x, c.n_coarse_y], "reference": [c.n_ref_x, c.n_ref_y],
-                     "fine": [2 * c.n_ref_x, 2 * c.n_ref_y]}, "warm_solver": args.warm_solver,
-           "fine_solver": args.fine_solver, "coarse_solver": c.coarse, "seconds": {}}
+    out = {
+        "preset": args.preset,
+        "seed": seed,
+        "re": float(p[0, 0]),
+        "relax": args.relax,
+        "frames": c.frames,
+        "grids": {
+            "coarse": [c.n_coarse_x, c.n_coarse_y],
+            "reference": [c.n_ref_x, c.n_ref_y],
+            "fine": [2 * c.n_ref_x, 2 * c.n_ref_y],
+        },
+        "warm_solver": args.warm_solver,
+        "fine_solver": args.fine_solver,
+        "coarse_solver": c.coarse,
+        "seconds": {},
+    }
     t = time.perf_counter()
     start = run(warm, s, p, c.warmup - args.relax, "warm-up")[0][-1:]
     out["seconds"]["warmup"] = time.perf_counter() - t
@@ -93,16 +106,29 @@ def main(argv=None) -> dict:
     f_c, r_c, c_c = restrict(f_traj, 2 * sc.ratio), sc.downsample(r_traj[:n]), c_traj[:n]
     per_frame = lambda a, b: (a[1:] - b[1:]).abs().flatten(1).mean(1)  # noqa: E731
     e_ref, e_coarse, e_coarse_fine = per_frame(r_c, f_c), per_frame(c_c, r_c), per_frame(c_c, f_c)
-    out.update(ref_vs_fine=float(e_ref.mean()), coarse_vs_ref=float(e_coarse.mean()),
-               coarse_vs_fine=float(e_coarse_fine.mean()), ratio=float(e_coarse.mean() / e_ref.mean()),
-               mean_abs_velocity=float(r_c[1:].abs().mean()),
-               per_frame={"ref_vs_fine": e_ref.tolist(), "coarse_vs_ref": e_coarse.tolist(),
-                          "coarse_vs_fine": e_coarse_fine.tolist()},
-               strouhal={"reference": strouhal_number(r_probe, c.dt), "coarse": strouhal_number(c_probe, c.dt),
-                         "probe_steps": steps})
-    print(f"ref vs 2x finer {out['ref_vs_fine']:.5f}, coarse vs ref {out['coarse_vs_ref']:.5f}, coarse vs 2x "
-          f"finer {out['coarse_vs_fine']:.5f}: ratio {out['ratio']:.2f}; St reference "
-          f"{out['strouhal']['reference']:.3f}, coarse {out['strouhal']['coarse']:.3f}", flush=True)
+    out.update(
+        ref_vs_fine=float(e_ref.mean()),
+        coarse_vs_ref=float(e_coarse.mean()),
+        coarse_vs_fine=float(e_coarse_fine.mean()),
+        ratio=float(e_coarse.mean() / e_ref.mean()),
+        mean_abs_velocity=float(r_c[1:].abs().mean()),
+        per_frame={
+            "ref_vs_fine": e_ref.tolist(),
+            "coarse_vs_ref": e_coarse.tolist(),
+            "coarse_vs_fine": e_coarse_fine.tolist(),
+        },
+        strouhal={
+            "reference": strouhal_number(r_probe, c.dt),
+            "coarse": strouhal_number(c_probe, c.dt),
+            "probe_steps": steps,
+        },
+    )
+    print(
+        f"ref vs 2x finer {out['ref_vs_fine']:.5f}, coarse vs ref {out['coarse_vs_ref']:.5f}, coarse vs 2x "
+        f"finer {out['coarse_vs_fine']:.5f}: ratio {out['ratio']:.2f}; St reference "
+        f"{out['strouhal']['reference']:.3f}, coarse {out['strouhal']['coarse']:.3f}",
+        flush=True,
+    )
     path = args.out or os.path.join(os.path.dirname(__file__), "out", f"karman2d_reference_{args.preset}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -10,6 +10,7 @@ panel shows how the coarse solver drifts from the (downsampled) reference in the
 ``--warmup`` defaults to the preset's own warm-up (the first dataset frame: a developed wake).
 The MAE of the coarse frame against the downsampled reference is printed and put in the title.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--seed", type=int, default=None, help="simulation seed (default: first training seed)")
-    ap.add_argument("--warmup", type=int, default=None, help="reference steps before the coarse start "
-                    "(default: the preset's warm-up)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="reference steps before the coarse start (default: the preset's warm-up)",
+    )
     ap.add_argument("--coarse-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/out/karman2d_vorticity.png")
@@ -51,13 +56,17 @@ def main(argv=None):
             c = coarse.step(c, p)
         d = sc.downsample(s)
     mae = float((c - d).abs().mean())
-    print(f"coarse vs downsampled reference after {args.coarse_steps} steps: MAE {mae:.4f} "
-          f"(mean |v| {float(d.abs().mean()):.3f})")
+    print(
+        f"coarse vs downsampled reference after {args.coarse_steps} steps: MAE {mae:.4f} "
+        f"(mean |v| {float(d.abs().mean()):.3f})"
+    )
     panels = [
         (f"reference {ref.nx}x{ref.ny}", vorticity(s, ref.dx, ref.dy)[0]),
         (f"reference downsampled to {coarse.nx}x{coarse.ny}", vorticity(d, coarse.dx, coarse.dy)[0]),
-        (f"coarse solver, {args.coarse_steps} steps from the downsampled frame (MAE {mae:.3f})",
-         vorticity(c, coarse.dx, coarse.dy)[0]),
+        (
+            f"coarse solver, {args.coarse_steps} steps from the downsampled frame (MAE {mae:.3f})",
+            vorticity(c, coarse.dx, coarse.dy)[0],
+        ),
     ]
     lim = float(panels[0][1].abs().quantile(0.99)) or 1.0
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), constrained_layout=True)
@@ -68,9 +77,11 @@ def main(argv=None):
         ax.set_xlabel("x")
         ax.set_ylabel("y")
     fig.colorbar(im, ax=axes, label="vorticity dvy/dx - dvx/dy", shrink=0.8)
-    fig.suptitle(f"karman2d ({args.preset}), seed {seed}, Re {float(p[0, 0]):.3g}, "
-                 f"frame {args.warmup + args.coarse_steps}")
+    fig.suptitle(
+        f"karman2d ({args.preset}), seed {seed}, Re {float(p[0, 0]):.3g}, frame {args.warmup + args.coarse_steps}"
+    )
     import os
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

@@ -9,6 +9,7 @@ directory touched, no code run from a file.  Prints one line per probe and a sum
 
 Counts are per probe (a probe is one adversarial input, some run several processes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]  # probe this checkout, not an installed zosol
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+}
 TINY = ["--scenario", "burgers1d", "--preset", "tiny"]
 
 
@@ -45,8 +50,9 @@ class Evil:
 
 
 def zosol(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "zosol.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "zosol.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def message_lines(stderr: str) -> list[str]:
@@ -88,8 +94,19 @@ class Ctx:
         return zosol(self.root, "train", *TINY, "--method", method, "--data", str(self.data), "--out", out, *extra)
 
     def compare(self, *extra: str, out: str = "cmp", methods: str = "non") -> subprocess.CompletedProcess:
-        return zosol(self.root, "compare", *TINY, "--quiet", "--data", str(self.data.parent), "--out", out,
-                     "--methods", methods, *extra)
+        return zosol(
+            self.root,
+            "compare",
+            *TINY,
+            "--quiet",
+            "--data",
+            str(self.data.parent),
+            "--out",
+            out,
+            "--methods",
+            methods,
+            *extra,
+        )
 
     def evil_checkpoint(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +121,7 @@ def probe(name: str):
     def deco(fn):
         PROBES.append((name, fn))
         return fn
+
     return deco
 
 
@@ -143,8 +161,13 @@ def _(c):
 
 
 # ----------------------------------------------------------------------------------------- #2
-def _planted(c: Ctx, rel: str, run: Callable[[], subprocess.CompletedProcess], code: int = 0,
-             prepare: Callable[[], None] | None = None) -> str | None:
+def _planted(
+    c: Ctx,
+    rel: str,
+    run: Callable[[], subprocess.CompletedProcess],
+    code: int = 0,
+    prepare: Callable[[], None] | None = None,
+) -> str | None:
     if prepare:
         prepare()
     p = c.root / rel
@@ -158,17 +181,31 @@ def _planted(c: Ctx, rel: str, run: Callable[[], subprocess.CompletedProcess], c
 
 for _rel in ("run/checkpoint.pt.tmp", "run/history.json", "run/config.json", "run/run.json", "run/checkpoint.pt"):
     probe(f"2 train, symlink planted at {_rel}")(
-        lambda c, rel=_rel: _planted(c, rel, lambda: c.train("--epochs", "1", "--resume"),
-                                     code=2 if rel.endswith(".pt") else 0))
-for _rel in ("cmp/results.json.tmp", "cmp/results.md", "cmp/results.csv", "cmp/frame_mae.tmp.png",
-             "cmp/test_simulation.png", "cmp/runs/non/history.json"):
+        lambda c, rel=_rel: _planted(
+            c, rel, lambda: c.train("--epochs", "1", "--resume"), code=2 if rel.endswith(".pt") else 0
+        )
+    )
+for _rel in (
+    "cmp/results.json.tmp",
+    "cmp/results.md",
+    "cmp/results.csv",
+    "cmp/frame_mae.tmp.png",
+    "cmp/test_simulation.png",
+    "cmp/runs/non/history.json",
+):
     probe(f"2 compare, symlink planted at {_rel}")(lambda c, rel=_rel: _planted(c, rel, lambda: c.compare()))
 
 
 # ----------------------------------------------------------------------------------------- #4
 def _concurrent(c: Ctx, first: list[str], second: list[str], out: str) -> str | None:
-    p1 = subprocess.Popen([PY, "-m", "zosol.cli", *first], cwd=c.root, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    p1 = subprocess.Popen(
+        [PY, "-m", "zosol.cli", *first],
+        cwd=c.root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (c.root / out).exists() and time.time() < deadline and p1.poll() is None:
         time.sleep(0.05)
@@ -204,8 +241,19 @@ def _(c):
 
 @probe("4b two compare runs into one --out (different --epochs)")
 def _(c):
-    a = ["compare", *TINY, "--quiet", "--data", str(c.data.parent), "--out", "cmp", "--methods", "zo-sol",
-         "--epochs", "40"]
+    a = [
+        "compare",
+        *TINY,
+        "--quiet",
+        "--data",
+        str(c.data.parent),
+        "--out",
+        "cmp",
+        "--methods",
+        "zo-sol",
+        "--epochs",
+        "40",
+    ]
     b = a[:-1] + ["3"]
     problem = _concurrent(c, a, b, "cmp")
     if problem:
@@ -243,10 +291,29 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def _kill_workers(c: Ctx, sig: int) -> tuple[str | None, subprocess.Popen]:
-    args = ["train", *TINY, "--method", "zo-sol", "--data", str(c.data), "--out", "run", "--epochs", "400",
-            "--workers", "2"]
-    p = subprocess.Popen([PY, "-m", "zosol.cli", *args], cwd=c.root, env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = [
+        "train",
+        *TINY,
+        "--method",
+        "zo-sol",
+        "--data",
+        str(c.data),
+        "--out",
+        "run",
+        "--epochs",
+        "400",
+        "--workers",
+        "2",
+    ]
+    p = subprocess.Popen(
+        [PY, "-m", "zosol.cli", *args],
+        cwd=c.root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (c.root / "run" / "checkpoint.pt").exists():
         if p.poll() is not None or time.time() > deadline:
@@ -320,7 +387,8 @@ def _diverging(r, c: Ctx) -> str | None:
 
 for _m in ("non", "nog-sol", "fo-sol", "zo-sol"):
     probe(f"6a train {_m} --lr 1 (or diverging)")(
-        lambda c, m=_m: _diverging(c.train("--lr", "1e3", "--epochs", "3", method=m), c))
+        lambda c, m=_m: _diverging(c.train("--lr", "1e3", "--epochs", "3", method=m), c)
+    )
 
 
 @probe("6b compare --lr 1e3 (all methods)")
@@ -331,8 +399,11 @@ def _(c):
         return f"no results.json (exit {r.returncode}): {message_lines(r.stderr)[-1:]}"
     methods = json.loads(res.read_text())["methods"]
     md = (c.root / "cmp" / "results.md").read_text()
-    unmarked = [k for k, v in methods.items() if k != "SRC" and v.get("status") != "diverged"
-                and not (v.get("mae_mean") is not None and v["mae_mean"] < 1)]
+    unmarked = [
+        k
+        for k, v in methods.items()
+        if k != "SRC" and v.get("status") != "diverged" and not (v.get("mae_mean") is not None and v["mae_mean"] < 1)
+    ]
     if unmarked:
         return f"diverged methods not marked: {unmarked}"
     if "diverged" not in md:
@@ -349,10 +420,12 @@ def _(c):
 # ----------------------------------------------------------------------------------------- #7
 @probe("7a disk full while checkpointing (ENOSPC from torch.save)")
 def _(c):
-    code = ("import errno, sys, torch, zosol.cli\n"
-            "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "torch.save = full\n"
-            f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n")
+    code = (
+        "import errno, sys, torch, zosol.cli\n"
+        "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "torch.save = full\n"
+        f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n"
+    )
     r = subprocess.run([PY, "-c", code], cwd=c.root, env=ENV, capture_output=True, text=True)
     problem = verdict(r, 2, "No space left")  # a file-system error is exit 2 (zosol/cli.py)
     if problem:
@@ -372,22 +445,24 @@ def _(c):
             return verdict(c.train(), 2, "run")
         finally:
             os.chmod(c.root / "run", 0o755)
-    code = ("import errno, builtins, os, sys\n"
-            "real = builtins.open\n"
-            "def ro(f, mode='r', *a, **k):\n"
-            "    if any(m in mode for m in 'wax+') and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
-            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
-            "    return real(f, mode, *a, **k)\n"
-            "builtins.open = ro\n"
-            "import io; io.open = ro\n"
-            "real_os_open = os.open\n"
-            "def ro_os(f, flags, *a, **k):\n"
-            "    if flags & (os.O_WRONLY | os.O_RDWR) and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
-            "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
-            "    return real_os_open(f, flags, *a, **k)\n"
-            "os.open = ro_os\n"
-            "import zosol.cli\n"
-            f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n")
+    code = (
+        "import errno, builtins, os, sys\n"
+        "real = builtins.open\n"
+        "def ro(f, mode='r', *a, **k):\n"
+        "    if any(m in mode for m in 'wax+') and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+        "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+        "    return real(f, mode, *a, **k)\n"
+        "builtins.open = ro\n"
+        "import io; io.open = ro\n"
+        "real_os_open = os.open\n"
+        "def ro_os(f, flags, *a, **k):\n"
+        "    if flags & (os.O_WRONLY | os.O_RDWR) and os.path.abspath(str(f)).startswith(os.path.abspath('run')):\n"
+        "        raise PermissionError(errno.EACCES, 'Permission denied', str(f))\n"
+        "    return real_os_open(f, flags, *a, **k)\n"
+        "os.open = ro_os\n"
+        "import zosol.cli\n"
+        f"sys.exit(zosol.cli.main({['train', *TINY, '--method', 'non', '--data', str(c.data), '--out', 'run']!r}))\n"
+    )
     r = subprocess.run([PY, "-c", code], cwd=c.root, env=ENV, capture_output=True, text=True)
     return verdict(r, 2, "Permission denied")
 
@@ -395,9 +470,15 @@ def _(c):
 @probe("7i ulimit -f 8 kB while training (EFBIG on the checkpoint)")
 def _(c):
     import resource
-    r = subprocess.run([PY, "-m", "zosol.cli", "train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run"],
-                       cwd=c.root, env=ENV, capture_output=True, text=True,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000)))
+
+    r = subprocess.run(
+        [PY, "-m", "zosol.cli", "train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run"],
+        cwd=c.root,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000)),
+    )
     problem = verdict(r, 2, "File too large")
     if problem:
         return problem
@@ -443,34 +524,34 @@ def _(c):
 # ----------------------------------------------------------------------------------------- #8
 @probe("8a --depth 10**6")
 def _(c):
-    return verdict(c.train("--depth", str(10 ** 6)), 2, "depth")
+    return verdict(c.train("--depth", str(10**6)), 2, "depth")
 
 
 @probe("8b grad_checks=10**9")
 def _(c):
-    r = c.train("--train-set", f"grad_checks={10 ** 9}", "--epochs", "1", method="zo-sol")
+    r = c.train("--train-set", f"grad_checks={10**9}", "--epochs", "1", method="zo-sol")
     return verdict(r, 0) if r.returncode == 0 else verdict(r, 2, "grad_checks")
 
 
 @probe("8c --width 10**6")
 def _(c):
-    return verdict(c.train("--width", str(10 ** 6)), 2, "width")
+    return verdict(c.train("--width", str(10**6)), 2, "width")
 
 
 @probe("8d --batch-size 10**12")
 def _(c):
-    r = c.train("--batch-size", str(10 ** 12), "--epochs", "1")
+    r = c.train("--batch-size", str(10**12), "--epochs", "1")
     return verdict(r, 0) if r.returncode == 0 else verdict(r, 2, "batch")
 
 
 @probe("8e --epochs 10**15")
 def _(c):
-    return verdict(c.train("--epochs", str(10 ** 15)), 2, "epochs")
+    return verdict(c.train("--epochs", str(10**15)), 2, "epochs")
 
 
 @probe("8f zo_chunk=10**12")
 def _(c):
-    r = c.train("--zo-chunk", str(10 ** 12), "--epochs", "1", method="zo-sol")
+    r = c.train("--zo-chunk", str(10**12), "--epochs", "1", method="zo-sol")
     return verdict(r, 0) if r.returncode == 0 else verdict(r, 2, "zo_chunk")
 
 
@@ -482,8 +563,10 @@ def _tampered(c: Ctx, change: Callable[[dict], None], match: str = "checkpoint")
     change(ck)
     torch.save(ck, path)
     before = path.read_bytes()
-    for args in (["evaluate", "run"], ["train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run",
-                                       "--epochs", "2", "--resume"]):
+    for args in (
+        ["evaluate", "run"],
+        ["train", *TINY, "--method", "non", "--data", str(c.data), "--out", "run", "--epochs", "2", "--resume"],
+    ):
         problem = verdict(zosol(c.root, *args), 2, match)
         if problem:
             return f"{args[0]}: {problem}"
@@ -498,13 +581,14 @@ _TAMPER = {
     "unknown key": lambda ck: ck.update(surprise=1),
     "wrong tensor shape": lambda ck: ck["model"].update({_first(ck["model"]): torch.zeros(3)}),
     "empty model": lambda ck: ck.update(model={}),
-    "position 10**6": lambda ck: ck.update(position=10 ** 6),
+    "position 10**6": lambda ck: ck.update(position=10**6),
     "epoch=-5": lambda ck: ck.update(epoch=-5),
-    "epoch 10**9": lambda ck: ck.update(epoch=10 ** 9),
+    "epoch 10**9": lambda ck: ck.update(epoch=10**9),
     "model not a dict": lambda ck: ck.update(model=[1, 2]),
     "history missing": lambda ck: ck.pop("history"),
     "optimizer state of another shape": lambda ck: ck["optimizer"]["state"].update(
-        {0: {**ck["optimizer"]["state"][0], "exp_avg": torch.zeros(1)}}),
+        {0: {**ck["optimizer"]["state"][0], "exp_avg": torch.zeros(1)}}
+    ),
     "window_rng not a tensor": lambda ck: ck.update(window_rng="x"),
     "NaN weights": lambda ck: ck["model"][_first(ck["model"])].fill_(float("nan")),
 }
@@ -575,8 +659,12 @@ def main() -> int:
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="zosol-probes-"))
     data_dir = base / "data"
-    subprocess.run([PY, "-m", "zosol.cli", "generate", *TINY, "--out", str(data_dir), "--quiet"], check=True,
-                   env=ENV, capture_output=True)
+    subprocess.run(
+        [PY, "-m", "zosol.cli", "generate", *TINY, "--out", str(data_dir), "--quiet"],
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
     data = data_dir / "burgers1d_tiny.h5"
     results = {}
     for i, (name, fn) in enumerate(PROBES):
@@ -595,8 +683,11 @@ def main() -> int:
         if problem is None and c.marker.exists():
             problem = "code ran from a file"
         results[name] = problem
-        print(f"{'ok  ' if problem is None else 'BAD '} {name} ({time.time() - t0:.0f} s)"
-              f"{'' if problem is None else ': ' + problem[:300]}", flush=True)
+        print(
+            f"{'ok  ' if problem is None else 'BAD '} {name} ({time.time() - t0:.0f} s)"
+            f"{'' if problem is None else ': ' + problem[:300]}",
+            flush=True,
+        )
     bad = sum(v is not None for v in results.values())
     print(f"\n{len(results)} probes, {len(results) - bad} handled, {bad} mishandled")
     if args.json:

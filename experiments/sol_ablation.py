@@ -6,6 +6,7 @@ Trains ZO-SOL on the same dataset for each setting (m in --windows at sparsity 0
 sparsity in --sparsities at m = --window), evaluates on the test simulations, prints a Markdown
 table and writes ``ablation.json``.  Every run is resumable (run directories under --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,19 +49,31 @@ def main() -> None:
         result = train(dataset, cfg, run, resume=(run / "checkpoint.pt").exists())
         ev = evaluate(dataset, result.model)
         h = result.history
-        rows.append({"window": cfg.window, "sparsity": cfg.zo_sparsity, "mae_mean": ev["mae_mean"],
-                     "mae_std": ev["mae_std"], "wall_time": h["wall_time"], "zo_queries": h["zo_queries"],
-                     "solver_samples": h["solver_samples"], "lprs": h["lprs"],
-                     "grad_cosine_vs_fo": [c["cosine"] for c in h["grad_cosine_vs_fo"]]})
+        rows.append(
+            {
+                "window": cfg.window,
+                "sparsity": cfg.zo_sparsity,
+                "mae_mean": ev["mae_mean"],
+                "mae_std": ev["mae_std"],
+                "wall_time": h["wall_time"],
+                "zo_queries": h["zo_queries"],
+                "solver_samples": h["solver_samples"],
+                "lprs": h["lprs"],
+                "grad_cosine_vs_fo": [c["cosine"] for c in h["grad_cosine_vs_fo"]],
+            }
+        )
         print(f"{name}: MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f}, {h['wall_time']:.0f} s", flush=True)
     table = ["| m | sparsity | ZO-SOL MAE | train time [s] | queries | cosine vs FO |", "|---|---|---|---|---|---|"]
     for r in rows:
         cos = ", ".join(f"{c:.4f}" for c in r["grad_cosine_vs_fo"])
-        table.append(f"| {r['window']} | {r['sparsity']} | {r['mae_mean']:.5f} +- {r['mae_std']:.5f} | "
-                     f"{r['wall_time']:.0f} | {r['zo_queries']} | {cos} |")
+        table.append(
+            f"| {r['window']} | {r['sparsity']} | {r['mae_mean']:.5f} +- {r['mae_std']:.5f} | "
+            f"{r['wall_time']:.0f} | {r['zo_queries']} | {cos} |"
+        )
     print("\n".join(table))
-    (out / "ablation.json").write_text(json.dumps({"src": {k: src[k] for k in ("mae_mean", "mae_std")},
-                                                   "runs": rows}, indent=1))
+    (out / "ablation.json").write_text(
+        json.dumps({"src": {k: src[k] for k in ("mae_mean", "mae_std")}, "runs": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

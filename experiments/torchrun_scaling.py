@@ -8,6 +8,7 @@ on the same dataset; the figure is the training wall time the run records in its
 different rank counts alternate so machine load hits them alike.  Prints a table and the ratio,
 and writes ``experiments/out/torchrun_scaling.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(ranks: int, data: Path, out: Path, epochs: int) -> tuple[float, float]:
     """(training seconds per epoch, whole command seconds) of one torchrun launch."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", f"--nproc-per-node={ranks}", "-m", "zosol.cli", "train",
-           "--scenario", "burgers1d", "--preset", "default", "--data", str(data), "--method", "zo-sol",
-           "--epochs", str(epochs), "--out", str(out)]
+    cmd = [
+        torchrun,
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "zosol.cli",
+        "train",
+        "--scenario",
+        "burgers1d",
+        "--preset",
+        "default",
+        "--data",
+        str(data),
+        "--method",
+        "zo-sol",
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -49,8 +67,24 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "zosol.cli", "generate", "--scenario", "burgers1d", "--preset",
-                        "default", "--out", str(tmp), "--quiet"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "zosol.cli",
+                "generate",
+                "--scenario",
+                "burgers1d",
+                "--preset",
+                "default",
+                "--out",
+                str(tmp),
+                "--quiet",
+            ],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         data = tmp / "burgers1d_default.h5"
         times: dict[int, list[tuple[float, float]]] = {r: [] for r in ranks}
         for k in range(args.repeats):
@@ -67,8 +101,9 @@ def main() -> None:
         print(f"speed-up {ranks[0]} -> {r} ranks: {base / med[r]:.2f}x")
     out = ROOT / "experiments" / "out" / "torchrun_scaling.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"epochs": args.epochs, "times": times, "median": med,
-                               "cpu_count": os.cpu_count()}, indent=1))
+    out.write_text(
+        json.dumps({"epochs": args.epochs, "times": times, "median": med, "cpu_count": os.cpu_count()}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ The same faults can be switched on through the environment variable ``ZOSOL_FAUL
 ``ZOSOL_FAULT="crash-after=7"`` (comma-separated ``name=K`` pairs), which is convenient when
 the command line is fixed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,17 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 class CoarseBurgers1D:
     """``step(u (B, 1, n), params (B, 2M) | None) -> (B, 1, n)`` advancing exactly ``dt``."""
 
-    def __init__(self, n: int, nu: float, dt: float, length: float = 2 * math.pi, *, cfl: float = 0.9,
-                 forcing_modes: int = 0, u_max: float = 2.0):
+    def __init__(
+        self,
+        n: int,
+        nu: float,
+        dt: float,
+        length: float = 2 * math.pi,
+        *,
+        cfl: float = 0.9,
+        forcing_modes: int = 0,
+        u_max: float = 2.0,
+    ):
         if int(n) != n or n < 4:
             raise ValueError(f"n must be an integer >= 4, got {n}")
         for name, v in (("nu", nu), ("dt", dt), ("length", length), ("cfl", cfl), ("u_max", u_max)):
@@ -73,17 +83,29 @@ class CoarseBurgers1D:
         self.num_params = 2 * self.forcing_modes
         self.h = self.length / self.n
         # python-float arithmetic, as in Burgers1D._substeps_for(u_max)
-        self.min_substeps = math.ceil(self.dt * (self.u_max / self.h + 2 * self.nu / self.h ** 2) / self.cfl)
+        self.min_substeps = math.ceil(self.dt * (self.u_max / self.h + 2 * self.nu / self.h**2) / self.cfl)
 
     def x(self, dtype=np.float32) -> np.ndarray:
         return (np.arange(self.n, dtype=dtype) + dtype(0.5)) * dtype(self.h)
 
     def metadata(self) -> dict:
-        return {"name": "burgers1d-coarse (numpy, external)", "dt": self.dt, "channels": ["u"],
-                "spatial_shape": [self.n], "num_params": self.num_params,
-                "coords": {"x": self.x(np.float64).tolist()},
-                "config": {"n": self.n, "nu": self.nu, "dt": self.dt, "length": self.length, "cfl": self.cfl,
-                           "forcing_modes": self.forcing_modes, "u_max": self.u_max}}
+        return {
+            "name": "burgers1d-coarse (numpy, external)",
+            "dt": self.dt,
+            "channels": ["u"],
+            "spatial_shape": [self.n],
+            "num_params": self.num_params,
+            "coords": {"x": self.x(np.float64).tolist()},
+            "config": {
+                "n": self.n,
+                "nu": self.nu,
+                "dt": self.dt,
+                "length": self.length,
+                "cfl": self.cfl,
+                "forcing_modes": self.forcing_modes,
+                "u_max": self.u_max,
+            },
+        }
 
     def forcing(self, coeffs: np.ndarray, dtype) -> np.ndarray:
         """(B, 2M) -> (B, 1, n): sum_k a_k sin(2 pi k x / L) + b_k cos(2 pi k x / L)."""
@@ -101,19 +123,20 @@ class CoarseBurgers1D:
         right = np.roll(u, -1, -1)
         # Godunov flux at face i+1/2 with ul = u_i, ur = u_{i+1}
         flux = t(0.5) * np.maximum(np.maximum(u, t(0)) ** 2, np.minimum(right, t(0)) ** 2)
-        out = -(flux - np.roll(flux, 1, -1)) / t(self.h) \
-            + t(self.nu) * (right - t(2) * u + left) / t(self.h ** 2)
+        out = -(flux - np.roll(flux, 1, -1)) / t(self.h) + t(self.nu) * (right - t(2) * u + left) / t(self.h**2)
         return out if f is None else out + f
 
     def step(self, state: np.ndarray, params: np.ndarray | None) -> np.ndarray:
         t = state.dtype.type
         f = self.forcing(params, t) if self.forcing_modes else None
         umax = np.nan_to_num(np.abs(state).max(axis=(1, 2)), nan=0.0, posinf=1e30)
-        rate = umax / t(self.h) + t(2 * self.nu / self.h ** 2)
+        rate = umax / t(self.h) + t(2 * self.nu / self.h**2)
         nsub = np.maximum(np.ceil(t(self.dt) * rate / t(self.cfl)).astype(np.int64), self.min_substeps)
         steps = int(nsub.max())
         if steps > 100 * self.min_substeps + 1000:
-            raise FloatingPointError(f"velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging")
+            raise FloatingPointError(
+                f"velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging"
+            )
         tau = ((t(1) / nsub.astype(t)) * t(self.dt)).reshape(-1, 1, 1)
         u = state
         if bool((nsub == steps).all()):
@@ -171,8 +194,15 @@ def write_frame(stream, header: dict, payload: bytes | memoryview = b"") -> None
 
 def parse_faults(args: argparse.Namespace) -> dict[str, int]:
     faults = {}
-    for name in ("crash_after", "hang_after", "nan_after", "bad_shape_after", "garbage_after", "error_after",
-                 "duplicate_after"):
+    for name in (
+        "crash_after",
+        "hang_after",
+        "nan_after",
+        "bad_shape_after",
+        "garbage_after",
+        "error_after",
+        "duplicate_after",
+    ):
         v = getattr(args, name)
         if v is not None:
             faults[name] = v
@@ -204,8 +234,11 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0,
             k = calls - 1  # steps answered before this one
             if faults.get("crash_after") == k:
                 print(f"burgers1d_numpy: injected crash in step call {calls}", file=sys.stderr, flush=True)
-                print("Traceback (most recent call last):\n  ...\nRuntimeError: injected fault", file=sys.stderr,
-                      flush=True)
+                print(
+                    "Traceback (most recent call last):\n  ...\nRuntimeError: injected fault",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(3)
             if faults.get("hang_after") == k:
                 print(f"burgers1d_numpy: injected hang in step call {calls}", file=sys.stderr, flush=True)
@@ -229,13 +262,16 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0,
                 params = None
                 if header.get("params_shape") is not None:
                     pshape = tuple(header["params_shape"])
-                    params = np.frombuffer(payload, dtype=dtype, offset=n_state,
-                                           count=int(np.prod(pshape))).reshape(pshape)
+                    params = np.frombuffer(payload, dtype=dtype, offset=n_state, count=int(np.prod(pshape))).reshape(
+                        pshape
+                    )
                 if len(shape) != 3 or shape[1:] != (1, solver.n):
                     raise ValueError(f"state shape {list(shape)} is not (B, 1, {solver.n})")
                 if solver.num_params and (params is None or params.shape != (shape[0], solver.num_params)):
-                    raise ValueError(f"params shape {None if params is None else list(params.shape)} is not "
-                                     f"({shape[0]}, {solver.num_params})")
+                    raise ValueError(
+                        f"params shape {None if params is None else list(params.shape)} is not "
+                        f"({shape[0]}, {solver.num_params})"
+                    )
                 new = solver.step(state, params)
             except Exception as e:  # report, stay alive
                 write_frame(out, {"ok": False, **rid, "error": f"{type(e).__name__}: {e}"})
@@ -249,8 +285,11 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0,
                 new = np.ascontiguousarray(new[..., :-1])
             new = np.ascontiguousarray(new, dtype=dtype)
             for _ in range(2 if faults.get("duplicate_after") == k else 1):
-                write_frame(out, {"ok": True, **rid, "shape": list(new.shape), "dtype": header.get("dtype", "float32")},
-                            memoryview(new).cast("B"))
+                write_frame(
+                    out,
+                    {"ok": True, **rid, "shape": list(new.shape), "dtype": header.get("dtype", "float32")},
+                    memoryview(new).cast("B"),
+                )
         else:
             write_frame(out, {"ok": False, **rid, "error": f"unknown op {op!r}"})
 
@@ -262,17 +301,43 @@ def serve(solver: CoarseBurgers1D, faults: dict[str, int], slow_ms: float = 0.0,
 def bench(args: argparse.Namespace, sizes=(1, 64, 1024, 16384), repeats: int = 20) -> list[dict]:
     """ms per ``step`` call: in-process torch ``Burgers1D`` vs this program via ``ExternalSolver``."""
     import torch
+
     from zosol.solvers.burgers1d import Burgers1D
     from zosol.solvers.external import ExternalSolver
 
     torch.set_num_threads(1)
-    inproc = Burgers1D(args.n, args.nu, args.dt, args.length, order=1, integrator="euler", cfl=args.cfl,
-                       forcing_modes=args.forcing_modes, u_max=args.u_max)
-    local = CoarseBurgers1D(args.n, args.nu, args.dt, args.length, cfl=args.cfl, forcing_modes=args.forcing_modes,
-                            u_max=args.u_max)
-    cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--nu", str(args.nu), "--dt", str(args.dt),
-           "--length", repr(args.length), "--cfl", str(args.cfl), "--forcing-modes", str(args.forcing_modes),
-           "--u-max", str(args.u_max)]
+    inproc = Burgers1D(
+        args.n,
+        args.nu,
+        args.dt,
+        args.length,
+        order=1,
+        integrator="euler",
+        cfl=args.cfl,
+        forcing_modes=args.forcing_modes,
+        u_max=args.u_max,
+    )
+    local = CoarseBurgers1D(
+        args.n, args.nu, args.dt, args.length, cfl=args.cfl, forcing_modes=args.forcing_modes, u_max=args.u_max
+    )
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--n",
+        str(args.n),
+        "--nu",
+        str(args.nu),
+        "--dt",
+        str(args.dt),
+        "--length",
+        repr(args.length),
+        "--cfl",
+        str(args.cfl),
+        "--forcing-modes",
+        str(args.forcing_modes),
+        "--u-max",
+        str(args.u_max),
+    ]
     rows = []
     g = torch.Generator().manual_seed(0)
 
@@ -295,21 +360,34 @@ def bench(args: argparse.Namespace, sizes=(1, 64, 1024, 16384), repeats: int = 2
             t_in = timed(lambda: inproc.step(u, p), reps)
             t_np = timed(lambda: local.step(un, pn), reps)
             t_ext = timed(lambda: ext.step(u, p), reps)
-            rows.append({"batch": b, "inprocess_torch_ms": t_in, "numpy_local_ms": t_np, "external_ms": t_ext,
-                         "ratio_external_vs_torch": t_ext / t_in, "protocol_overhead_ms": t_ext - t_np})
+            rows.append(
+                {
+                    "batch": b,
+                    "inprocess_torch_ms": t_in,
+                    "numpy_local_ms": t_np,
+                    "external_ms": t_ext,
+                    "ratio_external_vs_torch": t_ext / t_in,
+                    "protocol_overhead_ms": t_ext - t_np,
+                }
+            )
     print(f"burgers1d coarse step, n={args.n}, forcing_modes={args.forcing_modes} (torch threads: 1)")
-    print("| batch | in-process torch (ms) | numpy in-process (ms) | external process (ms) | ext / torch "
-          "| protocol overhead (ms) |")
+    print(
+        "| batch | in-process torch (ms) | numpy in-process (ms) | external process (ms) | ext / torch "
+        "| protocol overhead (ms) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['inprocess_torch_ms']:.3f} | {r['numpy_local_ms']:.3f} | {r['external_ms']:.3f} "
-              f"| {r['ratio_external_vs_torch']:.2f} | {r['protocol_overhead_ms']:.3f} |")
+        print(
+            f"| {r['batch']} | {r['inprocess_torch_ms']:.3f} | {r['numpy_local_ms']:.3f} | {r['external_ms']:.3f} "
+            f"| {r['ratio_external_vs_torch']:.2f} | {r['protocol_overhead_ms']:.3f} |"
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=16, help="cells (burgers1d tiny: 16, default: 32)")
     ap.add_argument("--nu", type=float, default=0.02)
     ap.add_argument("--dt", type=float, default=0.05)
@@ -332,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         bench(args, sizes=args.bench_sizes)
         return 0
-    solver = CoarseBurgers1D(args.n, args.nu, args.dt, args.length, cfl=args.cfl, forcing_modes=args.forcing_modes,
-                             u_max=args.u_max)
+    solver = CoarseBurgers1D(
+        args.n, args.nu, args.dt, args.length, cfl=args.cfl, forcing_modes=args.forcing_modes, u_max=args.u_max
+    )
     try:
         return serve(solver, parse_faults(args), args.slow, args.max_batch)
     except (BrokenPipeError, KeyboardInterrupt):

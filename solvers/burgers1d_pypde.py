@@ -16,6 +16,7 @@ zeroth-order.  It steps one state at a time (py-pde has no batch axis).  Two way
 
 Each grid size compiles once per process (numba: 10-50 s on a busy CPU), at construction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,15 +64,32 @@ def sample(seed: int, n: int = N_REF) -> tuple[np.ndarray, None]:
 def build(processes: int = 1):
     """The scenario ``burgers1d_pypde`` (reference and coarse solver compiled here, once)."""
     from zosol.solvers import make_scenario
+
     return make_scenario(
-        "burgers1d_pypde", reference=make_step(N_REF, scheme="rk4"), coarse=make_step(N_COARSE), sample=sample,
-        dt=DT, reference_shape=(N_REF,), coarse_shape=(N_COARSE,), batched=False, frames=32,
-        train_sims=8, test_sims=3, presets={"tiny": dict(frames=8, train_sims=3, test_sims=2)},
-        physics={"equation": "u_t + (u^2/2)_x = nu u_xx", "nu": NU, "n_ref": N_REF, "n_coarse": N_COARSE,
-                 "solver": "py-pde"})
+        "burgers1d_pypde",
+        reference=make_step(N_REF, scheme="rk4"),
+        coarse=make_step(N_COARSE),
+        sample=sample,
+        dt=DT,
+        reference_shape=(N_REF,),
+        coarse_shape=(N_COARSE,),
+        batched=False,
+        frames=32,
+        train_sims=8,
+        test_sims=3,
+        presets={"tiny": dict(frames=8, train_sims=3, test_sims=2)},
+        physics={
+            "equation": "u_t + (u^2/2)_x = nu u_xx",
+            "nu": NU,
+            "n_ref": N_REF,
+            "n_coarse": N_COARSE,
+            "solver": "py-pde",
+        },
+    )
 
 
 # ---- the external protocol (docs/external_solvers.md), no zosol needed ----------------------
+
 
 def _read(stream, n: int) -> bytes | None:
     data = stream.read(n)
@@ -94,8 +112,21 @@ def serve(n: int, scheme: str, substeps: int) -> int:
         rid = {"id": header["id"]} if "id" in header else {}  # echoed in every reply
         if header["op"] == "hello":
             x = ((np.arange(n) + 0.5) * (2 * math.pi / n)).tolist()
-            _write(out, {"ok": True, **rid, "protocol": 1, "dt": DT, "channels": ["u"], "spatial_shape": [n],
-                         "num_params": 0, "max_batch": 1, "coords": {"x": x}, "name": f"py-pde burgers {scheme}"})
+            _write(
+                out,
+                {
+                    "ok": True,
+                    **rid,
+                    "protocol": 1,
+                    "dt": DT,
+                    "channels": ["u"],
+                    "spatial_shape": [n],
+                    "num_params": 0,
+                    "max_batch": 1,
+                    "coords": {"x": x},
+                    "name": f"py-pde burgers {scheme}",
+                },
+            )
         elif header["op"] == "quit":
             _write(out, {"ok": True, **rid})
             return 0
@@ -105,8 +136,15 @@ def serve(n: int, scheme: str, substeps: int) -> int:
             new = step(u[0].astype(np.float64)).astype(dtype)[None]
             _write(out, {"ok": True, **rid, "shape": list(new.shape), "dtype": header["dtype"]}, new.tobytes())
         else:
-            _write(out, {"ok": False, **rid, "error": f"cannot do {header.get('op')} with shape {header.get('shape')} "
-                                               f"(one state per step: max_batch 1)"})
+            _write(
+                out,
+                {
+                    "ok": False,
+                    **rid,
+                    "error": f"cannot do {header.get('op')} with shape {header.get('shape')} "
+                    f"(one state per step: max_batch 1)",
+                },
+            )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny burgers1d dataset per test session (generation takes about a second)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,4 +44,5 @@ def cli_user_error(capsys):
         assert "Traceback" not in err and "Traceback" not in captured.out
         assert match in err, err
         return err.strip()
+
     return run

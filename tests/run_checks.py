@@ -1,4 +1,5 @@
 """Assertions shared by the training tests."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Tests of the 1-D viscous Burgers solver and scenario (zosol/solvers/burgers1d.py, zosol/solvers/base.py)."""
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ F64 = torch.float64
 
 
 # -- exact solution ---------------------------------------------------------------------------
+
 
 def cole_hopf_cell_averages(n: int, t: float, nu: float, a: float) -> torch.Tensor:
     """Exact cell averages (n,) on [0, 2 pi) of the Cole-Hopf solution of unforced viscous Burgers
@@ -75,6 +77,7 @@ def test_first_order_euler_converges_more_slowly():
 
 # -- conservation, stability ------------------------------------------------------------------
 
+
 def _smooth_state(n: int, batch: int = 3, dtype=F64, amplitude: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = (torch.arange(n, dtype=F64) + 0.5) * 2 * math.pi / n
@@ -85,14 +88,19 @@ def _smooth_state(n: int, batch: int = 3, dtype=F64, amplitude: float = 1.0) -> 
     return (amplitude * u / u.abs().amax(-1, keepdim=True)).to(dtype)
 
 
-@pytest.mark.parametrize("config", [dict(), dict(order=1, integrator="euler", cfl=0.9)], ids=["muscl-rk3", "upwind-euler"])
+@pytest.mark.parametrize(
+    "config", [dict(), dict(order=1, integrator="euler", cfl=0.9)], ids=["muscl-rk3", "upwind-euler"]
+)
 @pytest.mark.parametrize("forcing_modes", [0, 3])
 def test_mean_is_conserved(config, forcing_modes):
     n = 64
     solver = Burgers1D(n, 0.02, 0.05, forcing_modes=forcing_modes, dtype=F64, **config)
     u = _smooth_state(n)
-    params = torch.randn(3, 2 * forcing_modes, generator=torch.Generator().manual_seed(2), dtype=F64) \
-        if forcing_modes else None
+    params = (
+        torch.randn(3, 2 * forcing_modes, generator=torch.Generator().manual_seed(2), dtype=F64)
+        if forcing_modes
+        else None
+    )
     m0 = u.mean(-1)
     for _ in range(20):
         u = solver.step(u, params)
@@ -134,6 +142,7 @@ def test_forced_reference_stays_finite_over_long_rollout():
 
 # -- contract: batching, dtype, black box -----------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["reference", "coarse"])
 def test_batched_step_equals_per_sample_steps(which):
     sc = get_scenario("burgers1d", "tiny")
@@ -143,10 +152,10 @@ def test_batched_step_equals_per_sample_steps(which):
     u[2] *= 2.5  # max |u| = 2.5 > u_max: this sample needs more sub-steps than the others
     assert not torch.equal(p[0], p[1])  # different forcing per sample
     batched = u
-    single = [u[i:i + 1] for i in range(3)]
+    single = [u[i : i + 1] for i in range(3)]
     for _ in range(3):
         batched = solver.step(batched, p)
-        single = [solver.step(s, p[i:i + 1]) for i, s in enumerate(single)]
+        single = [solver.step(s, p[i : i + 1]) for i, s in enumerate(single)]
     torch.testing.assert_close(batched, torch.cat(single), rtol=0, atol=1e-12)
     # and the samples really differ (the comparison is not trivially true)
     assert (batched[0] - batched[1]).abs().max() > 1e-2
@@ -198,7 +207,7 @@ def test_autograd_matches_central_finite_differences():
     def loss(u, p):
         for _ in range(steps):
             u = solver.step(u, p)
-        return (w * u).sum() + 0.5 * (u ** 2).sum()
+        return (w * u).sum() + 0.5 * (u**2).sum()
 
     u, p = u0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
     gu, gp = torch.autograd.grad(loss(u, p), (u, p))
@@ -223,32 +232,39 @@ def test_autograd_matches_central_finite_differences():
 
 # -- argument validation ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n=3), r"\bn must"),
-    (dict(n=0), r"\bn must"),
-    (dict(n=16.5), r"\bn must"),
-    (dict(nu=0.0), r"\bnu must"),
-    (dict(nu=-0.1), r"\bnu must"),
-    (dict(nu=float("nan")), r"\bnu must"),
-    (dict(dt=0.0), r"\bdt must"),
-    (dict(dt=-0.05), r"\bdt must"),
-    (dict(order=3), r"order must"),
-    (dict(integrator="rk4"), r"integrator must"),
-    (dict(cfl=0.0), r"cfl must"),
-    (dict(forcing_modes=-1), r"forcing_modes must"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=3), r"\bn must"),
+        (dict(n=0), r"\bn must"),
+        (dict(n=16.5), r"\bn must"),
+        (dict(nu=0.0), r"\bnu must"),
+        (dict(nu=-0.1), r"\bnu must"),
+        (dict(nu=float("nan")), r"\bnu must"),
+        (dict(dt=0.0), r"\bdt must"),
+        (dict(dt=-0.05), r"\bdt must"),
+        (dict(order=3), r"order must"),
+        (dict(integrator="rk4"), r"integrator must"),
+        (dict(cfl=0.0), r"cfl must"),
+        (dict(forcing_modes=-1), r"forcing_modes must"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(n=16, nu=0.05, dt=0.05) | kwargs
     with pytest.raises(ValueError, match=match):
         Burgers1D(**args)
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((2, 16), "state has shape"),
-    ((2, 2, 16), "state has shape"),
-    ((2, 1, 15), "state has shape"),
-    ((1, 1, 16, 1), "state has shape"),
-])
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 16), "state has shape"),
+        ((2, 2, 16), "state has shape"),
+        ((2, 1, 15), "state has shape"),
+        ((1, 1, 16, 1), "state has shape"),
+    ],
+)
 def test_wrong_state_shape(shape, match):
     solver = Burgers1D(16, 0.05, 0.05)
     with pytest.raises(ValueError, match=match):
@@ -257,12 +273,15 @@ def test_wrong_state_shape(shape, match):
         solver.blackbox().step(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("params, match", [
-    (None, "needs params"),
-    (torch.zeros(2, 3), "params has shape"),
-    (torch.zeros(1, 4), "params has shape"),
-    (torch.zeros(4), "params has shape"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (None, "needs params"),
+        (torch.zeros(2, 3), "params has shape"),
+        (torch.zeros(1, 4), "params has shape"),
+        (torch.zeros(4), "params has shape"),
+    ],
+)
 def test_wrong_params_shape(params, match):
     solver = Burgers1D(16, 0.05, 0.05, forcing_modes=2)
     with pytest.raises(ValueError, match=match):
@@ -270,6 +289,7 @@ def test_wrong_params_shape(params, match):
 
 
 # -- scenario ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("preset", ["tiny", "default"])
 def test_coarse_error_well_above_reference_error(preset):
@@ -303,10 +323,11 @@ def test_downsample_conserves_mean_and_averages_cells():
     assert coarse.shape == (3, 1, c.n_coarse)
     torch.testing.assert_close(coarse.mean(-1), fine.mean(-1), rtol=0, atol=1e-14)
     r = c.n_ref // c.n_coarse
-    torch.testing.assert_close(coarse[..., 1], fine[..., r:2 * r].mean(-1))
+    torch.testing.assert_close(coarse[..., 1], fine[..., r : 2 * r].mean(-1))
     # the coarse solver's cell centres are the averages of the fine centres
-    torch.testing.assert_close(sc.downsample(sc.reference_solver().coords["x"][None, None])[0, 0],
-                               sc.coarse_solver().coords["x"])
+    torch.testing.assert_close(
+        sc.downsample(sc.reference_solver().coords["x"][None, None])[0, 0], sc.coarse_solver().coords["x"]
+    )
 
 
 def test_sample_is_seeded_and_well_formed():
@@ -334,27 +355,30 @@ def test_get_scenario_overrides_and_presets():
         assert cfg.n_ref % cfg.n_coarse == 0
 
 
-@pytest.mark.parametrize("args, overrides, match", [
-    (("nope", "tiny"), {}, r"unknown scenario 'nope'"),
-    (("burgers1d", "huge"), {}, r"unknown preset 'huge'"),
-    (("burgers1d", "tiny"), {"bogus": 1}, r"unknown config field.*bogus"),
-    (("burgers1d", "tiny"), {"n_coarse": 0}, r"'n_coarse' must be positive"),
-    (("burgers1d", "tiny"), {"n_ref": -128}, r"'n_ref' must be positive"),
-    (("burgers1d", "tiny"), {"frames": 0}, r"'frames' must be positive"),
-    (("burgers1d", "tiny"), {"frames": -1}, r"'frames' must be positive"),
-    (("burgers1d", "tiny"), {"train_sims": 0}, r"'train_sims' must be positive"),
-    (("burgers1d", "tiny"), {"dt": 0.0}, r"'dt' must be positive"),
-    (("burgers1d", "tiny"), {"dt": -0.1}, r"'dt' must be positive"),
-    (("burgers1d", "tiny"), {"nu": 0}, r"'nu' must be positive"),
-    (("burgers1d", "tiny"), {"dt": float("inf")}, r"'dt' must be positive"),
-    (("burgers1d", "tiny"), {"n_ref": 128.0}, r"'n_ref' must be an integer"),
-    (("burgers1d", "tiny"), {"n_coarse": 16.5}, r"'n_coarse' must be an integer"),
-    (("burgers1d", "tiny"), {"n_ref": "abc"}, r"'n_ref' must be an integer"),
-    (("burgers1d", "tiny"), {"frames": True}, r"'frames' must be an integer"),
-    (("burgers1d", "tiny"), {"dt": "0.1"}, r"'dt' must be a number"),
-    (("burgers1d", "tiny"), {"warmup": -1}, r"'warmup' must be >= 0"),
-    (("burgers1d", "tiny"), {"n_ref": 100}, r"n_ref \(100\) must be a multiple of n_coarse \(16\)"),
-])
+@pytest.mark.parametrize(
+    "args, overrides, match",
+    [
+        (("nope", "tiny"), {}, r"unknown scenario 'nope'"),
+        (("burgers1d", "huge"), {}, r"unknown preset 'huge'"),
+        (("burgers1d", "tiny"), {"bogus": 1}, r"unknown config field.*bogus"),
+        (("burgers1d", "tiny"), {"n_coarse": 0}, r"'n_coarse' must be positive"),
+        (("burgers1d", "tiny"), {"n_ref": -128}, r"'n_ref' must be positive"),
+        (("burgers1d", "tiny"), {"frames": 0}, r"'frames' must be positive"),
+        (("burgers1d", "tiny"), {"frames": -1}, r"'frames' must be positive"),
+        (("burgers1d", "tiny"), {"train_sims": 0}, r"'train_sims' must be positive"),
+        (("burgers1d", "tiny"), {"dt": 0.0}, r"'dt' must be positive"),
+        (("burgers1d", "tiny"), {"dt": -0.1}, r"'dt' must be positive"),
+        (("burgers1d", "tiny"), {"nu": 0}, r"'nu' must be positive"),
+        (("burgers1d", "tiny"), {"dt": float("inf")}, r"'dt' must be positive"),
+        (("burgers1d", "tiny"), {"n_ref": 128.0}, r"'n_ref' must be an integer"),
+        (("burgers1d", "tiny"), {"n_coarse": 16.5}, r"'n_coarse' must be an integer"),
+        (("burgers1d", "tiny"), {"n_ref": "abc"}, r"'n_ref' must be an integer"),
+        (("burgers1d", "tiny"), {"frames": True}, r"'frames' must be an integer"),
+        (("burgers1d", "tiny"), {"dt": "0.1"}, r"'dt' must be a number"),
+        (("burgers1d", "tiny"), {"warmup": -1}, r"'warmup' must be >= 0"),
+        (("burgers1d", "tiny"), {"n_ref": 100}, r"n_ref \(100\) must be a multiple of n_coarse \(16\)"),
+    ],
+)
 def test_get_scenario_errors(args, overrides, match):
     with pytest.raises(ValueError, match=match):
         get_scenario(*args, **overrides)

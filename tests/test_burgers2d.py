@@ -1,4 +1,5 @@
 """Tests of the 2-D forced viscous Burgers scenario (zosol/solvers/burgers2d.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- contract: layout, batching, black box ------------------------------------------------------
 
+
 def test_layout_and_sample(tiny):
     c = tiny.config
     u0, p = tiny.sample(0)
@@ -54,8 +56,8 @@ def test_batched_equals_per_sample(tiny, which):
     assert len(set(solver._nsub(x).tolist())) > 1
     batched = solver.step(x, p)
     for i in range(3):
-        single = solver.step(x[i:i + 1], p[i:i + 1])
-        torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-6)
+        single = solver.step(x[i : i + 1], p[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-5, atol=1e-6)
 
 
 def test_blackbox_has_no_grad_history(tiny):
@@ -87,6 +89,7 @@ def test_shape_validation(tiny):
 
 # -- numerics ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["coarse", "reference"])
 def test_torch_step_matches_phiflow(tiny, which):
     """Hand-written torch step vs PhiFlow 3.4 (torch backend, jit): measured max |diff| ~1e-6
@@ -114,7 +117,7 @@ def test_autograd_matches_finite_differences(tiny, which):
     def loss(s):
         for _ in range(2):
             s = solver.step(s, p)
-        return (w * s).sum() + (s ** 2).sum()
+        return (w * s).sum() + (s**2).sum()
 
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(xg), xg)
@@ -140,11 +143,14 @@ def test_mean_momentum_balance(tiny):
             out = solver.step(out, zero)
         torch.testing.assert_close(out.mean((2, 3)), shear.mean((2, 3)), rtol=0, atol=1e-12)
         # general state: d<u>/dt == <u div u> (centred divergence)
-        x = (tiny.sample(3)[0] if solver.n == tiny.config.n_ref else
-             tiny.downsample(tiny.sample(3)[0][None])[0])[None].double()
+        x = (tiny.sample(3)[0] if solver.n == tiny.config.n_ref else tiny.downsample(tiny.sample(3)[0][None])[0])[
+            None
+        ].double()
         h = solver.h
-        div = ((torch.roll(x[:, 0], -1, -1) - torch.roll(x[:, 0], 1, -1))
-               + (torch.roll(x[:, 1], -1, -2) - torch.roll(x[:, 1], 1, -2))) / (2 * h)
+        div = (
+            (torch.roll(x[:, 0], -1, -1) - torch.roll(x[:, 0], 1, -1))
+            + (torch.roll(x[:, 1], -1, -2) - torch.roll(x[:, 1], 1, -2))
+        ) / (2 * h)
         source = (x * div[:, None]).mean((2, 3))
         rate = (solver.step(x, zero).mean((2, 3)) - x.mean((2, 3))) / solver.dt
         assert float((rate - source).abs().max()) < 0.05 * float(source.abs().max()) + 1e-4
@@ -190,7 +196,11 @@ def test_coarse_error_well_above_reference_error(tiny):
     xf, _ = _batch(finer, seeds, coarse=False)
     xc = tiny.downsample(xr)
     torch.testing.assert_close(finer.downsample(xf), xc, rtol=0, atol=1e-5)  # same initial flow
-    ref, fin, crs = tiny.reference_solver().blackbox(), finer.reference_solver().blackbox(), tiny.coarse_solver().blackbox()
+    ref, fin, crs = (
+        tiny.reference_solver().blackbox(),
+        finer.reference_solver().blackbox(),
+        tiny.coarse_solver().blackbox(),
+    )
     e_coarse = e_ref = 0.0
     for _ in range(c.frames):
         xr, xf, xc = ref.step(xr, p), fin.step(xf, p), crs.step(xc, p)
@@ -201,6 +211,7 @@ def test_coarse_error_well_above_reference_error(tiny):
 
 
 # -- registry / presets --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("preset", ["tiny", "default", "paper"])
 def test_presets(preset):

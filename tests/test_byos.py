@@ -1,5 +1,6 @@
 """Bring your own solver: scenarios from parts, datasets that open in a new process, importers,
 solvers without a batch axis (split batches, local process pools)."""
+
 from __future__ import annotations
 
 import json
@@ -59,17 +60,20 @@ def heat_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("user_heat_mod", None)
     import user_heat_mod
+
     yield user_heat_mod
     sys.modules.pop("user_heat_mod", None)
     from zosol.solvers import base
+
     base._REGISTRY.pop("user_heat", None)
 
 
 def _zosol(args, cwd, env_path=None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([str(env_path)] if env_path else []))
-    return subprocess.run([sys.executable, "-m", "zosol.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "zosol.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_block_average_is_conservative():
@@ -123,8 +127,9 @@ def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch)
     ''')
     (tmp_path / "script_heat_run.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    made = subprocess.run([sys.executable, str(tmp_path / "script_heat_run.py")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    made = subprocess.run(
+        [sys.executable, str(tmp_path / "script_heat_run.py")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert made.returncode == 0, made.stderr
     path = made.stdout.strip()
     with pytest.raises(DatasetError, match="its module 'script_heat_run' cannot be imported.*--plugin script_heat_run"):
@@ -135,9 +140,15 @@ def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch)
     finally:
         sys.modules.pop("script_heat_run", None)
         from zosol.solvers import base
+
         base._REGISTRY.pop("script_heat", None)
-    inline = subprocess.run([sys.executable, "-c", code.replace(str(tmp_path / "d"), str(tmp_path / "e"))],
-                            env=env, capture_output=True, text=True, timeout=300)  # python -c: no module
+    inline = subprocess.run(
+        [sys.executable, "-c", code.replace(str(tmp_path / "d"), str(tmp_path / "e"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # python -c: no module
     assert inline.returncode == 0, inline.stderr
     with pytest.raises(DatasetError, match="__main__.*move the scenario into a module"):
         load_dataset(inline.stdout.strip())
@@ -146,9 +157,19 @@ def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch)
 def test_scenario_without_parameters_round_trips(tmp_path):
     """K = 0 (no per-simulation parameters): the params attribute is an empty array."""
     step = lambda u, p: 0.9 * u  # noqa: E731
-    sc = make_scenario("no_params", reference=step, coarse=step, sample=lambda s: (np.full((1, 8), s + 1.0), None),
-                       dt=0.1, reference_shape=(8,), coarse_shape=(4,), batched=False, frames=2, train_sims=2,
-                       test_sims=1)
+    sc = make_scenario(
+        "no_params",
+        reference=step,
+        coarse=step,
+        sample=lambda s: (np.full((1, 8), s + 1.0), None),
+        dt=0.1,
+        reference_shape=(8,),
+        coarse_shape=(4,),
+        batched=False,
+        frames=2,
+        train_sims=2,
+        test_sims=1,
+    )
     ds = load_dataset(generate(sc, out=tmp_path, progress=False), scenario=sc)
     assert ds.stacked("train")[1].shape == (2, 0)
     torch.testing.assert_close(ds.stacked("test")[0][0, :, 0, 0], torch.tensor([10001.0, 9000.9, 8100.81]))
@@ -157,8 +178,7 @@ def test_scenario_without_parameters_round_trips(tmp_path):
 def test_make_scenario_checks_its_parts():
     step = lambda u, p: u  # noqa: E731
     with pytest.raises(ValueError, match="not a multiple of the coarse grid"):
-        make_scenario("x", reference=step, coarse=step, sample=None, dt=0.1, reference_shape=(10,),
-                      coarse_shape=(4,))
+        make_scenario("x", reference=step, coarse=step, sample=None, dt=0.1, reference_shape=(10,), coarse_shape=(4,))
     with pytest.raises(ValueError, match="reference_shape"):
         make_scenario("x", reference=step, coarse=step, sample=None, dt=0.1, coarse_shape=(4,))
     other = NumpySolver(step, dt=0.2, channels=("u",), spatial_shape=(4,))
@@ -176,8 +196,7 @@ def test_import_trajectories_and_pdebench_hdf5(heat_module, tmp_path):
         u = ref.step(u, p)
         frames.append(u)
     fine = torch.stack(frames, 1)  # (5, 4, 1, 64): the user's own reference runs
-    path = import_trajectories(sc, fine[:3], fine[3:], tmp_path / "imported.h5", train_params=p[:3],
-                               test_params=p[3:])
+    path = import_trajectories(sc, fine[:3], fine[3:], tmp_path / "imported.h5", train_params=p[:3], test_params=p[3:])
     ds = load_dataset(path)
     assert ds.frames == 3 and len(ds.train) == 3 and len(ds.test) == 2
     torch.testing.assert_close(ds.stacked("test")[0], block_average(fine[3:].flatten(0, 1), (16,)).view(2, 4, 1, 16))
@@ -186,22 +205,30 @@ def test_import_trajectories_and_pdebench_hdf5(heat_module, tmp_path):
     with h5py.File(tmp_path / "pdebench.h5", "w") as f:
         f["tensor"] = np.repeat(fine[:, :, 0].numpy(), 2, axis=1)[:, ::1]
         f["nu_forcing"] = p.numpy()
-    path2 = import_hdf5(sc, tmp_path / "pdebench.h5", tmp_path / "pdebench_zosol.h5", every=2, test=2,
-                        params="nu_forcing")
+    path2 = import_hdf5(
+        sc, tmp_path / "pdebench.h5", tmp_path / "pdebench_zosol.h5", every=2, test=2, params="nu_forcing"
+    )
     ds2 = load_dataset(path2)
     torch.testing.assert_close(ds2.stacked("test")[0], ds.stacked("test")[0])
     # The Well style: one array per field under t0_fields, on the coarse grid already
     with h5py.File(tmp_path / "the_well.h5", "w") as f:
         f["t0_fields/u"] = ds.stacked("train")[0][:, :, 0].numpy()
         f["params"] = p[:3].numpy()
-    path3 = import_hdf5(sc, tmp_path / "the_well.h5", tmp_path / "well_zosol.h5", fields=["t0_fields/u"], test=1,
-                        params="params")
+    path3 = import_hdf5(
+        sc, tmp_path / "the_well.h5", tmp_path / "well_zosol.h5", fields=["t0_fields/u"], test=1, params="params"
+    )
     torch.testing.assert_close(load_dataset(path3).stacked("test")[0], ds.stacked("train")[0][2:])
     with pytest.raises(DatasetError, match="no array 't0_fields/v'"):
         import_hdf5(sc, tmp_path / "the_well.h5", tmp_path / "z.h5", fields=["t0_fields/v"])
     with pytest.raises(ValueError, match="grid \\[10\\] is neither"):
-        import_trajectories(sc, np.zeros((2, 3, 1, 10)), np.zeros((1, 3, 1, 10)), tmp_path / "x.h5",
-                            train_params=np.ones((2, 1)), test_params=np.ones((1, 1)))
+        import_trajectories(
+            sc,
+            np.zeros((2, 3, 1, 10)),
+            np.zeros((1, 3, 1, 10)),
+            tmp_path / "x.h5",
+            train_params=np.ones((2, 1)),
+            test_params=np.ones((1, 1)),
+        )
     with pytest.raises(ValueError, match="needs 1 per-simulation parameters"):
         import_trajectories(sc, fine[:3], fine[3:], tmp_path / "y.h5")
 
@@ -220,16 +247,19 @@ def test_one_state_solver_splits_batches_and_processes_match():
     def recording(u, q):
         seen.append(u.shape)
         return _unbatched(u, q)
+
     one = NumpySolver(recording, dt=0.1, channels=("u",), spatial_shape=(16,), num_params=1, batched=False)
     torch.testing.assert_close(one.step(x, p), want)
     assert seen == [(1, 16)] * 40
-    limited = NumpySolver(lambda u, q: (seen.append(u.shape), u)[1], dt=0.1, channels=("u",), spatial_shape=(16,),
-                          max_batch=16)
+    limited = NumpySolver(
+        lambda u, q: (seen.append(u.shape), u)[1], dt=0.1, channels=("u",), spatial_shape=(16,), max_batch=16
+    )
     seen.clear()
     limited.step(x)
     assert seen == [(16, 1, 16), (16, 1, 16), (8, 1, 16)]
-    with NumpySolver(_unbatched, dt=0.1, channels=("u",), spatial_shape=(16,), num_params=1, batched=False,
-                     processes=2) as two:
+    with NumpySolver(
+        _unbatched, dt=0.1, channels=("u",), spatial_shape=(16,), num_params=1, batched=False, processes=2
+    ) as two:
         a, b = two.step(x, p), two.step(x * 2, p)
         assert torch.equal(a, one.step(x, p)) and torch.equal(b, one.step(x * 2, p))
         assert two.pool.starts == 1  # the processes start once and serve every later batch
@@ -255,11 +285,13 @@ def _fails_on_negative(u, q):
 
 def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
     from zosol.solvers.base import SolverError
+
     with pytest.raises(ValueError, match="NumpySolver: processes must be an integer >= 1, got 0"):
         NumpySolver(_fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False, processes=0)
     x = torch.ones(6, 1, 4)
-    with NumpySolver(_fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False,
-                     processes=2) as two:
+    with NumpySolver(
+        _fails_on_negative, dt=0.1, channels=("u",), spatial_shape=(4,), batched=False, processes=2
+    ) as two:
         assert torch.equal(two.step(x), x + 1)
         bad = x.clone()
         bad[4:] = -1  # only in the worker's block
@@ -291,8 +323,11 @@ def test_state_pool_errors_name_the_cause_and_the_pool_recovers():
 def test_external_solver_max_batch_and_copies():
     cmd = [sys.executable, str(ROOT / "solvers" / "burgers1d_numpy.py"), "--n", "16"]
     x, p = torch.randn(11, 1, 16) * 0.5, torch.randn(11, 6) * 0.1
-    with ExternalSolver(cmd, timeout=30) as plain, ExternalSolver(cmd + ["--max-batch", "3"], timeout=30) as small, \
-            ExternalSolver(cmd + ["--max-batch", "3"], timeout=30, processes=2) as two:
+    with (
+        ExternalSolver(cmd, timeout=30) as plain,
+        ExternalSolver(cmd + ["--max-batch", "3"], timeout=30) as small,
+        ExternalSolver(cmd + ["--max-batch", "3"], timeout=30, processes=2) as two,
+    ):
         assert small.max_batch == 3 and two.processes == 2
         want = plain.step(x, p)
         assert torch.equal(small.step(x, p), want)
@@ -334,13 +369,15 @@ def counting_registered():
     register(CountingBurgers.name, CountingBurgers)
     yield
     from zosol.solvers import base
+
     base._REGISTRY.pop(CountingBurgers.name, None)
 
 
 def test_train_and_compare_build_each_solver_once(tmp_path, counting_registered):
     CountingBurgers.built.update(coarse=0, reference=0)
-    results = compare(CountingBurgers.name, "tiny", tmp_path, overrides={"epochs": 1}, progress=False,
-                      log=lambda *a: None)
+    results = compare(
+        CountingBurgers.name, "tiny", tmp_path, overrides={"epochs": 1}, progress=False, log=lambda *a: None
+    )
     assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL", "ZO-JAC-SOL"}
     assert CountingBurgers.built == {"coarse": 1, "reference": 1}
     CountingBurgers.built.update(coarse=0, reference=0)
@@ -352,8 +389,14 @@ def test_train_and_compare_build_each_solver_once(tmp_path, counting_registered)
 
 def test_compare_user_black_box_leaves_out_fo_sol(heat_module, tmp_path):
     lines = []
-    results = compare(heat_module.scenario, "tiny", tmp_path, overrides={"epochs": 1, "grad_checks": 1},
-                      progress=False, log=lines.append)
+    results = compare(
+        heat_module.scenario,
+        "tiny",
+        tmp_path,
+        overrides={"epochs": 1, "grad_checks": 1},
+        progress=False,
+        log=lines.append,
+    )
     assert set(results["methods"]) == {"SRC", "NON", "NOG-SOL", "ZO-SOL", "ZO-JAC-SOL"}
     assert lines[0].startswith("FO-SOL left out: it needs autograd") and "twin=" in lines[0]
     for name in ("ZO-SOL", "ZO-JAC-SOL"):  # the checks ran through the black box, no twin
@@ -376,16 +419,39 @@ def test_public_gradient_check_with_and_without_twin(heat_module, tmp_path):
     assert rep["methods"]["zo-sol"]["cosine_vs_fd"] > 0.999
     # a wrong gradient is caught: a solver that adds fresh noise on every call (seeded)
     rng = np.random.default_rng(0)
-    noisy = NumpySolver(lambda u, p: u + 1e-2 * rng.standard_normal(u.shape), dt=0.05,
-                        channels=("u",), spatial_shape=(16,), num_params=1)
+    noisy = NumpySolver(
+        lambda u, p: u + 1e-2 * rng.standard_normal(u.shape),
+        dt=0.05,
+        channels=("u",),
+        spatial_shape=(16,),
+        num_params=1,
+    )
     bad = check_gradient(heat, train_config("tiny"), solver=noisy)
     assert bad["methods"]["zo-sol"]["cosine_vs_fd"] < 0.99
 
 
 def test_cli_plugin_trains_and_opens_user_scenario(heat_module, tmp_path):
-    run = _zosol(["train", "--plugin", "user_heat_mod", "--scenario", "user_heat", "--preset", "tiny", "--method",
-                  "zo-sol", "--epochs", "1", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
-                 tmp_path, env_path=tmp_path)
+    run = _zosol(
+        [
+            "train",
+            "--plugin",
+            "user_heat_mod",
+            "--scenario",
+            "user_heat",
+            "--preset",
+            "tiny",
+            "--method",
+            "zo-sol",
+            "--epochs",
+            "1",
+            "--data",
+            str(tmp_path / "d"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        tmp_path,
+        env_path=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     ev = _zosol(["evaluate", str(tmp_path / "run")], tmp_path, env_path=tmp_path)
     assert ev.returncode == 0, ev.stderr
@@ -427,22 +493,43 @@ def test_your_own_solver_doc(tmp_path):
         print(json.dumps({"methods": sorted(res["methods"]), "cos": rep["methods"]["zo-sol"]["cosine_vs_fd"]}))
     ''')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=1200)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["methods"] == ["NOG-SOL", "NON", "SRC", "ZO-JAC-SOL", "ZO-SOL"] and out["cos"] >= 0.999
     info = _zosol(["info", "out/data/my_burgers_tiny.h5", "--json"], tmp_path, env_path=tmp_path)
     assert info.returncode == 0, info.stderr[-2000:]
     assert json.loads(info.stdout)["scenario"] == "my_burgers"
-    cli = _zosol(["train", "--plugin", "my_burgers", "--scenario", "my_burgers", "--preset", "tiny", "--method",
-                  "zo-sol", "--epochs", "1", "--data", "out/data", "--out", "runs/zo"], tmp_path, env_path=tmp_path)
+    cli = _zosol(
+        [
+            "train",
+            "--plugin",
+            "my_burgers",
+            "--scenario",
+            "my_burgers",
+            "--preset",
+            "tiny",
+            "--method",
+            "zo-sol",
+            "--epochs",
+            "1",
+            "--data",
+            "out/data",
+            "--out",
+            "runs/zo",
+        ],
+        tmp_path,
+        env_path=tmp_path,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
 
 
 def test_entry_point_group_registers_scenarios(heat_module, tmp_path, monkeypatch):
     """An installed package declares `ep_heat = "user_heat_mod:scenario"` in `zosol.scenarios`."""
     from zosol.solvers import base
+
     info = tmp_path / "site" / "fake_zosol_plugin-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-zosol-plugin\nVersion: 0.1\n")

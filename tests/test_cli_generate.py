@@ -1,4 +1,5 @@
 """Tests of the command line's `generate` and `info` (zosol/cli.py) and its user-error handling."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,24 @@ def test_generate_and_info(tmp_path, capsys):
 
 def test_generate_with_overrides(tmp_path, capsys):
     out = tmp_path / "data"
-    args = ["generate", "--scenario", "burgers1d", "--preset", "tiny", "--out", str(out), "--quiet",
-            "--set", "frames=3", "--set", "train_sims=1", "--set", "test_sims=1", "--batch", "1"]
+    args = [
+        "generate",
+        "--scenario",
+        "burgers1d",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "frames=3",
+        "--set",
+        "train_sims=1",
+        "--set",
+        "test_sims=1",
+        "--batch",
+        "1",
+    ]
     assert main(args) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path == out / "burgers1d_custom.h5"
@@ -76,18 +93,21 @@ def test_generate_with_overrides(tmp_path, capsys):
     assert err.startswith("zosol: error:") and "different config" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--scenario", "nope"], "unknown scenario 'nope'"),
-    (["--scenario", "burgers1d", "--preset", "huge"], "unknown preset 'huge'"),
-    (["--scenario", "burgers1d", "--set", "n_coarse=0"], "'n_coarse' must be positive"),
-    (["--scenario", "burgers1d", "--set", "frames=-1"], "'frames' must be positive"),
-    (["--scenario", "burgers1d", "--set", "bogus=1"], "unknown config field(s) ['bogus']"),
-    (["--scenario", "burgers1d", "--set", "n_ref=abc"], "'n_ref' must be an integer"),
-    (["--scenario", "burgers1d", "--set", "n_ref=100"], "must be a multiple of n_coarse"),
-    (["--scenario", "burgers1d", "--set", "dt=0"], "'dt' must be positive"),
-    (["--scenario", "burgers1d", "--set", "frames"], "--set expects KEY=VALUE"),
-    (["--scenario", "burgers1d", "--batch", "0"], "batch must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--scenario", "nope"], "unknown scenario 'nope'"),
+        (["--scenario", "burgers1d", "--preset", "huge"], "unknown preset 'huge'"),
+        (["--scenario", "burgers1d", "--set", "n_coarse=0"], "'n_coarse' must be positive"),
+        (["--scenario", "burgers1d", "--set", "frames=-1"], "'frames' must be positive"),
+        (["--scenario", "burgers1d", "--set", "bogus=1"], "unknown config field(s) ['bogus']"),
+        (["--scenario", "burgers1d", "--set", "n_ref=abc"], "'n_ref' must be an integer"),
+        (["--scenario", "burgers1d", "--set", "n_ref=100"], "must be a multiple of n_coarse"),
+        (["--scenario", "burgers1d", "--set", "dt=0"], "'dt' must be positive"),
+        (["--scenario", "burgers1d", "--set", "frames"], "--set expects KEY=VALUE"),
+        (["--scenario", "burgers1d", "--batch", "0"], "batch must be >= 1"),
+    ],
+)
 def test_generate_user_errors(tmp_path, extra, match, cli_user_error):
     out = tmp_path / "data"
     argv = ["generate", "--preset", "tiny", "--out", str(out), "--quiet"]
@@ -115,6 +135,7 @@ def test_info_user_errors(tiny_h5, tmp_path, cli_user_error):
     damaged = tmp_path / "damaged.h5"  # opens as HDF5, fails while reading (attributes)
     raw = bytearray(data)
     import random
+
     rng = random.Random(2)
     for _ in range(50):
         raw[rng.randrange(len(raw))] ^= 0xFF
@@ -131,6 +152,7 @@ def test_info_plot_on_bad_file_writes_nothing(tmp_path, cli_user_error):
 
 def test_interrupted_generate_keeps_parts_and_exits_130(tmp_path, capsys, monkeypatch):
     import importlib
+
     genmod = importlib.import_module("zosol.datasets.generate")
     real, calls = genmod.simulate_reference, []
 
@@ -154,8 +176,10 @@ def test_interrupted_generate_keeps_parts_and_exits_130(tmp_path, capsys, monkey
     assert not (out / "burgers1d_tiny.h5.parts").exists()
 
 
-@pytest.mark.parametrize("scenario, preset", [("burgers1d", "default"), ("burgers2d", "tiny"),
-                                              ("burgers2d", "default"), ("karman2d", "tiny")])
+@pytest.mark.parametrize(
+    "scenario, preset",
+    [("burgers1d", "default"), ("burgers2d", "tiny"), ("burgers2d", "default"), ("karman2d", "tiny")],
+)
 def test_generate_each_scenario_round_trip(tmp_path, capsys, scenario, preset):
     """`zosol generate` writes a dataset that reads back with the scenario's shapes and seeds."""
     assert main(["generate", "--scenario", scenario, "--preset", preset, "--out", str(tmp_path), "--quiet"]) == 0

@@ -1,4 +1,5 @@
 """Tests of fidelity-dataset generation and the validating HDF5 reader (datasets/*.py)."""
+
 from __future__ import annotations
 
 import importlib
@@ -31,6 +32,7 @@ def _trajectories(path: Path) -> dict[str, np.ndarray]:
 
 
 # -- writing and reading ----------------------------------------------------------------------
+
 
 def test_generate_writes_a_valid_file(tiny_h5):
     sc = get_scenario("burgers1d", "tiny")
@@ -103,12 +105,12 @@ def test_existing_file_is_reused_but_not_for_another_config(tmp_path):
     assert path.stat().st_mtime_ns == mtime  # reused, not regenerated
     with pytest.raises(ValueError, match=r"different config.*frames"):
         generate("burgers1d", "tiny", tmp_path, progress=False, overrides={**small, "frames": 4})
-    path2 = generate("burgers1d", "tiny", tmp_path, progress=False, overrides={**small, "frames": 4},
-                     overwrite=True)
+    path2 = generate("burgers1d", "tiny", tmp_path, progress=False, overrides={**small, "frames": 4}, overwrite=True)
     assert path2 == path and load_dataset(path).frames == 4
 
 
 # -- resuming ---------------------------------------------------------------------------------
+
 
 class _Interrupt(RuntimeError):
     pass
@@ -200,6 +202,7 @@ def test_bad_batch_is_refused(tmp_path):
 
 # -- reader errors ----------------------------------------------------------------------------
 
+
 def _assert_dataset_error(path: Path, match: str, scenario: str | None = None) -> None:
     with pytest.raises(DatasetError, match=match) as info:
         load_dataset(path, scenario)
@@ -256,16 +259,19 @@ def test_scenario_mismatch(tiny_h5):
     _assert_dataset_error(tiny_h5, "holds scenario 'burgers1d', not 'burgers2d'", scenario="burgers2d")
 
 
-@pytest.mark.parametrize("edit, match", [
-    ("wrong_shape", r"/train/0 has shape \(13, 1, 8\)"),
-    ("float64", "expected .* float32"),
-    ("nan", "NaN or inf"),
-    ("params", "params"),
-    ("bad_config", "invalid scenario config"),
-    ("no_frames_attr", "corrupt or malformed"),
-    ("no_test_group", "missing group '/test'"),
-    ("empty", "holds no simulations"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("wrong_shape", r"/train/0 has shape \(13, 1, 8\)"),
+        ("float64", "expected .* float32"),
+        ("nan", "NaN or inf"),
+        ("params", "params"),
+        ("bad_config", "invalid scenario config"),
+        ("no_frames_attr", "corrupt or malformed"),
+        ("no_test_group", "missing group '/test'"),
+        ("empty", "holds no simulations"),
+    ],
+)
 def test_inconsistent_contents(tiny_h5, tmp_path, edit, match):
     path = _copy(tiny_h5, tmp_path)
     with h5py.File(path, "r+") as f:
@@ -273,8 +279,11 @@ def test_inconsistent_contents(tiny_h5, tmp_path, edit, match):
         data, attrs = d[()], dict(d.attrs)
         if edit in ("wrong_shape", "float64", "nan"):
             del f["train/0"]
-            new = {"wrong_shape": data[..., ::2], "float64": data.astype(np.float64),
-                   "nan": np.where(np.arange(data.size).reshape(data.shape) == 7, np.nan, data).astype(np.float32)}[edit]
+            new = {
+                "wrong_shape": data[..., ::2],
+                "float64": data.astype(np.float64),
+                "nan": np.where(np.arange(data.size).reshape(data.shape) == 7, np.nan, data).astype(np.float32),
+            }[edit]
             nd = f.create_dataset("train/0", data=new)
             nd.attrs.update(attrs)
         elif edit == "params":

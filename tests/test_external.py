@@ -7,6 +7,7 @@ follow the torch code op by op; the only differences are 1-ulp differences of fl
 agrees to a tolerance set by how CGE (1 / 2 mu) and Adam amplify such differences.  Runs of the
 same numpy code in-process (NumpySolver) and out of process (ExternalSolver) agree bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,25 @@ ext_mod = _load_script()
 
 def _cmd(sc: Burgers1DScenario, *extra: str) -> list[str]:
     c = sc.config
-    return [sys.executable, str(SCRIPT), "--n", str(c.n_coarse), "--nu", repr(c.nu), "--dt", repr(c.dt),
-            "--length", repr(c.length), "--forcing-modes", str(c.forcing_modes), "--u-max", repr(c.u_max),
-            "--cfl", "0.9", *extra]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--n",
+        str(c.n_coarse),
+        "--nu",
+        repr(c.nu),
+        "--dt",
+        repr(c.dt),
+        "--length",
+        repr(c.length),
+        "--forcing-modes",
+        str(c.forcing_modes),
+        "--u-max",
+        repr(c.u_max),
+        "--cfl",
+        "0.9",
+        *extra,
+    ]
 
 
 def _gone(pid: int) -> bool:
@@ -81,10 +98,18 @@ def _cfg(epochs: int = 1, **kw):
 
 def _numpy_coarse(sc: Burgers1DScenario) -> NumpySolver:
     c = sc.config
-    core = ext_mod.CoarseBurgers1D(c.n_coarse, c.nu, c.dt, c.length, cfl=0.9, forcing_modes=c.forcing_modes,
-                                   u_max=c.u_max)
-    return NumpySolver(core.step, dt=c.dt, channels=("u",), spatial_shape=(c.n_coarse,),
-                       num_params=core.num_params, coords={"x": core.x()}, name="burgers1d-numpy")
+    core = ext_mod.CoarseBurgers1D(
+        c.n_coarse, c.nu, c.dt, c.length, cfl=0.9, forcing_modes=c.forcing_modes, u_max=c.u_max
+    )
+    return NumpySolver(
+        core.step,
+        dt=c.dt,
+        channels=("u",),
+        spatial_shape=(c.n_coarse,),
+        num_params=core.num_params,
+        coords={"x": core.x()},
+        name="burgers1d-numpy",
+    )
 
 
 def _assert_same_model(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
@@ -96,6 +121,7 @@ def _assert_same_model(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> 
 
 
 # -- the external step equals the in-process coarse step -----------------------------------------
+
 
 def test_handshake_reports_the_coarse_solvers_metadata(sc, ext):
     ref = Burgers1DScenario.from_preset("tiny").coarse_solver()
@@ -124,13 +150,16 @@ def test_external_step_equals_inprocess_step(sc, ext, batch):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
     # float64 on the wire: the result comes back in the caller's dtype
     u64 = u.double()
-    torch.testing.assert_close(ext.step(u64, p.double()), ref.step(u64, p.double()), rtol=1e-5, atol=1e-6,
-                               check_dtype=True)
+    torch.testing.assert_close(
+        ext.step(u64, p.double()), ref.step(u64, p.double()), rtol=1e-5, atol=1e-6, check_dtype=True
+    )
 
 
 def test_server_needs_neither_zosol_nor_torch(sc):
-    block = ("import sys, runpy; sys.modules['zosol'] = None; sys.modules['torch'] = None; "
-             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    block = (
+        "import sys, runpy; sys.modules['zosol'] = None; sys.modules['torch'] = None; "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     cmd = _cmd(sc)
     with ExternalSolver([cmd[0], "-c", block, *cmd[1:]], timeout=30) as solver:
         u = torch.zeros(2, 1, sc.config.n_coarse)
@@ -153,6 +182,7 @@ def test_not_differentiable_but_blackbox_works(sc, ext):
 
 
 # -- ZO-SOL trains through the external process ----------------------------------------------------
+
 
 def test_zo_sol_external_matches_inprocess(tiny, sc, ext):
     cfg = _cfg(1)
@@ -182,6 +212,7 @@ def test_external_process_is_bitwise_the_same_as_its_numpy_code_in_process(tiny,
 
 
 # -- faults during training: clear error, checkpoint intact, resume reproduces the clean run -------
+
 
 @pytest.fixture(scope="module")
 def clean_two_epochs(tiny, sc, ext):
@@ -294,6 +325,7 @@ def test_close_context_manager_and_garbage_collection(sc):
 
 # -- NumpySolver ---------------------------------------------------------------------------------
 
+
 def test_numpy_solver_validates_and_refuses_autograd(sc):
     ref = sc.coarse_solver()
     solver = _numpy_coarse(sc)
@@ -326,6 +358,7 @@ def test_zo_sol_trains_with_a_numpy_solver(tiny, sc):
 
 
 # -- overhead bench (smoke) ------------------------------------------------------------------------
+
 
 def test_bench_prints_the_overhead_table(capsys):
     args = argparse.Namespace(n=16, nu=0.02, dt=0.05, length=2 * np.pi, forcing_modes=3, u_max=2.0, cfl=0.9)

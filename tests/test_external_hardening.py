@@ -3,6 +3,7 @@ are checked before allocation, an absurd hello is refused, nested-JSON headers a
 duplicate replies are protocol errors, the whole process group dies on close and on a fault (a
 grandchild holding stdout neither hides a crash nor survives), and only a bounded stderr tail is
 kept.  Every failure is a SolverError."""
+
 from __future__ import annotations
 
 import os

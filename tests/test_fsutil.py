@@ -1,6 +1,7 @@
 """Atomic writes and advisory locks (zosol/fsutil.py): planted symlinks are never followed,
 temporary names are unique, failures leave the target as it was, a second lock holder is refused
 in one line naming the holder."""
+
 from __future__ import annotations
 
 import errno
@@ -12,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from zosol.fsutil import (FileLock, LockedError, atomic_save, atomic_save_path, atomic_write_bytes,
-                          atomic_write_text, format_bytes, os_error_message)
+from zosol.fsutil import (
+    FileLock,
+    LockedError,
+    atomic_save,
+    atomic_save_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    format_bytes,
+    os_error_message,
+)
 
 
 def test_atomic_write_replaces_a_planted_symlink_not_its_target(tmp_path):
@@ -28,8 +37,12 @@ def test_atomic_write_replaces_a_planted_symlink_not_its_target(tmp_path):
     assert victim.read_text() == "precious"
     assert not (out / "results.json").is_symlink() and (out / "results.json").read_text() == "{}"
     # no temporary file left behind
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt.tmp", "results.json", "results.json.tmp",
-                                                    "x.h5.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt.tmp",
+        "results.json",
+        "results.json.tmp",
+        "x.h5.tmp",
+    ]
 
 
 def test_atomic_save_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -89,8 +102,10 @@ def test_lock_refuses_a_second_holder_naming_it(tmp_path):
 
 def test_lock_of_a_process_killed_with_sigkill_is_free(tmp_path):
     target = tmp_path / "x.h5"
-    code = ("import sys, time; from zosol.fsutil import FileLock; l = FileLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from zosol.fsutil import FileLock; l = FileLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, env=env)
     try:
@@ -116,4 +131,4 @@ def test_lock_file_symlink_is_not_followed(tmp_path):
 
 
 def test_format_bytes():
-    assert format_bytes(512) == "512 B" and format_bytes(3 * 2 ** 30) == "3 GiB"
+    assert format_bytes(512) == "512 B" and format_bytes(3 * 2**30) == "3 GiB"

@@ -2,6 +2,7 @@
 the data side).  Each test reproduces one probe at tiny sizes and checks the documented outcome:
 one line, exit code 2 (user error) or 1 (failed run), no traceback, no foreign file touched, and
 a rerun that reaches the result of an undisturbed run."""
+
 from __future__ import annotations
 
 import errno
@@ -42,6 +43,7 @@ def _same_data(a: Path, b: Path) -> None:
 @pytest.fixture
 def cli_failure(capsys):
     """``cli_failure(argv, match)``: exit code 1, one stderr line ``zosol: failed: ...``, no traceback."""
+
     def run(argv: list[str], match: str = "") -> str:
         capsys.readouterr()
         code = main(argv)
@@ -50,10 +52,12 @@ def cli_failure(capsys):
         assert captured.err.count("\n") == 1 and captured.err.startswith("zosol: failed: "), captured.err
         assert "Traceback" not in captured.err and match in captured.err, captured.err
         return captured.err.strip()
+
     return run
 
 
 # -- 3: data outside the file -----------------------------------------------------------------
+
 
 def _secret(tmp_path: Path, nbytes: int) -> Path:
     secret = tmp_path / "secret.bin"
@@ -101,6 +105,7 @@ def test_data_stored_outside_the_file_are_refused(tiny_h5, tmp_path, kind, cli_u
 
 # -- 2 + 4: planted symlinks, concurrent generate -------------------------------------------------
 
+
 def test_generate_never_follows_planted_symlinks(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -125,11 +130,14 @@ def test_generate_never_follows_planted_symlinks(tmp_path):
 def test_second_generate_of_the_same_dataset_is_refused_naming_the_holder(tmp_path, cli_user_error):
     out = tmp_path / "data"
     out.mkdir()
-    code = ("import sys, time; from zosol.fsutil import FileLock; FileLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from zosol.fsutil import FileLock; FileLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out / "burgers1d_tiny.h5")], stdout=subprocess.PIPE,
-                              env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out / "burgers1d_tiny.h5")], stdout=subprocess.PIPE, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == b"locked"
         t0 = time.monotonic()
@@ -154,18 +162,23 @@ def test_two_identical_generate_processes_do_not_crash(tmp_path):
         assert "Traceback" not in err
         if code == 2:
             assert err.count("\n") == 1 and "is in use by pid" in err
-    _same_data(tmp_path / "burgers1d_tiny.h5",
-               generate("burgers1d", "tiny", tmp_path / "clean", batch=1, progress=False))
+    _same_data(
+        tmp_path / "burgers1d_tiny.h5", generate("burgers1d", "tiny", tmp_path / "clean", batch=1, progress=False)
+    )
 
 
 # -- 8: sizes bounded before allocation ----------------------------------------------------------
 
-@pytest.mark.parametrize("override, match", [
-    ("n_ref=67108864", "would take at least"),
-    ("train_sims=1000000000", "of memory"),
-    ("frames=1000000000", "of memory"),
-    ("warmup=1000000000000", "would take at least"),
-])
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("n_ref=67108864", "would take at least"),
+        ("train_sims=1000000000", "of memory"),
+        ("frames=1000000000", "of memory"),
+        ("warmup=1000000000000", "would take at least"),
+    ],
+)
 def test_absurd_generation_sizes_are_refused_up_front(tmp_path, override, match, cli_user_error):
     t0 = time.monotonic()
     line = cli_user_error([*GEN, "--set", override, "--out", str(tmp_path)], match)
@@ -177,8 +190,11 @@ def test_absurd_generation_sizes_are_refused_up_front(tmp_path, override, match,
 def test_crafted_grid_attribute_is_refused_before_allocating(tiny_h5, tmp_path, monkeypatch, cli_user_error):
     path = _copy(tiny_h5, tmp_path / "crafted.h5")
     with h5py.File(path, "r+") as f:
-        f.attrs["config"] = f.attrs["config"].replace('"n_coarse": 16', f'"n_coarse": {2 ** 30}') \
-            .replace('"n_ref": 128', f'"n_ref": {2 ** 31}')
+        f.attrs["config"] = (
+            f.attrs["config"]
+            .replace('"n_coarse": 16', f'"n_coarse": {2**30}')
+            .replace('"n_ref": 128', f'"n_ref": {2**31}')
+        )
     real = Burgers1D.__init__
 
     def guarded(self, n, *a, **kw):
@@ -191,15 +207,21 @@ def test_crafted_grid_attribute_is_refused_before_allocating(tiny_h5, tmp_path, 
 
 def test_decompression_bomb_is_refused(tiny_h5, tmp_path, cli_user_error):
     path = _copy(tiny_h5, tmp_path / "bomb.h5")
-    frames = 2 ** 20  # 64 MiB per simulation that decompress from (almost) nothing
+    frames = 2**20  # 64 MiB per simulation that decompress from (almost) nothing
     with h5py.File(path, "r+") as f:
         f.attrs["frames"] = frames
         for split in ("train", "test"):
             for key in list(f[split]):
                 attrs = dict(f[split][key].attrs)
                 del f[split][key]
-                d = f[split].create_dataset(key, shape=(frames + 1, 1, 16), dtype=np.float32, compression="gzip",
-                                            chunks=(4096, 1, 16), fillvalue=0.0)
+                d = f[split].create_dataset(
+                    key,
+                    shape=(frames + 1, 1, 16),
+                    dtype=np.float32,
+                    compression="gzip",
+                    chunks=(4096, 1, 16),
+                    fillvalue=0.0,
+                )
                 d[:8] = 1.0
                 d.attrs.update(attrs)
     t0 = time.monotonic()
@@ -214,7 +236,7 @@ def test_huge_attribute_is_refused_unread(tiny_h5, tmp_path):
         del f["train/0"]
         d = f.create_dataset("train/0", data=data)
         d.attrs["seed"] = seed
-        d.attrs["params"] = np.zeros(2 ** 19, np.float32)  # 2 MiB
+        d.attrs["params"] = np.zeros(2**19, np.float32)  # 2 MiB
     with pytest.raises(DatasetError, match="attribute 'params' of /train/0 holds 2 MiB"):
         load_dataset(path)
 
@@ -228,6 +250,7 @@ def test_deeply_nested_config_is_a_dataset_error(tiny_h5, tmp_path):
 
 
 # -- 9: contents validated, damaged files repaired ---------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["train", "test"])
 def test_nan_params_are_refused(tiny_h5, tmp_path, where, cli_user_error):
@@ -272,6 +295,7 @@ def test_tampered_parts_are_regenerated_not_assembled(tmp_path, tamper, capsys):
         np.savez(part, trajectory=np.array([object()], dtype=object), params=params)
     # a stamp of the same config, as an interrupted run leaves it
     import json
+
     (parts / "config.json").write_text(json.dumps({**sc.describe(), "batch": 8}, sort_keys=True))
     assert main([*GEN, "--out", str(out)]) == 0
     assert "regenerating train_1.npz: damaged part" in capsys.readouterr().err
@@ -285,7 +309,7 @@ def test_damaged_final_file_is_reported_then_repaired_by_the_named_command(tiny_
     with h5py.File(path, "r+") as f:
         f["test/10000"][3, 0, 5] = np.nan
     line = cli_user_error([*GEN, "--out", str(out)], "contains NaN or inf")
-    command = line[line.index("`") + 1:line.rindex("`")]
+    command = line[line.index("`") + 1 : line.rindex("`")]
     assert command == f"zosol generate --scenario burgers1d --preset tiny --out {out} --overwrite"
     assert main([*command.split()[1:], "--quiet"]) == 0  # exactly the command the message names
     _same_data(path, tiny_h5)
@@ -293,6 +317,7 @@ def test_damaged_final_file_is_reported_then_repaired_by_the_named_command(tiny_
 
 
 # -- 6: divergence in solvers and generation is a SolverError -----------------------------------
+
 
 def test_burgers_blow_up_is_a_solver_error():
     solver = get_scenario("burgers1d", "tiny").coarse_solver()
@@ -321,8 +346,10 @@ def test_diverging_generation_is_a_failed_run_and_keeps_finished_parts(tmp_path,
     def blows_up(scenario, seeds):
         calls.append(seeds)
         if len(calls) == 2:
-            return real(scenario.__class__(scenario.config.__class__(**{**scenario.config.to_dict(),
-                                                                        "ic_amplitude": 1e12})), seeds)
+            return real(
+                scenario.__class__(scenario.config.__class__(**{**scenario.config.to_dict(), "ic_amplitude": 1e12})),
+                seeds,
+            )
         return real(scenario, seeds)
 
     out = tmp_path / "data"
@@ -335,6 +362,7 @@ def test_diverging_generation_is_a_failed_run_and_keeps_finished_parts(tmp_path,
 
 
 # -- 7: plots and file-system errors -----------------------------------------------------------
+
 
 def test_info_plot_honours_the_suffix(tiny_h5, tmp_path, capsys, cli_user_error):
     for suffix, magic in ((".pdf", b"%PDF"), (".svg", b"<?xml"), (".png", b"\x89PNG")):
@@ -411,17 +439,25 @@ def test_file_size_limit_is_one_line_not_a_crash(tmp_path):
     refuses the write (EFBIG).  Was a segfault / bus error from h5py at exit."""
     limit = 20_000
     import resource
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "zosol.cli", *GEN, "--out", str(tmp_path / "data")]
-    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    p = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "File too large" in p.stderr and "Traceback" not in p.stderr
     assert not list((tmp_path / "data").rglob(".*.tmp"))
     assert len(list((tmp_path / "data").rglob("*.npz"))) == 5  # the finished parts are kept
     assert main([*GEN, "--out", str(tmp_path / "data")]) == 0
-    _same_data(tmp_path / "data" / "burgers1d_tiny.h5",
-               generate("burgers1d", "tiny", tmp_path / "clean", progress=False))
+    _same_data(
+        tmp_path / "data" / "burgers1d_tiny.h5", generate("burgers1d", "tiny", tmp_path / "clean", progress=False)
+    )
 
 
 def test_read_only_directory_is_one_line(tmp_path, monkeypatch, cli_user_error):

@@ -5,6 +5,7 @@ divergence, file-system errors, tampered checkpoints, oversized configs, bad opt
 Every failure must be one ``zosol: ...`` line with exit 2 (user error) or 1 (failed run), 143 for
 SIGTERM, no traceback, nothing written outside the output directory, and a rerun that reaches
 the result of an undisturbed run."""
+
 from __future__ import annotations
 
 import errno
@@ -23,8 +24,12 @@ import torch
 from zosol.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+}
 TINY = ["--scenario", "burgers1d", "--preset", "tiny"]
 
 
@@ -33,8 +38,18 @@ def _train(data, out, *extra, method="non"):
 
 
 def _compare(data, out, *extra, methods="non"):
-    return ["compare", *TINY, "--quiet", "--data", str(Path(data).parent), "--out", str(out),
-            "--methods", methods, *extra]
+    return [
+        "compare",
+        *TINY,
+        "--quiet",
+        "--data",
+        str(Path(data).parent),
+        "--out",
+        str(out),
+        "--methods",
+        methods,
+        *extra,
+    ]
 
 
 def _progress(line: str) -> bool:
@@ -47,8 +62,11 @@ def _failed(capsys, argv, code, match=""):
     capsys.readouterr()
     got = main(argv)
     out = capsys.readouterr()
-    lines = [ln for ln in out.err.replace("\r", "\n").splitlines()
-             if ln.strip() and not _progress(ln) and not ln.startswith(("zosol: warning", "zosol: note"))]
+    lines = [
+        ln
+        for ln in out.err.replace("\r", "\n").splitlines()
+        if ln.strip() and not _progress(ln) and not ln.startswith(("zosol: warning", "zosol: note"))
+    ]
     assert got == code, out.err[-2000:]
     assert "Traceback" not in out.err + out.out
     assert len(lines) == 1 and lines[0].startswith("zosol: "), lines
@@ -95,13 +113,17 @@ def test_a_malicious_checkpoint_never_runs_code(tmp_path, tiny_h5, run_copy, cap
     elif entry == "load_run":
         from zosol.datasets import load_dataset
         from zosol.training import CheckpointError, load_run
+
         _poison(run_copy / "checkpoint.pt", marker)
         with pytest.raises(CheckpointError, match="checkpoint"):
             load_run(run_copy, load_dataset(tiny_h5))
     else:
         _poison(run_copy / "checkpoint.pt", marker)
-        argv = (_train(tiny_h5, run_copy, "--epochs", "2", "--resume") if entry.startswith("train")
-                else ["evaluate", str(run_copy)])
+        argv = (
+            _train(tiny_h5, run_copy, "--epochs", "2", "--resume")
+            if entry.startswith("train")
+            else ["evaluate", str(run_copy)]
+        )
         _failed(capsys, argv, 2, "checkpoint")
     assert not marker.exists()
 
@@ -113,8 +135,17 @@ def test_genuine_checkpoints_load_with_weights_only(trained_run):
 
 # ------------------------------------------------------------------------------ 2: symlinks
 RUN_FILES = ["checkpoint.pt.tmp", "history.json", "config.json", "run.json", "history.json.tmp"]
-COMPARE_FILES = ["results.json", "results.json.tmp", "results.md", "results.csv", "frame_mae.png",
-                 "frame_mae.tmp.png", "test_simulation.png", "runs/non/history.json", "runs/non/config.json"]
+COMPARE_FILES = [
+    "results.json",
+    "results.json.tmp",
+    "results.md",
+    "results.csv",
+    "frame_mae.png",
+    "frame_mae.tmp.png",
+    "test_simulation.png",
+    "runs/non/history.json",
+    "runs/non/config.json",
+]
 
 
 def test_planted_symlinks_are_never_followed(tmp_path, tiny_h5, capsys):
@@ -139,8 +170,14 @@ def test_planted_symlinks_are_never_followed(tmp_path, tiny_h5, capsys):
 
 # ------------------------------------------------------------------------------ 4: locks
 def _start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "zosol.cli", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "zosol.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path: Path, proc, timeout=120.0):
@@ -154,15 +191,21 @@ def _wait_for(path: Path, proc, timeout=120.0):
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_a_second_run_on_a_directory_is_refused_at_once(tmp_path, tiny_h5, capsys, command):
     out = tmp_path / "out"
-    first = (_train(tiny_h5, out, "--epochs", "5000", method="zo-sol") if command == "train"
-             else _compare(tiny_h5, out, "--epochs", "5000", methods="zo-sol"))
+    first = (
+        _train(tiny_h5, out, "--epochs", "5000", method="zo-sol")
+        if command == "train"
+        else _compare(tiny_h5, out, "--epochs", "5000", methods="zo-sol")
+    )
     proc = _start(first, tmp_path)
     try:
         _wait_for(out / ("checkpoint.pt" if command == "train" else "runs/zo-sol/checkpoint.pt"), proc)
         before = {p: p.read_bytes() for p in out.rglob("*.json")}
         t0 = time.perf_counter()
-        second = (_train(tiny_h5, out, "--epochs", "2", "--lr", "0.5", "--resume", method="zo-sol")
-                  if command == "train" else _compare(tiny_h5, out, "--epochs", "2", methods="zo-sol"))
+        second = (
+            _train(tiny_h5, out, "--epochs", "2", "--lr", "0.5", "--resume", method="zo-sol")
+            if command == "train"
+            else _compare(tiny_h5, out, "--epochs", "2", methods="zo-sol")
+        )
         line = _failed(capsys, second, 2, "in use by")
         assert time.perf_counter() - t0 < 1.0
         assert f"pid {proc.pid}" in line
@@ -256,8 +299,15 @@ def test_sigterm_then_resume_equals_an_undisturbed_run(tmp_path, tiny_h5, capsys
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("n, match", [("0", "--workers must be"), ("-3", "--workers must be"),
-                                      ("10000", "cores"), (str((os.cpu_count() or 1) + 1), "cores")])
+@pytest.mark.parametrize(
+    "n, match",
+    [
+        ("0", "--workers must be"),
+        ("-3", "--workers must be"),
+        ("10000", "cores"),
+        (str((os.cpu_count() or 1) + 1), "cores"),
+    ],
+)
 def test_workers_are_bounded_by_the_cores(tmp_path, tiny_h5, cli_user_error, n, match):
     cli_user_error(_train(tiny_h5, tmp_path / "run", "--workers", n, method="zo-sol"), match)
     assert not (tmp_path / "run").exists()
@@ -272,15 +322,18 @@ def test_divergence_is_one_line_exit_1_and_keeps_the_checkpoint(tmp_path, tiny_h
         ck = torch.load(run / "checkpoint.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
     # a rerun reaches the same result
-    _failed(capsys, _train(tiny_h5, run, "--lr", "1e3", "--epochs", "4", "--resume", method=method), 1,
-            "diverge")
+    _failed(capsys, _train(tiny_h5, run, "--lr", "1e3", "--epochs", "4", "--resume", method=method), 1, "diverge")
 
 
 def test_compare_marks_a_diverged_method_and_finishes_the_others(tmp_path, tiny_h5, capsys):
     out = tmp_path / "cmp"
     # NON tolerates a large step size on tiny; the SOL methods do not
-    line = _failed(capsys, _compare(tiny_h5, out, "--lr", "1e3", "--epochs", "4",
-                                    methods="non,nog-sol,fo-sol,zo-sol"), 1, "diverged")
+    line = _failed(
+        capsys,
+        _compare(tiny_h5, out, "--lr", "1e3", "--epochs", "4", methods="non,nog-sol,fo-sol,zo-sol"),
+        1,
+        "diverged",
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == {"SRC", "NON", "NOG-SOL", "FO-SOL", "ZO-SOL"}
     diverged = [k for k, v in res["methods"].items() if v.get("status") == "diverged"]
@@ -295,8 +348,12 @@ def test_compare_marks_a_diverged_method_and_finishes_the_others(tmp_path, tiny_
     assert "diverged" in (out / "results.csv").read_text()
     again = tmp_path / "again"
     shutil.copytree(out, again)
-    _failed(capsys, _compare(tiny_h5, again, "--lr", "1e3", "--epochs", "4",
-                             methods="non,nog-sol,fo-sol,zo-sol"), 1, "diverged")
+    _failed(
+        capsys,
+        _compare(tiny_h5, again, "--lr", "1e3", "--epochs", "4", methods="non,nog-sol,fo-sol,zo-sol"),
+        1,
+        "diverged",
+    )
     res2 = json.loads((again / "results.json").read_text())
     for k in res["methods"]:
         assert res2["methods"][k].get("mae_per_sim") == res["methods"][k].get("mae_per_sim"), k
@@ -350,6 +407,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_h5, capsys, monkeypatch):
 def test_disk_full_while_writing_the_results(tmp_path, tiny_h5, capsys, monkeypatch):
     out = tmp_path / "cmp"
     import zosol.fsutil as fsutil
+
     real = fsutil.atomic_save
 
     def full(path, writer, **kw):
@@ -397,11 +455,17 @@ def test_a_write_refused_by_the_file_system(tmp_path, tiny_h5, cli_user_error, m
 def test_file_size_limit_while_checkpointing(tmp_path, tiny_h5, capsys):
     """``ulimit -f`` 8 kB: config.json and run.json fit, the checkpoint (~13 kB) does not (EFBIG)."""
     import resource
+
     limit = 8_000
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "zosol.cli", *_train(tiny_h5, run, "--epochs", "2")], env=ENV,
-                       capture_output=True, text=True, timeout=300,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    p = subprocess.run(
+        [sys.executable, "-m", "zosol.cli", *_train(tiny_h5, run, "--epochs", "2")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     lines = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if ln.strip() and not _progress(ln)]
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(lines) == 1 and "File too large" in lines[0] and "checkpoint.pt" in lines[0], lines
@@ -426,8 +490,19 @@ def test_output_paths_that_cannot_be_used(tmp_path, tiny_h5, cli_user_error):
 
 
 def test_compare_accepts_a_dataset_file(tmp_path, tiny_h5, capsys):
-    argv = ["compare", *TINY, "--quiet", "--data", str(tiny_h5), "--out", str(tmp_path / "cmp"), "--methods", "non",
-            "--epochs", "1"]
+    argv = [
+        "compare",
+        *TINY,
+        "--quiet",
+        "--data",
+        str(tiny_h5),
+        "--out",
+        str(tmp_path / "cmp"),
+        "--methods",
+        "non",
+        "--epochs",
+        "1",
+    ]
     assert main(argv) == 0
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["dataset"] == str(tiny_h5)
 
@@ -441,13 +516,14 @@ TAMPER = {
     "unknown key": lambda ck: ck.update(surprise=1),
     "wrong tensor shape": lambda ck: ck["model"].update({_first(ck["model"]): torch.zeros(3)}),
     "empty model": lambda ck: ck.update(model={}),
-    "position out of range": lambda ck: ck.update(position=10 ** 6),
+    "position out of range": lambda ck: ck.update(position=10**6),
     "negative epoch": lambda ck: ck.update(epoch=-5),
-    "epoch past the end": lambda ck: ck.update(epoch=10 ** 9),
+    "epoch past the end": lambda ck: ck.update(epoch=10**9),
     "model not a dict": lambda ck: ck.update(model=[1, 2]),
     "history missing": lambda ck: ck.pop("history"),
     "optimizer state of another shape": lambda ck: ck["optimizer"]["state"].update(
-        {0: {**ck["optimizer"]["state"][0], "exp_avg": torch.zeros(1)}}),
+        {0: {**ck["optimizer"]["state"][0], "exp_avg": torch.zeros(1)}}
+    ),
     "window_rng not a tensor": lambda ck: ck.update(window_rng="x"),
     "config with an unknown field": lambda ck: ck["config"].update(bogus=1),
     "perm of another length": lambda ck: ck.update(perm=torch.arange(3)),
@@ -472,15 +548,18 @@ def test_tampered_checkpoints_are_one_line_errors(run_copy, tiny_h5, capsys, cha
 
 
 # ------------------------------------------------------------------------------ 8: sizes
-@pytest.mark.parametrize("extra, match", [
-    (["--depth", str(10 ** 6)], "depth"),
-    (["--width", str(10 ** 6)], "width"),
-    (["--width", "4096", "--depth", "1000"], "GiB"),
-    (["--train-set", f"grad_checks={10 ** 9}"], "grad_checks"),
-    (["--epochs", str(10 ** 15)], "epochs"),
-    (["--batch-size", str(10 ** 12)], "batch_size"),
-    (["--zo-chunk", str(10 ** 12)], "zo_chunk"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--depth", str(10**6)], "depth"),
+        (["--width", str(10**6)], "width"),
+        (["--width", "4096", "--depth", "1000"], "GiB"),
+        (["--train-set", f"grad_checks={10**9}"], "grad_checks"),
+        (["--epochs", str(10**15)], "epochs"),
+        (["--batch-size", str(10**12)], "batch_size"),
+        (["--zo-chunk", str(10**12)], "zo_chunk"),
+    ],
+)
 def test_training_sizes_are_bounded_up_front(tmp_path, tiny_h5, cli_user_error, extra, match):
     t0 = time.perf_counter()
     cli_user_error(_train(tiny_h5, tmp_path / "run", *extra, method="zo-sol"), match)
@@ -489,14 +568,17 @@ def test_training_sizes_are_bounded_up_front(tmp_path, tiny_h5, cli_user_error, 
 
 
 # ------------------------------------------------------------------------------ 11: options
-@pytest.mark.parametrize("extra, match", [
-    (["--device", "bogus"], "bogus"),
-    (["--train-set", "zo_reuse=no"], "zo_reuse"),
-    (["--train-set", "zo_chunk=abc"], "zo_chunk"),
-    (["--train-set", "epochs=2.5"], "epochs"),
-    (["--train-set", "lr=NaN"], "lr"),
-    (["--train-set", "zo_reuse=1"], "zo_reuse"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--device", "bogus"], "bogus"),
+        (["--train-set", "zo_reuse=no"], "zo_reuse"),
+        (["--train-set", "zo_chunk=abc"], "zo_chunk"),
+        (["--train-set", "epochs=2.5"], "epochs"),
+        (["--train-set", "lr=NaN"], "lr"),
+        (["--train-set", "zo_reuse=1"], "zo_reuse"),
+    ],
+)
 def test_bad_training_option_values(tmp_path, tiny_h5, cli_user_error, extra, match):
     cli_user_error(_train(tiny_h5, tmp_path / "run", *extra, method="zo-sol"), match)
 
@@ -508,8 +590,9 @@ def test_cuda_without_cuda(tmp_path, tiny_h5, cli_user_error):
 
 
 def test_zo_reuse_false_is_false(tmp_path, tiny_h5, capsys):
-    assert main(_train(tiny_h5, tmp_path / "run", "--train-set", "zo_reuse=false", "--epochs", "1",
-                       method="zo-sol")) == 0
+    assert (
+        main(_train(tiny_h5, tmp_path / "run", "--train-set", "zo_reuse=false", "--epochs", "1", method="zo-sol")) == 0
+    )
     assert json.loads((tmp_path / "run" / "config.json").read_text())["zo_reuse"] is False
 
 

@@ -1,6 +1,7 @@
 """Tests of the karman2d scenario (PhiFlow wake flow).  Default run (~25 s on the shared 2-core
 machine, 1 intra-op thread): fast checks on 32x16 grids, including shedding periodicity and St at
 32x16; ``pytest -m slow`` adds the Strouhal-number check at 64x32 (~15 s more)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,14 @@ pytest.importorskip("phi")
 
 from zosol.solvers import BlackBox, SolverError, get_scenario  # noqa: E402
 from zosol.solvers import karman2d_direct as direct  # noqa: E402
-from zosol.solvers.karman2d import (DirectKarman2D, Karman2D, Karman2DScenario, centered_velocity,  # noqa: E402
-                                    strouhal_number, vorticity)
-
+from zosol.solvers.karman2d import (  # noqa: E402
+    DirectKarman2D,
+    Karman2D,
+    Karman2DScenario,
+    centered_velocity,
+    strouhal_number,
+    vorticity,
+)
 
 
 def _single_grid(nx: int, ny: int, **kw) -> Karman2DScenario:
@@ -49,8 +55,8 @@ def test_presets_and_seeds():
     c = paper.config
     assert (c.n_ref_x, c.n_ref_y, c.n_coarse_x, c.n_coarse_y) == (256, 128, 64, 32)
     assert (c.frames, c.warmup, c.train_sims, c.test_sims) == (500, 1000, 6, 5)
-    assert [paper.reynolds(s) for s in paper.train_seeds] == pytest.approx([1.6e5 * 2 ** i for i in range(6)])
-    assert [paper.reynolds(s) for s in paper.test_seeds] == pytest.approx([2.4e5 * 2 ** i for i in range(5)])
+    assert [paper.reynolds(s) for s in paper.train_seeds] == pytest.approx([1.6e5 * 2**i for i in range(6)])
+    assert [paper.reynolds(s) for s in paper.test_seeds] == pytest.approx([2.4e5 * 2**i for i in range(5)])
     assert paper.reference_solver().state_shape == (2, 128, 256)
     assert paper.coarse_solver().state_shape == (2, 32, 64)
     for preset in ("tiny", "default"):
@@ -64,7 +70,7 @@ def test_sample_and_features(tiny):
     assert s.shape == (2, 32, 64) and s.dtype == torch.float32
     assert p.shape == (1,) and float(p[0]) == pytest.approx(3.2e5)
     s2, _ = tiny.sample(tiny.train_seeds[1])
-    assert torch.equal(s, s2)                                       # deterministic in the seed
+    assert torch.equal(s, s2)  # deterministic in the seed
     assert not torch.equal(s, tiny.sample(tiny.train_seeds[0])[0])  # different seeds differ
     f = tiny.corrector_features(torch.tensor([[1e6], [1.6e5]]))
     assert f.shape == (2, 1, 16, 32)
@@ -76,7 +82,7 @@ def test_step_shapes_roundtrip_and_errors(coarse, tiny):
     p = torch.tensor([[1.6e5], [3.2e5]])
     out = coarse.step(s, p)
     assert out.shape == s.shape and out.dtype == torch.float32
-    assert torch.all(out[:, 1, 0] == 0)                      # wall row of vy
+    assert torch.all(out[:, 1, 0] == 0)  # wall row of vy
     # the state layout is PhiFlow's own face values: far upstream the inflow is untouched
     assert torch.allclose(out[:, 0, :, 0], torch.ones(2, 16), atol=0.05)
     # stepping the output again works (round trip of the layout) and stays close to a steady flow
@@ -135,7 +141,7 @@ def test_downsample_conserves_flux(tiny):
     assert c.shape == (2, 2, 16, 32)
     # flux through every coarse vertical face line x = (I+1) DX equals the fine flux through it
     dy_f, dy_c = 100 / 32, 100 / 16
-    flux_f = (fine[:, 0, :, r - 1::r] * dy_f).sum(1)  # (B, W_c)
+    flux_f = (fine[:, 0, :, r - 1 :: r] * dy_f).sum(1)  # (B, W_c)
     flux_c = (c[:, 0] * dy_c).sum(1)
     assert torch.allclose(flux_f, flux_c, rtol=1e-5, atol=1e-4)
     assert torch.allclose(flux_f.mean(1), flux_c.mean(1), rtol=1e-6, atol=1e-5)  # mean flux through the domain
@@ -157,11 +163,11 @@ def test_batched_equals_per_sample(coarse, tiny):
     s = torch.stack([tiny.downsample(tiny.sample(seed)[0][None])[0] for seed in tiny.train_seeds])
     p = torch.tensor([[1.6e5], [5.12e6]])
     batched = s
-    single = [s[i:i + 1] for i in range(2)]
+    single = [s[i : i + 1] for i in range(2)]
     with torch.no_grad():
         for _ in range(3):
             batched = coarse.step(batched, p)
-            single = [coarse.step(x, p[i:i + 1]) for i, x in enumerate(single)]
+            single = [coarse.step(x, p[i : i + 1]) for i, x in enumerate(single)]
     assert torch.allclose(batched, torch.cat(single), atol=2e-3)
 
 
@@ -261,7 +267,7 @@ def test_strouhal_number_64x32():
 def _developed_states(solver, sc, steps: int = 30, seeds=(0, 1, 2)):
     """Coarse states a few dozen steps after the seeded start: (len(seeds), 2, H, W), params (len(seeds), 1)."""
     s = torch.stack([sc.downsample(sc.sample(seed)[0][None])[0] for seed in seeds])
-    p = torch.tensor([[1.6e5], [3.2e5], [5.12e6]])[:len(seeds)]
+    p = torch.tensor([[1.6e5], [3.2e5], [5.12e6]])[: len(seeds)]
     with torch.no_grad():
         for _ in range(steps):
             s = solver.step(s, p)
@@ -301,14 +307,22 @@ def test_direct_vs_iterative_pressure(tiny):
     s, _ = _developed_states(solver, tiny, steps=5)
     masks = solver._masks(s.double())
     v = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0)
-    v_cg = direct.project(s.double(), masks, solver.lu, solver.dx, solver.dy, 1.0,
-                          solve=lambda r: direct.cg_solve(solver.lu.matrix, r, tol=1e-12))
+    v_cg = direct.project(
+        s.double(),
+        masks,
+        solver.lu,
+        solver.dx,
+        solver.dy,
+        1.0,
+        solve=lambda r: direct.cg_solve(solver.lu.matrix, r, tol=1e-12),
+    )
     assert float((v - v_cg).abs().max()) < 1e-9
     div = solver.divergence(v) * masks["active"]
     assert float(div.abs().max()) < 1e-10
     y = torch.randn_like(rhs)
-    assert float((solver.lu.solve(rhs) * y).sum()) == pytest.approx(float((rhs * solver.lu.solve(y, transpose=True)).sum()),
-                                                                     rel=1e-10)
+    assert float((solver.lu.solve(rhs) * y).sum()) == pytest.approx(
+        float((rhs * solver.lu.solve(y, transpose=True)).sum()), rel=1e-10
+    )
 
 
 def test_direct_twin_gradient_matches_finite_differences(tiny):
@@ -369,7 +383,7 @@ def test_book_metrics_next_to_ours():
     d = (pred[:, 1:] - ref[:, 1:]).abs()
     want = (d.flatten(2).sum(2) / ref[:, 1:].abs().flatten(2).sum(2)).mean(1)
     assert torch.allclose(relative_l1_per_simulation(pred, ref), want)
-    by_hand = ((d[:, :, 0].mean((2, 3)) + d[:, :, 1].mean((2, 3))).mean(1))
+    by_hand = (d[:, :, 0].mean((2, 3)) + d[:, :, 1].mean((2, 3))).mean(1)
     assert torch.allclose(channel_sum_mae_per_simulation(pred, ref), by_hand)
 
 
@@ -386,8 +400,26 @@ def test_paper_experiment_script_runs_at_tiny(tmp_path):
     spec.loader.exec_module(script)
     threads = torch.get_num_threads()
     try:
-        out = script.main(["--preset", "tiny", "--train-preset", "tiny", "--device", "cpu", "--out", str(tmp_path),
-                           "--set", "frames=4", "--set", "warmup=2", "--train", "epochs=1", "--probe-steps", "1"])
+        out = script.main(
+            [
+                "--preset",
+                "tiny",
+                "--train-preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--set",
+                "frames=4",
+                "--set",
+                "warmup=2",
+                "--train",
+                "epochs=1",
+                "--probe-steps",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     expected = json.loads((tmp_path / "expected_time.json").read_text())
@@ -401,6 +433,7 @@ def test_paper_experiment_script_runs_at_tiny(tmp_path):
 def test_compare_leaves_out_zo_jac_sol_by_default_on_karman2d():
     from zosol.compare import default_methods
     from zosol.config import METHODS
+
     lines = []
     assert default_methods("karman2d", lines.append) == [m for m in METHODS if m != "zo-jac-sol"]
     assert len(lines) == 1 and "ZO-JAC-SOL left out by default on karman2d" in lines[0] and "dense" in lines[0]

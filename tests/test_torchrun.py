@@ -2,6 +2,7 @@
 with a message naming it; the rerun resumes from rank 0's checkpoint and matches an undisturbed run.
 
 Each test starts real processes (torchrun, two gloo ranks); together they take ~30-60 s."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,22 @@ def _model(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _train_args(data: Path, out: Path, method: str, epochs: int, *extra: str) -> list[str]:
-    return ["train", "--scenario", "burgers1d", "--preset", "tiny", "--data", str(data), "--out", str(out),
-            "--method", method, "--epochs", str(epochs), *extra]
+    return [
+        "train",
+        "--scenario",
+        "burgers1d",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--method",
+        method,
+        "--epochs",
+        str(epochs),
+        *extra,
+    ]
 
 
 def _children(pid: int) -> list[int]:

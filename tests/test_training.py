@@ -1,4 +1,5 @@
 """Rollouts, window losses, the training loop (all methods), resumption, guards, metrics, compare."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from zosol.compare import compare, evaluate
 from run_checks import assert_same_run
+
+from zosol import zo
+from zosol.compare import compare, evaluate
 from zosol.config import train_config
 from zosol.datasets import generate, load_dataset
 from zosol.metrics import mae_per_frame, mae_per_simulation, summarize
 from zosol.rollout import corrected_rollout, window_loss
 from zosol.solvers.base import Solver
-from zosol.training import (CheckpointError, TrainingDiverged, Windows, load_run, make_corrector, train)
-from zosol import zo
+from zosol.training import CheckpointError, TrainingDiverged, Windows, load_run, make_corrector, train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_window_loss_folded_perturbations_equal_separate_rollouts(tiny):
         b = start.shape[0]
         if x.shape[0] == b:
             return torch.cat([m(x) for m in models])
-        return torch.cat([m(x[i * b:(i + 1) * b]) for i, m in enumerate(models)])
+        return torch.cat([m(x[i * b : (i + 1) * b]) for i, m in enumerate(models)])
 
     folded = window_loss(solver.step, forward, start, targets, params, feats, 3)
     separate = torch.stack([window_loss(solver.step, m, start, targets, params, feats, 1)[0] for m in models])
@@ -65,8 +66,12 @@ def test_rollout_shapes_and_batching(tiny):
     model = _randomized(make_corrector(tiny, train_config("tiny")), std=0.05)
     out = corrected_rollout(solver.step, model, traj[:, 0], params, feats, 5)
     assert out.shape == (traj.shape[0], 6, *traj.shape[2:])
-    single = torch.cat([corrected_rollout(solver.step, model, traj[i:i + 1, 0], params[i:i + 1], feats[i:i + 1], 5)
-                        for i in range(traj.shape[0])])
+    single = torch.cat(
+        [
+            corrected_rollout(solver.step, model, traj[i : i + 1, 0], params[i : i + 1], feats[i : i + 1], 5)
+            for i in range(traj.shape[0])
+        ]
+    )
     torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-6)
     src = corrected_rollout(solver.step, None, traj[:, 0], params, feats, 5)
     assert not torch.allclose(src, out)
@@ -81,8 +86,13 @@ def test_zo_gradient_matches_fo_on_window_loss(tiny, model):
     _, _, start, targets, params, feats = _batch(tiny, 3)
     solver = tiny.scenario.coarse_solver()
     bb = solver.blackbox()
-    est = zo.cge_structured(model, lambda f, p: window_loss(bb.step, f, start, targets, params, feats, p),
-                            mu=1e-3, scheme="central", batch_size=start.shape[0])
+    est = zo.cge_structured(
+        model,
+        lambda f, p: window_loss(bb.step, f, start, targets, params, feats, p),
+        mu=1e-3,
+        scheme="central",
+        batch_size=start.shape[0],
+    )
     model.zero_grad()
     window_loss(solver.step, model, start, targets, params, feats, 1)[0].backward()
     fo = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -116,8 +126,9 @@ def test_zo_sol_trains_with_a_solver_that_refuses_autograd(tiny):
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     with pytest.raises(RuntimeError, match="cannot be differentiated"):
-        solver.step(torch.zeros(1, *solver.state_shape, requires_grad=True),
-                    torch.zeros(1, solver.num_params)).sum().backward()
+        solver.step(
+            torch.zeros(1, *solver.state_shape, requires_grad=True), torch.zeros(1, solver.num_params)
+        ).sum().backward()
 
 
 @pytest.mark.parametrize("method", ["non", "nog-sol", "fo-sol", "zo-sol"])
@@ -180,7 +191,7 @@ def test_divergence_guard_keeps_last_good_checkpoint(tiny, tmp_path):
 def test_metrics_against_hand_computed_values():
     ref = torch.zeros(2, 3, 1, 2)
     pred = torch.zeros(2, 3, 1, 2)
-    pred[0, 0] = 100.0          # the initial frame never counts
+    pred[0, 0] = 100.0  # the initial frame never counts
     pred[0, 1] = torch.tensor([[1.0, 3.0]])
     pred[1, 2] = torch.tensor([[-2.0, 0.0]])
     assert mae_per_frame(pred, ref).tolist() == [[2.0, 0.0], [0.0, 1.0]]

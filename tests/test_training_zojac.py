@@ -1,18 +1,18 @@
 """ZO-JAC-SOL training: finite-difference solver Jacobians inside the one training loop."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from run_checks import assert_same_run
+from test_external import _numpy_coarse
+
 from zosol.config import train_config
 from zosol.datasets import load_dataset
 from zosol.solvers.base import Solver
 from zosol.training import TrainingDiverged, TrainingError, train
-
-from test_external import _numpy_coarse
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,7 @@ def test_divergence_guard(tiny, tmp_path):
     """NaN from the black box (forward or a Jacobian probe) stops the run as a divergence."""
     cfg = train_config("tiny", method="zo-jac-sol", epochs=3, grad_checks=0)
     counting = Exploding(tiny.scenario.coarse_solver())
-    train(tiny, train_config("tiny", method="zo-jac-sol", epochs=1, grad_checks=0), progress=False,
-          solver=counting)
+    train(tiny, train_config("tiny", method="zo-jac-sol", epochs=1, grad_checks=0), progress=False, solver=counting)
     solver = Exploding(tiny.scenario.coarse_solver(), after=counting.calls + 2)  # early in epoch 2
     with pytest.raises(TrainingDiverged, match="diverged at epoch"):
         train(tiny, cfg, tmp_path, progress=False, solver=solver)
@@ -98,8 +97,9 @@ def test_sol_bench_rows():
     from zosol.bench_sol import SolCase, run_sol_bench
 
     lines = []
-    rows = run_sol_bench(cases=[SolCase("burgers1d", "tiny", {}, preset="tiny")], repeats=1, budget=64,
-                         log=lines.append)
+    rows = run_sol_bench(
+        cases=[SolCase("burgers1d", "tiny", {}, preset="tiny")], repeats=1, budget=64, log=lines.append
+    )
     r = rows[0]
     assert r["params"] > 32 and r["zo_sol_extrapolated"] and not r["zo_jac_sol_extrapolated"]
     assert r["evals_zo_jac_sol"] == 1 + 8 * (r["window"] - 1) / r["window"]

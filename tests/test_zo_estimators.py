@@ -1,10 +1,10 @@
 """CGE / RGE estimators vs autograd, masks, query counts, input validation."""
+
 import pytest
 import torch
-
-from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
 from zo_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
 
+from zosol.zo import ZOEstimate, batched_loss_from_module, cge, random_masks, rge, write_grads
 
 
 def _problem(kind: str, dtype=torch.float64):
@@ -34,8 +34,13 @@ def _autograd(model, x, loss_fn):
 @pytest.mark.parametrize("kind", ["mlp", "cnn1d", "cnn2d", "resnet"])
 def test_cge_central_float64_matches_autograd(kind):
     model, x, loss_fn = _problem(kind)
-    est = cge(batched_loss_from_module(model, loss_fn, x), dict(model.named_parameters()),
-              mu=1e-4, scheme="central", chunk_size=97)
+    est = cge(
+        batched_loss_from_module(model, loss_fn, x),
+        dict(model.named_parameters()),
+        mu=1e-4,
+        scheme="central",
+        chunk_size=97,
+    )
     ref = _autograd(model, x, loss_fn)
     assert isinstance(est, ZOEstimate)
     assert est.queries == 2 * ref.numel()
@@ -75,8 +80,13 @@ def test_masks_exact_zeros_and_query_counts(scheme):
     if scheme == "central":
         assert torch.allclose(g[flat_mask], ref[flat_mask], rtol=1e-5, atol=1e-8)
     # 0/1 float masks behave like bool masks
-    est2 = cge(batched_loss_from_module(model, loss_fn, x), params, mu=1e-4, scheme=scheme,
-               masks={k: m.double() for k, m in masks.items()})
+    est2 = cge(
+        batched_loss_from_module(model, loss_fn, x),
+        params,
+        mu=1e-4,
+        scheme=scheme,
+        masks={k: m.double() for k, m in masks.items()},
+    )
     assert torch.equal(est2.flat(), g)
 
 
@@ -109,8 +119,9 @@ def test_rge_cosine_grows_with_q():
         assert c[0] < c[1] < c[2], c
         assert c[2] > 0.85, c
     # unbiased: average over many draws approaches the gradient (sphere: scaled by d)
-    est = rge(bl, params, q=20000, mu=1e-5, distribution="sphere", generator=torch.Generator().manual_seed(0),
-              chunk_size=5000)
+    est = rge(
+        bl, params, q=20000, mu=1e-5, distribution="sphere", generator=torch.Generator().manual_seed(0), chunk_size=5000
+    )
     assert float(torch.nn.functional.cosine_similarity(est.flat(), ref, dim=0)) > 0.98
     assert float(est.flat().norm() / ref.norm()) == pytest.approx(1.0, abs=0.15)
 
@@ -172,7 +183,7 @@ def test_default_chunk_comes_from_the_memory_budget():
     """cge's default never evaluates all P x d perturbed copies at once: chunks fit the budget."""
     model = cnn1d_corrector(hidden=(4, 4), kernel=3).double()
     x = torch.randn(3, 2, 8, dtype=torch.float64)
-    bl = batched_loss_from_module(model, lambda o: (o ** 2).mean(), x)
+    bl = batched_loss_from_module(model, lambda o: (o**2).mean(), x)
     params = dict(model.named_parameters())
     d = sum(p.numel() for p in params.values())
     sizes = []

@@ -5,19 +5,22 @@ Every case: float64 central CGE on a random subset of coordinates (every paramet
 within 1e-6 relative of autograd, masked coordinates exactly zero, the model's parameters, buffers
 and training mode unchanged.
 """
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from zo_nets import CatNormNet, ResNet20, SolCorrector, Untraceable
+
 from zosol.zo import cge_structured, random_masks
 
 
 def _snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, m.training) for n, m in model.named_modules()])
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(n, m.training) for n, m in model.named_modules()],
+    )
 
 
 def _assert_unchanged(model, snap):
@@ -62,7 +65,12 @@ def _case(name):
         x = torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
         return CatNormNet(seed=1).double(), x, torch.randn(3, 3, generator=g, dtype=torch.float64), "mse"
     model = Untraceable(seed=1).double()
-    return model, torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g), "ce"
+    return (
+        model,
+        torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 2, (4,), generator=g),
+        "ce",
+    )
 
 
 def _losses(kind, y):
@@ -163,9 +171,14 @@ def test_modules_without_a_cheap_delta_are_rerun_per_perturbation():
     """ConvTranspose2d (no hand-written delta) re-runs per perturbation; max pooling, upsampling."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.Tanh(),
-        torch.nn.ConvTranspose2d(3, 2, 2, stride=2), torch.nn.Upsample(scale_factor=0.5), torch.nn.Flatten(),
-        torch.nn.Linear(2 * 4 * 4, 2)).double()
+        torch.nn.Conv2d(2, 3, 3, padding=1),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Tanh(),
+        torch.nn.ConvTranspose2d(3, 2, 2, stride=2),
+        torch.nn.Upsample(scale_factor=0.5),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 2),
+    ).double()
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     y = torch.randn(3, 2, dtype=torch.float64)
     single, lof = _losses("mse", y)

@@ -1,5 +1,6 @@
 """Finite-difference Jacobians of black-box steps (zosol.zo.jacobian): patterns, colouring, leak
 check, dense fallback, and SOL window gradients against autograd through the differentiable twin."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,13 @@ from zosol.models import small_cnn
 from zosol.rollout import window_loss
 from zosol.solvers.base import get_scenario
 from zosol.zo.jacobian import (
-    DiscontinuityError, FDJacobian, colour_columns, colouring_is_valid, fd_step, stencil_offsets, stencil_pattern,
+    DiscontinuityError,
+    FDJacobian,
+    colour_columns,
+    colouring_is_valid,
+    fd_step,
+    stencil_offsets,
+    stencil_pattern,
 )
 
 
@@ -27,7 +34,7 @@ class PeriodicStencil:
         self.reach = reach
 
     def __call__(self, x: torch.Tensor, params=None) -> torch.Tensor:
-        out = 0.1 * x ** 2
+        out = 0.1 * x**2
         for i, k in enumerate(range(-self.reach, self.reach + 1)):
             out = out + torch.einsum("oc,bcn->bon", self.w[i].to(x.dtype), torch.roll(x, k, -1))
         return out
@@ -42,6 +49,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- colouring ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape,reach", [((1, 32), 1), ((1, 30), 1), ((2, 12, 10), 2), ((3, 17), 3)])
 def test_stencil_colouring_is_valid_and_tight(shape, reach):
@@ -76,6 +84,7 @@ def test_burgers1d_default_needs_four_colours():
 
 # -- estimates ----------------------------------------------------------------------------------
 
+
 def _burgers1d_state(preset="tiny", batch=3, dtype=torch.float64):
     sc = get_scenario("burgers1d", preset)
     solver = sc.coarse_solver()
@@ -95,7 +104,7 @@ def test_probed_pattern_matches_the_declared_stencil_and_vjp_is_exact():
     xx = x.clone().requires_grad_(True)
     out = solver.step(xx, p)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    ref, = torch.autograd.grad(out, xx, g)
+    (ref,) = torch.autograd.grad(out, xx, g)
     est = probed.vjp(x, p, g, f0=out.detach())
     assert _rel(est, ref) < 1e-8
 
@@ -128,12 +137,13 @@ def test_forward_differences_reuse_the_forward_output():
     xx = x.clone().requires_grad_(True)
     out = box(xx)
     g = torch.randn(out.shape, dtype=out.dtype)
-    ref, = torch.autograd.grad(out, xx, g)
+    (ref,) = torch.autograd.grad(out, xx, g)
     assert _rel(jac.vjp(x, None, g, f0=out.detach()), ref) < 1e-6
     assert jac.evaluations == 2 * jac.colouring.n_colours  # no extra evaluation of step(x)
 
 
 # -- run-time checks ----------------------------------------------------------------------------
+
 
 def test_leak_check_catches_a_too_narrow_pattern_and_widens_it():
     box = PeriodicStencil(reach=2, n=24)
@@ -143,7 +153,7 @@ def test_leak_check_catches_a_too_narrow_pattern_and_widens_it():
     xx = x.clone().requires_grad_(True)
     out = box(xx)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
-    ref, = torch.autograd.grad(out, xx, g)
+    (ref,) = torch.autograd.grad(out, xx, g)
     assert _rel(narrow.vjp(x, None, g, out.detach()), ref) > 1e-2  # the wrong pattern gives a wrong gradient
     with pytest.warns(RuntimeWarning, match="leak check"):
         est = checked.vjp(x, None, g, out.detach())
@@ -159,7 +169,7 @@ def test_leak_check_catches_burgers1d_extra_substeps():
     xx = x.clone().requires_grad_(True)
     out = solver.step(xx, p)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(6))
-    ref, = torch.autograd.grad(out, xx, g)
+    (ref,) = torch.autograd.grad(out, xx, g)
     with pytest.warns(RuntimeWarning, match="leak check"):
         est = jac.vjp(x, p, g, out.detach())
     assert _rel(est, ref) < 1e-6
@@ -180,13 +190,15 @@ def test_a_jump_under_tiny_perturbations_is_a_clear_error():
 
 # -- SOL window gradients -----------------------------------------------------------------------
 
+
 def _window_grads(sc, solver, jac, x, p, targets, feats, seed=0, dtype=torch.float64):
     """Gradients of an m-step window loss: autograd through the solver vs fd_step(jac)."""
     c = len(solver.channels)
     cin = c + (0 if feats is None else feats.shape[1])
     torch.manual_seed(seed)
-    net = small_cnn(len(solver.spatial_shape), cin, c, width=4, depth=2, kernel=3,
-                    padding_mode=sc.padding_mode).to(dtype)
+    net = small_cnn(len(solver.spatial_shape), cin, c, width=4, depth=2, kernel=3, padding_mode=sc.padding_mode).to(
+        dtype
+    )
     nn.init.normal_(net[-1].weight, std=0.05)  # a random last layer: gradients reach every layer
     out = []
     for step in (solver.step, fd_step(jac)):

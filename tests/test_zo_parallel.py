@@ -1,9 +1,10 @@
 """Chunking helpers and 2-process torch.distributed sharding == 1 process."""
+
 import pytest
 import torch
+from zo_workers import dist_check_worker
 
 from zosol.zo import chunk_size_from_budget, estimate_bytes_per_perturbation, iter_chunks
-from zo_workers import dist_check_worker
 from zosol.zo.parallel import shard_chunks, spawn_local
 
 
@@ -19,6 +20,7 @@ def test_iter_and_shard_chunks():
 
 def test_chunk_size_from_budget():
     from zo_nets import cnn1d_corrector
+
     m = cnn1d_corrector(hidden=(8, 8))
     bpp = estimate_bytes_per_perturbation(m, torch.randn(8, 2, 32))
     assert bpp > 8 * 32 * 8 * 4
@@ -31,6 +33,7 @@ def test_chunk_size_from_budget():
 
 def test_distributed_requires_process_group():
     from zosol.zo import cge
+
     with pytest.raises(ValueError, match="not initialised"):
         cge(lambda pd: torch.zeros(next(iter(pd.values())).shape[0]), {"w": torch.zeros(3)}, distributed=True)
 

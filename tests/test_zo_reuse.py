@@ -1,23 +1,33 @@
 """Structured perturbed forward (feature reuse) == generic finite differences."""
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
-
-from zosol.zo import Residual, UnsupportedModuleError, cge, cge_structured, random_masks
 from zo_nets import cnn1d_corrector, cnn2d, mlp, resnet1d
 
+from zosol.zo import Residual, UnsupportedModuleError, cge, cge_structured, random_masks
 
 
 def _models():
     g = torch.Generator().manual_seed(0)
     mixed = nn.Sequential(  # strides, dilation, groups, padding modes, 'same', Flatten -> Linear
-        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
-        nn.Conv2d(4, 4, (3, 2), padding="same", groups=2), nn.SiLU(),
-        nn.Conv2d(4, 2, 3, stride=2, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(18, 2))
-    c1 = nn.Sequential(nn.Conv1d(2, 4, 3, padding=2, dilation=2, padding_mode="replicate"), nn.ReLU(),
-                       nn.Conv1d(4, 3, 3, stride=2), nn.GELU(), Residual(nn.Conv1d(3, 3, 1), nn.Tanh()),
-                       nn.Conv1d(3, 2, 3, padding=1, padding_mode="zeros"))
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, (3, 2), padding="same", groups=2),
+        nn.SiLU(),
+        nn.Conv2d(4, 2, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(18, 2),
+    )
+    c1 = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=2, dilation=2, padding_mode="replicate"),
+        nn.ReLU(),
+        nn.Conv1d(4, 3, 3, stride=2),
+        nn.GELU(),
+        Residual(nn.Conv1d(3, 3, 1), nn.Tanh()),
+        nn.Conv1d(3, 2, 3, padding=1, padding_mode="zeros"),
+    )
     return {
         "mlp": (mlp((12, 8, 3)), torch.randn(5, 3, 4, generator=g)),
         "cnn1d": (cnn1d_corrector(hidden=(4, 3), kernel=3), torch.randn(4, 2, 8, generator=g)),
@@ -67,8 +77,7 @@ def test_structured_equals_generic_shared_input(kind, scheme):
     ref = _ref_cge(model, single, 1e-4, scheme)
     for reuse, cs in ((True, None), (True, 7), (False, 7)):
         if True:
-            est = cge_structured(model, lof, mu=1e-4, scheme=scheme, chunk_size=cs, reuse=reuse,
-                                 batch_size=x.shape[0])
+            est = cge_structured(model, lof, mu=1e-4, scheme=scheme, chunk_size=cs, reuse=reuse, batch_size=x.shape[0])
             assert est.queries == ref.queries
             assert torch.allclose(est.flat(), ref.flat(), rtol=0, atol=1e-9), (reuse, cs)
 
@@ -180,8 +189,12 @@ def test_unsupported_module_error_and_fallback():
     with pytest.warns(UserWarning, match="vmap engine because torch.fx cannot trace"):
         est = cge_structured(model, lof, mu=1e-4, scheme="central")
     assert est.info["engine"] == "vmap" and "torch.fx" in est.info["engine_reason"]
-    ref = cge(vmap(lambda p: (functional_call(model, p, (x,)) ** 2).mean()), dict(model.named_parameters()),
-              mu=1e-4, scheme="central")
+    ref = cge(
+        vmap(lambda p: (functional_call(model, p, (x,)) ** 2).mean()),
+        dict(model.named_parameters()),
+        mu=1e-4,
+        scheme="central",
+    )
     assert torch.allclose(est.flat(), ref.flat(), atol=1e-10)
     with pytest.raises(ValueError, match="unknown engine"):
         cge_structured(model, lof, engine="magic")
@@ -196,6 +209,5 @@ def test_bad_loss_and_ambiguous_input():
     x8 = torch.randn(8, 3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="per_perturbation"):  # P=4 divides B=8 and B unknown
         cge_structured(model, lambda f, P: f(x8).reshape(P, -1).mean(1), chunk_size=4, scheme="central")
-    est = cge_structured(model, lambda f, P: f(x8).reshape(P, -1).mean(1), chunk_size=4, scheme="central",
-                         batch_size=8)
+    est = cge_structured(model, lambda f, P: f(x8).reshape(P, -1).mean(1), chunk_size=4, scheme="central", batch_size=8)
     assert est.queries == 2 * sum(p.numel() for p in model.parameters())

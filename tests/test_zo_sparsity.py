@@ -1,20 +1,35 @@
 """ZO-GraSP / FO-GraSP layer-wise pruning ratios and random gradient masks."""
+
 import pytest
 import torch
 import torch.nn as nn
-
-from zosol.zo import (
-    MaskScheduler, batched_loss_from_module, fo_grasp_scores, layerwise_pruning_ratios, mask_sparsity,
-    random_masks, score_correlation, uniform_lprs, zo_grasp_scores,
-)
 from zo_nets import mlp
 
+from zosol.zo import (
+    MaskScheduler,
+    batched_loss_from_module,
+    fo_grasp_scores,
+    layerwise_pruning_ratios,
+    mask_sparsity,
+    random_masks,
+    score_correlation,
+    uniform_lprs,
+    zo_grasp_scores,
+)
 
 
 def _problem():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv1d(6, 6, 3, padding=1), nn.Tanh(),
-                          nn.Flatten(), nn.Linear(48, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    model = nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(6, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(48, 12),
+        nn.Tanh(),
+        nn.Linear(12, 3),
+    ).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 2, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (32,), generator=g)
@@ -52,8 +67,10 @@ def test_zo_grasp_correlates_with_fo_grasp():
     a = torch.tensor([lf[k] for k in names])
     b = torch.tensor([lz[k] for k in names])
     lpr_corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    print(f"ZO-vs-FO GraSP: score pearson {corr['pearson']:.3f} spearman {corr['spearman']:.3f}, "
-          f"LPR pearson {lpr_corr:.3f}; FO LPRs {a.tolist()} ZO LPRs {b.tolist()}")
+    print(
+        f"ZO-vs-FO GraSP: score pearson {corr['pearson']:.3f} spearman {corr['spearman']:.3f}, "
+        f"LPR pearson {lpr_corr:.3f}; FO LPRs {a.tolist()} ZO LPRs {b.tolist()}"
+    )
     assert corr["pearson"] > 0.2
     assert lpr_corr > 0.5
     assert float(b.max() - b.min()) > 0.05  # non-uniform layer-wise ratios

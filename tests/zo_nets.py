@@ -1,9 +1,9 @@
 """Test networks of the ZO engine tests (the bench networks are reused from ``zosol.zo.bench_nets``)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from zosol.zo import Residual
@@ -30,8 +30,9 @@ def resnet1d(in_ch: int = 2, ch: int = 6, out_ch: int = 1, blocks: int = 2, seed
         torch.manual_seed(seed)
         body: list[nn.Module] = [nn.Conv1d(in_ch, ch, 3, padding=1, padding_mode="circular")]
         for _ in range(blocks):
-            body.append(Residual(nn.Conv1d(ch, ch, 3, padding=1, padding_mode="circular"), nn.Tanh(),
-                                 nn.Conv1d(ch, ch, 1)))
+            body.append(
+                Residual(nn.Conv1d(ch, ch, 3, padding=1, padding_mode="circular"), nn.Tanh(), nn.Conv1d(ch, ch, 1))
+            )
         body += [nn.GELU(), nn.Conv1d(ch, out_ch, 3, padding=1, padding_mode="circular")]
         return nn.Sequential(*body)
 

@@ -1,16 +1,15 @@
 """Worker functions that tests start in other processes (``spawn_local``); importable by module name
 because pytest's ``pythonpath`` puts ``tests/`` on ``sys.path`` (spawned children inherit it)."""
+
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-
 from zo_nets import cnn1d_corrector
+
 from zosol.zo import batched_loss_from_module, cge, cge_structured, rge
 
 
-def dist_check_worker(rank: int, world_size: int, out_prefix: Optional[str]) -> dict:
+def dist_check_worker(rank: int, world_size: int, out_prefix: str | None) -> dict:
     """CGE (generic and structured) and RGE of a tiny model, sharded over the group if ``world_size > 1``.
 
     Returns the flat estimates; if ``out_prefix`` is given also saves them to ``{out_prefix}.{rank}.pt``.

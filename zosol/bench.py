@@ -2,6 +2,7 @@
 
 ZO-SOL evaluates thousands of perturbed rollouts per gradient as one folded batch, so what
 matters is how the per-sample cost of a solver step falls with batch size."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ __all__ = ["median_step_seconds", "time_step", "run_solver_bench"]
 BATCHES = {"burgers1d": (1, 64, 1024, 8192), "burgers2d": (1, 16, 256), "karman2d": (1, 16, 64, 256)}
 
 
-def median_step_seconds(step, x: torch.Tensor, params: torch.Tensor | None, repeats: int = 3,
-                        warmup: int = 1) -> float:
+def median_step_seconds(step, x: torch.Tensor, params: torch.Tensor | None, repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds of one ``step(x, params)`` call (after ``warmup`` calls: JIT tracing, caches)."""
     with torch.no_grad():
         for _ in range(warmup):
@@ -40,7 +40,9 @@ def time_step(solver, batch: int, state: torch.Tensor, params: torch.Tensor | No
 def run_solver_bench(json_path: str | None = None, quick: bool = False, scenarios=None) -> list[dict]:
     """Print and return rows (scenario, solver, batch, ms/step, samples/s, per-sample ratio to b1)."""
     rows = []
-    print(f"{'scenario':<10} {'solver':<10} {'batch':>6} {'ms/step':>10} {'samples/s':>12} {'us/sample':>10} {'vs b1':>7}")
+    print(
+        f"{'scenario':<10} {'solver':<10} {'batch':>6} {'ms/step':>10} {'samples/s':>12} {'us/sample':>10} {'vs b1':>7}"
+    )
     for name in scenarios or BATCHES:
         sc = get_scenario(name, "default")
         state, params = sc.sample(0)
@@ -52,13 +54,24 @@ def run_solver_bench(json_path: str | None = None, quick: bool = False, scenario
             dt = time_step(coarse, b, cs, p)
             per = dt / b
             base = base or per
-            row = {"scenario": name, "solver": "coarse", "batch": b, "ms_per_step": 1e3 * dt,
-                   "samples_per_s": b / dt, "per_sample_vs_b1": per / base}
+            row = {
+                "scenario": name,
+                "solver": "coarse",
+                "batch": b,
+                "ms_per_step": 1e3 * dt,
+                "samples_per_s": b / dt,
+                "per_sample_vs_b1": per / base,
+            }
             rows.append(row)
-            print(f"{name:<10} {'coarse':<10} {b:>6} {1e3 * dt:>10.2f} {b / dt:>12.0f} {1e6 * per:>10.1f} {per / base:>7.3f}")
+            print(
+                f"{name:<10} {'coarse':<10} {b:>6} {1e3 * dt:>10.2f} {b / dt:>12.0f} "
+                f"{1e6 * per:>10.1f} {per / base:>7.3f}"
+            )
         ref = sc.reference_solver()
         dt = time_step(ref, 1, state, p)
-        rows.append({"scenario": name, "solver": "reference", "batch": 1, "ms_per_step": 1e3 * dt, "samples_per_s": 1 / dt})
+        rows.append(
+            {"scenario": name, "solver": "reference", "batch": 1, "ms_per_step": 1e3 * dt, "samples_per_s": 1 / dt}
+        )
         print(f"{name:<10} {'reference':<10} {1:>6} {1e3 * dt:>10.2f} {1 / dt:>12.1f}")
     if json_path:
         with open(json_path, "w") as f:

@@ -19,13 +19,15 @@ times one optimizer step's gradient (loss + gradient, median of ``repeats`` afte
 ZO-JAC-SOL 1 + probes x (m - 1) / m (the first call of a window needs no Jacobian), ZO-SOL
 (1 + P (m - 1)) / m + 1 with P perturbations (the first step is shared; +1: the loss itself).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -99,6 +101,7 @@ def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
     def run():
         model.zero_grad(set_to_none=True)
         window_loss(step, model, start, targets, params, feats, 1, loss)[0].backward()
+
     return run
 
 
@@ -114,12 +117,25 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
             flat[torch.linspace(0, d - 1, k).round().long()] = 1
             masks, i = {}, 0
             for name, p in model.named_parameters():
-                masks[name] = flat[i:i + p.numel()].view_as(p)
+                masks[name] = flat[i : i + p.numel()].view_as(p)
                 i += p.numel()
         lof = lambda forward, P: window_loss(blackbox, forward, start, targets, params, feats, P, cfg.loss)
-        return _medians([lambda: zo.cge_structured(model, lof, mu=cfg.zo_mu, scheme=cfg.zo_scheme, masks=masks,
-                                                   chunk_size=cfg.zo_chunk, batch_size=start.shape[0])],
-                        repeats, warmup=False)[0]
+        return _medians(
+            [
+                lambda: zo.cge_structured(
+                    model,
+                    lof,
+                    mu=cfg.zo_mu,
+                    scheme=cfg.zo_scheme,
+                    masks=masks,
+                    chunk_size=cfg.zo_chunk,
+                    batch_size=start.shape[0],
+                )
+            ],
+            repeats,
+            warmup=False,
+        )[0]
+
     if 2 * d <= budget:
         return timed(None), False
     k1, k2 = budget // 8, budget // 2
@@ -134,15 +150,16 @@ def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int
     b, m = start.shape[0], targets.shape[1]
     fo = _autograd_step(model, solver.step, data, cfg.loss)
     if not jac.is_dense or jac.probes_per_sample * b * (m - 1) <= budget:
-        return *_medians([fo, _autograd_step(model, zo.fd_step(jac), data, cfg.loss)], repeats,
-                         min_seconds=10.0), False
+        return *_medians([fo, _autograd_step(model, zo.fd_step(jac), data, cfg.loss)], repeats, min_seconds=10.0), False
     cols = max(1, budget // (b * (m - 1) * (2 if jac.scheme == "central" else 1)))
     eye = torch.eye(jac.n)[:cols]
     f0 = jac.step(start, params)
 
     def probe():
-        zo.jacobian.directional_differences(jac.step, start, params, eye, jac._mu(start.dtype), jac.scheme, f0,
-                                            jac.max_batch)
+        zo.jacobian.directional_differences(
+            jac.step, start, params, eye, jac._mu(start.dtype), jac.scheme, f0, jac.max_batch
+        )
+
     cut = _autograd_step(model, jac.step, data, cfg.loss)  # window + backprop, no Jacobians
     t_fo, t_cut, t_probe = _medians([fo, cut, probe], repeats)
     return t_fo, t_cut + (m - 1) * t_probe * jac.n / cols, True
@@ -162,48 +179,86 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
     start, targets, params, feats = data
     in_ch = corrector_input(start, feats).shape[1]
     torch.manual_seed(0)
-    model = build_corrector(cfg.model, len(solver.spatial_shape), in_ch, len(solver.channels), width=cfg.width,
-                            depth=cfg.depth, kernel=cfg.kernel, padding_mode=sc.padding_mode)
+    model = build_corrector(
+        cfg.model,
+        len(solver.spatial_shape),
+        in_ch,
+        len(solver.channels),
+        width=cfg.width,
+        depth=cfg.depth,
+        kernel=cfg.kernel,
+        padding_mode=sc.padding_mode,
+    )
     torch.nn.init.normal_(model[-1].weight, std=1e-3)  # a non-zero last layer: every layer gets a gradient
     blackbox = solver.blackbox().step
     t = time.perf_counter()
     probe_states = targets[:, -1][: cfg.jac_probe_states]
     probe_params = None if params is None else params[: cfg.jac_probe_states]
-    jac = zo.FDJacobian.for_step(blackbox, solver.state_shape, pattern=cfg.jac_pattern, states=probe_states,
-                                 params=probe_params, stencil_reach=solver.stencil_reach, mu=cfg.zo_mu,
-                                 scheme=cfg.zo_scheme, max_batch=cfg.jac_batch)
+    jac = zo.FDJacobian.for_step(
+        blackbox,
+        solver.state_shape,
+        pattern=cfg.jac_pattern,
+        states=probe_states,
+        params=probe_params,
+        stencil_reach=solver.stencil_reach,
+        mu=cfg.zo_mu,
+        scheme=cfg.zo_scheme,
+        max_batch=cfg.jac_batch,
+    )
     setup = time.perf_counter() - t
     fo, zj, zj_extra = _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats, budget * 2)
     zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, 1, budget)  # seconds to minutes: one call
     d, m = n_params(model), cfg.window
     perturbations = 2 * d if cfg.zo_scheme == "central" else d + 1
-    return {"scenario": case.scenario, "corrector": case.label, "params": d, "batch": cfg.batch_size, "window": m,
-            "jacobian": jac.describe(), "jacobian_setup_s": setup, "fo_sol_s": fo, "zo_jac_sol_s": zj,
-            "zo_jac_sol_extrapolated": zj_extra, "zo_sol_s": zs, "zo_sol_extrapolated": zs_extra,
-            "evals_fo_sol": 1.0, "evals_zo_jac_sol": 1 + jac.probes_per_sample * (m - 1) / m,
-            "evals_zo_sol": _evals(m, perturbations)}
+    return {
+        "scenario": case.scenario,
+        "corrector": case.label,
+        "params": d,
+        "batch": cfg.batch_size,
+        "window": m,
+        "jacobian": jac.describe(),
+        "jacobian_setup_s": setup,
+        "fo_sol_s": fo,
+        "zo_jac_sol_s": zj,
+        "zo_jac_sol_extrapolated": zj_extra,
+        "zo_sol_s": zs,
+        "zo_sol_extrapolated": zs_extra,
+        "evals_fo_sol": 1.0,
+        "evals_zo_jac_sol": 1 + jac.probes_per_sample * (m - 1) / m,
+        "evals_zo_sol": _evals(m, perturbations),
+    }
 
 
 def _line(r: dict[str, Any]) -> str:
     zj = f"{'~' if r['zo_jac_sol_extrapolated'] else ''}{r['zo_jac_sol_s']:.3f}"
     zs = f"{'~' if r['zo_sol_extrapolated'] else ''}{r['zo_sol_s']:.3g}"
-    return (f"{r['scenario']:<10} {r['corrector']:<20} {r['params']:>8} {r['fo_sol_s']:>8.3f} {zj:>10} {zs:>10} "
-            f"{r['zo_jac_sol_s'] / r['fo_sol_s']:>8.2f} {r['zo_sol_s'] / r['zo_jac_sol_s']:>9.0f} "
-            f"{r['evals_zo_jac_sol']:>8.1f} {r['evals_zo_sol']:>9.0f}")
+    return (
+        f"{r['scenario']:<10} {r['corrector']:<20} {r['params']:>8} {r['fo_sol_s']:>8.3f} {zj:>10} {zs:>10} "
+        f"{r['zo_jac_sol_s'] / r['fo_sol_s']:>8.2f} {r['zo_sol_s'] / r['zo_jac_sol_s']:>9.0f} "
+        f"{r['evals_zo_jac_sol']:>8.1f} {r['evals_zo_sol']:>9.0f}"
+    )
 
 
-def run_sol_bench(json_path: str | None = None, quick: bool = False, scenarios=None, repeats: int = 3,
-                  log: Callable[[str], None] = print, cases: list[SolCase] | None = None,
-                  budget: int = 2048) -> list[dict]:
+def run_sol_bench(
+    json_path: str | None = None,
+    quick: bool = False,
+    scenarios=None,
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+    cases: list[SolCase] | None = None,
+    budget: int = 2048,
+) -> list[dict]:
     """Print (and return) one row per case (default: :data:`CASES`): seconds per training step of
     each method, ratios, black-box evaluations per window sample-step; ``~`` marks extrapolated
     times (ZO-SOL beyond ``budget`` perturbations)."""
     cases = [c for c in cases or CASES if scenarios is None or c.scenario in scenarios]
     if quick:
         cases = [c for c in cases if "k25" not in c.label and c.scenario != "karman2d"]
-    log(f"{'scenario':<10} {'corrector':<20} {'params':>8} {'FO-SOL':>8} {'ZO-JAC':>10} {'ZO-SOL':>10} "
+    log(
+        f"{'scenario':<10} {'corrector':<20} {'params':>8} {'FO-SOL':>8} {'ZO-JAC':>10} {'ZO-SOL':>10} "
         f"{'JAC/FO':>8} {'ZO/JAC':>9} {'ev JAC':>8} {'ev ZO-SOL':>9}   (s per training step; ev: black-box "
-        f"evaluations per window sample-step; ~ extrapolated)")
+        f"evaluations per window sample-step; ~ extrapolated)"
+    )
     rows = []
     for case in cases:
         row = run_case(case, repeats=repeats, budget=budget)

@@ -18,6 +18,7 @@ read-only directory or a full disk) end with a one-line message and exit code 2;
 with 143, after checkpointing.  Checkpoints and finished data are never lost: rerun the command
 (with ``--resume`` for train).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -50,8 +52,11 @@ def _parse_methods(text: str | None) -> list[str] | None:
     names = [m.strip() for m in text.split(",")]
     if not all(names):
         from .config import METHODS
-        raise ValueError(f"--methods '{text}' has an empty name; give a comma-separated subset of "
-                         f"{','.join(METHODS)} (or leave --methods out for all)")
+
+        raise ValueError(
+            f"--methods '{text}' has an empty name; give a comma-separated subset of "
+            f"{','.join(METHODS)} (or leave --methods out for all)"
+        )
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
         raise ValueError(f"--methods names {', '.join(twice)} twice")
@@ -67,9 +72,13 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     parsed as their ``TrainConfig`` declarations say (booleans only as true or false)."""
     from .config import TrainConfig
     from .options import parse_text, specs
+
     declared = specs(TrainConfig)
-    out = {n: parse_text(s, getattr(args, n)) for n, s in declared.items()
-           if n != "method" and getattr(args, n, None) is not None}
+    out = {
+        n: parse_text(s, getattr(args, n))
+        for n, s in declared.items()
+        if n != "method" and getattr(args, n, None) is not None
+    }
     for key, text in _split_sets(getattr(args, "train_set", None)).items():
         out[key] = parse_text(declared[key], text) if key in declared else text
     return out
@@ -96,21 +105,39 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One ``--option`` per ``TrainConfig`` field (except ``method``), with the declared help."""
     from .config import TrainConfig
     from .options import describe, specs
+
     g = p.add_argument_group("training options (default: the preset's)")
     for name, spec in specs(TrainConfig).items():
         if name != "method":  # train: --method, compare: --methods
             g.add_argument(_option_flag(name), dest=name, metavar=_metavar(spec), help=describe(spec))
-    g.add_argument("--workers", type=int, default=1,
-                   help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1; at most "
-                        "the CPU cores; they die with this process, SIGTERM checkpoints all of them)")
-    g.add_argument("--train-set", dest="train_set", action="append", metavar="KEY=VALUE",
-                   help="a TrainConfig field by name (the same as its --option)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing ZO-SOL's perturbation chunks (identical result; default 1; at most "
+        "the CPU cores; they die with this process, SIGTERM checkpoints all of them)",
+    )
+    g.add_argument(
+        "--train-set",
+        dest="train_set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a TrainConfig field by name (the same as its --option)",
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .datasets import generate
-    path = generate(args.scenario, args.preset, args.out, batch=args.batch, overwrite=args.overwrite,
-                    overrides=_parse_sets(args.set), progress=not args.quiet)
+
+    path = generate(
+        args.scenario,
+        args.preset,
+        args.out,
+        batch=args.batch,
+        overwrite=args.overwrite,
+        overrides=_parse_sets(args.set),
+        progress=not args.quiet,
+    )
     print(path)
     return 0
 
@@ -118,8 +145,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
+
     if args.plot:
         from .report import plot_format
+
         plot_format(args.plot)  # refuse an unknown suffix before any work
     ds = load_dataset(args.file)
     summary = ds.summary()
@@ -132,15 +161,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"{k:>26}: {v}")
     if args.plot:
         from .report import plot_side_by_side
+
         traj, _ = ds.stacked("test")
-        plot_side_by_side({"reference": traj[0].numpy(), "coarse (SRC)": src["prediction"][0].numpy()}, args.plot,
-                          f"{ds.scenario.name}: test simulation 0")
+        plot_side_by_side(
+            {"reference": traj[0].numpy(), "coarse (SRC)": src["prediction"][0].numpy()},
+            args.plot,
+            f"{ds.scenario.name}: test simulation 0",
+        )
         print(f"wrote {args.plot}")
     return 0
 
 
 def _dataset_for(args: argparse.Namespace):
     from .datasets import generate, load_dataset
+
     if args.data and Path(args.data).is_file():
         return load_dataset(args.data, args.scenario)
     path = generate(args.scenario, args.preset, args.data or "datasets", overrides=_parse_sets(args.set))
@@ -151,6 +185,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
     """Set up the (checked, locked) ``run_dir`` for ``zosol train``: its ``run.json`` names the
     dataset; True when an existing run is resumed."""
     from .fsutil import atomic_write_text
+
     atomic_write_text(run_dir / "run.json", json.dumps({"dataset": str(Path(dataset.path).resolve())}))
     if resume and not (run_dir / "checkpoint.pt").exists():
         print(f"zosol: note: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
@@ -163,9 +198,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.launch import broadcast_from_lead, is_lead, lead_first
     from .training.processes import check_workers
     from .training.rundir import directory_lock, prepare_directory
+
     check_workers(args.workers)
-    config = train_config(args.train_preset or args.preset, args.scenario, method=args.method,
-                          **_train_overrides(args))
+    config = train_config(args.train_preset or args.preset, args.scenario, method=args.method, **_train_overrides(args))
     out = f"runs/{args.scenario}_{args.preset}_{args.method}" if args.out is None else args.out
     lead = is_lead()  # in a torchrun launch rank 0 checks, locks and writes the run directory
     run_dir = prepare_directory(out, "--out") if lead else Path(out)
@@ -181,11 +216,14 @@ def _train_and_report(args: argparse.Namespace, dataset, config, run_dir: Path, 
     from .compare import evaluate
     from .training import train
     from .training.launch import is_lead
+
     result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
     ev = evaluate(dataset, result.model, device=config.device)
     if is_lead():
-        print(f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
-              f"(train {result.history['wall_time']:.1f} s) -> {run_dir}")
+        print(
+            f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
+            f"(train {result.history['wall_time']:.1f} s) -> {run_dir}"
+        )
     return 0
 
 
@@ -207,6 +245,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
     from .training import load_run
+
     run = Path(args.run)
     if run.exists() and not run.is_dir():
         raise ValueError(f"{run} is not a directory (a file is there); name a run directory")
@@ -214,9 +253,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, ckpt = load_run(run, dataset)
     ev = evaluate(dataset, model)
     src = evaluate(dataset)
-    out = {"run": str(run), "method": ckpt["config"]["method"], "epochs_done": ckpt["epoch"],
-           "mae_mean": ev["mae_mean"], "mae_std": ev["mae_std"], "mae_per_sim": ev["mae_per_sim"],
-           "src_mae_mean": src["mae_mean"]}
+    out = {
+        "run": str(run),
+        "method": ckpt["config"]["method"],
+        "epochs_done": ckpt["epoch"],
+        "mae_mean": ev["mae_mean"],
+        "mae_std": ev["mae_std"],
+        "mae_per_sim": ev["mae_per_sim"],
+        "src_mae_mean": src["mae_mean"],
+    }
     print(json.dumps(out, indent=1))
     return 0
 
@@ -226,23 +271,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .report import markdown_table
     from .training import TrainingError
     from .training.processes import check_workers
+
     check_workers(args.workers)
     if not args.out:
         raise ValueError("--out must not be empty; name the output directory")
     methods = _parse_methods(args.methods)
     kwargs = {"methods": methods} if methods is not None else {}
-    results = compare(args.scenario, args.preset, args.out, data_dir=args.data, train_preset=args.train_preset,
-                      overrides=_train_overrides(args), scenario_overrides=_parse_sets(args.set),
-                      workers=args.workers, progress=not args.quiet, **kwargs)
+    results = compare(
+        args.scenario,
+        args.preset,
+        args.out,
+        data_dir=args.data,
+        train_preset=args.train_preset,
+        overrides=_train_overrides(args),
+        scenario_overrides=_parse_sets(args.set),
+        workers=args.workers,
+        progress=not args.quiet,
+        **kwargs,
+    )
     print()
     print(markdown_table(results))
-    print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "
-          f"frame_mae.png, test_simulation.png")
+    print(
+        f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "
+        f"frame_mae.png, test_simulation.png"
+    )
     stopped = stopped_methods(results)
     if stopped:
-        raise TrainingError(f"{', '.join(f'{k} {v}' for k, v in stopped.items())} (see 'message' in "
-                            f"{args.out}/results.json; the last good checkpoints are in {args.out}/runs); "
-                            f"the other methods' results are written")
+        raise TrainingError(
+            f"{', '.join(f'{k} {v}' for k, v in stopped.items())} (see 'message' in "
+            f"{args.out}/results.json; the last good checkpoints are in {args.out}/runs); "
+            f"the other methods' results are written"
+        )
     return 0
 
 
@@ -250,26 +309,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     scenarios = args.scenarios.split(",") if args.scenarios else None
     if args.what == "engine":
         from .zo.bench import run_engine_bench
+
         run_engine_bench(json_path=args.json, quick=args.quick)
     elif args.what == "sol":
         from .bench_sol import run_sol_bench
+
         run_sol_bench(json_path=args.json, quick=args.quick, scenarios=scenarios)
     else:
         from .bench import run_solver_bench
-        run_solver_bench(json_path=args.json, quick=args.quick,
-                         scenarios=scenarios)
+
+        run_solver_bench(json_path=args.json, quick=args.quick, scenarios=scenarios)
     return 0
 
 
 def _plugin_arg(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--plugin", action="append", metavar="MODULE",
-                   help="import MODULE first (it registers scenarios of your own; repeatable)")
+    q.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first (it registers scenarios of your own; repeatable)",
+    )
 
 
 def _scenario_args(q: argparse.ArgumentParser) -> None:
     _plugin_arg(q)
-    q.add_argument("--scenario", required=True,
-                   help="burgers1d, burgers2d, karman2d, or a scenario of your own (--plugin MODULE)")
+    q.add_argument(
+        "--scenario", required=True, help="burgers1d, burgers2d, karman2d, or a scenario of your own (--plugin MODULE)"
+    )
     q.add_argument("--preset", default="default", help="tiny, default or paper (default: %(default)s)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
 
@@ -287,15 +353,21 @@ def _add_data_commands(sub: Any) -> None:
     q = sub.add_parser("info", help="describe a dataset file and its coarse-solver error")
     q.add_argument("file")
     _plugin_arg(q)
-    q.add_argument("--plot", metavar="FILE", help="write a reference vs coarse figure (format from the "
-                   "suffix: .png, .pdf, .svg, ...)")
+    q.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a reference vs coarse figure (format from the suffix: .png, .pdf, .svg, ...)",
+    )
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_info)
 
     q = sub.add_parser("bench", help="speed benchmarks")
-    q.add_argument("what", choices=["engine", "solvers", "sol"],
-                   help="engine: ZO estimators; solvers: coarse-step throughput; sol: time per training step "
-                        "of FO-SOL, ZO-JAC-SOL and ZO-SOL")
+    q.add_argument(
+        "what",
+        choices=["engine", "solvers", "sol"],
+        help="engine: ZO estimators; solvers: coarse-step throughput; sol: time per training step "
+        "of FO-SOL, ZO-JAC-SOL and ZO-SOL",
+    )
     q.add_argument("--json", help="also write the figures as JSON")
     q.add_argument("--quick", action="store_true", help="smaller sizes")
     q.add_argument("--scenarios", help="solvers / sol bench: comma-separated scenarios (default: all)")
@@ -306,6 +378,7 @@ def _add_training_commands(sub: Any) -> None:
     """``train``, ``evaluate`` and ``compare``."""
     from .config import METHODS, TrainConfig
     from .options import describe, specs
+
     q = sub.add_parser("train", help="train one corrector")
     _scenario_args(q)
     q.add_argument("--method", required=True, help=describe(specs(TrainConfig)["method"]))
@@ -326,8 +399,11 @@ def _add_training_commands(sub: Any) -> None:
     _scenario_args(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
-    q.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all the "
-                                     f"scenario runs by default, e.g. karman2d leaves out zo-jac-sol)")
+    q.add_argument(
+        "--methods",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all the "
+        f"scenario runs by default, e.g. karman2d leaves out zo-jac-sol)",
+    )
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
     _add_train_options(q)
@@ -337,12 +413,19 @@ def _add_training_commands(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``zosol`` command line."""
     from . import __version__
-    p = argparse.ArgumentParser(prog="zosol", description="Zeroth-order Solver-in-the-Loop training of "
-                                "neural correctors for black-box PDE solvers.")
+
+    p = argparse.ArgumentParser(
+        prog="zosol",
+        description="Zeroth-order Solver-in-the-Loop training of neural correctors for black-box PDE solvers.",
+    )
     p.add_argument("--version", action="version", version=f"zosol {__version__}")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the built-in "
-                        "presets run many small tensor operations, where one thread was fastest)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the built-in "
+        "presets run many small tensor operations, where one thread was fastest)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _add_data_commands(sub)
     _add_training_commands(sub)
@@ -357,12 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads or (None if os.environ.get("OMP_NUM_THREADS") else 1)
     if threads is not None:
         import torch
+
         torch.set_num_threads(threads)
     from .training import stop
+
     previous = stop.install_sigterm_handler()
     try:
         with warnings.catch_warnings():
             from .training.errors import show_warning
+
             warnings.showwarning = show_warning
             return _run(args)
     finally:
@@ -375,18 +461,26 @@ def _run(args: argparse.Namespace) -> int:
     from .fsutil import LockedError, os_error_message
     from .solvers.base import SolverError
     from .training import CheckpointError, TrainingError, stop
+
     try:
         for module in getattr(args, "plugin", None) or []:
             from .solvers import load_plugin
+
             load_plugin(module)
         return _run_command(args)
     except stop.Terminated as e:
-        print(f"zosol: {e}" if "resume" in str(e) else f"zosol: {e or 'stopped by SIGTERM'}; finished work is "
-              f"saved, rerun the command (with --resume for train)", file=sys.stderr)
+        print(
+            f"zosol: {e}"
+            if "resume" in str(e)
+            else f"zosol: {e or 'stopped by SIGTERM'}; finished work is "
+            f"saved, rerun the command (with --resume for train)",
+            file=sys.stderr,
+        )
         return stop.EXIT_CODE
     except KeyboardInterrupt:
-        print("zosol: interrupted; finished work is saved, rerun the command (with --resume for train)",
-              file=sys.stderr)
+        print(
+            "zosol: interrupted; finished work is saved, rerun the command (with --resume for train)", file=sys.stderr
+        )
         return 130
     except (TrainingError, SolverError) as e:
         print(f"zosol: failed: {e}", file=sys.stderr)
@@ -395,8 +489,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"zosol: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only directory, full disk, a file where a directory belongs, ...
-        print(f"zosol: error: cannot write or read {os_error_message(e)} (finished work is kept; fix this "
-              f"and rerun the command)", file=sys.stderr)
+        print(
+            f"zosol: error: cannot write or read {os_error_message(e)} (finished work is kept; fix this "
+            f"and rerun the command)",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -405,9 +502,11 @@ def _run_command(args: argparse.Namespace) -> int:
     group (see :mod:`zosol.training.launch`), and a rank that is lost ends the job in one line."""
     if args.command not in ("train", "compare"):
         return args.func(args)
+    import torch.distributed as dist
+
     from .training import stop
     from .training.launch import join_launcher_group, lost_local_ranks, lost_ranks_message
-    import torch.distributed as dist
+
     joined = join_launcher_group(getattr(args, "device", None))
     if joined is None:
         return args.func(args)
@@ -415,8 +514,10 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.workers > 1:
         raise ValueError("--workers starts local processes itself; under torchrun set --nproc-per-node instead")
     if rank == 0:
-        print(f"zosol: torchrun launch: rank 0 of {size} ({backend}); rank 0 writes checkpoints and results",
-              file=sys.stderr)
+        print(
+            f"zosol: torchrun launch: rank 0 of {size} ({backend}); rank 0 writes checkpoints and results",
+            file=sys.stderr,
+        )
     try:
         return args.func(args)
     except stop.Terminated as e:  # the launcher stops the other ranks when one fails

@@ -10,13 +10,15 @@ simulations) is stopped with its last good checkpoint and recorded with ``status
 or "failed" and its ``message``; the other methods still run and the reports are written.  The
 output directory is locked while ``compare`` runs (a second process is refused at once).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,18 +26,32 @@ import torch
 from .config import METHODS, TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
-from .metrics import (channel_sum_mae_per_simulation, mae_per_frame, mae_per_simulation, nrmse_per_simulation,
-                      relative_l1_per_simulation, summarize)
+from .fsutil import atomic_write_text
+from .metrics import (
+    channel_sum_mae_per_simulation,
+    mae_per_frame,
+    mae_per_simulation,
+    nrmse_per_simulation,
+    relative_l1_per_simulation,
+    summarize,
+)
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
 from .solvers.base import BlackBox, Scenario, Solver, get_scenario, registered
-from .fsutil import atomic_write_text
 from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, source_class, train
 from .training.launch import broadcast_from_lead, is_lead, lead_first, world
 from .training.rundir import directory_lock, prepare_directory
 
-__all__ = ["evaluate", "compare", "runnable_methods", "DISPLAY_NAMES", "EvaluationDiverged", "EXPLODED_FACTOR", "REPORT_FILES",
-           "stopped_methods"]
+__all__ = [
+    "evaluate",
+    "compare",
+    "runnable_methods",
+    "DISPLAY_NAMES",
+    "EvaluationDiverged",
+    "EXPLODED_FACTOR",
+    "REPORT_FILES",
+    "stopped_methods",
+]
 
 #: a corrected test rollout whose MAE exceeds this multiple of the reference's largest |value|
 #: has left the solution: it is reported as diverged, never as a score
@@ -48,8 +64,15 @@ class EvaluationDiverged(TrainingDiverged):
     """A trained corrector's rollout on the test simulations blew up (non-finite, or far outside
     the reference's range)."""
 
-DISPLAY_NAMES = {"src": "SRC", "non": "NON", "nog-sol": "NOG-SOL", "fo-sol": "FO-SOL", "zo-sol": "ZO-SOL",
-                 "zo-jac-sol": "ZO-JAC-SOL"}
+
+DISPLAY_NAMES = {
+    "src": "SRC",
+    "non": "NON",
+    "nog-sol": "NOG-SOL",
+    "fo-sol": "FO-SOL",
+    "zo-sol": "ZO-SOL",
+    "zo-jac-sol": "ZO-JAC-SOL",
+}
 
 
 def _rollout(step, model, traj, p_arg, feats) -> torch.Tensor:
@@ -59,8 +82,10 @@ def _rollout(step, model, traj, p_arg, feats) -> torch.Tensor:
     except FloatingPointError as e:
         if model is None:
             raise
-        raise EvaluationDiverged(f"the trained corrector diverged on the test simulations: the coarse solver "
-                                 f"blew up ({e}); retrain with a lower --lr") from e
+        raise EvaluationDiverged(
+            f"the trained corrector diverged on the test simulations: the coarse solver "
+            f"blew up ({e}); retrain with a lower --lr"
+        ) from e
 
 
 def _check_exploded(mae: torch.Tensor, traj: torch.Tensor) -> None:
@@ -69,13 +94,19 @@ def _check_exploded(mae: torch.Tensor, traj: torch.Tensor) -> None:
     bad = ~torch.isfinite(mae) | (mae > EXPLODED_FACTOR * scale)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise EvaluationDiverged(f"the trained corrector diverged on the test simulations: MAE {float(mae[i]):.4g} on "
-                                 f"test simulation {i}, whose reference stays within |value| <= {float(scale[i]):.3g}; "
-                                 f"retrain with a lower --lr")
+        raise EvaluationDiverged(
+            f"the trained corrector diverged on the test simulations: MAE {float(mae[i]):.4g} on "
+            f"test simulation {i}, whose reference stays within |value| <= {float(scale[i]):.3g}; "
+            f"retrain with a lower --lr"
+        )
 
 
-def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
-             solver: Solver | BlackBox | None = None, device: str = "cpu") -> dict[str, Any]:
+def evaluate(
+    dataset: FidelityDataset,
+    model: torch.nn.Module | None = None,
+    solver: Solver | BlackBox | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Roll out the corrected coarse solver (``model=None``: bare coarse solver, SRC) from frame 0
     of every test simulation and score it against the reference.
 
@@ -97,20 +128,36 @@ def evaluate(dataset: FidelityDataset, model: torch.nn.Module | None = None,
     if model is not None:
         _check_exploded(mae, traj)
     stats = summarize(mae)
-    return {"mae_mean": stats["mean"], "mae_std": stats["std"], "mae_per_sim": mae.tolist(),
-            "nrmse_per_sim": nrmse_per_simulation(pred, traj).tolist(),
-            "book_mae_per_sim": channel_sum_mae_per_simulation(pred, traj).tolist(),
-            "rel_l1_per_sim": relative_l1_per_simulation(pred, traj).tolist(),
-            "per_frame": mae_per_frame(pred, traj).tolist(), "solver_calls": step.calls,
-            "solver_samples": step.samples, "prediction": pred.cpu()}
+    return {
+        "mae_mean": stats["mean"],
+        "mae_std": stats["std"],
+        "mae_per_sim": mae.tolist(),
+        "nrmse_per_sim": nrmse_per_simulation(pred, traj).tolist(),
+        "book_mae_per_sim": channel_sum_mae_per_simulation(pred, traj).tolist(),
+        "rel_l1_per_sim": relative_l1_per_simulation(pred, traj).tolist(),
+        "per_frame": mae_per_frame(pred, traj).tolist(),
+        "solver_calls": step.calls,
+        "solver_samples": step.samples,
+        "prediction": pred.cpu(),
+    }
 
 
-def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = None,
-            out: str | os.PathLike = "results", *, methods: Sequence[str] | None = None,
-            solver: Solver | BlackBox | None = None, twin: Solver | None = None,
-            data_dir: str | os.PathLike | None = None, train_preset: str | None = None,
-            overrides: dict[str, Any] | None = None, scenario_overrides: dict[str, Any] | None = None,
-            workers: int = 1, progress: bool = True, log=print) -> dict[str, Any]:
+def compare(
+    scenario: str | Scenario | FidelityDataset,
+    preset: str | None = None,
+    out: str | os.PathLike = "results",
+    *,
+    methods: Sequence[str] | None = None,
+    solver: Solver | BlackBox | None = None,
+    twin: Solver | None = None,
+    data_dir: str | os.PathLike | None = None,
+    train_preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    scenario_overrides: dict[str, Any] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
     ``methods``: default all of :data:`~zosol.config.METHODS` less the scenario's
@@ -136,8 +183,11 @@ def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = Non
         log, progress = (lambda *a, **k: None), False
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
     methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
-    tp = train_preset or preset or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS
-                                    else "default")
+    tp = (
+        train_preset
+        or preset
+        or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS else "default")
+    )
     configs = {m: train_config(tp, sc0, method=m, **(overrides or {})) for m in methods}
     out = _output_directory(out) if lead else Path(out)
     with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
@@ -145,11 +195,18 @@ def compare(scenario: str | Scenario | FidelityDataset, preset: str | None = Non
         dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, progress)
         solver, twin = _solvers(dataset.scenario, solver, twin)
         configs = {m: configs[m] for m in runnable_methods(methods, solver, twin, log)}
-        log(f"dataset {dataset.path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
-            f"{dataset.frames} frames; {time.perf_counter() - t0:.1f} s)")
-        results: dict[str, Any] = {"scenario": dataset.scenario.describe(), "dataset": str(dataset.path),
-                                   "generation_time": time.perf_counter() - t0, "train_config": {}, "methods": {},
-                                   "launch": dict(zip(("world_size", "backend"), world()[1:]))}
+        log(
+            f"dataset {dataset.path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
+            f"{dataset.frames} frames; {time.perf_counter() - t0:.1f} s)"
+        )
+        results: dict[str, Any] = {
+            "scenario": dataset.scenario.describe(),
+            "dataset": str(dataset.path),
+            "generation_time": time.perf_counter() - t0,
+            "train_config": {},
+            "methods": {},
+            "launch": dict(zip(("world_size", "backend"), world()[1:])),
+        }
         curves = _evaluate_all(dataset, configs, out, results, workers, progress, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
@@ -172,22 +229,25 @@ def default_methods(scenario: str | Scenario, log=print) -> list[str]:
     entry = registered(scenario) if isinstance(scenario, str) else scenario
     skip = getattr(entry, "not_by_default", {})
     for m, why in skip.items():
-        log(f"{DISPLAY_NAMES.get(m, m)} left out by default on {getattr(entry, 'name', 'this scenario')}: {why} "
-            f"(name it in --methods / methods= to run it)")
+        log(
+            f"{DISPLAY_NAMES.get(m, m)} left out by default on {getattr(entry, 'name', 'this scenario')}: {why} "
+            f"(name it in --methods / methods= to run it)"
+        )
     return [m for m in METHODS if m not in skip]
 
 
-def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None,
-                     log=print) -> list[str]:
+def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None, log=print) -> list[str]:
     """``methods`` less those that cannot run with this solver (e.g. FO-SOL needs a differentiable
     solver or twin), each left out with one line saying why."""
     differentiable = any(getattr(s, "differentiable", False) for s in (solver, twin) if s is not None)
     keep = []
     for m in _check_methods(methods):
         if source_class(m).needs == "differentiable" and not differentiable:
-            log(f"{DISPLAY_NAMES.get(m, m)} left out: it needs autograd through the solver, and "
+            log(
+                f"{DISPLAY_NAMES.get(m, m)} left out: it needs autograd through the solver, and "
                 f"{getattr(solver, 'name', type(solver).__name__)} is a black box with no differentiable twin "
-                f"(pass twin=... to run it)")
+                f"(pass twin=... to run it)"
+            )
             continue
         keep.append(m)
     return keep
@@ -215,14 +275,20 @@ def _output_directory(out: str | os.PathLike) -> Path:
     out = prepare_directory(out, "--out")
     for name in REPORT_FILES:
         if (out / name).is_dir() and not (out / name).is_symlink():
-            raise ValueError(f"{out / name} is a directory, where compare writes a file; remove it or choose "
-                             f"another --out")
+            raise ValueError(
+                f"{out / name} is a directory, where compare writes a file; remove it or choose another --out"
+            )
     return out
 
 
-def _dataset(scenario: str | Scenario | FidelityDataset, preset: str | None, out: Path,
-             data_dir: str | os.PathLike | None, scenario_overrides: dict[str, Any] | None,
-             progress: bool) -> FidelityDataset:
+def _dataset(
+    scenario: str | Scenario | FidelityDataset,
+    preset: str | None,
+    out: Path,
+    data_dir: str | os.PathLike | None,
+    scenario_overrides: dict[str, Any] | None,
+    progress: bool,
+) -> FidelityDataset:
     """The comparison's dataset: given; ``data_dir`` if it is a dataset file; else generated (or
     found) there for the scenario name or object.  The scenario object is the one the dataset
     holds, so its solvers are built once."""
@@ -230,8 +296,10 @@ def _dataset(scenario: str | Scenario | FidelityDataset, preset: str | None, out
         return scenario
     if data_dir is not None and Path(data_dir).is_file():
         if scenario_overrides:
-            raise ValueError(f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
-                             f"or give a directory to generate the data in)")
+            raise ValueError(
+                f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
+                f"or give a directory to generate the data in)"
+            )
         return load_dataset(data_dir, scenario)
     if isinstance(scenario, str):
         scenario = get_scenario(scenario, preset or "default", **(scenario_overrides or {}))
@@ -239,20 +307,32 @@ def _dataset(scenario: str | Scenario | FidelityDataset, preset: str | None, out
         scenario = scenario.with_preset(preset or scenario.preset or "default", **(scenario_overrides or {}))
     if scenario_overrides:
         scenario.preset = None
-    path = lead_first(lambda: generate(scenario, out=data_dir if data_dir is not None else out / "data",
-                                       progress=progress))
+    path = lead_first(
+        lambda: generate(scenario, out=data_dir if data_dir is not None else out / "data", progress=progress)
+    )
     return load_dataset(path, scenario=scenario)
 
 
-def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, results: dict[str, Any],
-                  workers: int, progress: bool, log, solver: Solver | BlackBox,
-                  twin: Solver | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _evaluate_all(
+    dataset: FidelityDataset,
+    configs: dict[str, Any],
+    out: Path,
+    results: dict[str, Any],
+    workers: int,
+    progress: bool,
+    log,
+    solver: Solver | BlackBox,
+    twin: Solver | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """SRC and every method into ``results["methods"]``; returns the per-frame MAE (N, T) and the
     first test simulation's trajectory of every method that finished."""
     src = evaluate(dataset, solver=solver)
-    results["methods"]["SRC"] = {k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")}
-    results["methods"]["SRC"].update(status="ok", wall_time=0.0, solver_calls=0, solver_samples=0,
-                                     eval_solver_samples=src["solver_samples"])
+    results["methods"]["SRC"] = {
+        k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")
+    }
+    results["methods"]["SRC"].update(
+        status="ok", wall_time=0.0, solver_calls=0, solver_samples=0, eval_solver_samples=src["solver_samples"]
+    )
     predictions = {"reference": dataset.stacked("test")[0][0].numpy(), "SRC": src["prediction"][0].numpy()}
     per_frame = {"SRC": np.asarray(src["per_frame"])}
     log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
@@ -262,8 +342,15 @@ def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, 
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
         resume = broadcast_from_lead(lambda: (run_dir / "checkpoint.pt").exists())
         try:
-            result = train(dataset, cfg, run_dir, resume=resume, progress=progress, workers=workers,
-                           **_solver_args(solver, twin, dataset.scenario))
+            result = train(
+                dataset,
+                cfg,
+                run_dir,
+                resume=resume,
+                progress=progress,
+                workers=workers,
+                **_solver_args(solver, twin, dataset.scenario),
+            )
             ev = evaluate(dataset, result.model, solver=solver, device=cfg.device)
         except TrainingError as e:
             results["methods"][name] = _stopped_entry(e, cfg, run_dir)
@@ -278,13 +365,25 @@ def _evaluate_all(dataset: FidelityDataset, configs: dict[str, Any], out: Path, 
 
 def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict[str, Any]:
     entry = {k: v for k, v in ev.items() if k not in ("prediction", "solver_calls", "solver_samples")}
-    entry.update(status="ok", wall_time=h["wall_time"], solver_calls=h["solver_calls"],
-                 solver_samples=h["solver_samples"], eval_solver_samples=ev["solver_samples"],
-                 final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None, parameters=h.get("parameters"),
-                 epochs=cfg.epochs, window=cfg.effective_window)
+    entry.update(
+        status="ok",
+        wall_time=h["wall_time"],
+        solver_calls=h["solver_calls"],
+        solver_samples=h["solver_samples"],
+        eval_solver_samples=ev["solver_samples"],
+        final_loss=h["epoch_loss"][-1] if h["epoch_loss"] else None,
+        parameters=h.get("parameters"),
+        epochs=cfg.epochs,
+        window=cfg.effective_window,
+    )
     if method in ("zo-sol", "zo-jac-sol"):
-        entry.update(grad_cosine_vs_fo=h["grad_cosine_vs_fo"], grad_cosine_vs_fd=h.get("grad_cosine_vs_fd", []),
-                     zo_queries=h["zo_queries"], lprs=h["lprs"], cost_model=h.get("cost_model"))
+        entry.update(
+            grad_cosine_vs_fo=h["grad_cosine_vs_fo"],
+            grad_cosine_vs_fd=h.get("grad_cosine_vs_fd", []),
+            zo_queries=h["zo_queries"],
+            lprs=h["lprs"],
+            cost_model=h.get("cost_model"),
+        )
     if method == "zo-jac-sol":
         entry.update(jacobian=h["jacobian"]["describe"], jacobian_events=h["jacobian"]["events"])
     return entry
@@ -292,20 +391,39 @@ def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict
 
 def _stopped_entry(e: TrainingError, cfg: Any, run_dir: Path) -> dict[str, Any]:
     """The entry of a method that diverged or failed: no scores, its message and how far it got."""
-    entry: dict[str, Any] = {"status": "diverged" if isinstance(e, TrainingDiverged) else "failed",
-                             "message": str(e), "mae_mean": None, "mae_std": None, "mae_per_sim": None,
-                             "epochs": cfg.epochs, "window": cfg.effective_window, "epochs_done": 0,
-                             "wall_time": 0.0, "solver_samples": 0, "checkpoint": None}
+    entry: dict[str, Any] = {
+        "status": "diverged" if isinstance(e, TrainingDiverged) else "failed",
+        "message": str(e),
+        "mae_mean": None,
+        "mae_std": None,
+        "mae_per_sim": None,
+        "epochs": cfg.epochs,
+        "window": cfg.effective_window,
+        "epochs_done": 0,
+        "wall_time": 0.0,
+        "solver_samples": 0,
+        "checkpoint": None,
+    }
     ckpt_path = run_dir / "checkpoint.pt"
     if is_lead() and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
-        entry.update(epochs_done=ckpt["epoch"], wall_time=ckpt["history"]["wall_time"],
-                     solver_samples=ckpt["history"]["solver_samples"], checkpoint=str(ckpt_path))
+        entry.update(
+            epochs_done=ckpt["epoch"],
+            wall_time=ckpt["history"]["wall_time"],
+            solver_samples=ckpt["history"]["solver_samples"],
+            checkpoint=str(ckpt_path),
+        )
     return entry
 
 
-def _write_reports(dataset: FidelityDataset, preset: str, out: Path, results: dict[str, Any],
-                   per_frame: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
+def _write_reports(
+    dataset: FidelityDataset,
+    preset: str,
+    out: Path,
+    results: dict[str, Any],
+    per_frame: dict[str, np.ndarray],
+    predictions: dict[str, np.ndarray],
+) -> None:
     """results.json / .md / .csv and the two figures, each written atomically."""
     write_json(results, out / "results.json")
     atomic_write_text(out / "results.md", f"# {dataset.scenario.name} ({preset})\n\n{markdown_table(results)}")

@@ -9,6 +9,7 @@ from these declarations; the ZO schemes are the engine's own ``zo.SCHEMES``.
 Presets: ``tiny`` (tests: seconds), ``default`` (a CPU laptop: minutes), ``paper`` (the SOL
 residual network and long training).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,26 +57,39 @@ class TrainConfig:
     width: int = option(16, "hidden channels of the corrector", ge=1, cap=4096)
     depth: int = option(3, "conv layers (cnn) or residual blocks (resnet)", ge=1, cap=1000)
     kernel: int = option(5, "convolution kernel size (odd: same-size convolutions)", ge=1, odd=True, cap=99)
-    seed: int = option(0, "seed of the corrector's initialisation and the window order", ge=0, lt=2 ** 63)
+    seed: int = option(0, "seed of the corrector's initialisation and the window order", ge=0, lt=2**63)
     zo_scheme: ZoScheme = option("central", "ZO-SOL finite-difference scheme")
     zo_mu: float = option(1e-3, "ZO-SOL finite-difference step", gt=0)
     zo_sparsity: float = option(0.0, "ZO-SOL gradient sparsity: share of coordinates not perturbed", ge=0, lt=1)
     zo_lpr: ZoLpr = option("zo-grasp", "ZO-SOL layer-wise pruning ratios of the sparse gradient")
     zo_mask_every: int = option(5, "ZO-SOL: epochs between redrawn sparsity masks", ge=1, cap=1_000_000)
-    zo_chunk: int | None = option(128, "ZO-SOL perturbations per batched evaluation, none: all at once "
-                                       "(chunks of ~128 were 3x faster than one huge batch here)", ge=1, cap=10_000_000)
+    zo_chunk: int | None = option(
+        128,
+        "ZO-SOL perturbations per batched evaluation, none: all at once "
+        "(chunks of ~128 were 3x faster than one huge batch here)",
+        ge=1,
+        cap=10_000_000,
+    )
     zo_reuse: bool = option(True, "ZO-SOL feature reuse (unperturbed layers evaluated once)")
-    grad_checks: int = option(3, "ZO-SOL / ZO-JAC-SOL: times the ZO gradient is compared with autograd "
-                                 "(FO-SOL) on the same window batch", ge=0, cap=10_000)
-    jac_pattern: JacPattern = option("auto", "ZO-JAC-SOL Jacobian pattern: auto (probe jac_probe_states training "
-                                             "frames), probe, stencil (the solver's stencil_reach) or dense")
+    grad_checks: int = option(
+        3,
+        "ZO-SOL / ZO-JAC-SOL: times the ZO gradient is compared with autograd (FO-SOL) on the same window batch",
+        ge=0,
+        cap=10_000,
+    )
+    jac_pattern: JacPattern = option(
+        "auto",
+        "ZO-JAC-SOL Jacobian pattern: auto (probe jac_probe_states training "
+        "frames), probe, stencil (the solver's stencil_reach) or dense",
+    )
     jac_margin: int = option(0, "ZO-JAC-SOL: cells added around the Jacobian pattern", ge=0, cap=1000)
     jac_probe_states: int = option(4, "ZO-JAC-SOL: training frames probed for the pattern", ge=1, cap=10_000)
-    jac_batch: int | None = option(256, "ZO-JAC-SOL probe states per black-box call, none: all at once", ge=1,
-                                   cap=10_000_000)
+    jac_batch: int | None = option(
+        256, "ZO-JAC-SOL probe states per black-box call, none: all at once", ge=1, cap=10_000_000
+    )
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ValueError naming the bad field and what it accepts (declared type, range, size
         cap; a device this machine has)."""
         check_fields(self)
@@ -93,6 +107,7 @@ class TrainConfig:
 def _check_device(device: str) -> None:
     """A torch device this machine has: 'cpu', 'cuda', 'cuda:1', ..."""
     import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -127,6 +142,7 @@ def train_config(preset: str = "default", scenario: Any = None, **overrides: Any
     per_scenario: dict[str, Any] = {}
     if scenario is not None:
         from .solvers import registered
+
         entry = registered(scenario) if isinstance(scenario, str) else scenario
         per_scenario = entry.train_presets.get(preset, {})
     return TrainConfig(**{**TRAIN_PRESETS[preset], **per_scenario, **overrides}).validate()

@@ -8,10 +8,11 @@ inside, e.g. a ``NumpySolver``, still returns float64 tensors); a gradient ``g``
 its projections ``g . v_i``: the cosine between the two k-vectors and the largest relative error.
 The high-level check of training methods is :func:`zosol.training.gradcheck.check_gradient`.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,9 +32,17 @@ def random_directions(model: torch.nn.Module, k: int, seed: int = 0) -> torch.Te
 
 
 @torch.no_grad()
-def fd_directional_derivatives(model: torch.nn.Module, step: Step, start: torch.Tensor, targets: torch.Tensor,
-                               params: torch.Tensor | None, features: torch.Tensor | None,
-                               directions: torch.Tensor, eps: float = 1e-3, loss: str = "mse") -> torch.Tensor:
+def fd_directional_derivatives(
+    model: torch.nn.Module,
+    step: Step,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    params: torch.Tensor | None,
+    features: torch.Tensor | None,
+    directions: torch.Tensor,
+    eps: float = 1e-3,
+    loss: str = "mse",
+) -> torch.Tensor:
     """Central-difference derivatives (k,) of the mean window loss along ``directions`` (k, D).
 
     ``start`` (B, C, *s), ``targets`` (B, m, C, *s), ``params`` (B, K) or None, ``features``

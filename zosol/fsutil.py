@@ -12,6 +12,7 @@ one-line messages for file-system errors, and the machine's memory.
   at once with :class:`LockedError` naming the pid, host and command of the holder.
 * :func:`os_error_message` turns an ``OSError`` into ``"<path>: <reason>"`` for one-line messages.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,11 +22,21 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
-__all__ = ["atomic_save", "atomic_save_path", "atomic_write_bytes", "atomic_write_text", "FileLock",
-           "LockedError", "os_error_message", "machine_memory_bytes", "format_bytes"]
+__all__ = [
+    "atomic_save",
+    "atomic_save_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "FileLock",
+    "LockedError",
+    "os_error_message",
+    "machine_memory_bytes",
+    "format_bytes",
+]
 
 
 def _new_temp(path: Path) -> tuple[int, Path]:
@@ -139,8 +150,9 @@ class FileLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "another process (holder unknown)"
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         import fcntl
+
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -152,8 +164,9 @@ class FileLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise LockedError(f"{self.what} is in use by {self._holder()}; wait for it to finish or "
-                                  f"stop that process") from None
+                raise LockedError(
+                    f"{self.what} is in use by {self._holder()}; wait for it to finish or stop that process"
+                ) from None
             # the file may have been removed by a releasing holder between our open and flock
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
@@ -162,8 +175,7 @@ class FileLock:
             if same:
                 break
             os.close(fd)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                "command": " ".join(sys.argv)}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode("utf-8"))
         self._fd = fd
@@ -179,7 +191,7 @@ class FileLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

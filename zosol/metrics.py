@@ -4,14 +4,21 @@ MAE of one test simulation = mean |corrected - reference| over all frames after 
 all cells and channels; a method's score = mean +- std over the test simulations (as DeepZero and
 Solver-in-the-Loop report it).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-__all__ = ["mae_per_simulation", "mae_per_frame", "nrmse_per_simulation", "channel_sum_mae_per_simulation",
-           "relative_l1_per_simulation", "summarize"]
+__all__ = [
+    "mae_per_simulation",
+    "mae_per_frame",
+    "nrmse_per_simulation",
+    "channel_sum_mae_per_simulation",
+    "relative_l1_per_simulation",
+    "summarize",
+]
 
 
 def mae_per_frame(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ initialised corrector made rollouts 3x worse than no corrector at all
 activations and :class:`~zosol.zo.reuse.Residual` blocks, the layered form that the ZO engine's
 structured (feature-reusing) evaluation understands.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,12 +35,21 @@ def _zero_last(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def small_cnn(dim: int, in_channels: int, out_channels: int, width: int = 16, depth: int = 3,
-              kernel: int = 5, padding_mode: str = "circular") -> nn.Sequential:
+def small_cnn(
+    dim: int,
+    in_channels: int,
+    out_channels: int,
+    width: int = 16,
+    depth: int = 3,
+    kernel: int = 5,
+    padding_mode: str = "circular",
+) -> nn.Sequential:
     """``depth`` convolutions (GELU between them), ``width`` hidden channels, zero last layer."""
     if depth < 1 or width < 1 or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"small_cnn: need depth >= 1, width >= 1 and an odd kernel, got "
-                         f"depth={depth}, width={width}, kernel={kernel}")
+        raise ValueError(
+            f"small_cnn: need depth >= 1, width >= 1 and an odd kernel, got "
+            f"depth={depth}, width={width}, kernel={kernel}"
+        )
     layers: list[nn.Module] = []
     cin = in_channels
     for _ in range(depth - 1):
@@ -49,18 +59,33 @@ def small_cnn(dim: int, in_channels: int, out_channels: int, width: int = 16, de
     return _zero_last(nn.Sequential(*layers))
 
 
-def sol_resnet(dim: int, in_channels: int, out_channels: int, width: int = 32, blocks: int = 5,
-               kernel: int = 5, padding_mode: str = "circular") -> nn.Sequential:
+def sol_resnet(
+    dim: int,
+    in_channels: int,
+    out_channels: int,
+    width: int = 32,
+    blocks: int = 5,
+    kernel: int = 5,
+    padding_mode: str = "circular",
+) -> nn.Sequential:
     """The Solver-in-the-Loop corrector: a stem convolution, ``blocks`` residual blocks of two
     ``kernel`` convolutions with ``width`` channels (5 / 32 / 5x5 in the paper), and an output
     convolution initialised to zero."""
     if blocks < 0 or width < 1 or kernel % 2 == 0:
-        raise ValueError(f"sol_resnet: need blocks >= 0, width >= 1 and an odd kernel, got "
-                         f"blocks={blocks}, width={width}, kernel={kernel}")
+        raise ValueError(
+            f"sol_resnet: need blocks >= 0, width >= 1 and an odd kernel, got "
+            f"blocks={blocks}, width={width}, kernel={kernel}"
+        )
     layers: list[nn.Module] = [_conv(dim, in_channels, width, kernel, padding_mode), nn.GELU()]
     for _ in range(blocks):
-        layers += [Residual(_conv(dim, width, width, kernel, padding_mode), nn.GELU(),
-                            _conv(dim, width, width, kernel, padding_mode)), nn.GELU()]
+        layers += [
+            Residual(
+                _conv(dim, width, width, kernel, padding_mode),
+                nn.GELU(),
+                _conv(dim, width, width, kernel, padding_mode),
+            ),
+            nn.GELU(),
+        ]
     layers.append(_conv(dim, width, out_channels, kernel, padding_mode))
     return _zero_last(nn.Sequential(*layers))
 
@@ -70,8 +95,17 @@ _BUILDERS = {"cnn": small_cnn, "resnet": sol_resnet}
 CORRECTORS = {kind: _BUILDERS[kind] for kind in MODEL_KINDS}
 
 
-def build_corrector(kind: str, dim: int, in_channels: int, out_channels: int, *, width: int, depth: int,
-                    kernel: int, padding_mode: str = "circular") -> nn.Sequential:
+def build_corrector(
+    kind: str,
+    dim: int,
+    in_channels: int,
+    out_channels: int,
+    *,
+    width: int,
+    depth: int,
+    kernel: int,
+    padding_mode: str = "circular",
+) -> nn.Sequential:
     """Corrector by name: ``"cnn"`` (``depth`` conv layers) or ``"resnet"`` (``depth`` residual blocks)."""
     if kind not in CORRECTORS:
         raise ValueError(f"unknown corrector model '{kind}'; choose one of {list(CORRECTORS)}")

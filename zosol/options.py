@@ -14,21 +14,31 @@ declarations: :func:`check_fields` (what ``validate()`` runs, one message naming
 what it accepts), :func:`describe` (help text with the accepted values) and :func:`parse_text`
 (a value given as text on the command line; booleans are only true or false).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 __all__ = ["option", "Spec", "specs", "check_fields", "describe", "parse_text", "parse_bool"]
 
 
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None, odd: bool = False,
-           cap: int | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    odd: bool = False,
+    cap: int | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with its help text and bounds (see the module docstring)."""
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "odd": odd, "cap": cap}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"zosol": meta})
@@ -84,7 +94,7 @@ def specs(cls: type) -> dict[str, Spec]:
 
 def _num(v: float) -> str:
     """2**63 for large powers of two, else the number as written."""
-    if isinstance(v, int) and v >= 2 ** 20 and v & (v - 1) == 0:
+    if isinstance(v, int) and v >= 2**20 and v & (v - 1) == 0:
         return f"2**{v.bit_length() - 1}"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -92,7 +102,9 @@ def _num(v: float) -> str:
 def _range(s: Spec) -> str:
     """The valid range in words: "positive", ">= 1", "in [0, 1)", "" (unbounded)."""
     low = (f"[{_num(s.ge)}" if s.ge is not None else f"({_num(s.gt)}") if s.ge is not None or s.gt is not None else None
-    high = (f"{_num(s.le)}]" if s.le is not None else f"{_num(s.lt)})") if s.le is not None or s.lt is not None else None
+    high = (
+        (f"{_num(s.le)}]" if s.le is not None else f"{_num(s.lt)})") if s.le is not None or s.lt is not None else None
+    )
     if low and high:
         return f"in {low}, {high}"
     if low:
@@ -103,8 +115,12 @@ def _range(s: Spec) -> str:
 
 
 def _in_range(s: Spec, v: float) -> bool:
-    return ((s.ge is None or v >= s.ge) and (s.gt is None or v > s.gt) and (s.le is None or v <= s.le)
-            and (s.lt is None or v < s.lt))
+    return (
+        (s.ge is None or v >= s.ge)
+        and (s.gt is None or v > s.gt)
+        and (s.le is None or v <= s.le)
+        and (s.lt is None or v < s.lt)
+    )
 
 
 def _type_error(s: Spec, v: Any) -> str | None:
@@ -114,12 +130,14 @@ def _type_error(s: Spec, v: Any) -> str | None:
     if s.kind == "choice":
         return None  # the value check names the choices
     is_int = isinstance(v, int) and not isinstance(v, bool)
-    ok = {int: is_int, float: is_int or isinstance(v, float), bool: isinstance(v, bool),
-          str: isinstance(v, str)}.get(s.kind)
+    ok = {int: is_int, float: is_int or isinstance(v, float), bool: isinstance(v, bool), str: isinstance(v, str)}.get(
+        s.kind
+    )
     if ok if ok is not None else isinstance(v, s.kind):
         return None
     noun = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        s.kind, f"a {getattr(s.kind, '__name__', s.kind)}")
+        s.kind, f"a {getattr(s.kind, '__name__', s.kind)}"
+    )
     return f"must be {noun}{' or null' if s.nullable else ''}"
 
 
@@ -162,8 +180,9 @@ def describe(s: Spec) -> str:
     if s.kind == "choice":
         accepts = "one of " + ", ".join(map(str, s.choices))
     else:
-        accepts = ", ".join(p for p in (_range(s), "odd" if s.odd else "",
-                                        f"at most {_num(s.cap)}" if s.cap is not None else "") if p)
+        accepts = ", ".join(
+            p for p in (_range(s), "odd" if s.odd else "", f"at most {_num(s.cap)}" if s.cap is not None else "") if p
+        )
         if s.kind is bool:
             accepts = "true or false"
     return f"{s.help} ({accepts})" if accepts else s.help

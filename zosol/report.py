@@ -1,5 +1,6 @@
 """Tables (Markdown / CSV / JSON) and plots (PNG, PDF, SVG, ... by the file's suffix) of a method
 comparison.  Every file is written atomically (fsutil: unique temporary name, then rename)."""
+
 from __future__ import annotations
 
 import csv
@@ -61,11 +62,14 @@ def plot_format(path: str | os.PathLike) -> str:
     """The image format named by ``path``'s suffix ("png", "pdf", "svg", ...); ValueError naming the
     supported suffixes when matplotlib cannot write it."""
     from matplotlib.backend_bases import FigureCanvasBase
+
     supported = sorted(FigureCanvasBase.get_supported_filetypes())
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in supported:
-        raise ValueError(f"cannot write a figure to '{path}': the suffix must name an image format, one of "
-                         f"{', '.join('.' + s for s in supported)}")
+        raise ValueError(
+            f"cannot write a figure to '{path}': the suffix must name an image format, one of "
+            f"{', '.join('.' + s for s in supported)}"
+        )
     return fmt
 
 

@@ -13,9 +13,10 @@ input for every perturbation) or ``(P*B, ...)`` (block p of B rows for perturbat
 and corrector input are shared by all perturbations; after that one solver call advances all
 ``P*B`` perturbed rollouts.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,9 +41,16 @@ def _repeat(t: torch.Tensor | None, p: int) -> torch.Tensor | None:
     return t if t is None or p == 1 else t.repeat(p, *([1] * (t.dim() - 1)))
 
 
-def window_loss(step: Step, forward: Forward, start: torch.Tensor, targets: torch.Tensor,
-                params: torch.Tensor | None, features: torch.Tensor | None, perturbations: int = 1,
-                loss: str = "mse") -> torch.Tensor:
+def window_loss(
+    step: Step,
+    forward: Forward,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    params: torch.Tensor | None,
+    features: torch.Tensor | None,
+    perturbations: int = 1,
+    loss: str = "mse",
+) -> torch.Tensor:
     """Mean loss of each perturbation over an m-step corrected window.
 
     Args:
@@ -70,8 +78,14 @@ def window_loss(step: Step, forward: Forward, start: torch.Tensor, targets: torc
 
 
 @torch.no_grad()
-def corrected_rollout(step: Step, corrector: Forward | None, start: torch.Tensor, params: torch.Tensor | None,
-                      features: torch.Tensor | None, steps: int) -> torch.Tensor:
+def corrected_rollout(
+    step: Step,
+    corrector: Forward | None,
+    start: torch.Tensor,
+    params: torch.Tensor | None,
+    features: torch.Tensor | None,
+    steps: int,
+) -> torch.Tensor:
     """Roll out ``steps`` corrected steps from ``start`` (B, C, *s): returns (B, steps + 1, C, *s).
 
     ``corrector=None`` gives the bare coarse solver (SRC)."""

@@ -1,22 +1,39 @@
 """Solvers and scenarios: what a simulator looks like to zosol (installed as ``zosol.solvers``)."""
-from .base import (BlackBox, Scenario, ScenarioConfig, Solver, SolverDivergedError, SolverError, check_state,
-                   get_scenario, is_registered, register, registered, scenario_class, scenario_names)
+
+from .base import (
+    BlackBox,
+    Scenario,
+    ScenarioConfig,
+    Solver,
+    SolverDivergedError,
+    SolverError,
+    check_state,
+    get_scenario,
+    is_registered,
+    register,
+    registered,
+    scenario_class,
+    scenario_names,
+)
 from .custom import CustomScenario, block_average, make_scenario
 from .plugins import ScenarioNotFound, load_plugin, scenario_from_record
 
 
 def _burgers1d():
     from .burgers1d import Burgers1DScenario
+
     return Burgers1DScenario
 
 
 def _burgers2d():
     from .burgers2d import Burgers2DScenario
+
     return Burgers2DScenario
 
 
 def _karman2d():
     from .karman2d import Karman2DScenario
+
     return Karman2DScenario
 
 
@@ -24,7 +41,24 @@ register("burgers1d", _burgers1d)
 register("burgers2d", _burgers2d)
 register("karman2d", _karman2d)
 
-__all__ = ["BlackBox", "CustomScenario", "Scenario", "ScenarioConfig", "ScenarioNotFound", "Solver",
-           "SolverDivergedError", "SolverError", "block_average", "check_state", "get_scenario", "is_registered",
-           "load_plugin", "make_scenario", "register", "registered", "scenario_class", "scenario_from_record",
-           "scenario_names"]
+__all__ = [
+    "BlackBox",
+    "CustomScenario",
+    "Scenario",
+    "ScenarioConfig",
+    "ScenarioNotFound",
+    "Solver",
+    "SolverDivergedError",
+    "SolverError",
+    "block_average",
+    "check_state",
+    "get_scenario",
+    "is_registered",
+    "load_plugin",
+    "make_scenario",
+    "register",
+    "registered",
+    "scenario_class",
+    "scenario_from_record",
+    "scenario_names",
+]

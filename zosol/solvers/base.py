@@ -13,12 +13,14 @@ high-fidelity (reference) solver with a cheap low-fidelity (coarse) one, a conse
 states and parameters.  Scenarios are registered by name with presets ``tiny`` (tests, seconds),
 ``default`` (a CPU laptop, minutes) and ``paper`` (published sizes).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,7 +90,7 @@ class Solver(ABC):
 
     __call__ = step
 
-    def blackbox(self) -> "BlackBox":
+    def blackbox(self) -> BlackBox:
         """A view of this solver that only offers ``step`` and never records autograd history."""
         return BlackBox(self)
 
@@ -125,7 +127,7 @@ class BlackBox:
 
     __call__ = step
 
-    def blackbox(self) -> "BlackBox":
+    def blackbox(self) -> BlackBox:
         return self
 
     @property
@@ -169,7 +171,8 @@ def check_finite_output(solver: Any, state: torch.Tensor, out: torch.Tensor) -> 
             first = int(culprits.nonzero()[0, 0])
             raise SolverDivergedError(
                 f"{type(solver).__name__}: NaN/inf in {int(culprits.sum())} of {out.shape[0]} samples after one "
-                f"step from a finite state (first: sample {first}): the state diverged")
+                f"step from a finite state (first: sample {first}): the state diverged"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +185,11 @@ Constraint = Callable[[Any], "str | None"]
 
 def multiple_of(fine: str, coarse: str) -> Constraint:
     """Constraint: field ``fine`` (a reference grid size) is a multiple of field ``coarse``."""
+
     def rule(c: Any) -> str | None:
         a, b = getattr(c, fine), getattr(c, coarse)
         return None if a % b == 0 else f"{fine} ({a}) must be a multiple of {coarse} ({b})"
+
     return rule
 
 
@@ -218,16 +223,18 @@ class ScenarioConfig:
         return dataclasses.asdict(self)
 
 
-def _built_once(method: Callable[["Scenario"], Solver]) -> Callable[["Scenario"], Solver]:
+def _built_once(method: Callable[[Scenario], Solver]) -> Callable[[Scenario], Solver]:
     """Memoise a scenario's solver factory per scenario object (and per process: the cache is not
     pickled), so a solver with an expensive start (a compile, an external process) starts once."""
+
     @functools.wraps(method)
-    def get(self: "Scenario", *args: Any, **kwargs: Any) -> Solver:
+    def get(self: Scenario, *args: Any, **kwargs: Any) -> Solver:
         cache = self.__dict__.setdefault("_solvers", {})
         key = method.__name__ if not (args or kwargs) else (method.__name__, args, tuple(sorted(kwargs.items())))
         if key not in cache:
             cache[key] = method(self, *args, **kwargs)
         return cache[key]
+
     get.built_once = True
     return get
 
@@ -278,7 +285,7 @@ class Scenario(ABC):
         self.preset = preset
 
     @classmethod
-    def from_preset(cls, preset: str = "default", **overrides: Any) -> "Scenario":
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> Scenario:
         if preset not in cls.presets:
             raise ValueError(
                 f"unknown preset '{preset}' for scenario '{cls.name}'; choose one of {sorted(cls.presets)}"
@@ -290,15 +297,15 @@ class Scenario(ABC):
         return cls(cls.Config(**{**cls.presets[preset], **overrides}), preset=preset)
 
     @classmethod
-    def from_config_dict(cls, d: dict[str, Any], preset: str | None = None) -> "Scenario":
+    def from_config_dict(cls, d: dict[str, Any], preset: str | None = None) -> Scenario:
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}), preset=preset)
 
-    def with_preset(self, preset: str = "default", **overrides: Any) -> "Scenario":
+    def with_preset(self, preset: str = "default", **overrides: Any) -> Scenario:
         """This scenario at another preset / config overrides (what ``get_scenario`` calls)."""
         return type(self).from_preset(preset, **overrides)
 
-    def with_config(self, config: dict[str, Any], preset: str | None = None) -> "Scenario":
+    def with_config(self, config: dict[str, Any], preset: str | None = None) -> Scenario:
         """This scenario with the config a dataset recorded (what ``load_dataset`` calls)."""
         return type(self).from_config_dict(config, preset=preset)
 
@@ -323,8 +330,10 @@ class Scenario(ABC):
         """One state's shape (C, *spatial) on the ``"reference"`` and the ``"coarse"`` grid.  The
         default builds both solvers; built-in scenarios compute it from the config alone, so that
         size checks never allocate a grid of an absurd config."""
-        return {"reference": tuple(self.reference_solver().state_shape),
-                "coarse": tuple(self.coarse_solver().state_shape)}
+        return {
+            "reference": tuple(self.reference_solver().state_shape),
+            "coarse": tuple(self.coarse_solver().state_shape),
+        }
 
     def reference_substeps(self) -> int:
         """Rough cost of one reference step in cell-updates per cell (sub-steps x stages), for the
@@ -357,8 +366,10 @@ def register(name: str, scenario: Any) -> None:
     :func:`zosol.solvers.make_scenario`), or a zero-argument loader returning either (imported
     lazily: PhiFlow is slow to import)."""
     if not (isinstance(scenario, Scenario) or callable(scenario)):
-        raise TypeError(f"register('{name}', ...) needs a Scenario subclass, a scenario object or a loader; "
-                        f"got {type(scenario).__name__}")
+        raise TypeError(
+            f"register('{name}', ...) needs a Scenario subclass, a scenario object or a loader; "
+            f"got {type(scenario).__name__}"
+        )
     _REGISTRY[name] = scenario
 
 
@@ -374,6 +385,7 @@ def load_entry_points() -> None:
         return
     _entry_points_loaded = True
     from importlib.metadata import entry_points
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             register(ep.name, lambda ep=ep: ep.load())
@@ -390,19 +402,23 @@ def scenario_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def registered(name: str) -> "type[Scenario] | Scenario":
+def registered(name: str) -> type[Scenario] | Scenario:
     """The Scenario class or scenario object registered under ``name`` (loaders are called)."""
     load_entry_points()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown scenario '{name}'; choose one of {scenario_names()} (a scenario of your own: "
-                         f"register it in a module and load that module with --plugin MODULE)")
+        raise ValueError(
+            f"unknown scenario '{name}'; choose one of {scenario_names()} (a scenario of your own: "
+            f"register it in a module and load that module with --plugin MODULE)"
+        )
     entry = _REGISTRY[name]
     if isinstance(entry, Scenario) or (isinstance(entry, type) and issubclass(entry, Scenario)):
         return entry
     loaded = entry()
     if not (isinstance(loaded, Scenario) or (isinstance(loaded, type) and issubclass(loaded, Scenario))):
-        raise TypeError(f"the loader registered for scenario '{name}' returned {type(loaded).__name__}, "
-                        f"not a Scenario subclass or scenario object")
+        raise TypeError(
+            f"the loader registered for scenario '{name}' returned {type(loaded).__name__}, "
+            f"not a Scenario subclass or scenario object"
+        )
     _REGISTRY[name] = loaded  # loaded once: a scenario object keeps its solvers
     return loaded
 

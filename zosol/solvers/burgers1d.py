@@ -15,6 +15,7 @@ equal sub-steps, where ``needed`` follows from that sample's CFL and diffusion l
 batched call equals per-sample calls and the usual case (velocities within ``u_max``) uses a fixed,
 state-independent number of sub-steps (which keeps finite differences through the solver smooth).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ def forcing_field(coeffs: torch.Tensor, x: torch.Tensor, length: float) -> torch
 def substeps_needed(h: float, nu: float, dt: float, cfl: float, umax: float | torch.Tensor):
     """Equal sub-steps per ``dt`` that keep velocities up to ``umax`` (a float or a (B,) tensor)
     within the Courant number ``cfl`` on cells of width ``h``."""
-    rate = umax / h + 2 * nu / h ** 2  # advective + diffusive inverse time scales
+    rate = umax / h + 2 * nu / h**2  # advective + diffusive inverse time scales
     n = dt * rate / cfl
     return math.ceil(n) if isinstance(n, float) else torch.ceil(n).long()
 
@@ -74,9 +75,20 @@ class Burgers1D(Solver):
     channels = ("u",)
     check_finite = True  # NaN/inf from a finite state: SolverDivergedError
 
-    def __init__(self, n: int, nu: float, dt: float, length: float = 2 * math.pi, *, order: int = 2,
-                 integrator: str = "rk3", cfl: float = 0.4, forcing_modes: int = 0, u_max: float = 2.0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n: int,
+        nu: float,
+        dt: float,
+        length: float = 2 * math.pi,
+        *,
+        order: int = 2,
+        integrator: str = "rk3",
+        cfl: float = 0.4,
+        forcing_modes: int = 0,
+        u_max: float = 2.0,
+        dtype: torch.dtype = torch.float32,
+    ):
         if int(n) != n or n < 4:
             raise ValueError(f"Burgers1D: n must be an integer >= 4, got {n}")
         for name, v in (("nu", nu), ("dt", dt), ("length", length), ("cfl", cfl), ("u_max", u_max)):
@@ -107,12 +119,12 @@ class Burgers1D(Solver):
         right = torch.roll(u, -1, -1)
         if self.order == 2:
             slope = _van_leer(u - left, right - u)
-            ul = u + 0.5 * slope                       # left state at face i+1/2
-            ur = torch.roll(u - 0.5 * slope, -1, -1)   # right state at face i+1/2
+            ul = u + 0.5 * slope  # left state at face i+1/2
+            ur = torch.roll(u - 0.5 * slope, -1, -1)  # right state at face i+1/2
         else:
             ul, ur = u, right
         flux = _godunov_flux(ul, ur)
-        out = -(flux - torch.roll(flux, 1, -1)) / self.h + self.nu * (right - 2 * u + left) / self.h ** 2
+        out = -(flux - torch.roll(flux, 1, -1)) / self.h + self.nu * (right - 2 * u + left) / self.h**2
         return out if f is None else out + f
 
     def _advance(self, u: torch.Tensor, f: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
@@ -132,7 +144,8 @@ class Burgers1D(Solver):
         steps = int(nsub.max())
         if steps > 100 * self.min_substeps + 1000:
             raise SolverDivergedError(
-                f"Burgers1D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging")
+                f"Burgers1D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging"
+            )
         tau = (self.dt / nsub.to(state.dtype)).view(-1, 1, 1)
         u = state
         if bool((nsub == steps).all()):
@@ -194,8 +207,17 @@ class Burgers1DScenario(Scenario):
 
     def coarse_solver(self) -> Burgers1D:
         c = self.config
-        return Burgers1D(c.n_coarse, c.nu, c.dt, c.length, order=1, integrator="euler", cfl=0.9,
-                         forcing_modes=c.forcing_modes, u_max=c.u_max)
+        return Burgers1D(
+            c.n_coarse,
+            c.nu,
+            c.dt,
+            c.length,
+            order=1,
+            integrator="euler",
+            cfl=0.9,
+            forcing_modes=c.forcing_modes,
+            u_max=c.u_max,
+        )
 
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:
         c = self.config

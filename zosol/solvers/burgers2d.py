@@ -65,6 +65,7 @@ mean velocity in general: ``d/dt <u> = <u div u>``, zero only while the flow is 
 (shear flows ``u(y)`` keep their mean exactly).  The diffusion and forcing parts conserve it
 exactly (zero-mean forcing, periodic Laplacian); the tests check both statements.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,7 +114,7 @@ def forcing_field(params: torch.Tensor, n: int, length: float, dtype: torch.dtyp
 def substeps_needed(h: float, nu: float, dt: float, cfl: float, umax: float | torch.Tensor):
     """Equal sub-steps per ``dt`` keeping velocities up to ``umax`` (float or (B,) tensor) within the
     Courant number ``cfl`` on square cells of width ``h`` (advection + 2-D explicit diffusion)."""
-    rate = umax / h + 4 * nu / h ** 2  # advective + 2-D diffusive inverse time scales
+    rate = umax / h + 4 * nu / h**2  # advective + 2-D diffusive inverse time scales
     n = dt * rate / cfl
     return math.ceil(n - 1e-9) if isinstance(n, float) else torch.ceil(n - 1e-9).long()
 
@@ -141,9 +142,20 @@ class Burgers2D(Solver):
     channels = ("u", "v")
     check_finite = True  # NaN/inf from a finite state: SolverDivergedError
 
-    def __init__(self, n: int, nu: float = 0.1, dt: float = 0.1, length: float = 32.0, *,
-                 advection: str = "semi_lagrangian", cfl: float = 1.0, n_sines: int = 20,
-                 u_max: float = 2.0, backend: str = "torch", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n: int,
+        nu: float = 0.1,
+        dt: float = 0.1,
+        length: float = 32.0,
+        *,
+        advection: str = "semi_lagrangian",
+        cfl: float = 1.0,
+        n_sines: int = 20,
+        u_max: float = 2.0,
+        backend: str = "torch",
+        dtype: torch.dtype = torch.float32,
+    ):
         if int(n) != n or n < 4:
             raise ValueError(f"Burgers2D: n must be an integer >= 4, got {n}")
         for name, v in (("nu", nu), ("dt", dt), ("length", length), ("cfl", cfl), ("u_max", u_max)):
@@ -171,13 +183,23 @@ class Burgers2D(Solver):
         self._forcing_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
-        return (f"Burgers2D(n={self.n}, nu={self.nu}, dt={self.dt}, length={self.length}, "
-                f"advection={self.advection!r}, cfl={self.cfl}, backend={self.backend!r})")
+        return (
+            f"Burgers2D(n={self.n}, nu={self.nu}, dt={self.dt}, length={self.length}, "
+            f"advection={self.advection!r}, cfl={self.cfl}, backend={self.backend!r})"
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "nu": self.nu, "length": self.length, "advection": self.advection,
-                "cfl": self.cfl, "n_sines": self.n_sines, "min_substeps": self.min_substeps,
-                "backend": self.backend, "layout": "(B, [u, v], y, x)"}
+        return {
+            **super().describe(),
+            "nu": self.nu,
+            "length": self.length,
+            "advection": self.advection,
+            "cfl": self.cfl,
+            "n_sines": self.n_sines,
+            "min_substeps": self.min_substeps,
+            "backend": self.backend,
+            "layout": "(B, [u, v], y, x)",
+        }
 
     def _reach(self) -> int:
         """Stencil half-width of one step in the usual regime: per sub-step the back-trace moves at
@@ -202,8 +224,14 @@ class Burgers2D(Solver):
         if params.requires_grad:
             return forcing_field(params, self.n, self.length, dtype)
         hit = self._forcing_cache
-        if (hit is not None and hit[0].shape == params.shape and hit[0].dtype == params.dtype
-                and hit[0].device == params.device and hit[1].dtype == dtype and torch.equal(hit[0], params)):
+        if (
+            hit is not None
+            and hit[0].shape == params.shape
+            and hit[0].dtype == params.dtype
+            and hit[0].device == params.device
+            and hit[1].dtype == dtype
+            and torch.equal(hit[0], params)
+        ):
             return hit[1]
         f = forcing_field(params, self.n, self.length, dtype)
         self._forcing_cache = (params.detach().clone(), f)
@@ -241,8 +269,9 @@ class Burgers2D(Solver):
         return torch.minimum(torch.maximum(new, lo), hi)
 
     def _laplace(self, u: torch.Tensor) -> torch.Tensor:
-        return (torch.roll(u, 1, 2) + torch.roll(u, -1, 2) + torch.roll(u, 1, 3) + torch.roll(u, -1, 3)
-                - 4 * u) / self.h ** 2
+        return (
+            torch.roll(u, 1, 2) + torch.roll(u, -1, 2) + torch.roll(u, 1, 3) + torch.roll(u, -1, 3) - 4 * u
+        ) / self.h**2
 
     def _advance(self, u: torch.Tensor, f: torch.Tensor | None, tau: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         u = self._advect(u, tau, base)
@@ -256,7 +285,8 @@ class Burgers2D(Solver):
         steps = int(nsub.max()) if nsub.numel() else self.min_substeps
         if steps > 100 * self.min_substeps + 1000:
             raise SolverDivergedError(
-                f"Burgers2D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging")
+                f"Burgers2D: velocity {float(umax.max()):.3g} needs {steps} sub-steps: the state is diverging"
+            )
         return nsub
 
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
@@ -353,8 +383,9 @@ class Burgers2DConfig(ScenarioConfig):
 class Burgers2DScenario(Scenario):
     name = "burgers2d"
     Config = Burgers2DConfig
-    description = ("2-D forced viscous Burgers (SOL): MacCormack reference on a fine grid vs "
-                   "semi-Lagrangian coarse solver")
+    description = (
+        "2-D forced viscous Burgers (SOL): MacCormack reference on a fine grid vs semi-Lagrangian coarse solver"
+    )
     # a 2-D corrector is ~2x (kernel 3) to ~6x (kernel 5) larger than the 1-D one and every sample is
     # 1024 cells: these keep the CPU `default` comparison at minutes (measured 7 min; see README)
     train_presets = {
@@ -377,13 +408,31 @@ class Burgers2DScenario(Scenario):
 
     def reference_solver(self, backend: str = "torch") -> Burgers2D:
         c = self.config
-        return Burgers2D(c.n_ref, c.nu, c.dt, c.length, advection="maccormack", cfl=c.cfl_ref,
-                         n_sines=c.forcing_sines, u_max=c.u_max, backend=backend)
+        return Burgers2D(
+            c.n_ref,
+            c.nu,
+            c.dt,
+            c.length,
+            advection="maccormack",
+            cfl=c.cfl_ref,
+            n_sines=c.forcing_sines,
+            u_max=c.u_max,
+            backend=backend,
+        )
 
     def coarse_solver(self, backend: str = "torch") -> Burgers2D:
         c = self.config
-        return Burgers2D(c.n_coarse, c.nu, c.dt, c.length, advection="semi_lagrangian", cfl=c.cfl_coarse,
-                         n_sines=c.forcing_sines, u_max=c.u_max, backend=backend)
+        return Burgers2D(
+            c.n_coarse,
+            c.nu,
+            c.dt,
+            c.length,
+            advection="semi_lagrangian",
+            cfl=c.cfl_coarse,
+            n_sines=c.forcing_sines,
+            u_max=c.u_max,
+            backend=backend,
+        )
 
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -407,7 +456,7 @@ class Burgers2DScenario(Scenario):
         amp = (torch.rand(2 * c.ic_modes, generator=g, dtype=torch.float64) * 2 - 1) / kic.norm(dim=1)
         amp2 = torch.zeros(2 * c.ic_modes, 2, dtype=torch.float64)
         amp2[: c.ic_modes, 0] = amp[: c.ic_modes]
-        amp2[c.ic_modes:, 1] = amp[c.ic_modes:]
+        amp2[c.ic_modes :, 1] = amp[c.ic_modes :]
         ph = 2 * math.pi * torch.rand(2 * c.ic_modes, generator=g, dtype=torch.float64)
         icp = torch.cat([amp2, kic, ph[:, None]], dim=1).reshape(1, -1)
         u0 = forcing_field(icp, c.n_ref, c.length)[0]  # (2, n, n) cell averages, zero mean

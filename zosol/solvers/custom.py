@@ -22,6 +22,7 @@ A dataset records how to rebuild its scenario (:attr:`CustomScenario.source`, an
 script run as ``__main__``) and ``load_dataset`` / ``zosol info`` / ``zosol evaluate`` open it
 in any process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ import inspect
 import json
 import math
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,18 +62,37 @@ def block_average(fine: torch.Tensor, coarse_shape: Sequence[int]) -> torch.Tens
     return out.mean(dim=tuple(range(3, 3 + 2 * len(ratios), 2)))
 
 
-def _as_solver(part: Any, role: str, dt: float, channels: Sequence[str], shape: Sequence[int] | None,
-               num_params: int, batched: bool, processes: int) -> Solver:
+def _as_solver(
+    part: Any,
+    role: str,
+    dt: float,
+    channels: Sequence[str],
+    shape: Sequence[int] | None,
+    num_params: int,
+    batched: bool,
+    processes: int,
+) -> Solver:
     if isinstance(part, Solver) or (hasattr(part, "step") and hasattr(part, "spatial_shape")):
         return part
     if not callable(part):
-        raise TypeError(f"make_scenario: {role} must be a Solver or a step function fn(state, params) -> state, "
-                        f"got {type(part).__name__}")
+        raise TypeError(
+            f"make_scenario: {role} must be a Solver or a step function fn(state, params) -> state, "
+            f"got {type(part).__name__}"
+        )
     if shape is None:
         raise ValueError(f"make_scenario: {role} is a function; pass {role}_shape=(cells, ...) (its grid)")
     from .external import NumpySolver
-    return NumpySolver(part, dt=dt, channels=channels, spatial_shape=shape, num_params=num_params,
-                       batched=batched, processes=processes, name=f"{role} {getattr(part, '__name__', 'fn')}")
+
+    return NumpySolver(
+        part,
+        dt=dt,
+        channels=channels,
+        spatial_shape=shape,
+        num_params=num_params,
+        batched=batched,
+        processes=processes,
+        name=f"{role} {getattr(part, '__name__', 'fn')}",
+    )
 
 
 def _check_parts(ref: Solver, coarse: Solver, dt: float) -> None:
@@ -115,8 +136,11 @@ class CustomScenario(Scenario):
     def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         state, params = self._parts["sample"](int(seed))
         state = torch.as_tensor(np.asarray(state) if not isinstance(state, torch.Tensor) else state)
-        params = torch.zeros(0) if params is None else torch.as_tensor(
-            np.asarray(params) if not isinstance(params, torch.Tensor) else params)
+        params = (
+            torch.zeros(0)
+            if params is None
+            else torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params)
+        )
         return state.float(), params.float().reshape(-1)
 
     def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:
@@ -124,28 +148,34 @@ class CustomScenario(Scenario):
         return None if fn is None else fn(params)
 
     # -- copies at other presets / configs share the parts (and so the built solvers) ----------
-    def with_preset(self, preset: str = "default", **overrides: Any) -> "CustomScenario":
+    def with_preset(self, preset: str = "default", **overrides: Any) -> CustomScenario:
         if preset not in self.presets:
-            raise ValueError(f"unknown preset '{preset}' for scenario '{self.name}'; choose one of "
-                             f"{sorted(self.presets)}")
+            raise ValueError(
+                f"unknown preset '{preset}' for scenario '{self.name}'; choose one of {sorted(self.presets)}"
+            )
         fields = {f.name for f in dataclasses.fields(CustomConfig)} - {"physics"}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown} for scenario '{self.name}' (a scenario from "
-                             f"parts has only {sorted(fields)}: change the physics where the parts are made)")
+            raise ValueError(
+                f"unknown config field(s) {unknown} for scenario '{self.name}' (a scenario from "
+                f"parts has only {sorted(fields)}: change the physics where the parts are made)"
+            )
         merged = {**self._parts["base_config"], **self.presets[preset], **overrides}
         return CustomScenario(CustomConfig(**merged), preset if not overrides else None, parts=self._parts)
 
-    def with_config(self, config: dict[str, Any], preset: str | None = None) -> "CustomScenario":
+    def with_config(self, config: dict[str, Any], preset: str | None = None) -> CustomScenario:
         recorded = json.loads(json.dumps(config.get("physics", {})))
         mine = json.loads(json.dumps(self.config.physics))
         if recorded != mine:
             diff = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
-            raise ValueError(f"scenario '{self.name}' ({self.source}) now has other physics than the dataset "
-                             f"was made with (differs in {diff}: dataset {recorded}, now {mine})")
+            raise ValueError(
+                f"scenario '{self.name}' ({self.source}) now has other physics than the dataset "
+                f"was made with (differs in {diff}: dataset {recorded}, now {mine})"
+            )
         fields = {f.name for f in dataclasses.fields(CustomConfig)}
-        return CustomScenario(CustomConfig(**{k: v for k, v in config.items() if k in fields}), preset,
-                              parts=self._parts)
+        return CustomScenario(
+            CustomConfig(**{k: v for k, v in config.items() if k in fields}), preset, parts=self._parts
+        )
 
     @property
     def source(self) -> str:
@@ -154,7 +184,7 @@ class CustomScenario(Scenario):
         module = self._parts["module"]
         mod = sys.modules.get(module)
         name = _script_module(mod) if module == "__main__" else module
-        for key, value in (vars(mod).items() if mod is not None else ()):
+        for key, value in vars(mod).items() if mod is not None else ():
             if isinstance(value, CustomScenario) and value._parts is self._parts:
                 return f"{name}:{key}"
         return f"{name}:{self._parts['maker'] or self.name}"
@@ -179,16 +209,32 @@ def _caller() -> tuple[str, str | None]:
     return module, (None if func == "<module>" else func)
 
 
-def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | Callable,
-                  sample: Callable[[int], tuple[Any, Any]], dt: float,
-                  reference_shape: Sequence[int] | None = None, coarse_shape: Sequence[int] | None = None,
-                  downsample: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  channels: Sequence[str] = ("u",), num_params: int = 0, batched: bool = True, processes: int = 1,
-                  frames: int = 32, warmup: int = 0, train_sims: int = 4, test_sims: int = 2, seed: int = 0,
-                  presets: Mapping[str, Mapping[str, Any]] | None = None, physics: Mapping[str, Any] | None = None,
-                  features: Callable[[torch.Tensor], torch.Tensor] | None = None, padding_mode: str = "circular",
-                  train_presets: Mapping[str, Mapping[str, Any]] | None = None,
-                  description: str = "") -> CustomScenario:
+def make_scenario(
+    name: str,
+    *,
+    reference: Solver | Callable,
+    coarse: Solver | Callable,
+    sample: Callable[[int], tuple[Any, Any]],
+    dt: float,
+    reference_shape: Sequence[int] | None = None,
+    coarse_shape: Sequence[int] | None = None,
+    downsample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels: Sequence[str] = ("u",),
+    num_params: int = 0,
+    batched: bool = True,
+    processes: int = 1,
+    frames: int = 32,
+    warmup: int = 0,
+    train_sims: int = 4,
+    test_sims: int = 2,
+    seed: int = 0,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    physics: Mapping[str, Any] | None = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    padding_mode: str = "circular",
+    train_presets: Mapping[str, Mapping[str, Any]] | None = None,
+    description: str = "",
+) -> CustomScenario:
     """A scenario from parts (see the module docstring).
 
     Args:
@@ -219,18 +265,31 @@ def make_scenario(name: str, *, reference: Solver | Callable, coarse: Solver | C
     fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
     if downsample is None:
         if len(fine) != len(small) or any(f % c for f, c in zip(fine, small)):
-            raise ValueError(f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
-                             f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)")
+            raise ValueError(
+                f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
+                f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)"
+            )
         downsample = (lambda u: u) if fine == small else (lambda u: block_average(u, small))
     try:
         json.dumps(dict(physics or {}))
     except TypeError as e:
         raise ValueError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
-    parts = dict(name=name, reference=ref, coarse=crs, sample=sample, downsample=downsample, features=features,
-                 presets={"default": {}, **{k: dict(v) for k, v in (presets or {}).items()}},
-                 padding_mode=padding_mode, description=description, module=module, maker=maker,
-                 train_presets={k: dict(v) for k, v in (train_presets or {}).items()})
-    config = CustomConfig(frames=frames, warmup=warmup, train_sims=train_sims, test_sims=test_sims, seed=seed,
-                          physics=dict(physics or {}))
+    parts = dict(
+        name=name,
+        reference=ref,
+        coarse=crs,
+        sample=sample,
+        downsample=downsample,
+        features=features,
+        presets={"default": {}, **{k: dict(v) for k, v in (presets or {}).items()}},
+        padding_mode=padding_mode,
+        description=description,
+        module=module,
+        maker=maker,
+        train_presets={k: dict(v) for k, v in (train_presets or {}).items()},
+    )
+    config = CustomConfig(
+        frames=frames, warmup=warmup, train_sims=train_sims, test_sims=test_sims, seed=seed, physics=dict(physics or {})
+    )
     parts["base_config"] = config.to_dict()
     return CustomScenario(config, "default", parts=parts)

@@ -46,6 +46,7 @@ back as new tensors on the input's device and dtype, so no autograd graph can pa
 instead of silently returning a result that cuts the gradient; zeroth-order code uses
 ``solver.blackbox()`` (or calls under ``torch.no_grad``).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,8 @@ import subprocess
 import threading
 import time
 import weakref
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +70,14 @@ from ..fsutil import format_bytes, machine_memory_bytes
 from .base import Solver, SolverError, check_state
 from .pool import StatePool, run_rows, split_rows
 
-__all__ = ["ExternalSolver", "NumpySolver", "NotDifferentiableError", "PROTOCOL_VERSION",
-           "encode_frame", "MAX_HEADER_BYTES"]
+__all__ = [
+    "ExternalSolver",
+    "NumpySolver",
+    "NotDifferentiableError",
+    "PROTOCOL_VERSION",
+    "encode_frame",
+    "MAX_HEADER_BYTES",
+]
 
 PROTOCOL_VERSION = 1
 #: refuse headers longer than this (a sign of garbage on the pipe)
@@ -116,7 +124,8 @@ class _HostSolver(Solver):
         if torch.is_grad_enabled() and (state.requires_grad or (params is not None and params.requires_grad)):
             raise NotDifferentiableError(
                 f"{type(self).__name__} is not differentiable (it computes outside torch); call it under "
-                f"torch.no_grad, through solver.blackbox(), or train with a zeroth-order method (zo-sol)")
+                f"torch.no_grad, through solver.blackbox(), or train with a zeroth-order method (zo-sol)"
+            )
         return self._step(state, params)
 
     __call__ = step
@@ -130,8 +139,10 @@ class _HostSolver(Solver):
         if not isinstance(out, np.ndarray):
             raise SolverError(f"{who} returned {type(out).__name__}, expected a numpy array of shape {list(x.shape)}")
         if out.shape != x.shape:
-            raise SolverError(f"{who} returned shape {list(out.shape)}, expected {list(x.shape)} "
-                              f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})")
+            raise SolverError(
+                f"{who} returned shape {list(out.shape)}, expected {list(x.shape)} "
+                f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})"
+            )
         if self.check_finite:
             bad = ~np.isfinite(out).reshape(out.shape[0], -1).all(1)
             if bad.any():
@@ -141,7 +152,8 @@ class _HostSolver(Solver):
                     n_bad = int((~np.isfinite(out[culprits])).sum())
                     raise SolverError(
                         f"{who} returned non-finite values (NaN/inf): {n_bad} entries in {culprits.size} of "
-                        f"{out.shape[0]} samples whose input was finite (first: sample {int(culprits[0])})")
+                        f"{out.shape[0]} samples whose input was finite (first: sample {int(culprits[0])})"
+                    )
         return out
 
     def _to_torch(self, out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -163,8 +175,9 @@ def _check_counts(who: str, **counts: int | None) -> None:
         if v is None and what == "max_batch":
             continue
         if v is None or int(v) != v or v < 1:
-            raise ValueError(f"{who}: {what} must be an integer >= 1{' or None' if what == 'max_batch' else ''}, "
-                             f"got {v!r}")
+            raise ValueError(
+                f"{who}: {what} must be an integer >= 1{' or None' if what == 'max_batch' else ''}, got {v!r}"
+            )
 
 
 class NumpySolver(_HostSolver):
@@ -186,10 +199,22 @@ class NumpySolver(_HostSolver):
     Exceptions raised by ``fn`` become SolverError naming them.
     """
 
-    def __init__(self, fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray], *, dt: float,
-                 channels: Sequence[str], spatial_shape: Sequence[int], num_params: int = 0,
-                 coords: Mapping[str, Any] | None = None, dtype: str = "float32", check_finite: bool = True,
-                 name: str | None = None, batched: bool = True, max_batch: int | None = None, processes: int = 1):
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+        *,
+        dt: float,
+        channels: Sequence[str],
+        spatial_shape: Sequence[int],
+        num_params: int = 0,
+        coords: Mapping[str, Any] | None = None,
+        dtype: str = "float32",
+        check_finite: bool = True,
+        name: str | None = None,
+        batched: bool = True,
+        max_batch: int | None = None,
+        processes: int = 1,
+    ):
         super().__init__(dtype, check_finite)
         if not callable(fn):
             raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
@@ -197,22 +222,26 @@ class NumpySolver(_HostSolver):
             raise ValueError(f"NumpySolver: dt must be positive, got {dt}")
         _check_counts("NumpySolver", max_batch=max_batch, processes=processes)
         self.batched, self.max_batch = bool(batched), None if max_batch is None else int(max_batch)
-        self.pool = StatePool(fn, processes, batched=self.batched, max_batch=self.max_batch) \
-            if processes != 1 else None
+        self.pool = StatePool(fn, processes, batched=self.batched, max_batch=self.max_batch) if processes != 1 else None
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
         self.dt = float(dt)
         self.channels = tuple(channels)
         self.spatial_shape = tuple(int(n) for n in spatial_shape)
         self.num_params = int(num_params)
-        self.coords = ({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in coords.items()}
-                       if coords is not None else _default_coords(self.spatial_shape))
+        self.coords = (
+            {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in coords.items()}
+            if coords is not None
+            else _default_coords(self.spatial_shape)
+        )
 
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         x, p = self._to_numpy(state), self._to_numpy(params) if self.num_params else None
         who = f"NumpySolver({self.name})"
         try:
-            out = self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
+            out = (
+                self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
+            )
         except Exception as e:
             raise SolverError(f"{who} raised {type(e).__name__}: {e}") from e
         out = self._check_output(out, x, who)
@@ -227,15 +256,21 @@ class NumpySolver(_HostSolver):
         if self.pool is not None:
             self.pool.close()
 
-    def __enter__(self) -> "NumpySolver":
+    def __enter__(self) -> NumpySolver:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "fn": self.name, "num_params": self.num_params, "batched": self.batched,
-                "max_batch": self.max_batch, "processes": self.processes}
+        return {
+            **super().describe(),
+            "fn": self.name,
+            "num_params": self.num_params,
+            "batched": self.batched,
+            "max_batch": self.max_batch,
+            "processes": self.processes,
+        }
 
     def __repr__(self) -> str:
         return f"NumpySolver({self.name}, dt={self.dt}, state={self.state_shape})"
@@ -294,7 +329,7 @@ class _StderrTail:
                 with self._lock:
                     self._buf += chunk
                     if len(self._buf) > 2 * self.keep:
-                        del self._buf[:-self.keep]
+                        del self._buf[: -self.keep]
         except OSError:
             pass
         finally:
@@ -306,7 +341,7 @@ class _StderrTail:
         if wait:
             self._thread.join(wait)
         with self._lock:
-            data = bytes(self._buf[-self.keep:])
+            data = bytes(self._buf[-self.keep :])
         text = data.decode("utf-8", "replace")
         return text if limit is None else text[-limit:]
 
@@ -346,15 +381,41 @@ class ExternalSolver(_HostSolver):
     kill a forgotten process.  POSIX only (``select`` on pipes, process groups).
     """
 
-    def __init__(self, command: str | Sequence[str], *, timeout: float = 60.0, startup_timeout: float | None = None,
-                 restart: bool = False, max_restarts: int = 3, env: Mapping[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None, dtype: str = "float32", check_finite: bool = True,
-                 expect: Mapping[str, Any] | None = None, stderr_tail: int = 2000, name: str | None = None,
-                 pipe_size: int = 1 << 20, max_batch: int | None = None, processes: int = 1):
+    def __init__(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout: float = 60.0,
+        startup_timeout: float | None = None,
+        restart: bool = False,
+        max_restarts: int = 3,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        dtype: str = "float32",
+        check_finite: bool = True,
+        expect: Mapping[str, Any] | None = None,
+        stderr_tail: int = 2000,
+        name: str | None = None,
+        pipe_size: int = 1 << 20,
+        max_batch: int | None = None,
+        processes: int = 1,
+    ):
         super().__init__(dtype, check_finite)
-        options = dict(timeout=timeout, startup_timeout=startup_timeout, restart=restart, max_restarts=max_restarts,
-                       env=env, cwd=cwd, dtype=dtype, check_finite=check_finite, expect=expect,
-                       stderr_tail=stderr_tail, name=name, pipe_size=pipe_size, max_batch=max_batch)
+        options = dict(
+            timeout=timeout,
+            startup_timeout=startup_timeout,
+            restart=restart,
+            max_restarts=max_restarts,
+            env=env,
+            cwd=cwd,
+            dtype=dtype,
+            check_finite=check_finite,
+            expect=expect,
+            stderr_tail=stderr_tail,
+            name=name,
+            pipe_size=pipe_size,
+            max_batch=max_batch,
+        )
         _check_counts("ExternalSolver", max_batch=max_batch, processes=processes)
         self.max_batch = None if max_batch is None else int(max_batch)
         if os.name != "posix":
@@ -373,8 +434,11 @@ class ExternalSolver(_HostSolver):
         self.expect = dict(expect or {})
         self.stderr_tail = int(stderr_tail)
         base = [os.path.basename(c) for c in self.command]
-        interpreted = base[0].startswith(("python", "julia", "Rscript", "node")) and len(base) > 1 \
+        interpreted = (
+            base[0].startswith(("python", "julia", "Rscript", "node"))
+            and len(base) > 1
             and not self.command[1].startswith("-")
+        )
         self.name = name or (base[1] if interpreted else base[0])
         self.pipe_size = int(pipe_size)
         self.restarts = 0
@@ -404,9 +468,17 @@ class ExternalSolver(_HostSolver):
     def _start(self) -> None:
         env = None if self.env is None else {**os.environ, **self.env}
         try:
-            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, cwd=self.cwd, bufsize=0,
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self.cwd,
+                bufsize=0,
+                start_new_session=True,
+                close_fds=True,
+            )
         except OSError as e:
             raise SolverError(f"external solver '{self.name}': cannot start {self.command}: {e}") from e
         self._proc = proc
@@ -417,11 +489,13 @@ class ExternalSolver(_HostSolver):
         for f in (proc.stdin, proc.stdout):  # fewer context switches for large batches (Linux)
             try:
                 import fcntl
+
                 fcntl.fcntl(f.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), self.pipe_size)
             except (ImportError, OSError):
                 pass
-        self._finalizer = weakref.finalize(self, _finalize, proc, [proc.stdin, proc.stdout] +
-                                           ([] if self._pidfd is None else [self._pidfd]))
+        self._finalizer = weakref.finalize(
+            self, _finalize, proc, [proc.stdin, proc.stdout] + ([] if self._pidfd is None else [self._pidfd])
+        )
         self._failure = None
         try:
             reply, _ = self._request({"op": "hello", "protocol": PROTOCOL_VERSION}, (), self.startup_timeout, "hello")
@@ -439,24 +513,35 @@ class ExternalSolver(_HostSolver):
                 raise TypeError("channels and spatial_shape must be lists")
             if len(reply["channels"]) > 1 << 16 or len(reply["spatial_shape"]) > 8:
                 raise ValueError("too many channels or dimensions")
-            meta = {"dt": float(reply["dt"]), "channels": tuple(str(c) for c in reply["channels"]),
-                    "spatial_shape": tuple(int(n) for n in reply["spatial_shape"]),
-                    "num_params": int(reply.get("num_params", 0))}
+            meta = {
+                "dt": float(reply["dt"]),
+                "channels": tuple(str(c) for c in reply["channels"]),
+                "spatial_shape": tuple(int(n) for n in reply["spatial_shape"]),
+                "num_params": int(reply.get("num_params", 0)),
+            }
             protocol = int(reply.get("protocol", PROTOCOL_VERSION))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise SolverError(f"{who}: bad hello reply {str(reply)[:300]} (needs dt, channels, spatial_shape, "
-                              f"num_params): {type(e).__name__}: {e}") from None
+            raise SolverError(
+                f"{who}: bad hello reply {str(reply)[:300]} (needs dt, channels, spatial_shape, "
+                f"num_params): {type(e).__name__}: {e}"
+            ) from None
         if protocol != PROTOCOL_VERSION:
             raise SolverError(f"{who} speaks protocol {reply.get('protocol')}, this zosol speaks {PROTOCOL_VERSION}")
-        if not (math.isfinite(meta["dt"]) and meta["dt"] > 0) or not meta["channels"] or \
-                not meta["spatial_shape"] or min(meta["spatial_shape"]) < 1 or \
-                not 0 <= meta["num_params"] <= MAX_PARAMS:
+        if (
+            not (math.isfinite(meta["dt"]) and meta["dt"] > 0)
+            or not meta["channels"]
+            or not meta["spatial_shape"]
+            or min(meta["spatial_shape"]) < 1
+            or not 0 <= meta["num_params"] <= MAX_PARAMS
+        ):
             raise SolverError(f"{who}: invalid metadata in hello reply: {str(meta)[:300]}")
         state = len(meta["channels"]) * math.prod(meta["spatial_shape"]) * np.dtype(self._np_dtype).itemsize
         if state > machine_memory_bytes() // 4:
-            raise SolverError(f"{who}: hello announces a state of {len(meta['channels'])} channels x "
-                              f"{list(meta['spatial_shape'])} ({format_bytes(state)} per sample), more than a "
-                              f"quarter of this machine's memory; refused")
+            raise SolverError(
+                f"{who}: hello announces a state of {len(meta['channels'])} channels x "
+                f"{list(meta['spatial_shape'])} ({format_bytes(state)} per sample), more than a "
+                f"quarter of this machine's memory; refused"
+            )
         return meta
 
     def _adopt_metadata(self, reply: dict) -> None:
@@ -465,10 +550,15 @@ class ExternalSolver(_HostSolver):
         for k, want in self.expect.items():
             have = reply.get(k)
             try:
-                same = (math.isclose(float(have), float(want), rel_tol=1e-12) if isinstance(want, float)
-                        and have is not None else
-                        (list(have) == list(want) if isinstance(want, (list, tuple)) and have is not None
-                         else have == want))
+                same = (
+                    math.isclose(float(have), float(want), rel_tol=1e-12)
+                    if isinstance(want, float) and have is not None
+                    else (
+                        list(have) == list(want)
+                        if isinstance(want, (list, tuple)) and have is not None
+                        else have == want
+                    )
+                )
             except (TypeError, ValueError, OverflowError):
                 same = False
             if not same:
@@ -479,8 +569,11 @@ class ExternalSolver(_HostSolver):
                 raise SolverError(f"{who} came back after a restart with other metadata: {meta} (was {old})")
         coords = reply.get("coords")
         try:  # lists from a header of at most MAX_HEADER_BYTES: small
-            coords = ({str(k): torch.tensor(v, dtype=torch.float32) for k, v in coords.items()}
-                      if isinstance(coords, dict) else _default_coords(meta["spatial_shape"]))
+            coords = (
+                {str(k): torch.tensor(v, dtype=torch.float32) for k, v in coords.items()}
+                if isinstance(coords, dict)
+                else _default_coords(meta["spatial_shape"])
+            )
         except (TypeError, ValueError, RuntimeError) as e:
             raise SolverError(f"{who}: bad coords in hello reply: {type(e).__name__}: {e}") from None
         declared = reply.get("max_batch")
@@ -529,7 +622,7 @@ class ExternalSolver(_HostSolver):
             self._shutdown(kill=True)
             self._start()
 
-    def __enter__(self) -> "ExternalSolver":
+    def __enter__(self) -> ExternalSolver:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -582,8 +675,12 @@ class ExternalSolver(_HostSolver):
                     ready = {key.fd for key, _ in sel.select(left)} if left > 0 else set()
                     if fd not in ready:
                         if time.monotonic() >= deadline:
-                            raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s (the program "
-                                                                f"stopped reading its input; process killed)")
+                            raise self._fault(
+                                "timeout",
+                                what,
+                                f"timeout after {self._budget:.3g} s (the program "
+                                f"stopped reading its input; process killed)",
+                            )
                         if self._pidfd in ready:
                             raise self._fault("crash", what, "the program exited before reading its input")
                         continue
@@ -607,8 +704,12 @@ class ExternalSolver(_HostSolver):
             if fd in ready:
                 return True
             if (self._pidfd is not None and self._pidfd in ready) or self._proc.poll() is not None:
-                raise self._fault("crash", what, "the program exited but its output stays open (a process it "
-                                                 "started holds it; the whole process group was killed)")
+                raise self._fault(
+                    "crash",
+                    what,
+                    "the program exited but its output stays open (a process it "
+                    "started holds it; the whole process group was killed)",
+                )
 
     def _read_into(self, buf: memoryview, deadline: float, what: str, sel: selectors.BaseSelector) -> None:
         fd = self._proc.stdout.fileno()
@@ -618,8 +719,13 @@ class ExternalSolver(_HostSolver):
                 raise self._fault("timeout", what, f"timeout after {self._budget:.3g} s with no reply (process killed)")
             n = os.readv(fd, [buf[got:]])
             if n == 0:
-                raise self._fault("crash", what, "the program crashed (its output ended" +
-                                  (f" after {got} of {len(buf)} bytes of a frame" if got else "") + ")")
+                raise self._fault(
+                    "crash",
+                    what,
+                    "the program crashed (its output ended"
+                    + (f" after {got} of {len(buf)} bytes of a frame" if got else "")
+                    + ")",
+                )
             got += n
 
     def _read_frame(self, deadline: float, what: str, max_payload: int) -> tuple[dict, bytearray]:
@@ -633,8 +739,12 @@ class ExternalSolver(_HostSolver):
             self._read_into(memoryview(raw), deadline, what, sel)
             (hlen,) = struct.unpack("<I", raw)
             if hlen == 0 or hlen > MAX_HEADER_BYTES:
-                raise self._fault("protocol", what, f"garbage output (header length {hlen} is not in "
-                                                    f"1..{MAX_HEADER_BYTES}: not a protocol frame; process killed)")
+                raise self._fault(
+                    "protocol",
+                    what,
+                    f"garbage output (header length {hlen} is not in "
+                    f"1..{MAX_HEADER_BYTES}: not a protocol frame; process killed)",
+                )
             hraw = bytearray(hlen)
             self._read_into(memoryview(hraw), deadline, what, sel)
             try:
@@ -645,19 +755,27 @@ class ExternalSolver(_HostSolver):
                 if nbytes < 0:
                     raise ValueError(f"negative nbytes {nbytes}")
             except (ValueError, UnicodeDecodeError, TypeError, OverflowError, RecursionError) as e:
-                raise self._fault("protocol", what, f"garbage output (bad frame header "
-                                                    f"{bytes(hraw[:80])!r}: {type(e).__name__}: {str(e)[:200]}; "
-                                                    f"process killed)") from None
+                raise self._fault(
+                    "protocol",
+                    what,
+                    f"garbage output (bad frame header "
+                    f"{bytes(hraw[:80])!r}: {type(e).__name__}: {str(e)[:200]}; "
+                    f"process killed)",
+                ) from None
             if nbytes > max_payload:
-                raise self._fault("protocol", what, f"the reply announces a payload of {nbytes} bytes, expected at "
-                                                    f"most {max_payload} (process killed)")
+                raise self._fault(
+                    "protocol",
+                    what,
+                    f"the reply announces a payload of {nbytes} bytes, expected at most {max_payload} (process killed)",
+                )
             payload = bytearray(nbytes)
             if nbytes:
                 self._read_into(memoryview(payload), deadline, what, sel)
         return header, payload
 
-    def _request(self, header: dict, payload: Sequence[memoryview | bytes], budget: float, what: str,
-                 max_reply: int = 0) -> tuple[dict, bytearray]:
+    def _request(
+        self, header: dict, payload: Sequence[memoryview | bytes], budget: float, what: str, max_reply: int = 0
+    ) -> tuple[dict, bytearray]:
         """Send one request (with a fresh ``id``) and read its reply (payload <= ``max_reply`` bytes).
         A reply carrying another id (stale, duplicate), or none from a program that echoes ids, is a
         protocol error."""
@@ -677,8 +795,12 @@ class ExternalSolver(_HostSolver):
         reply, data = self._read_frame(deadline, what, max_reply)
         if "id" in reply or self._echoes_id:
             if reply.get("id") != rid:
-                raise self._fault("protocol", what, f"reply to request id {rid} carries id {reply.get('id')!r} "
-                                                    f"(a stale or duplicate reply; process killed)")
+                raise self._fault(
+                    "protocol",
+                    what,
+                    f"reply to request id {rid} carries id {reply.get('id')!r} "
+                    f"(a stale or duplicate reply; process killed)",
+                )
             self._echoes_id = True
         if not reply.get("ok", False):
             err = reply.get("error", f"reply without ok/error: {reply!r}")
@@ -688,8 +810,12 @@ class ExternalSolver(_HostSolver):
     # -- the step ------------------------------------------------------------------------------
     def _step_once(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
         what = f"step (batch {x.shape[0]})"
-        header = {"op": "step", "shape": list(x.shape), "dtype": self.dtype,
-                  "params_shape": None if p is None else list(p.shape)}
+        header = {
+            "op": "step",
+            "shape": list(x.shape),
+            "dtype": self.dtype,
+            "params_shape": None if p is None else list(p.shape),
+        }
         parts = [memoryview(x).cast("B")] + ([] if p is None else [memoryview(p).cast("B")])
         reply, data = self._request(header, parts, self.timeout, what, max_reply=x.nbytes)
         who = f"external solver '{self.name}'"
@@ -697,11 +823,14 @@ class ExternalSolver(_HostSolver):
         if reply.get("dtype", self.dtype) != self.dtype:
             raise SolverError(f"{who} returned dtype {reply.get('dtype')!r}, expected {self.dtype!r} in {what}")
         if shape != list(x.shape):
-            raise SolverError(f"{who} returned shape {shape}, expected {list(x.shape)} in {what} "
-                              f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})")
+            raise SolverError(
+                f"{who} returned shape {shape}, expected {list(x.shape)} in {what} "
+                f"(batch, channels {list(self.channels)}, spatial {list(self.spatial_shape)})"
+            )
         if len(data) != x.nbytes:
-            raise SolverError(f"{who} returned {len(data)} bytes, expected {x.nbytes} "
-                              f"(shape {list(x.shape)}, {self.dtype}) in {what}")
+            raise SolverError(
+                f"{who} returned {len(data)} bytes, expected {x.nbytes} (shape {list(x.shape)}, {self.dtype}) in {what}"
+            )
         out = np.frombuffer(data, dtype=self._np_dtype).reshape(x.shape)
         return self._check_output(out, x, who)
 
@@ -716,9 +845,12 @@ class ExternalSolver(_HostSolver):
         if len(blocks) == 1:
             return self._to_torch(self._rows(x, p), state)
         from concurrent.futures import ThreadPoolExecutor  # the programs compute; threads only wait
+
         with ThreadPoolExecutor(len(blocks)) as threads:
-            outs = threads.map(lambda job: job[0]._rows(x[job[1]], None if p is None else p[job[1]]),
-                               zip([self, *self._copies], blocks))
+            outs = threads.map(
+                lambda job: job[0]._rows(x[job[1]], None if p is None else p[job[1]]),
+                zip([self, *self._copies], blocks),
+            )
             return self._to_torch(np.concatenate(list(outs)), state)
 
     def _rows(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
@@ -726,9 +858,15 @@ class ExternalSolver(_HostSolver):
         limit = self.max_batch or x.shape[0]
         if x.shape[0] <= limit:
             return self._call(x, p)
-        return np.concatenate([self._call(np.ascontiguousarray(x[i:i + limit]),
-                                          None if p is None else np.ascontiguousarray(p[i:i + limit]))
-                               for i in range(0, x.shape[0], limit)])
+        return np.concatenate(
+            [
+                self._call(
+                    np.ascontiguousarray(x[i : i + limit]),
+                    None if p is None else np.ascontiguousarray(p[i : i + limit]),
+                )
+                for i in range(0, x.shape[0], limit)
+            ]
+        )
 
     def _call(self, x: np.ndarray, p: np.ndarray | None) -> np.ndarray:
         """One step request (restarting a failed program once if ``restart``)."""
@@ -736,8 +874,13 @@ class ExternalSolver(_HostSolver):
             retried = False
             while True:
                 try:
-                    if self._proc is None and self.restart_enabled and self._failure is not None \
-                            and self._failure != "the solver was closed" and self.restarts < self.max_restarts:
+                    if (
+                        self._proc is None
+                        and self.restart_enabled
+                        and self._failure is not None
+                        and self._failure != "the solver was closed"
+                        and self.restarts < self.max_restarts
+                    ):
                         self.restarts += 1
                         self._start()
                     out = self._step_once(x, p)
@@ -745,11 +888,13 @@ class ExternalSolver(_HostSolver):
                     break
                 except _ProcessFault as e:
                     if not self.restart_enabled or retried:
-                        raise SolverError(str(e) + (" (the re-run after a restart failed too)" if retried else "")) \
-                            from None
+                        raise SolverError(
+                            str(e) + (" (the re-run after a restart failed too)" if retried else "")
+                        ) from None
                     if self.restarts >= self.max_restarts:
-                        raise SolverError(f"{e} (no restart left: {self.restarts} of max_restarts="
-                                          f"{self.max_restarts} used)") from None
+                        raise SolverError(
+                            f"{e} (no restart left: {self.restarts} of max_restarts={self.max_restarts} used)"
+                        ) from None
                     retried = True
                     self.restarts += 1
                     try:
@@ -759,9 +904,16 @@ class ExternalSolver(_HostSolver):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "command": self.command, "num_params": self.num_params,
-                "timeout": self.timeout, "restart": self.restart_enabled, "metadata": self.metadata,
-                "max_batch": self.max_batch, "processes": self.processes}
+        return {
+            **super().describe(),
+            "command": self.command,
+            "num_params": self.num_params,
+            "timeout": self.timeout,
+            "restart": self.restart_enabled,
+            "metadata": self.metadata,
+            "max_batch": self.max_batch,
+            "processes": self.processes,
+        }
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.alive else "stopped"

@@ -92,13 +92,15 @@ generation took 13 min 34 s (one thread, ``--batch 11``, quiet 2-core machine); 
 reference is (its error against the same set-up on a 2x finer grid, the coarse solver's error,
 Strouhal numbers) is measured by ``experiments/karman2d_reference.py``; numbers in the README.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
 from abc import abstractmethod
-from typing import Literal, Sequence, get_args
+from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 
@@ -106,13 +108,23 @@ from ..options import option
 from . import karman2d_direct as direct
 from .base import Scenario, ScenarioConfig, Solver, SolverError
 
-
 # PhiFlow's pressure matrix goes through torch.sparse_csr_tensor, which warns that invariant checks
 # are off and that CSR support is beta: harmless here, and noise in every command's output.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-__all__ = ["WakeSolver", "Karman2D", "DirectKarman2D", "restrict", "prolong", "uniform_state", "Karman2DConfig", "Karman2DScenario", "centered_velocity", "vorticity",
-           "strouhal_number"]
+__all__ = [
+    "WakeSolver",
+    "Karman2D",
+    "DirectKarman2D",
+    "restrict",
+    "prolong",
+    "uniform_state",
+    "Karman2DConfig",
+    "Karman2DScenario",
+    "centered_velocity",
+    "vorticity",
+    "strouhal_number",
+]
 
 #: domain and cylinder of the SOL / DeepZero set-up
 LENGTH, HEIGHT = 200.0, 100.0
@@ -122,6 +134,7 @@ RADIUS, CENTER = 10.0, (50.0, 50.0)
 def _phi():
     """Import PhiFlow lazily (slow import) with the torch backend."""
     from phi.torch import flow  # noqa: F401  (selects the torch backend)
+
     return flow
 
 
@@ -144,15 +157,26 @@ class WakeSolver(Solver):
     channels = ("vx", "vy")
     num_params = 1
 
-    def __init__(self, nx: int, ny: int, dt: float = 1.0, *, substeps: int = 1, inflow: float = 1.0,
-                 length: float = LENGTH, height: float = HEIGHT, radius: float = RADIUS,
-                 center: Sequence[float] = CENTER, diffusion: bool = True, blowup: float = 50.0,
-                 threads: int | None = 1):
+    def __init__(
+        self,
+        nx: int,
+        ny: int,
+        dt: float = 1.0,
+        *,
+        substeps: int = 1,
+        inflow: float = 1.0,
+        length: float = LENGTH,
+        height: float = HEIGHT,
+        radius: float = RADIUS,
+        center: Sequence[float] = CENTER,
+        diffusion: bool = True,
+        blowup: float = 50.0,
+        threads: int | None = 1,
+    ):
         for name, v in (("nx", nx), ("ny", ny)):
             if int(v) != v or v < 4:
                 raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 4, got {v}")
-        for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height),
-                        ("radius", radius)):
+        for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height), ("radius", radius)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive number, got {v}")
         if int(substeps) != substeps or substeps < 1:
@@ -168,12 +192,14 @@ class WakeSolver(Solver):
         self.dx, self.dy = self.length / self.nx, self.height / self.ny
         self.spatial_shape = (self.ny, self.nx)
         #: cell centres; vx lives at (x + dx/2, y), vy at (x, y - dy/2) (see module docstring)
-        self.coords = {"x": (torch.arange(self.nx, dtype=torch.float32) + 0.5) * self.dx,
-                       "y": (torch.arange(self.ny, dtype=torch.float32) + 0.5) * self.dy}
+        self.coords = {
+            "x": (torch.arange(self.nx, dtype=torch.float32) + 0.5) * self.dx,
+            "y": (torch.arange(self.ny, dtype=torch.float32) + 0.5) * self.dy,
+        }
         self.diameter = 2 * self.radius
         # explicit diffusion is stable for nu * tau * (2/dx^2 + 2/dy^2) <= 1
         tau = self.dt / self.substeps
-        self.min_re = self.inflow * self.diameter * tau * (2 / self.dx ** 2 + 2 / self.dy ** 2)
+        self.min_re = self.inflow * self.diameter * tau * (2 / self.dx**2 + 2 / self.dy**2)
 
     @abstractmethod
     def _step_impl(self, state: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
@@ -187,7 +213,8 @@ class WakeSolver(Solver):
                 raise ValueError(
                     f"{type(self).__name__}: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit "
                     f"diffusion on this grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is "
-                    f"unstable; raise Re or substeps")
+                    f"unstable; raise Re or substeps"
+                )
         nu = (self.inflow * self.diameter / re).to(state.dtype)
         # cap torch's intra-op threads during the step (restored afterwards; see "Speed" in the
         # module docstring): 2 threads on the shared 2-core CPU made the PhiFlow step ~50x slower
@@ -205,7 +232,8 @@ class WakeSolver(Solver):
             if not bool(torch.isfinite(vmax)) or float(vmax) > self.blowup * self.inflow:
                 raise SolverError(
                     f"{type(self).__name__} ({self.nx}x{self.ny}): velocity reached {float(vmax):.3g} (> "
-                    f"{self.blowup:g} U or NaN/inf): the pressure solve failed or the state diverged")
+                    f"{self.blowup:g} U or NaN/inf): the pressure solve failed or the state diverged"
+                )
         return out.to(state.dtype)
 
     def divergence(self, state: torch.Tensor) -> torch.Tensor:
@@ -225,8 +253,13 @@ class WakeSolver(Solver):
 
     def describe(self):
         d = super().describe()
-        d.update(substeps=self.substeps, inflow=self.inflow, diffusion=self.diffusion, threads=self.threads,
-                 layout="staggered: vx right faces, vy bottom faces (row 0 = wall)")
+        d.update(
+            substeps=self.substeps,
+            inflow=self.inflow,
+            diffusion=self.diffusion,
+            threads=self.threads,
+            layout="staggered: vx right faces, vy bottom faces (row 0 = wall)",
+        )
         return d
 
 
@@ -240,8 +273,17 @@ class Karman2D(WakeSolver):
         solve_method: PhiFlow's solve method (default 'auto').
     """
 
-    def __init__(self, nx: int, ny: int, dt: float = 1.0, *, tol: float = 1e-4, max_iterations: int = 2000,
-                 solve_method: str = "auto", **kwargs):
+    def __init__(
+        self,
+        nx: int,
+        ny: int,
+        dt: float = 1.0,
+        *,
+        tol: float = 1e-4,
+        max_iterations: int = 2000,
+        solve_method: str = "auto",
+        **kwargs,
+    ):
         super().__init__(nx, ny, dt, **kwargs)
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"Karman2D: tol must be a positive number, got {tol}")
@@ -252,6 +294,7 @@ class Karman2D(WakeSolver):
     def _build(self):
         flow = _phi()
         from phiml.math import extrapolation as ex
+
         math_, Solve = flow.math, flow.Solve
         # top/bottom: closed no-slip walls (ZERO).  Free slip (combine_by_direction(normal=ZERO,
         # tangential=ZERO_GRADIENT)) is accepted by StaggeredGrid but make_incompressible's pressure
@@ -289,7 +332,8 @@ class Karman2D(WakeSolver):
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge to "
                 f"tol {self.tol:g} within {self.max_iterations} iterations ({type(e).__name__}: "
-                f"{str(e)[:200]}); the state is probably diverging") from e
+                f"{str(e)[:200]}); the state is probably diverging"
+            ) from e
         vx_n, vy_n = vx2.native("b,y,x"), vy2.native("b,y,x")
         out = torch.stack([vx_n, torch.cat([torch.zeros_like(vy_n[:, :1]), vy_n], 1)], 1)
         # inside jit_compile PhiFlow checks convergence only while tracing: a solve that fails later
@@ -302,7 +346,8 @@ class Karman2D(WakeSolver):
             raise SolverError(
                 f"Karman2D ({self.nx}x{self.ny}): pressure solve '{self.solve_method}' did not converge "
                 f"(max |div v| = {float(div):.3g} > {limit:.3g} after the projection; tol {self.tol:g}, "
-                f"max_iterations {self.max_iterations}); the state may be diverging")
+                f"max_iterations {self.max_iterations}); the state may be diverging"
+            )
         return out
 
     def describe(self):
@@ -347,13 +392,21 @@ class DirectKarman2D(WakeSolver):
         return d
 
 
-def uniform_state(nx: int, ny: int, batch: int = 1, inflow: float = 1.0, length: float = LENGTH,
-                  height: float = HEIGHT, center: Sequence[float] = CENTER, radius: float = RADIUS) -> torch.Tensor:
+def uniform_state(
+    nx: int,
+    ny: int,
+    batch: int = 1,
+    inflow: float = 1.0,
+    length: float = LENGTH,
+    height: float = HEIGHT,
+    center: Sequence[float] = CENTER,
+    radius: float = RADIUS,
+) -> torch.Tensor:
     """Uniform flow (U, 0) with vx = 0 on the faces inside the cylinder: (batch, 2, ny, nx), staggered."""
     s = torch.zeros(batch, 2, ny, nx)
     xf = (torch.arange(nx) + 1.0) * (length / nx)
     yc = (torch.arange(ny) + 0.5) * (height / ny)
-    inside = (xf[None, :] - center[0]) ** 2 + (yc[:, None] - center[1]) ** 2 < radius ** 2
+    inside = (xf[None, :] - center[0]) ** 2 + (yc[:, None] - center[1]) ** 2 < radius**2
     s[:, 0] = torch.where(inside, 0.0, inflow)
     return s
 
@@ -363,9 +416,11 @@ def restrict(fine: torch.Tensor, r: int) -> torch.Tensor:
     face's value is the mean of the r fine faces that tile it (see ``Karman2DScenario.downsample``)."""
     b, c, hf, wf = fine.shape
     if c != 2 or hf % r or wf % r:
-        raise ValueError(f"karman2d.restrict: expected (B, 2, H, W) with H, W multiples of {r}, got {tuple(fine.shape)}")
+        raise ValueError(
+            f"karman2d.restrict: expected (B, 2, H, W) with H, W multiples of {r}, got {tuple(fine.shape)}"
+        )
     h, w = hf // r, wf // r
-    vx = fine[:, 0, :, r - 1::r].reshape(b, h, r, w).mean(2)
+    vx = fine[:, 0, :, r - 1 :: r].reshape(b, h, r, w).mean(2)
     vy = fine[:, 1, ::r, :].reshape(b, h, w, r).mean(3)
     return torch.stack([vx, vy], 1)
 
@@ -432,25 +487,26 @@ def strouhal_number(signal: torch.Tensor, dt: float, diameter: float = 2 * RADIU
 SolverKind = Literal["direct", "phiflow"]
 SOLVER_KINDS: tuple[str, ...] = get_args(SolverKind)
 
-_PAPER_TRAIN_RE = tuple(1.6e5 * 2 ** i for i in range(6))   # 1.6e5 .. 5.12e6
-_PAPER_TEST_RE = tuple(2.4e5 * 2 ** i for i in range(5))    # 2.4e5 .. 3.84e6
+_PAPER_TRAIN_RE = tuple(1.6e5 * 2**i for i in range(6))  # 1.6e5 .. 5.12e6
+_PAPER_TEST_RE = tuple(2.4e5 * 2**i for i in range(5))  # 2.4e5 .. 3.84e6
 
 
-def _grid_ratio(c: "Karman2DConfig") -> str | None:
+def _grid_ratio(c: Karman2DConfig) -> str | None:
     """Constraint: the reference grid is the coarse grid refined by one integer ratio in x and y."""
     if c.n_ref_x % c.n_coarse_x or c.n_ref_y % c.n_coarse_y:
-        return (f"reference grid {c.n_ref_x}x{c.n_ref_y} must be a multiple of the coarse "
-                f"grid {c.n_coarse_x}x{c.n_coarse_y}")
+        return (
+            f"reference grid {c.n_ref_x}x{c.n_ref_y} must be a multiple of the coarse "
+            f"grid {c.n_coarse_x}x{c.n_coarse_y}"
+        )
     if c.n_ref_x // c.n_coarse_x != c.n_ref_y // c.n_coarse_y:
         return "the reference/coarse ratio must be the same in x and y"
     return None
 
 
-def _positive_reynolds(c: "Karman2DConfig") -> str | None:
+def _positive_reynolds(c: Karman2DConfig) -> str | None:
     """Constraint: both splits have Reynolds numbers, all positive."""
     if not c.train_re or not c.test_re or min(c.train_re + c.test_re) <= 0:
-        return (f"train_re/test_re must be non-empty tuples of positive Reynolds numbers, got "
-                f"{c.train_re} / {c.test_re}")
+        return f"train_re/test_re must be non-empty tuples of positive Reynolds numbers, got {c.train_re} / {c.test_re}"
     return None
 
 
@@ -476,8 +532,9 @@ class Karman2DConfig(ScenarioConfig):
     tol: float = option(1e-4, "pressure solve tolerance", gt=0)
     perturbation: float = option(0.5, "amplitude of the symmetry-breaking bump (relative to U)", ge=0)
     diffusion: bool = option(True, "explicit viscous diffusion")
-    coarse: SolverKind = option("direct", "coarse solver: direct (torch step with a factored "
-                                                  "pressure solve, differentiable) or phiflow")
+    coarse: SolverKind = option(
+        "direct", "coarse solver: direct (torch step with a factored pressure solve, differentiable) or phiflow"
+    )
     reference: SolverKind = option("phiflow", "reference solver: phiflow or direct")
     train_re: tuple = option(_PAPER_TRAIN_RE, "Reynolds numbers of the training simulations")
     test_re: tuple = option(_PAPER_TEST_RE, "Reynolds numbers of the test simulations")
@@ -494,8 +551,10 @@ class Karman2DScenario(Scenario):
 
     name = "karman2d"
     Config = Karman2DConfig
-    description = ("2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
-                   "advection + pressure projection; params = Reynolds number")
+    description = (
+        "2-D wake flow behind a cylinder (SOL / DeepZero), PhiFlow staggered grid, semi-Lagrangian "
+        "advection + pressure projection; params = Reynolds number"
+    )
     padding_mode = "replicate"  # not periodic: corrector convolutions extend the boundary values
     # Training budgets.  default: the README table -- a 910-parameter CNN (width 4, depth 3, kernel 5)
     # so that dense central-difference ZO-SOL (1,820 perturbed windows per step) fits a 2-core CPU:
@@ -503,26 +562,40 @@ class Karman2DScenario(Scenario):
     # paper: the experiments/karman2d_paper.py run (GPU): a wider CNN, sparse ZO-SOL as DeepZero.
     not_by_default = {
         "zo-jac-sol": "the pressure projection couples every cell, so the coarse step's Jacobian is dense and "
-                      "each finite-difference Jacobian costs a probe per state value (4,097 per sample-step at "
-                      "64x32, forward), several times ZO-SOL's perturbations for the preset correctors",
+        "each finite-difference Jacobian costs a probe per state value (4,097 per sample-step at "
+        "64x32, forward), several times ZO-SOL's perturbations for the preset correctors",
     }
     train_presets = {
         "tiny": dict(kernel=3),
-        "default": dict(width=4, depth=3, kernel=5, window=6, batch_size=8, epochs=3, lr=3e-3, zo_sparsity=0.0,
-                        grad_checks=3),
-        "paper": dict(model="cnn", width=16, depth=3, kernel=5, window=4, batch_size=16, epochs=100, lr=1e-3,
-                      zo_sparsity=0.9),
+        "default": dict(
+            width=4, depth=3, kernel=5, window=6, batch_size=8, epochs=3, lr=3e-3, zo_sparsity=0.0, grad_checks=3
+        ),
+        "paper": dict(
+            model="cnn", width=16, depth=3, kernel=5, window=4, batch_size=16, epochs=100, lr=1e-3, zo_sparsity=0.9
+        ),
     }
     presets = {
         # seconds: for tests
-        "tiny": dict(n_ref_x=64, n_ref_y=32, n_coarse_x=32, n_coarse_y=16, frames=8, warmup=8,
-                     train_sims=2, test_sims=1, train_re=_PAPER_TRAIN_RE[:2], test_re=_PAPER_TEST_RE[:1]),
+        "tiny": dict(
+            n_ref_x=64,
+            n_ref_y=32,
+            n_coarse_x=32,
+            n_coarse_y=16,
+            frames=8,
+            warmup=8,
+            train_sims=2,
+            test_sims=1,
+            train_re=_PAPER_TRAIN_RE[:2],
+            test_re=_PAPER_TEST_RE[:1],
+        ),
         # 13.5 min with the PhiFlow reference on a quiet 2-core CPU (measured 13:34, 1 thread, --batch 11); paper's Re
-        "default": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300,
-                        train_sims=6, test_sims=5),
+        "default": dict(
+            n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=100, warmup=300, train_sims=6, test_sims=5
+        ),
         # SOL / DeepZero sizes: 256x128 -> 64x32, 1000 warm-up steps, 500 frames
-        "paper": dict(n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000,
-                      train_sims=6, test_sims=5),
+        "paper": dict(
+            n_ref_x=256, n_ref_y=128, n_coarse_x=64, n_coarse_y=32, frames=500, warmup=1000, train_sims=6, test_sims=5
+        ),
     }
 
     def _solver(self, kind: str, nx: int, ny: int, substeps: int) -> WakeSolver:
@@ -569,8 +642,7 @@ class Karman2DScenario(Scenario):
         """
         c = self.config
         if fine.dim() != 4 or tuple(fine.shape[1:]) != (2, c.n_ref_y, c.n_ref_x):
-            raise ValueError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), "
-                             f"got {tuple(fine.shape)}")
+            raise ValueError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), got {tuple(fine.shape)}")
         return restrict(fine, self.ratio)
 
     def reynolds(self, seed: int) -> float:
@@ -588,12 +660,12 @@ class Karman2DScenario(Scenario):
         g = torch.Generator().manual_seed(int(seed))
         amp = c.perturbation * c.inflow * (0.5 + 0.5 * torch.rand((), generator=g).item())
         sign = 1.0 if torch.rand((), generator=g).item() < 0.5 else -1.0
-        x0 = CENTER[0] + 2 * RADIUS * (1.0 + torch.rand((), generator=g).item())   # 20..40 behind centre
+        x0 = CENTER[0] + 2 * RADIUS * (1.0 + torch.rand((), generator=g).item())  # 20..40 behind centre
         y0 = CENTER[1] + RADIUS * (torch.rand((), generator=g).item() - 0.5)
         state = uniform_state(c.n_ref_x, c.n_ref_y, 1, c.inflow)[0]
         xc = (torch.arange(c.n_ref_x) + 0.5) * (LENGTH / c.n_ref_x)
         yf = torch.arange(c.n_ref_y) * (HEIGHT / c.n_ref_y)
-        bump = torch.exp(-((xc[None, :] - x0) ** 2 + (yf[:, None] - y0) ** 2) / (2 * RADIUS ** 2))
+        bump = torch.exp(-((xc[None, :] - x0) ** 2 + (yf[:, None] - y0) ** 2) / (2 * RADIUS**2))
         state[1] = sign * amp * bump
         state[1, 0] = 0.0
         return state.float(), torch.tensor([self.reynolds(seed)], dtype=torch.float32)
@@ -603,4 +675,3 @@ class Karman2DScenario(Scenario):
         c = self.config
         f = torch.log10(params[:, :1].clamp_min(1e-30)) - 6.0
         return f[:, :, None, None].expand(-1, 1, c.n_coarse_y, c.n_coarse_x).to(params.dtype)
-

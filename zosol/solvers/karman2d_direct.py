@@ -27,22 +27,31 @@ exact up to round-off, no iteration count that depends on the state, no solver t
 the transposed factor (``A^T y = g``), so autograd through the whole step is exact (FO-SOL) and finite
 differences of the step see no solver noise (ZO-SOL).
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import lapack
 import torch
 import torch.nn.functional as F
+from scipy.linalg import lapack
 
-__all__ = ["obstacle_masks", "pressure_matrix", "PressureLU", "PressureSolve", "pad_components",
-           "advect", "diffuse", "project", "cg_solve"]
+__all__ = [
+    "obstacle_masks",
+    "pressure_matrix",
+    "PressureLU",
+    "PressureSolve",
+    "pad_components",
+    "advect",
+    "diffuse",
+    "project",
+    "cg_solve",
+]
 
 
-def obstacle_masks(nx: int, ny: int, length: float, height: float, center: tuple[float, float],
-                   radius: float) -> dict[str, torch.Tensor]:
+def obstacle_masks(
+    nx: int, ny: int, length: float, height: float, center: tuple[float, float], radius: float
+) -> dict[str, torch.Tensor]:
     """PhiFlow's obstacle masks of ``make_incompressible`` on the staggered layout, float64.
 
     Returns ``solid`` (2, ny, nx): fraction of each face inside the cylinder (soft mask,
@@ -50,10 +59,10 @@ def obstacle_masks(nx: int, ny: int, length: float, height: float, center: tuple
     cells (and on the outflow faces), else 0; ``active`` (ny, nx): 1 on cells whose centre is outside
     the cylinder.  Row 0 of the y-channel (the wall) is 0 in ``solid`` and ``hard``.
     """
-    from phi.torch import flow
     from phi import field as phi_field
     from phi.geom import union
     from phi.physics.fluid import _accessible_extrapolation
+    from phi.torch import flow
     from phiml.math import extrapolation as ex
 
     bc = {"x-": flow.vec(x=1.0, y=0.0), "x+": flow.ZERO_GRADIENT, "y": ex.ZERO}
@@ -61,8 +70,7 @@ def obstacle_masks(nx: int, ny: int, length: float, height: float, center: tuple
     geometry = flow.Sphere(x=center[0], y=center[1], radius=radius)
     solid = flow.resample(geometry, v, soft=True, balance=1)
     accessible = flow.Field(v.geometry, ~union([geometry]), _accessible_extrapolation(v.extrapolation))
-    hard = phi_field.stagger(accessible, flow.math.minimum, v.boundary, at=v.sampled_at,
-                             dims=v.vector.item_names)
+    hard = phi_field.stagger(accessible, flow.math.minimum, v.boundary, at=v.sampled_at, dims=v.vector.item_names)
 
     def faces(f) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(f.values[{"~vector": "x"}].numpy("y,x")), dtype=torch.float64)
@@ -90,11 +98,12 @@ def pressure_matrix(hard: torch.Tensor, active: torch.Tensor, dx: float, dy: flo
         if b is not None:
             rows.extend([a, b, b]), cols.extend([b, b, a]), vals.extend([w, -w, w])
 
-    couple(idx[:, :-1].ravel(), idx[:, 1:].ravel(), hx[:, :-1].ravel() / dx ** 2)   # interior x-faces
-    couple(idx[:, -1], None, hx[:, -1] / dx ** 2)                                    # outflow faces
-    couple(idx[:-1, :].ravel(), idx[1:, :].ravel(), hy[1:, :].ravel() / dy ** 2)    # interior y-faces
-    a = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(ny * nx, ny * nx)).tocsr()
+    couple(idx[:, :-1].ravel(), idx[:, 1:].ravel(), hx[:, :-1].ravel() / dx**2)  # interior x-faces
+    couple(idx[:, -1], None, hx[:, -1] / dx**2)  # outflow faces
+    couple(idx[:-1, :].ravel(), idx[1:, :].ravel(), hy[1:, :].ravel() / dy**2)  # interior y-faces
+    a = sp.coo_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(ny * nx, ny * nx)
+    ).tocsr()
     act = active.numpy().ravel()
     a = sp.diags(act) @ a + sp.diags(1.0 - act)
     return a.tocsc()
@@ -116,15 +125,16 @@ class PressureLU:
     def __init__(self, hard: torch.Tensor, active: torch.Tensor, dx: float, dy: float):
         self.matrix = pressure_matrix(hard, active, dx, dy)
         self.shape = ny, nx = tuple(active.shape)
-        self._order = np.arange(ny * nx).reshape(ny, nx).T.ravel()   # band position -> cell index
+        self._order = np.arange(ny * nx).reshape(ny, nx).T.ravel()  # band position -> cell index
         banded = self.matrix[self._order][:, self._order].tocoo()
         self._k = k = ny
         ab = np.zeros((3 * k + 1, ny * nx))
         ab[2 * k + banded.row - banded.col, banded.col] = banded.data
         self._lu, self._piv, info = lapack.dgbtrf(ab, k, k)
         if info != 0:
-            raise ValueError(f"PressureLU: the pressure matrix is singular (LAPACK dgbtrf info {info}); "
-                             f"check the obstacle masks")
+            raise ValueError(
+                f"PressureLU: the pressure matrix is singular (LAPACK dgbtrf info {info}); check the obstacle masks"
+            )
         self._inverses: dict = {}
         #: right-hand sides per LAPACK call (see ``solve``)
         self.block = 64
@@ -142,9 +152,15 @@ class PressureLU:
         out = np.empty_like(flat)
         # blocks of right-hand sides that stay in cache: 1024 at once were ~15x slower per sample than 128
         for i in range(0, b, self.block):
-            x, info = lapack.dgbtrs(self._lu, self._k, self._k, np.asfortranarray(flat[i:i + self.block, self._order].T),
-                                   self._piv, trans=1 if transpose else 0)
-            out[i:i + self.block, self._order] = x.T
+            x, info = lapack.dgbtrs(
+                self._lu,
+                self._k,
+                self._k,
+                np.asfortranarray(flat[i : i + self.block, self._order].T),
+                self._piv,
+                trans=1 if transpose else 0,
+            )
+            out[i : i + self.block, self._order] = x.T
         return torch.from_numpy(out).reshape(b, *self.shape).to(rhs.device, rhs.dtype)
 
     def _inverse(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -172,15 +188,20 @@ class PressureSolve(torch.autograd.Function):
 def cg_solve(matrix: sp.spmatrix, rhs: torch.Tensor, tol: float = 1e-10, max_iterations: int = 20_000) -> torch.Tensor:
     """Iterative check of the direct solve: batched conjugate gradients on ``-A`` (symmetric positive
     definite), float64.  rhs (B, ny, nx) -> p (B, ny, nx); raises RuntimeError when not converged."""
-    neg = torch.sparse_csr_tensor(*(torch.from_numpy(np.asarray(t)) for t in
-                                    ((-matrix).tocsr().indptr, (-matrix).tocsr().indices, (-matrix).tocsr().data)),
-                                  size=matrix.shape, dtype=torch.float64)
+    neg = torch.sparse_csr_tensor(
+        *(
+            torch.from_numpy(np.asarray(t))
+            for t in ((-matrix).tocsr().indptr, (-matrix).tocsr().indices, (-matrix).tocsr().data)
+        ),
+        size=matrix.shape,
+        dtype=torch.float64,
+    )
     b = -rhs.detach().reshape(rhs.shape[0], -1).double().T
     x = torch.zeros_like(b)
     r = b.clone()
     d = r.clone()
     rr = (r * r).sum(0)
-    stop = tol ** 2 * (b * b).sum(0).clamp_min(1e-300)
+    stop = tol**2 * (b * b).sum(0).clamp_min(1e-300)
     for _ in range(max_iterations):
         if bool((rr <= stop).all()):
             return x.T.reshape(rhs.shape).to(rhs.dtype)
@@ -210,8 +231,7 @@ def _bilinear(grid: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Ten
     """Bilinear lookup of grid (B, R, C) at fractional indices r, c (B, H, W), clamped to the grid."""
     rows, cols = grid.shape[1:]
     coords = torch.stack([2 * c / (cols - 1) - 1, 2 * r / (rows - 1) - 1], -1)
-    return F.grid_sample(grid[:, None], coords, mode="bilinear", padding_mode="border",
-                         align_corners=True)[:, 0]
+    return F.grid_sample(grid[:, None], coords, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
 def advect(state: torch.Tensor, dt: float, dx: float, dy: float, inflow: float) -> torch.Tensor:
@@ -225,7 +245,7 @@ def advect(state: torch.Tensor, dt: float, dx: float, dy: float, inflow: float) 
     vy_at_x = 0.25 * (yp[:, :-1, 1:-1] + yp[:, :-1, 2:] + yp[:, 1:, 1:-1] + yp[:, 1:, 2:])
     new_x = _bilinear(xp, jj + 1 - dt * vy_at_x / dy, ii + 1 - dt * state[:, 0] / dx)
     # y-faces at ((i + 1/2) dx, j dy), j >= 1: yp index (r, c) = (j, i + 1)
-    vx_at_y = 0.25 * (xp[:, 1:h, :-2] + xp[:, 1:h, 1:-1] + xp[:, 2:h + 1, :-2] + xp[:, 2:h + 1, 1:-1])
+    vx_at_y = 0.25 * (xp[:, 1:h, :-2] + xp[:, 1:h, 1:-1] + xp[:, 2 : h + 1, :-2] + xp[:, 2 : h + 1, 1:-1])
     new_y = _bilinear(yp, jj[1:] - dt * state[:, 1, 1:] / dy, ii + 1 - dt * vx_at_y / dx)
     return torch.stack([new_x, torch.cat([torch.zeros_like(new_y[:, :1]), new_y], 1)], 1)
 
@@ -233,12 +253,16 @@ def advect(state: torch.Tensor, dt: float, dx: float, dy: float, inflow: float) 
 def diffuse(state: torch.Tensor, amount: torch.Tensor, dx: float, dy: float, inflow: float) -> torch.Tensor:
     """Explicit diffusion ``v + amount * laplace(v)``; amount (B,) = nu * tau per sample."""
     xp, yp = pad_components(state, inflow)
-    lap_x = ((xp[:, 1:-1, 2:] - 2 * state[:, 0] + xp[:, 1:-1, :-2]) / dx ** 2
-             + (xp[:, 2:, 1:-1] - 2 * state[:, 0] + xp[:, :-2, 1:-1]) / dy ** 2)
-    lap_x = torch.cat([lap_x[:, :, :-1], torch.zeros_like(lap_x[:, :, -1:])], 2)  # PhiFlow: outflow faces keep their value
+    lap_x = (xp[:, 1:-1, 2:] - 2 * state[:, 0] + xp[:, 1:-1, :-2]) / dx**2 + (
+        xp[:, 2:, 1:-1] - 2 * state[:, 0] + xp[:, :-2, 1:-1]
+    ) / dy**2
+    lap_x = torch.cat(
+        [lap_x[:, :, :-1], torch.zeros_like(lap_x[:, :, -1:])], 2
+    )  # PhiFlow: outflow faces keep their value
     vy = state[:, 1, 1:]
-    lap_y = ((yp[:, 1:-1, 2:] - 2 * vy + yp[:, 1:-1, :-2]) / dx ** 2
-             + (yp[:, 2:, 1:-1] - 2 * vy + yp[:, :-2, 1:-1]) / dy ** 2)
+    lap_y = (yp[:, 1:-1, 2:] - 2 * vy + yp[:, 1:-1, :-2]) / dx**2 + (
+        yp[:, 2:, 1:-1] - 2 * vy + yp[:, :-2, 1:-1]
+    ) / dy**2
     lap = torch.stack([lap_x, torch.cat([torch.zeros_like(lap_y[:, :1]), lap_y], 1)], 1)
     return state + amount[:, None, None, None] * lap
 
@@ -250,8 +274,9 @@ def divergence(state: torch.Tensor, dx: float, dy: float, inflow: float) -> torc
     return (vx[:, :, 1:] - vx[:, :, :-1]) / dx + (vy[:, 1:] - vy[:, :-1]) / dy
 
 
-def project(state: torch.Tensor, masks: dict[str, torch.Tensor], lu: PressureLU, dx: float, dy: float,
-            inflow: float, solve=None) -> torch.Tensor:
+def project(
+    state: torch.Tensor, masks: dict[str, torch.Tensor], lu: PressureLU, dx: float, dy: float, inflow: float, solve=None
+) -> torch.Tensor:
     """Pressure projection around the obstacle (see module docstring); state (B, 2, H, W).
 
     ``solve(rhs) -> p`` (B, H, W) defaults to the factored direct solve with its adjoint backward."""

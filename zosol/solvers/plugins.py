@@ -10,6 +10,7 @@
   when the name is not registered yet; a module named ``__main__`` (a script) cannot be imported
   by another process, and the error says what to do instead.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,15 +35,18 @@ def load_plugin(module: str) -> ModuleType:
     """Import ``module`` (a dotted name on ``sys.path``; the current directory counts) so that the
     scenarios it registers become available by name."""
     if not _DOTTED.match(module or ""):
-        raise ValueError(f"--plugin expects an importable module name such as 'my_pde' or 'pkg.scenarios', "
-                         f"got '{module}' (for a file my_pde.py, pass 'my_pde' and run from its folder)")
+        raise ValueError(
+            f"--plugin expects an importable module name such as 'my_pde' or 'pkg.scenarios', "
+            f"got '{module}' (for a file my_pde.py, pass 'my_pde' and run from its folder)"
+        )
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # a plugin next to the user's command, as with `python -m`
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise ValueError(f"plugin '{module}' cannot be imported: {e} (put its folder on PYTHONPATH or run from "
-                         f"there)") from None
+        raise ValueError(
+            f"plugin '{module}' cannot be imported: {e} (put its folder on PYTHONPATH or run from there)"
+        ) from None
 
 
 def _rebuild(entry: Any, config: dict[str, Any], preset: str | None) -> Scenario:
@@ -58,26 +62,32 @@ def _rebuild(entry: Any, config: dict[str, Any], preset: str | None) -> Scenario
 def _import_source(name: str, source: str) -> Any:
     module, _, attr = source.partition(":")
     if not (_DOTTED.match(module) and (not attr or _DOTTED.match(attr))):
-        raise ScenarioNotFound(f"scenario '{name}' is not registered and its recorded source '{source}' is not "
-                               f"a 'module:object' path; import the module that defines it (--plugin MODULE)")
+        raise ScenarioNotFound(
+            f"scenario '{name}' is not registered and its recorded source '{source}' is not "
+            f"a 'module:object' path; import the module that defines it (--plugin MODULE)"
+        )
     if module == "__main__":
         raise ScenarioNotFound(
             f"scenario '{name}' is not registered in this process: it was made in a script run as __main__ "
             f"(object '{attr}'), which another process cannot import; move the scenario into a module, then "
-            f"import that module (--plugin MODULE) or pass the scenario object (load_dataset(path, scenario=...))")
+            f"import that module (--plugin MODULE) or pass the scenario object (load_dataset(path, scenario=...))"
+        )
     try:
         obj: Any = importlib.import_module(module)
     except ImportError as e:
-        raise ScenarioNotFound(f"scenario '{name}' is not registered and its module '{module}' cannot be imported "
-                               f"({e}); import the module that defines it first (--plugin {module}, with its folder "
-                               f"on PYTHONPATH) or pass the scenario object (load_dataset(path, scenario=...))") from None
+        raise ScenarioNotFound(
+            f"scenario '{name}' is not registered and its module '{module}' cannot be imported "
+            f"({e}); import the module that defines it first (--plugin {module}, with its folder "
+            f"on PYTHONPATH) or pass the scenario object (load_dataset(path, scenario=...))"
+        ) from None
     for part in attr.split(".") if attr else ():
         obj = getattr(obj, part, None)
     return obj
 
 
-def scenario_from_record(name: str, config: dict[str, Any], preset: str | None, source: str | None = None,
-                         given: Scenario | None = None) -> Scenario:
+def scenario_from_record(
+    name: str, config: dict[str, Any], preset: str | None, source: str | None = None, given: Scenario | None = None
+) -> Scenario:
     """The scenario ``name`` with the recorded ``config``: ``given`` (a scenario object, reused
     as it is when its config equals the record), else the registered one, else the one that
     ``source`` (``module:object``) names."""
@@ -89,12 +99,16 @@ def scenario_from_record(name: str, config: dict[str, Any], preset: str | None, 
     if is_registered(name):
         return _rebuild(registered(name), config, preset)
     if not source:
-        raise ScenarioNotFound(f"unknown scenario '{name}' (the file records no source module); import the module "
-                               f"that registers it (--plugin MODULE) or pass the scenario object")
+        raise ScenarioNotFound(
+            f"unknown scenario '{name}' (the file records no source module); import the module "
+            f"that registers it (--plugin MODULE) or pass the scenario object"
+        )
     obj = _import_source(name, source)
     if is_registered(name):  # importing the module registered it
         return _rebuild(registered(name), config, preset)
     if obj is None:
-        raise ScenarioNotFound(f"scenario '{name}': '{source}' names no object after importing its module; "
-                               f"import the module that defines the scenario (--plugin MODULE)")
+        raise ScenarioNotFound(
+            f"scenario '{name}': '{source}' names no object after importing its module; "
+            f"import the module that defines the scenario (--plugin MODULE)"
+        )
     return _rebuild(obj, config, preset)

@@ -10,13 +10,14 @@ worker processes that are started once (at the first batch) and live as long as 
 POSIX they are forked, so the step function need not be picklable (a closure over a compiled
 solver is fine), and each worker keeps whatever the function compiles or caches on its first call.
 """
+
 from __future__ import annotations
 
 import multiprocessing
 import os
 import signal
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,13 +44,14 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
         outs = [np.asarray(fn(x[i].copy(), None if p is None else p[i].copy())) for i in range(x.shape[0])]
         shapes = {o.shape for o in outs}
         if shapes != {x.shape[1:]}:
-            raise ValueError(f"a one-state step must return shape {list(x.shape[1:])} (channels, *spatial), "
-                             f"got {sorted(map(list, shapes))}")
+            raise ValueError(
+                f"a one-state step must return shape {list(x.shape[1:])} (channels, *spatial), "
+                f"got {sorted(map(list, shapes))}"
+            )
         return np.stack(outs)
     if max_batch is None or x.shape[0] <= max_batch:
         return fn(*rows(slice(None)))
-    return np.concatenate([np.asarray(fn(*rows(slice(i, i + max_batch))))
-                           for i in range(0, x.shape[0], max_batch)])
+    return np.concatenate([np.asarray(fn(*rows(slice(i, i + max_batch)))) for i in range(0, x.shape[0], max_batch)])
 
 
 def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None) -> None:
@@ -125,7 +127,7 @@ class StatePool:
         rows = lambda sl: (x[sl], None if p is None else p[sl])  # noqa: E731
         if len(blocks) == 1:  # one state: no process round trip
             return run_rows(self.fn, self.batched, self.max_batch, *rows(blocks[0]))
-        workers = self._ensure()[:len(blocks) - 1]
+        workers = self._ensure()[: len(blocks) - 1]
         own_error = None
         try:
             for (_, conn), sl in zip(workers, blocks[1:]):
@@ -138,8 +140,9 @@ class StatePool:
         except (EOFError, OSError) as e:
             codes = [proc.exitcode for proc, _ in self._workers]
             self.close()
-            raise RuntimeError(f"a worker process of the state pool stopped (exit codes {codes}); "
-                               f"the next batch starts new ones") from e
+            raise RuntimeError(
+                f"a worker process of the state pool stopped (exit codes {codes}); the next batch starts new ones"
+            ) from e
         except BaseException:  # e.g. KeyboardInterrupt half-way: no stale answer may reach the next batch
             self.close()
             raise

@@ -17,6 +17,7 @@ Modules (each small, no cycles; read in this order):
 * :mod:`~zosol.training.stop`        SIGTERM stops a run after its step, checkpointed; workers die with their parent.
 * :mod:`~zosol.training.api`         ``train()``, the public entry point.
 """
+
 from . import stop
 from .api import train
 from .checkpoint import CHECKPOINT_VERSION, Checkpointer, load_run, read_checkpoint
@@ -26,7 +27,27 @@ from .sources import SOURCES, GradientSource, SolverCounter, SolverViews, regist
 from .state import RunState, TrainResult, make_corrector
 from .windows import WindowBatch, Windows
 
-__all__ = ["stop", "train", "TrainResult", "load_run", "make_corrector", "TrainingError", "TrainingDiverged",
-           "CheckpointError", "ZOUnderflowWarning", "CHECKPOINT_VERSION", "Checkpointer", "read_checkpoint", "RunState",
-           "TrainingLoop", "GradientSource", "SOURCES", "register_source", "source_class", "SolverCounter",
-           "SolverViews", "Windows", "WindowBatch"]
+__all__ = [
+    "stop",
+    "train",
+    "TrainResult",
+    "load_run",
+    "make_corrector",
+    "TrainingError",
+    "TrainingDiverged",
+    "CheckpointError",
+    "ZOUnderflowWarning",
+    "CHECKPOINT_VERSION",
+    "Checkpointer",
+    "read_checkpoint",
+    "RunState",
+    "TrainingLoop",
+    "GradientSource",
+    "SOURCES",
+    "register_source",
+    "source_class",
+    "SolverCounter",
+    "SolverViews",
+    "Windows",
+    "WindowBatch",
+]

@@ -7,6 +7,7 @@ one batch (``zo_chunk`` perturbations x batch).  It is a rough lower bound; a ru
 exceeds the machine's memory (:func:`zosol.fsutil.machine_memory_bytes`) is refused up front
 with the estimate in the message instead of swapping for minutes before failing.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ def estimate_training_bytes(dataset: FidelityDataset, config: TrainConfig, n_win
     ``n_windows`` training windows.  The network is built on the meta device (no memory)."""
     dim, in_ch, out_ch = corrector_shape(dataset)
     with torch.device("meta"):
-        net = build_corrector(config.model, dim, in_ch, out_ch, width=config.width, depth=config.depth,
-                              kernel=config.kernel, padding_mode=dataset.scenario.padding_mode)
+        net = build_corrector(
+            config.model,
+            dim,
+            in_ch,
+            out_ch,
+            width=config.width,
+            depth=config.depth,
+            kernel=config.kernel,
+            padding_mode=dataset.scenario.padding_mode,
+        )
     params = n_params(net)
     layers = sum(1 for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
     cells = math.prod(dataset.scenario.coarse_solver().spatial_shape)
@@ -55,4 +64,5 @@ def check_memory(dataset: FidelityDataset, config: TrainConfig, n_windows: int) 
             f"parameters: {config.model} width {config.width}, depth {config.depth}, kernel {config.kernel}; "
             f"batch {min(config.batch_size, n_windows)}, window {config.effective_window}, zo_chunk "
             f"{config.zo_chunk}), more than this machine's {format_bytes(have)}; lower --width, --depth, "
-            f"--batch-size or --zo-chunk")
+            f"--batch-size or --zo-chunk"
+        )

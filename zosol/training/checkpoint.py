@@ -13,6 +13,7 @@ types, the config, finite weights, epoch and position in range); a drift is a on
 :class:`CheckpointError`.  Writes go to a fresh, exclusively created temporary file that is
 renamed over ``checkpoint.pt`` (a planted symlink is replaced, never followed).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,20 @@ __all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", 
 CHECKPOINT_VERSION = 1
 #: the keys of a checkpoint, each with the type it must have
 _SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "format": str, "version": int, "config": dict, "dataset": dict, "epoch": int, "position": int,
-    "perm": (torch.Tensor, type(None)), "model": dict, "optimizer": dict, "scheduler": dict,
-    "window_rng": torch.Tensor, "masks": (dict, type(None)), "history": dict}
+    "format": str,
+    "version": int,
+    "config": dict,
+    "dataset": dict,
+    "epoch": int,
+    "position": int,
+    "perm": (torch.Tensor, type(None)),
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "window_rng": torch.Tensor,
+    "masks": (dict, type(None)),
+    "history": dict,
+}
 
 
 def fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
@@ -61,41 +73,54 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or a pickle that would run code
-        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt, truncated, or not plain data: "
-                              f"{_first_line(e, 120)}); retrain or restore it") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint (corrupt, truncated, or not plain data: "
+            f"{_first_line(e, 120)}); retrain or restore it"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "zosol-checkpoint":
         raise CheckpointError(f"{path}: not a zosol checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this zosol reads "
-                              f"{CHECKPOINT_VERSION}; retrain")
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')}, this zosol reads {CHECKPOINT_VERSION}; retrain"
+        )
     _check_contents(ckpt, path)
     return ckpt
 
 
 def _check_contents(ckpt: dict, path: Path) -> None:
     """Keys and types of every entry, the config, finite weights, epoch/position in range."""
+
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise CheckpointError(f"{path}: damaged checkpoint: {what}; retrain or restore it")
+
     need(set(ckpt) == set(_SCHEMA), f"keys {sorted(set(ckpt) ^ set(_SCHEMA))} unexpected or missing")
     for key, kind in _SCHEMA.items():
-        need(isinstance(ckpt[key], kind) and not isinstance(ckpt[key], bool), f"'{key}' is a {type(ckpt[key]).__name__}")
+        need(
+            isinstance(ckpt[key], kind) and not isinstance(ckpt[key], bool), f"'{key}' is a {type(ckpt[key]).__name__}"
+        )
     try:
         config = TrainConfig(**ckpt["config"]).validate()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint: its config: {_first_line(e)}") from None
     model = ckpt["model"]
     need(bool(model) and all(isinstance(v, torch.Tensor) for v in model.values()), "the model holds no weights")
-    need(all(v.is_floating_point() and bool(torch.isfinite(v).all()) for v in model.values()),
-         "the model's weights are not all finite")
+    need(
+        all(v.is_floating_point() and bool(torch.isfinite(v).all()) for v in model.values()),
+        "the model's weights are not all finite",
+    )
     need(0 <= ckpt["epoch"] <= config.epochs, f"epoch {ckpt['epoch']} outside 0..{config.epochs}")
-    need(ckpt["position"] >= 0 and (ckpt["perm"] is not None or ckpt["position"] == 0),
-         f"position {ckpt['position']} in epoch {ckpt['epoch']}")
+    need(
+        ckpt["position"] >= 0 and (ckpt["perm"] is not None or ckpt["position"] == 0),
+        f"position {ckpt['position']} in epoch {ckpt['epoch']}",
+    )
     need(ckpt["perm"] is None or (ckpt["perm"].dim() == 1 and ckpt["perm"].dtype == torch.long), "'perm'")
     _check_optimizer(ckpt["optimizer"], [v.shape for v in model.values()], need)
     h, fresh = ckpt["history"], new_history()
-    need(set(fresh) <= set(h) and all(isinstance(h[k], type(v)) for k, v in fresh.items() if v is not None),
-         "its history")
+    need(
+        set(fresh) <= set(h) and all(isinstance(h[k], type(v)) for k, v in fresh.items() if v is not None),
+        "its history",
+    )
     need(all(isinstance(x, (int, float)) and math.isfinite(x) for x in h["loss"]), "non-finite losses in its history")
 
 
@@ -104,13 +129,17 @@ def _check_optimizer(opt: dict, shapes: list[torch.Size], need) -> None:
     tensors of their shapes (``load_state_dict`` itself does not check)."""
     state = opt.get("state")
     need(isinstance(state, dict) and isinstance(opt.get("param_groups"), list), "its optimizer state")
-    need(all(isinstance(i, int) and 0 <= i < len(shapes) and isinstance(e, dict) for i, e in state.items()),
-         "its optimizer state names unknown parameters")
+    need(
+        all(isinstance(i, int) and 0 <= i < len(shapes) and isinstance(e, dict) for i, e in state.items()),
+        "its optimizer state names unknown parameters",
+    )
     for i, entry in state.items():
         for name, t in entry.items():
-            need(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape == shapes[i],
-                 f"optimizer state '{name}' of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
-                 f"the parameter {tuple(shapes[i])}")
+            need(
+                not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape == shapes[i],
+                f"optimizer state '{name}' of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                f"the parameter {tuple(shapes[i])}",
+            )
 
 
 def _check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -118,12 +147,16 @@ def _check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], pat
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or extra:
-        raise CheckpointError(f"{path}: damaged checkpoint: the model's weights do not match its config "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]}); retrain or restore it")
+        raise CheckpointError(
+            f"{path}: damaged checkpoint: the model's weights do not match its config "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); retrain or restore it"
+        )
     for k, v in own.items():
         if tuple(weights[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: damaged checkpoint: weight '{k}' has shape {tuple(weights[k].shape)}, "
-                                  f"the config's network needs {tuple(v.shape)}; retrain or restore it")
+            raise CheckpointError(
+                f"{path}: damaged checkpoint: weight '{k}' has shape {tuple(weights[k].shape)}, "
+                f"the config's network needs {tuple(v.shape)}; retrain or restore it"
+            )
 
 
 def restore_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -135,16 +168,22 @@ def restore_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], path
 def _restore_state(state: RunState, ckpt: dict, n_windows: int, steps_per_epoch: int, path: Path) -> None:
     """Continue ``state`` from a validated checkpoint; a CheckpointError if it does not fit the run
     (weights, optimizer state shapes, window order, position, history length)."""
+
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise CheckpointError(f"{path}: damaged checkpoint: {what}; retrain or restore it")
+
     _check_weights(state.model, ckpt["model"], path)
     perm, pos = ckpt["perm"], ckpt["position"]
-    need(perm is None or torch.equal(perm.sort().values, torch.arange(n_windows)),
-         f"its window order is not a permutation of the {n_windows} training windows")
+    need(
+        perm is None or torch.equal(perm.sort().values, torch.arange(n_windows)),
+        f"its window order is not a permutation of the {n_windows} training windows",
+    )
     need(pos <= steps_per_epoch, f"position {pos} beyond the {steps_per_epoch} steps of an epoch")
-    need(len(ckpt["history"]["loss"]) == ckpt["epoch"] * steps_per_epoch + pos,
-         f"epoch {ckpt['epoch']}, position {pos} disagree with its {len(ckpt['history']['loss'])} recorded steps")
+    need(
+        len(ckpt["history"]["loss"]) == ckpt["epoch"] * steps_per_epoch + pos,
+        f"epoch {ckpt['epoch']}, position {pos} disagree with its {len(ckpt['history']['loss'])} recorded steps",
+    )
     try:
         state.load_state_dict(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -159,8 +198,10 @@ def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset) -> tuple[torc
     path = Path(run_dir) / "checkpoint.pt"
     ckpt = read_checkpoint(path)
     if ckpt["dataset"] != fingerprint(dataset):
-        raise CheckpointError(f"{run_dir}: the run was trained on another dataset "
-                              f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})")
+        raise CheckpointError(
+            f"{run_dir}: the run was trained on another dataset "
+            f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})"
+        )
     model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
     restore_model(model, ckpt["model"], path)
     return model, ckpt
@@ -181,8 +222,9 @@ class Checkpointer:
 
     Only the process with ``write=True`` writes (rank 0 of a multi-process run)."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, config: TrainConfig, dataset: FidelityDataset,
-                 write: bool = True):
+    def __init__(
+        self, run_dir: str | os.PathLike | None, config: TrainConfig, dataset: FidelityDataset, write: bool = True
+    ):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.path = self.run_dir / "checkpoint.pt" if self.run_dir is not None else None
         self.config, self.dataset, self.write = config, dataset, write
@@ -198,11 +240,14 @@ class Checkpointer:
             now = self.config.to_dict()
             if ckpt["config"] != now:
                 diff = {k: (ckpt["config"].get(k), v) for k, v in now.items() if ckpt["config"].get(k) != v}
-                raise CheckpointError(f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
-                                      f"use the same options or a new run directory")
+                raise CheckpointError(
+                    f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
+                    f"use the same options or a new run directory"
+                )
             if ckpt["dataset"] != fingerprint(self.dataset):
-                raise CheckpointError(f"{self.path}: checkpoint from another dataset; use the dataset it was "
-                                      f"trained on")
+                raise CheckpointError(
+                    f"{self.path}: checkpoint from another dataset; use the dataset it was trained on"
+                )
             _restore_state(state, ckpt, n_windows, steps_per_epoch, self.path)
         elif self.run_dir is not None and self.write:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,9 +257,17 @@ class Checkpointer:
         """Write the checkpoint atomically (a crash leaves the previous one)."""
         if self.path is None or not self.write:
             return
-        _save_checkpoint({"format": "zosol-checkpoint", "version": CHECKPOINT_VERSION,
-                          "config": self.config.to_dict(), "dataset": fingerprint(self.dataset),
-                          **state.state_dict(), "masks": masks}, self.path)
+        _save_checkpoint(
+            {
+                "format": "zosol-checkpoint",
+                "version": CHECKPOINT_VERSION,
+                "config": self.config.to_dict(),
+                "dataset": fingerprint(self.dataset),
+                **state.state_dict(),
+                "masks": masks,
+            },
+            self.path,
+        )
 
     def write_history(self, history: dict[str, Any]) -> None:
         """``run_dir/history.json`` at the end of a run."""

@@ -1,4 +1,5 @@
 """The errors a training run raises; each leaves the last good checkpoint intact."""
+
 from __future__ import annotations
 
 __all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "ZOUnderflowWarning", "show_warning"]
@@ -27,4 +28,5 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     import sys
 
     from tqdm.auto import tqdm
+
     tqdm.write(f"zosol: warning: {message}", file=sys.stderr)

@@ -15,9 +15,11 @@ A cosine near 1 (>= 0.999) says the estimate is right; a low one points at a noi
 non-deterministic solver (finite differences need the same output for the same input), at
 ``zo_mu`` too small for the solver's precision, or at a state-dependent number of sub-steps.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -53,8 +55,9 @@ def _jittered(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
     return model
 
 
-def _method_gradient(method: str, model: torch.nn.Module, config: TrainConfig, windows: Windows,
-                     views: SolverViews, batch: WindowBatch) -> torch.Tensor:
+def _method_gradient(
+    method: str, model: torch.nn.Module, config: TrainConfig, windows: Windows, views: SolverViews, batch: WindowBatch
+) -> torch.Tensor:
     cfg = TrainConfig(**{**config.to_dict(), "method": method, "zo_sparsity": 0.0}).validate()
     source = source_class(method)(model, cfg, windows, views)
     source.prepare(new_history())
@@ -64,11 +67,19 @@ def _method_gradient(method: str, model: torch.nn.Module, config: TrainConfig, w
     return _flat_grad(model).detach().clone()
 
 
-def check_gradient(dataset: FidelityDataset, config: TrainConfig | None = None, *,
-                   solver: Solver | BlackBox | None = None, twin: Solver | None = None,
-                   methods: Sequence[str] | None = None, model: torch.nn.Module | None = None,
-                   directions: int = 4, eps: float = 1e-3, batch_size: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+def check_gradient(
+    dataset: FidelityDataset,
+    config: TrainConfig | None = None,
+    *,
+    solver: Solver | BlackBox | None = None,
+    twin: Solver | None = None,
+    methods: Sequence[str] | None = None,
+    model: torch.nn.Module | None = None,
+    directions: int = 4,
+    eps: float = 1e-3,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Check each black-box method's gradient on one window batch (see the module docstring).
 
     ``config``: window length, loss, corrector and ZO options (default: the ``tiny`` training
@@ -85,26 +96,38 @@ def check_gradient(dataset: FidelityDataset, config: TrainConfig | None = None, 
     base = solver if solver is not None else dataset.scenario.coarse_solver()
     views = SolverViews.of(base, dataset.scenario, twin)
     windows = Windows(dataset, config.window, torch.device("cpu"))
-    idx = windows.order(torch.Generator().manual_seed(seed))[:batch_size or config.batch_size]
+    idx = windows.order(torch.Generator().manual_seed(seed))[: batch_size or config.batch_size]
     batch = windows.batch(idx)
     model = model if model is not None else _jittered(make_corrector(dataset, config), seed)
     dirs = random_directions(model, directions, seed)
-    fd = fd_directional_derivatives(model, views.blackbox, batch.start, batch.targets, batch.params,
-                                    batch.features, dirs, eps, config.loss)
+    fd = fd_directional_derivatives(
+        model, views.blackbox, batch.start, batch.targets, batch.params, batch.features, dirs, eps, config.loss
+    )
     g_twin = None
     if views.twin_differentiable:
         model.zero_grad(set_to_none=True)
-        window_loss(views.differentiable, model, batch.start, batch.targets, batch.params, batch.features, 1,
-                    config.loss).sum().backward()
+        window_loss(
+            views.differentiable, model, batch.start, batch.targets, batch.params, batch.features, 1, config.loss
+        ).sum().backward()
         g_twin = _flat_grad(model).detach().clone()
-    report: dict[str, Any] = {"methods": {}, "directions": directions, "eps": eps, "batch_size": len(idx),
-                              "twin": None if g_twin is None else compare_projections(g_twin, dirs, fd)}
+    report: dict[str, Any] = {
+        "methods": {},
+        "directions": directions,
+        "eps": eps,
+        "batch_size": len(idx),
+        "twin": None if g_twin is None else compare_projections(g_twin, dirs, fd),
+    }
     for m in methods:
         g = _method_gradient(m, model, config, windows, views, batch)
         r = compare_projections(g, dirs, fd)
-        report["methods"][m] = {"cosine_vs_fd": r["cosine"], "max_rel_err_vs_fd": r["max_rel_err"],
-                                "projections": r["projections"], "fd": r["fd"],
-                                "cosine_vs_twin": None if g_twin is None else
-                                float(torch.nn.functional.cosine_similarity(g, g_twin, dim=0))}
+        report["methods"][m] = {
+            "cosine_vs_fd": r["cosine"],
+            "max_rel_err_vs_fd": r["max_rel_err"],
+            "projections": r["projections"],
+            "fd": r["fd"],
+            "cosine_vs_twin": None
+            if g_twin is None
+            else float(torch.nn.functional.cosine_similarity(g, g_twin, dim=0)),
+        }
     model.zero_grad(set_to_none=True)
     return report

@@ -11,21 +11,31 @@ checkpoints, results and plots, and a resumed run starts every rank from rank 0'
 When a rank dies, the others fail in their next collective (or are stopped by torchrun);
 :func:`lost_ranks_message` turns that into one line naming the ranks that are gone.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import socket
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .. import zo
 
-__all__ = ["join_launcher_group", "world", "is_lead", "rank_label", "lead_first", "broadcast_from_lead",
-           "lost_local_ranks", "lost_ranks_message"]
+__all__ = [
+    "join_launcher_group",
+    "world",
+    "is_lead",
+    "rank_label",
+    "lead_first",
+    "broadcast_from_lead",
+    "lost_local_ranks",
+    "lost_ranks_message",
+]
 
 T = TypeVar("T")
 
@@ -130,5 +140,7 @@ def lost_ranks_message(error: BaseException, dead: list[int]) -> str:
     else:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         cause = f"lost contact with another of the {size} ranks (on another host, or it failed): {first}"
-    return (f"rank {rank} of {size}: {cause}; the job stops here, the last checkpoint is kept "
-            f"(rerun the same command with --resume)")
+    return (
+        f"rank {rank} of {size}: {cause}; the job stops here, the last checkpoint is kept "
+        f"(rerun the same command with --resume)"
+    )

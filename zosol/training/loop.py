@@ -11,6 +11,7 @@ checkpoint.  SIGTERM (see :mod:`zosol.training.stop`) is honoured after the curr
 loop checkpoints and raises :class:`~zosol.training.stop.Terminated`.  In a multi-process run
 (:mod:`zosol.training.processes`) every process runs this loop; rank 0 writes and reports.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,14 +26,14 @@ from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import n_params
 from ..solvers.base import BlackBox, Solver, SolverError
+from . import stop
+from .budget import check_memory
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
-from .budget import check_memory
 from .hooks import GradientCheck
 from .launch import is_lead, rank_label, world
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
-from . import stop
 from .windows import WindowBatch, Windows
 
 __all__ = ["TrainingLoop"]
@@ -41,8 +42,16 @@ __all__ = ["TrainingLoop"]
 class TrainingLoop:
     """One run in this process: built by :meth:`setup`, trained by :meth:`run`."""
 
-    def __init__(self, config: TrainConfig, windows: Windows, state: RunState, source: GradientSource,
-                 solvers: SolverViews, checkpointer: Checkpointer, progress: bool):
+    def __init__(
+        self,
+        config: TrainConfig,
+        windows: Windows,
+        state: RunState,
+        source: GradientSource,
+        solvers: SolverViews,
+        checkpointer: Checkpointer,
+        progress: bool,
+    ):
         self.config, self.windows, self.state, self.source = config, windows, state, source
         self.solvers, self.checkpointer, self.progress = solvers, checkpointer, progress
         self.steps_per_epoch = math.ceil(len(windows) / config.batch_size)
@@ -50,9 +59,16 @@ class TrainingLoop:
         self.check = GradientCheck(source, solvers, config.grad_checks, self.total_steps)
 
     @classmethod
-    def setup(cls, dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
-              resume: bool, progress: bool, solver: Solver | BlackBox | None,
-              twin: Solver | None = None) -> "TrainingLoop":
+    def setup(
+        cls,
+        dataset: FidelityDataset,
+        config: TrainConfig,
+        run_dir: str | os.PathLike | None,
+        resume: bool,
+        progress: bool,
+        solver: Solver | BlackBox | None,
+        twin: Solver | None = None,
+    ) -> TrainingLoop:
         """Build the solver views, windows, run state (resumed if asked) and the gradient source."""
         _, world_size, backend = world()
         distributed, lead = world_size > 1, is_lead()  # the lead process writes and reports
@@ -61,11 +77,14 @@ class TrainingLoop:
         source_cls = source_class(config.method)
         base = solver if solver is not None else dataset.scenario.coarse_solver()
         solvers = SolverViews.of(base, dataset.scenario, twin)
-        if source_cls.needs == "differentiable" and not (getattr(base, "differentiable", False) or
-                                                         (twin is not None and solvers.twin_differentiable)):
+        if source_cls.needs == "differentiable" and not (
+            getattr(base, "differentiable", False) or (twin is not None and solvers.twin_differentiable)
+        ):
             others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
-            raise ValueError(f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
-                             f"(use one of {others}, or pass a differentiable twin: twin=...)")
+            raise ValueError(
+                f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
+                f"(use one of {others}, or pass a differentiable twin: twin=...)"
+            )
         device = torch.device(config.device)
         windows = Windows(dataset, config.effective_window, device)
         check_memory(dataset, config, len(windows))
@@ -88,9 +107,13 @@ class TrainingLoop:
 
     def _train(self, stop_after_steps: int | None, checkpoint_seconds: float) -> TrainResult:
         s, cfg = self.state, self.config
-        bar = tqdm(total=self.total_steps, initial=s.epoch * self.steps_per_epoch + s.position,
-                   desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))), unit="step",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=s.epoch * self.steps_per_epoch + s.position,
+            desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))),
+            unit="step",
+            disable=not self.progress,
+        )
         self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
         cost = self.source.cost()
         if cost is not None:
@@ -135,14 +158,17 @@ class TrainingLoop:
         if flag:
             self.save()
             s = self.state
-            where = f"; checkpoint in {self.checkpointer.run_dir}, rerun with --resume" \
-                if self.checkpointer.path is not None else ""
+            where = (
+                f"; checkpoint in {self.checkpointer.run_dir}, rerun with --resume"
+                if self.checkpointer.path is not None
+                else ""
+            )
             raise stop.Terminated(f"stopped by SIGTERM at epoch {s.epoch}, step {s.position}{where}")
 
     def step(self) -> float:
         """One optimizer step on the next batch of this epoch's window order; returns the loss."""
         s, bs = self.state, self.config.batch_size
-        batch = self.windows.batch(s.perm[s.position * bs:(s.position + 1) * bs])
+        batch = self.windows.batch(s.perm[s.position * bs : (s.position + 1) * bs])
         s.optimizer.zero_grad(set_to_none=True)
         loss = self._gradient(batch)
         loss_value = float(loss.detach())
@@ -150,12 +176,14 @@ class TrainingLoop:
         if not math.isfinite(loss_value) or not grads_ok:
             raise TrainingDiverged(
                 f"training diverged at epoch {s.epoch}, step {s.position}: loss {loss_value}"
-                f"{'' if grads_ok else ', non-finite gradient'}; try a lower --lr or a smaller --window")
+                f"{'' if grads_ok else ', non-finite gradient'}; try a lower --lr or a smaller --window"
+            )
         s.optimizer.step()
         s.scheduler.step()
         if not all(torch.isfinite(p).all() for p in s.model.parameters()):
-            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: "
-                                   f"non-finite parameters; try a lower --lr")
+            raise TrainingDiverged(
+                f"training diverged at epoch {s.epoch}, step {s.position}: non-finite parameters; try a lower --lr"
+            )
         s.history["loss"].append(loss_value)
         s.position += 1
         return loss_value
@@ -168,21 +196,25 @@ class TrainingLoop:
             loss = self.source.step(batch, s.history)
             self.check(s.epoch * self.steps_per_epoch + s.position, s.epoch, batch, s.history)
         except FloatingPointError as e:  # the solver blew up on the corrected states
-            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: the coarse solver "
-                                   f"blew up ({e}); try a lower --lr or a smaller --window") from e
+            raise TrainingDiverged(
+                f"training diverged at epoch {s.epoch}, step {s.position}: the coarse solver "
+                f"blew up ({e}); try a lower --lr or a smaller --window"
+            ) from e
         except SolverError as e:
             raise TrainingError(f"coarse solver failed at epoch {s.epoch}, step {s.position}: {e}") from e
         except zo.JacobianError as e:
             raise TrainingError(f"solver Jacobian failed at epoch {s.epoch}, step {s.position}: {e}") from e
         except zo.NonFiniteLossError as e:
-            raise TrainingDiverged(f"training diverged at epoch {s.epoch}, step {s.position}: a perturbed "
-                                   f"rollout's loss is not finite ({e}); try a lower --lr or --zo-mu") from e
+            raise TrainingDiverged(
+                f"training diverged at epoch {s.epoch}, step {s.position}: a perturbed "
+                f"rollout's loss is not finite ({e}); try a lower --lr or --zo-mu"
+            ) from e
         return loss
 
     def end_epoch(self) -> None:
         """Record the epoch's mean loss, move to the next epoch, checkpoint."""
         s = self.state
-        recent = s.history["loss"][-self.steps_per_epoch:]
+        recent = s.history["loss"][-self.steps_per_epoch :]
         s.history["epoch_loss"].append(sum(recent) / len(recent))
         s.epoch, s.position, s.perm = s.epoch + 1, 0, None
         self.save()
@@ -193,4 +225,3 @@ class TrainingLoop:
         h["wall_time"] = self._wall_before + time.perf_counter() - self._started
         self.solvers.sync(h)
         self.checkpointer.save(self.state, self.source.checkpoint_masks(self.state.epoch))
-

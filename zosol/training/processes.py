@@ -9,6 +9,7 @@ stop at the same step, checkpoint and exit, and the parent raises
 :class:`~zosol.training.stop.Terminated` (a worker that does not stop within
 ``stop.GRACE_SECONDS`` is killed).  The number of workers is bounded by the CPU cores
 (:func:`check_workers`)."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,11 @@ from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..fsutil import atomic_write_text
 from ..solvers.base import SolverError
+from . import stop
 from .checkpoint import load_run
 from .errors import CheckpointError, TrainingDiverged, TrainingError, show_warning
 from .loop import TrainingLoop
 from .state import TrainResult
-from . import stop
 
 __all__ = ["train_in_processes", "check_workers", "MAX_WORKERS"]
 
@@ -47,22 +48,23 @@ def check_workers(n: int, bound_by_cores: bool = True) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     top = min(cores, MAX_WORKERS) if bound_by_cores else MAX_WORKERS
     if n > top:
-        raise ValueError(f"--workers {n} is more than the {cores} CPU cores this process may use; "
-                         f"use at most {top}")
+        raise ValueError(f"--workers {n} is more than the {cores} CPU cores this process may use; use at most {top}")
 
 
 def _exit_now() -> None:
     """Leave this worker at once (the interpreter's and gloo's teardown take seconds on a busy
     machine), after multiprocessing's exit finalizers (they release the worker's semaphores)."""
     from multiprocessing import util
+
     getattr(util, "_run_finalizers", lambda: None)()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-def _worker(rank: int, world_size: int, dataset: FidelityDataset, config: TrainConfig, run_dir: Path,
-            kwargs: dict[str, Any]) -> None:
+def _worker(
+    rank: int, world_size: int, dataset: FidelityDataset, config: TrainConfig, run_dir: Path, kwargs: dict[str, Any]
+) -> None:
     """One process of a multi-process run; failures (and a SIGTERM stop) are written to
     ``run_dir/failure.json`` by rank 0."""
     stop.die_with_parent(kwargs["parent"])
@@ -93,13 +95,26 @@ def _reraise_failure(failure: Path) -> None:
         raise _ERRORS.get(info["type"], ValueError)(info["message"]) from None
 
 
-def train_in_processes(dataset: FidelityDataset, config: TrainConfig, run_dir: str | os.PathLike | None,
-                       workers: int, *, resume: bool, progress: bool, checkpoint_seconds: float,
-                       stop_after_steps: int | None) -> TrainResult:
+def train_in_processes(
+    dataset: FidelityDataset,
+    config: TrainConfig,
+    run_dir: str | os.PathLike | None,
+    workers: int,
+    *,
+    resume: bool,
+    progress: bool,
+    checkpoint_seconds: float,
+    stop_after_steps: int | None,
+) -> TrainResult:
     """Run the training loop in ``workers`` processes and load rank 0's result (a temporary run
     directory if ``run_dir`` is None)."""
-    kwargs = dict(resume=resume, progress=progress, checkpoint_seconds=checkpoint_seconds,
-                  stop_after_steps=stop_after_steps, parent=os.getpid())
+    kwargs = dict(
+        resume=resume,
+        progress=progress,
+        checkpoint_seconds=checkpoint_seconds,
+        stop_after_steps=stop_after_steps,
+        parent=os.getpid(),
+    )
     with tempfile.TemporaryDirectory(prefix="zosol-run-") as scratch:
         run = Path(run_dir) if run_dir is not None else Path(scratch)
         run.mkdir(parents=True, exist_ok=True)
@@ -111,11 +126,17 @@ def train_in_processes(dataset: FidelityDataset, config: TrainConfig, run_dir: s
             except Exception as e:  # a worker failed: re-raise what it reported, with its own type
                 _reraise_failure(failure)
                 if stop.requested():
-                    raise stop.Terminated(f"stopped by SIGTERM (workers killed); the last checkpoint is in "
-                                          f"{run}, rerun with --resume") from None
+                    raise stop.Terminated(
+                        f"stopped by SIGTERM (workers killed); the last checkpoint is in {run}, rerun with --resume"
+                    ) from None
                 raise TrainingError(f"a training worker process failed: {_first_line(e)}") from e
         _reraise_failure(failure)
         model, ckpt = load_run(run, dataset)
         stopped = stop_after_steps is not None and ckpt["epoch"] < config.epochs
-        return TrainResult(model, config, ckpt["history"], Path(run_dir) if run_dir is not None else None,
-                           {"stopped_early": True} if stopped else {})
+        return TrainResult(
+            model,
+            config,
+            ckpt["history"],
+            Path(run_dir) if run_dir is not None else None,
+            {"stopped_early": True} if stopped else {},
+        )

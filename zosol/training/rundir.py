@@ -7,13 +7,14 @@ writable).  :func:`directory_lock` holds an advisory ``flock`` on ``DIR/.zosol.l
 refused at once with :class:`~zosol.fsutil.LockedError` naming the holder's pid.  The lock is
 re-entrant within one process (the CLI holds it around ``train()``, which takes it again).
 """
+
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..fsutil import FileLock
 

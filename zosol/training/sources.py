@@ -23,11 +23,13 @@ Adding a method: subclass :class:`GradientSource`, decorate it with :func:`regis
 and name it in ``zosol.config.Method`` (the registry refuses names the config does not accept,
 and importing this module fails if a configured method has no source).
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -39,8 +41,20 @@ from .errors import ZOUnderflowWarning
 from .sparsity import layer_ratios
 from .windows import WindowBatch, Windows
 
-__all__ = ["SolverCounter", "SolverViews", "GradientSource", "SOURCES", "register_source", "source_class",
-           "NonSource", "NogSolSource", "FoSolSource", "ZoSolSource", "ZoJacSolSource", "cost_model"]
+__all__ = [
+    "SolverCounter",
+    "SolverViews",
+    "GradientSource",
+    "SOURCES",
+    "register_source",
+    "source_class",
+    "NonSource",
+    "NogSolSource",
+    "FoSolSource",
+    "ZoSolSource",
+    "ZoJacSolSource",
+    "cost_model",
+]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -80,13 +94,17 @@ class SolverViews:
     stencil_reach: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, solver: Solver | BlackBox, scenario: Any, twin: Solver | None = None) -> "SolverViews":
+    def of(cls, solver: Solver | BlackBox, scenario: Any, twin: Solver | None = None) -> SolverViews:
         """``twin``: the differentiable twin (default: ``solver`` if differentiable, else the
         scenario's coarse solver)."""
         if twin is None:
             twin = solver if _differentiable(solver) else scenario.coarse_solver()
-        return cls(SolverCounter(solver.blackbox().step), SolverCounter(twin.step), _differentiable(twin),
-                   getattr(solver, "stencil_reach", None))
+        return cls(
+            SolverCounter(solver.blackbox().step),
+            SolverCounter(twin.step),
+            _differentiable(twin),
+            getattr(solver, "stencil_reach", None),
+        )
 
     def sync(self, history: dict[str, Any]) -> None:
         """Write the call and sample-step counts of both views into ``history``."""
@@ -112,8 +130,14 @@ class GradientSource:
     gradient_check: ClassVar[bool] = False
     shardable: ClassVar[bool] = False
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, windows: Windows, solvers: SolverViews,
-                 distributed: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        windows: Windows,
+        solvers: SolverViews,
+        distributed: bool = False,
+    ):
         self.model, self.config, self.windows, self.solvers = model, config, windows, solvers
         self.distributed = distributed
         self.masks: dict[str, torch.Tensor] | None = None  # gradient masks of the current epoch (None: dense)
@@ -149,11 +173,14 @@ SOURCES: dict[str, type[GradientSource]] = {}
 def register_source(cls: type[GradientSource]) -> type[GradientSource]:
     """Class decorator: make ``cls`` the gradient source of ``config.method == cls.name``."""
     if cls.name not in METHODS:
-        raise ValueError(f"gradient source '{cls.name}' is not a training method of zosol.config.METHODS "
-                         f"{list(METHODS)}; add it there")
+        raise ValueError(
+            f"gradient source '{cls.name}' is not a training method of zosol.config.METHODS "
+            f"{list(METHODS)}; add it there"
+        )
     if cls.needs not in ("blackbox", "differentiable"):
-        raise ValueError(f"gradient source '{cls.name}': needs must be 'blackbox' or 'differentiable', "
-                         f"got {cls.needs!r}")
+        raise ValueError(
+            f"gradient source '{cls.name}': needs must be 'blackbox' or 'differentiable', got {cls.needs!r}"
+        )
     SOURCES[cls.name] = cls
     return cls
 
@@ -172,8 +199,16 @@ class _AutogradSource(GradientSource):
         return self.solver_step
 
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
-        loss = window_loss(self._step_fn(batch), self.model, batch.start, batch.targets, batch.params,
-                           batch.features, 1, self.config.loss)[0]
+        loss = window_loss(
+            self._step_fn(batch),
+            self.model,
+            batch.start,
+            batch.targets,
+            batch.params,
+            batch.features,
+            1,
+            self.config.loss,
+        )[0]
         if torch.isfinite(loss):
             loss.backward()
         return loss
@@ -229,10 +264,12 @@ class ZoSolSource(GradientSource):
         self.schedule = None
         if self.config.zo_sparsity > 0:
             if history["lprs"] is None:
-                history["lprs"] = layer_ratios(self.model, self.windows, self.solvers.blackbox,
-                                               self.solvers.differentiable, self.config)
-            self.schedule = zo.MaskScheduler(dict(self.model.named_parameters()), history["lprs"],
-                                             self.config.zo_mask_every, self.config.seed)
+                history["lprs"] = layer_ratios(
+                    self.model, self.windows, self.solvers.blackbox, self.solvers.differentiable, self.config
+                )
+            self.schedule = zo.MaskScheduler(
+                dict(self.model.named_parameters()), history["lprs"], self.config.zo_mask_every, self.config.seed
+            )
 
     def start_epoch(self, epoch: int) -> None:
         self.masks = self.schedule.masks(epoch) if self.schedule is not None else None
@@ -243,9 +280,13 @@ class ZoSolSource(GradientSource):
     def cost(self) -> str | None:
         d = sum(p.numel() for p in self.model.parameters())
         unmasked = max(1, round((1 - self.config.zo_sparsity) * d))
-        jac = zo.FDJacobian.for_step(self.solvers.blackbox, self.windows.traj.shape[2:], pattern="stencil"
-                                     if self.solvers.stencil_reach else "dense", stencil_reach=self.solvers.stencil_reach,
-                                     scheme=self.config.zo_scheme)
+        jac = zo.FDJacobian.for_step(
+            self.solvers.blackbox,
+            self.windows.traj.shape[2:],
+            pattern="stencil" if self.solvers.stencil_reach else "dense",
+            stencil_reach=self.solvers.stencil_reach,
+            scheme=self.config.zo_scheme,
+        )
         note = "declared stencil" if self.solvers.stencil_reach else "dense bound: no declared stencil"
         return cost_model(d, unmasked, self.config.zo_scheme, jac.probes_per_sample, note)
 
@@ -253,9 +294,16 @@ class ZoSolSource(GradientSource):
         c, blackbox = self.config, self.solver_step
         _, _, start, targets, params, feats = batch
         est = zo.cge_structured(
-            self.model, lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats, p, c.loss),
-            mu=c.zo_mu, scheme=c.zo_scheme, masks=self.masks, chunk_size=c.zo_chunk, reuse=c.zo_reuse,
-            batch_size=start.shape[0], distributed=self.distributed)
+            self.model,
+            lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats, p, c.loss),
+            mu=c.zo_mu,
+            scheme=c.zo_scheme,
+            masks=self.masks,
+            chunk_size=c.zo_chunk,
+            reuse=c.zo_reuse,
+            batch_size=start.shape[0],
+            distributed=self.distributed,
+        )
         history["zo_queries"] += est.queries
         with torch.no_grad():
             loss = window_loss(blackbox, self.model, start, targets, params, feats, 1, c.loss)[0]
@@ -270,9 +318,13 @@ class ZoSolSource(GradientSource):
         self._warned = True
         if self.distributed and torch.distributed.get_rank() != 0:
             return
-        warnings.warn(f"the ZO gradient estimate is exactly zero for a loss of {loss:.3g}: the perturbation "
-                      f"--zo-mu {self.config.zo_mu:g} underflows (theta +- mu gives the same loss in float32), so "
-                      f"training does not move; use a larger --zo-mu such as 1e-3", ZOUnderflowWarning, stacklevel=2)
+        warnings.warn(
+            f"the ZO gradient estimate is exactly zero for a loss of {loss:.3g}: the perturbation "
+            f"--zo-mu {self.config.zo_mu:g} underflows (theta +- mu gives the same loss in float32), so "
+            f"training does not move; use a larger --zo-mu such as 1e-3",
+            ZOUnderflowWarning,
+            stacklevel=2,
+        )
 
 
 def cost_model(d: int, unmasked: int, scheme: str, jac_probes: int, jac_note: str) -> str:
@@ -283,9 +335,11 @@ def cost_model(d: int, unmasked: int, scheme: str, jac_probes: int, jac_note: st
     zo_sol = 2 * unmasked if scheme == "central" else unmasked + 1
     which = "ZO-JAC-SOL" if 1 + jac_probes < zo_sol else "ZO-SOL"
     masked = "" if unmasked == d else f", {unmasked} unmasked"
-    return (f"cost model, black-box evaluations per sample-step: ZO-SOL {zo_sol} ({scheme}, d = {d} parameters"
-            f"{masked}); ZO-JAC-SOL {1 + jac_probes} (1 + {jac_probes} Jacobian probes, {jac_note}); "
-            f"{which} is cheaper")
+    return (
+        f"cost model, black-box evaluations per sample-step: ZO-SOL {zo_sol} ({scheme}, d = {d} parameters"
+        f"{masked}); ZO-JAC-SOL {1 + jac_probes} (1 + {jac_probes} Jacobian probes, {jac_note}); "
+        f"{which} is cheaper"
+    )
 
 
 @register_source
@@ -312,21 +366,33 @@ class ZoJacSolSource(_AutogradSource):
             frames = w.traj.flatten(0, 1)
             pick = torch.linspace(0, frames.shape[0] - 1, c.jac_probe_states).round().long()
             params = w.params.repeat_interleave(w.traj.shape[1], 0)[pick] if w.num_params else None
-            self.jac = zo.FDJacobian.for_step(self.solver_step, w.traj.shape[2:], pattern=c.jac_pattern,
-                                              states=frames[pick], params=params, margin=c.jac_margin,
-                                              stencil_reach=self.solvers.stencil_reach, **kw)
+            self.jac = zo.FDJacobian.for_step(
+                self.solver_step,
+                w.traj.shape[2:],
+                pattern=c.jac_pattern,
+                states=frames[pick],
+                params=params,
+                margin=c.jac_margin,
+                stencil_reach=self.solvers.stencil_reach,
+                **kw,
+            )
             history["zo_queries"] += self.jac.evaluations
         self.fd_step = zo.fd_step(self.jac)
         self._record(history)
 
     def _record(self, history: dict[str, Any]) -> None:
-        history["jacobian"] = {"pattern": self.jac.pattern_state(), "describe": self.jac.describe(),
-                               "probes_per_sample": self.jac.probes_per_sample, "events": list(self.jac.events)}
+        history["jacobian"] = {
+            "pattern": self.jac.pattern_state(),
+            "describe": self.jac.describe(),
+            "probes_per_sample": self.jac.probes_per_sample,
+            "events": list(self.jac.events),
+        }
 
     def cost(self) -> str | None:
         d = sum(p.numel() for p in self.model.parameters())
-        return f"{self.jac.describe()}\n" + cost_model(d, d, self.config.zo_scheme, self.jac.probes_per_sample,
-                                                        "dense" if self.jac.is_dense else "sparse")
+        return f"{self.jac.describe()}\n" + cost_model(
+            d, d, self.config.zo_scheme, self.jac.probes_per_sample, "dense" if self.jac.is_dense else "sparse"
+        )
 
     def _step_fn(self, batch: WindowBatch) -> Step:
         return self.fd_step

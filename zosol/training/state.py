@@ -1,6 +1,7 @@
 """What a training run is made of: the corrector, its optimizer and schedule, the window order's
 generator, the history and the position in the run (:class:`RunState`), and what ``train``
 returns (:class:`TrainResult`)."""
+
 from __future__ import annotations
 
 import math
@@ -33,16 +34,32 @@ def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Mo
     (seeds torch's global generator with ``config.seed`` first)."""
     dim, in_ch, out_ch = corrector_shape(dataset)
     torch.manual_seed(config.seed)
-    return build_corrector(config.model, dim, in_ch, out_ch, width=config.width, depth=config.depth,
-                           kernel=config.kernel, padding_mode=dataset.scenario.padding_mode)
+    return build_corrector(
+        config.model,
+        dim,
+        in_ch,
+        out_ch,
+        width=config.width,
+        depth=config.depth,
+        kernel=config.kernel,
+        padding_mode=dataset.scenario.padding_mode,
+    )
 
 
 def new_history() -> dict[str, Any]:
     """An empty run history: per-step ``loss``, ``epoch_loss``, ZO-SOL's gradient checks
     (``grad_cosine_vs_fo``), ``wall_time`` (s), solver ``solver_calls`` / ``solver_samples``,
     ``zo_queries`` and the layer ratios ``lprs`` of sparse ZO-SOL."""
-    return {"loss": [], "epoch_loss": [], "grad_cosine_vs_fo": [], "wall_time": 0.0,
-            "solver_calls": 0, "solver_samples": 0, "zo_queries": 0, "lprs": None}
+    return {
+        "loss": [],
+        "epoch_loss": [],
+        "grad_cosine_vs_fo": [],
+        "wall_time": 0.0,
+        "solver_calls": 0,
+        "solver_samples": 0,
+        "zo_queries": 0,
+        "lprs": None,
+    }
 
 
 @dataclass
@@ -62,8 +79,7 @@ class RunState:
     perm: torch.Tensor | None = None
 
     @classmethod
-    def fresh(cls, dataset: FidelityDataset, config: TrainConfig, device: torch.device,
-              total_steps: int) -> "RunState":
+    def fresh(cls, dataset: FidelityDataset, config: TrainConfig, device: torch.device, total_steps: int) -> RunState:
         """A new run: Adam at ``config.lr``, decayed by a cosine over ``total_steps`` to
         ``lr * lr_final``; windows ordered by a generator seeded with ``config.seed``."""
         model = make_corrector(dataset, config).to(device)
@@ -71,15 +87,22 @@ class RunState:
 
         def schedule(k: int) -> float:
             return config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * k / total_steps))
+
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return cls(model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
 
     def state_dict(self) -> dict[str, Any]:
         """The parts of a checkpoint that hold this state."""
-        return {"epoch": self.epoch, "position": self.position, "perm": self.perm,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "window_rng": self.window_rng.get_state(),
-                "history": self.history}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "perm": self.perm,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "window_rng": self.window_rng.get_state(),
+            "history": self.history,
+        }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint's state (see :meth:`state_dict`)."""

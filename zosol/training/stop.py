@@ -11,6 +11,7 @@ resumes exactly.  The handler also forwards SIGTERM to this process's multiproce
 when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so ``kill -9`` of the parent leaves no
 worker training on.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,11 +20,20 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
-__all__ = ["Terminated", "EXIT_CODE", "install_sigterm_handler", "restore_sigterm_handler", "deferred", "requested", "die_with_parent",
-           "kill_children_after"]
+__all__ = [
+    "Terminated",
+    "EXIT_CODE",
+    "install_sigterm_handler",
+    "restore_sigterm_handler",
+    "deferred",
+    "requested",
+    "die_with_parent",
+    "kill_children_after",
+]
 
 #: the exit code of a run stopped by SIGTERM (128 + 15, the shell's convention)
 EXIT_CODE = 128 + signal.SIGTERM
@@ -106,12 +116,14 @@ def die_with_parent(parent_pid: int) -> None:
 def kill_children_after(seconds: float) -> threading.Timer:
     """SIGKILL this process's multiprocessing children that are still alive after ``seconds``
     (the backstop when a worker does not stop on SIGTERM); returns the started timer."""
+
     def kill() -> None:
         for child in multiprocessing.active_children():
             try:
                 os.kill(child.pid, signal.SIGKILL)
             except (ProcessLookupError, TypeError):
                 pass
+
     timer = threading.Timer(seconds, kill)
     timer.daemon = True
     timer.start()

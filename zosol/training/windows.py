@@ -3,6 +3,7 @@
 A window starts at reference frame ``t`` of training simulation ``i`` and holds the ``m``
 reference frames after it; every ``(i, t)`` with ``t = 0 .. T - m`` is one window.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,12 +18,12 @@ __all__ = ["WindowBatch", "Windows"]
 class WindowBatch(NamedTuple):
     """A batch of B windows (unpacks as a 6-tuple in this order)."""
 
-    sim: torch.Tensor                 #: (B,) training simulation of each window
-    frame: torch.Tensor               #: (B,) frame the window starts at
-    start: torch.Tensor               #: (B, C, *s) the reference frame the window starts from
-    targets: torch.Tensor             #: (B, m, C, *s) the reference frames after 1..m steps
-    params: torch.Tensor | None       #: (B, K) per-simulation parameters, None if the solver has none
-    features: torch.Tensor | None     #: (B, F, *s) corrector feature channels, or None
+    sim: torch.Tensor  #: (B,) training simulation of each window
+    frame: torch.Tensor  #: (B,) frame the window starts at
+    start: torch.Tensor  #: (B, C, *s) the reference frame the window starts from
+    targets: torch.Tensor  #: (B, m, C, *s) the reference frames after 1..m steps
+    params: torch.Tensor | None  #: (B, K) per-simulation parameters, None if the solver has none
+    features: torch.Tensor | None  #: (B, F, *s) corrector feature channels, or None
 
 
 class Windows:

@@ -12,27 +12,74 @@ Layers (each imports only the ones above it; no cycles):
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
     bench_nets, bench   reference networks of the benches, ``zosol bench engine``
 """
+
 from .checks import SCHEMES, NonFiniteLossError, UnsupportedModuleError
 from .estimators import batched_loss_from_module, cge, rge, write_grads
-from .parallel import (
-    chunk_size_from_budget, estimate_bytes_per_perturbation, evaluate_chunked, iter_chunks,
-    init_from_env, launched_with_env, measure_peak_memory, resolve_device, spawn_local,
-)
 from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
+from .parallel import (
+    chunk_size_from_budget,
+    estimate_bytes_per_perturbation,
+    evaluate_chunked,
+    init_from_env,
+    iter_chunks,
+    launched_with_env,
+    measure_peak_memory,
+    resolve_device,
+    spawn_local,
+)
 from .plan import CGEPlan, ZOEstimate, n_params
 from .reuse import ENGINES, Residual, cge_structured, check_structured_support
 from .sparsity import (
-    MaskScheduler, fo_grasp_lprs, fo_grasp_scores, layerwise_pruning_ratios, mask_sparsity, random_masks,
-    score_correlation, uniform_lprs, zo_grasp_lprs, zo_grasp_scores,
+    MaskScheduler,
+    fo_grasp_lprs,
+    fo_grasp_scores,
+    layerwise_pruning_ratios,
+    mask_sparsity,
+    random_masks,
+    score_correlation,
+    uniform_lprs,
+    zo_grasp_lprs,
+    zo_grasp_scores,
 )
 
 __all__ = [
-    "SCHEMES", "NonFiniteLossError", "UnsupportedModuleError", "ZOEstimate", "CGEPlan", "n_params",
-    "cge", "rge", "batched_loss_from_module", "write_grads",
-    "cge_structured", "Residual", "check_structured_support", "ENGINES",
-    "evaluate_chunked", "iter_chunks", "chunk_size_from_budget", "estimate_bytes_per_perturbation",
-    "measure_peak_memory", "memory_budget", "available_memory", "resolve_device", "spawn_local", "init_from_env", "launched_with_env",
-    "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios", "zo_grasp_lprs", "fo_grasp_lprs",
-    "uniform_lprs", "random_masks", "mask_sparsity", "MaskScheduler", "score_correlation",
-    "FDJacobian", "fd_step", "JacobianError", "DiscontinuityError",
+    "SCHEMES",
+    "NonFiniteLossError",
+    "UnsupportedModuleError",
+    "ZOEstimate",
+    "CGEPlan",
+    "n_params",
+    "cge",
+    "rge",
+    "batched_loss_from_module",
+    "write_grads",
+    "cge_structured",
+    "Residual",
+    "check_structured_support",
+    "ENGINES",
+    "evaluate_chunked",
+    "iter_chunks",
+    "chunk_size_from_budget",
+    "estimate_bytes_per_perturbation",
+    "measure_peak_memory",
+    "memory_budget",
+    "available_memory",
+    "resolve_device",
+    "spawn_local",
+    "init_from_env",
+    "launched_with_env",
+    "zo_grasp_scores",
+    "fo_grasp_scores",
+    "layerwise_pruning_ratios",
+    "zo_grasp_lprs",
+    "fo_grasp_lprs",
+    "uniform_lprs",
+    "random_masks",
+    "mask_sparsity",
+    "MaskScheduler",
+    "score_correlation",
+    "FDJacobian",
+    "fd_step",
+    "JacobianError",
+    "DiscontinuityError",
 ]

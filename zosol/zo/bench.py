@@ -13,12 +13,13 @@ All variants are timed side by side in one run on the same model and loss
 * reuse     -- structured forward with feature reuse (the fast path);
 * floor     -- one ordinary forward of the unperturbed network over (d + 1) x B samples.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -64,7 +65,7 @@ def _naive(model: nn.Module, x, y, mu: float, coords: torch.Tensor) -> torch.Ten
         pd, o = {}, 0
         for k, s in zip(names, shapes):
             n = int(torch.Size(s).numel())
-            pd[k] = th[o:o + n].view(s)
+            pd[k] = th[o : o + n].view(s)
             o += n
         return float(((functional_call(model, pd, (x,)).double() - y.double()) ** 2).mean())
 
@@ -85,7 +86,7 @@ def subset_masks(model: nn.Module, n: int, seed: int = 0) -> dict:
     flat[torch.randperm(d, generator=torch.Generator().manual_seed(seed))[: min(n, d)]] = True
     out, o = {}, 0
     for k, p in params.items():
-        out[k] = flat[o:o + p.numel()].reshape(p.shape)
+        out[k] = flat[o : o + p.numel()].reshape(p.shape)
         o += p.numel()
     return out
 
@@ -137,8 +138,9 @@ def _speed_block(hidden: tuple, chunk: int, naive_coords: int, repeats: int, mu:
     return r
 
 
-def run_engine_bench(json_path: Optional[str] = None, quick: bool = False, threads: Optional[int] = 1,
-                     mu: float = 1e-3) -> dict:
+def run_engine_bench(
+    json_path: str | None = None, quick: bool = False, threads: int | None = 1, mu: float = 1e-3
+) -> dict:
     """Run the engine benchmark, print a table, optionally write JSON; returns the metrics dict.
 
     ``quick`` shrinks the naive subset, repeats and the model-size sweep (about a minute).
@@ -157,21 +159,32 @@ def _run(json_path, quick, mu) -> dict:
     reps = 1 if quick else 2
     chunk = 512
     t0 = time.perf_counter()
-    res: dict = {"quick": quick, "threads": torch.get_num_threads(), "mu": mu, "dtype": "float32",
-                 "torch": torch.__version__}
+    res: dict = {
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "mu": mu,
+        "dtype": "float32",
+        "torch": torch.__version__,
+    }
     main = _speed_block((32, 32, 24), chunk, 300 if quick else 2000, reps, mu, with_vmap=True)
     small = _speed_block((10, 10, 8), chunk, 300 if quick else 1070, reps, mu, with_vmap=True)
     res["model_10k"] = main
     res["model_1k"] = small
-    for k in ("speedup_batched_vs_naive", "speedup_reuse_vs_naive", "speedup_feature_reuse",
-              "cge_cost_vs_dense_forward", "reuse_max_abs_grad_diff", "cge_rel_err_vs_autograd"):
+    for k in (
+        "speedup_batched_vs_naive",
+        "speedup_reuse_vs_naive",
+        "speedup_feature_reuse",
+        "cge_cost_vs_dense_forward",
+        "reuse_max_abs_grad_diff",
+        "cge_rel_err_vs_autograd",
+    ):
         res[k] = main[k]
     res["speedup_reuse_vs_naive_1k"] = small["speedup_reuse_vs_naive"]
 
     # peak memory per chunk size (one chunk of random coordinates, reuse on); "auto": the default
     model, x, y, lof = _problem((32, 32, 24))
     mem = []
-    for c in ((64, 512, 2048, "auto") if quick else (64, 256, 1024, 4096, "auto")):
+    for c in (64, 512, 2048, "auto") if quick else (64, 256, 1024, 4096, "auto"):
         masks = subset_masks(model, c if c != "auto" else 4096, seed=7)
         box = {}
 
@@ -181,14 +194,23 @@ def _run(json_path, quick, mu) -> dict:
             box["t"] = time.perf_counter() - t
 
         peak = measure_peak_memory(go)
-        mem.append({"chunk_size": c, "chosen": box["est"].info["chunk_size"], "peak_bytes": peak,
-                    "queries_per_s": (box["est"].queries) / box["t"]})
+        mem.append(
+            {
+                "chunk_size": c,
+                "chosen": box["est"].info["chunk_size"],
+                "peak_bytes": peak,
+                "queries_per_s": (box["est"].queries) / box["t"],
+            }
+        )
     res["peak_memory_per_chunk"] = mem
 
     # queries/s vs model size (reuse on, random subset of coordinates)
     sweep = []
-    for hidden in (((4, 4, 4), (10, 10, 8), (32, 32, 24)) if quick else
-                   ((4, 4, 4), (10, 10, 8), (16, 16, 16), (32, 32, 24), (64, 64, 48))):
+    for hidden in (
+        ((4, 4, 4), (10, 10, 8), (32, 32, 24))
+        if quick
+        else ((4, 4, 4), (10, 10, 8), (16, 16, 16), (32, 32, 24), (64, 64, 48))
+    ):
         model, x, y, lof = _problem(hidden)
         n = min(n_params(model), 1024 if quick else 2048)
         masks = subset_masks(model, n)
@@ -211,14 +233,24 @@ def _print_table(res: dict) -> None:
         print(f"  {'variant':34s} {'s/grad':>9s} {'vs naive':>9s}")
         ex = f" (extrapolated from {m['naive_coords_timed']} coords)" if m["naive_extrapolated"] else ""
         print(f"  {'naive copy+perturb+forward' + ex:34s} {m['naive_s']:9.3f} {1.0:9.2f}")
-        for name, k in (("batched vmap (no reuse)", "batched_vmap_s"), ("structured, no reuse", "dense_no_reuse_s"),
-                        ("structured + feature reuse", "reuse_s"), ("dense forward floor (d+1)xB", "dense_forward_floor_s")):
+        for name, k in (
+            ("batched vmap (no reuse)", "batched_vmap_s"),
+            ("structured, no reuse", "dense_no_reuse_s"),
+            ("structured + feature reuse", "reuse_s"),
+            ("dense forward floor (d+1)xB", "dense_forward_floor_s"),
+        ):
             if k in m:
                 print(f"  {name:34s} {m[k]:9.3f} {m['naive_s'] / m[k]:9.2f}")
     print("\nheadline metrics (10k model):")
-    for k in ("speedup_batched_vs_naive", "speedup_reuse_vs_naive", "speedup_feature_reuse",
-              "cge_cost_vs_dense_forward", "reuse_max_abs_grad_diff", "cge_rel_err_vs_autograd",
-              "speedup_reuse_vs_naive_1k"):
+    for k in (
+        "speedup_batched_vs_naive",
+        "speedup_reuse_vs_naive",
+        "speedup_feature_reuse",
+        "cge_cost_vs_dense_forward",
+        "reuse_max_abs_grad_diff",
+        "cge_rel_err_vs_autograd",
+        "speedup_reuse_vs_naive_1k",
+    ):
         print(f"  {k:32s} {res[k]:.4g}")
     print(f"  {'cge_cosine_vs_autograd':32s} {res['model_10k']['cge_cosine_vs_autograd']:.5f}")
     print("\npeak memory per chunk size (structured + reuse, 10k model; auto = the default, from the memory budget):")
@@ -236,7 +268,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write metrics to this JSON file")
     ap.add_argument("--quick", action="store_true", help="smaller, faster run")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave unchanged); 1 avoids OpenMP sync stalls on a busy 2-core machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: leave unchanged); 1 avoids OpenMP sync stalls on a busy 2-core machine",
+    )
     a = ap.parse_args(argv)
     run_engine_bench(a.json, a.quick, a.threads or None)
 

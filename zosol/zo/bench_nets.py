@@ -2,6 +2,7 @@
 
 Small, seeded stand-ins for a user's network; the test suite's own networks live in ``tests/``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,15 @@ from .reuse import Residual
 __all__ = ["cnn1d_corrector", "cnn2d", "ResNet20", "SolCorrector"]
 
 
-def cnn1d_corrector(in_ch: int = 2, hidden: tuple = (32, 32, 24), out_ch: int = 1, kernel: int = 5,
-                    act: type = nn.GELU, padding_mode: str = "circular", seed: int = 0) -> nn.Sequential:
+def cnn1d_corrector(
+    in_ch: int = 2,
+    hidden: tuple = (32, 32, 24),
+    out_ch: int = 1,
+    kernel: int = 5,
+    act: type = nn.GELU,
+    padding_mode: str = "circular",
+    seed: int = 0,
+) -> nn.Sequential:
     """1-D CNN corrector on a periodic grid: (B, in_ch, N) -> (B, out_ch, N).
 
     Defaults give 9,489 parameters (4 conv layers); ``hidden=(8, 8, 8)`` gives ~1k.
@@ -36,9 +44,12 @@ def cnn2d(in_ch: int = 1, hw: int = 8, ch: int = 4, n_out: int = 10, seed: int =
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return nn.Sequential(
-            nn.Conv2d(in_ch, ch, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1, padding_mode="circular"), nn.GELU(),
-            nn.Flatten(), nn.Linear(2 * ch * (hw // 2) ** 2, n_out),
+            nn.Conv2d(in_ch, ch, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1, padding_mode="circular"),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(2 * ch * (hw // 2) ** 2, n_out),
         )
 
 
@@ -59,7 +70,9 @@ class _Block(nn.Module):
         out = self.bn2(self.conv2(out))
         short = x
         if self.stride != 1 or self.pad:
-            short = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            short = F.pad(
+                x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2)
+            )
         return torch.relu(out + short)
 
 
@@ -79,7 +92,7 @@ class ResNet20(nn.Module):
             self.bn = nn.BatchNorm2d(width)
             blocks, cin = [], width
             for stage in range(3):
-                cout = width * 2 ** stage
+                cout = width * 2**stage
                 for i in range(3):
                     blocks.append(_Block(cin, cout, 2 if (stage and i == 0) else 1))
                     cin = cout
@@ -103,8 +116,9 @@ class SolCorrector(nn.Module):
     (same parameter tensors) as ``nn.Sequential`` + ``Residual``.
     """
 
-    def __init__(self, in_ch: int = 2, out_ch: int = 2, width: int = 32, blocks: int = 2, kernel: int = 5,
-                 seed: int = 0):
+    def __init__(
+        self, in_ch: int = 2, out_ch: int = 2, width: int = 32, blocks: int = 2, kernel: int = 5, seed: int = 0
+    ):
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(seed)

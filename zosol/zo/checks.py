@@ -3,16 +3,23 @@
 Every estimator validates its arguments here, so each user error gets one message that names the
 problem and the fix.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 
 __all__ = [
-    "SCHEMES", "NonFiniteLossError", "UnsupportedModuleError",
-    "check_mu", "check_scheme", "check_sparsity", "check_params", "check_masks", "check_loss_values",
+    "SCHEMES",
+    "NonFiniteLossError",
+    "UnsupportedModuleError",
+    "check_mu",
+    "check_scheme",
+    "check_sparsity",
+    "check_params",
+    "check_masks",
+    "check_loss_values",
 ]
 
 SCHEMES = ("forward", "central")
@@ -61,7 +68,7 @@ def check_params(params: Mapping) -> dict:
     return dict(params)
 
 
-def check_masks(params: Mapping, masks: Optional[Mapping]) -> Optional[dict]:
+def check_masks(params: Mapping, masks: Mapping | None) -> dict | None:
     """Validate ``masks`` (name -> bool/0-1 tensor of the parameter's shape) and return bool CPU masks.
 
     Missing names mean "dense"; unknown names or shape mismatches raise ValueError.

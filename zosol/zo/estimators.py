@@ -19,10 +19,10 @@ the round-off error is O(eps * |f| / mu).  In float64, central with mu ~ 1e-4..1
 is accurate to ~1e-8 relative; in float32 forward with mu ~ 1e-3 gives cosine
 > 0.99 on smooth losses of order one (DeepZero default mu = 5e-3).
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -44,13 +44,13 @@ def cge(
     params: Mapping,
     mu: float = 5e-3,
     scheme: str = "forward",
-    masks: Optional[Mapping] = None,
-    chunk_size: "int | str | None" = "auto",
-    device: Optional[torch.device | str] = None,
+    masks: Mapping | None = None,
+    chunk_size: int | str | None = "auto",
+    device: torch.device | str | None = None,
     distributed: bool = False,
     group=None,
     progress: bool = False,
-    memory_budget: Optional[int] = None,
+    memory_budget: int | None = None,
 ) -> ZOEstimate:
     """Coordinate-wise gradient estimate of ``batched_loss`` at ``params``.
 
@@ -82,11 +82,18 @@ def cge(
         flat[torch.arange(P, device=dev), plan.idx[s:e].to(dev)] += plan.step[s:e].to(device=dev, dtype=flat.dtype)
         return batched_loss(unflatten(flat, plan.layout))
 
-    return plan.run(eval_chunk, lambda: batched_loss(unflatten(theta.unsqueeze(0), plan.layout)),
-                    chunk_size, distributed, group, dev, progress)
+    return plan.run(
+        eval_chunk,
+        lambda: batched_loss(unflatten(theta.unsqueeze(0), plan.layout)),
+        chunk_size,
+        distributed,
+        group,
+        dev,
+        progress,
+    )
 
 
-def _param_copy_chunk(chunk_size, theta: torch.Tensor, device: torch.device, budget: Optional[int]):
+def _param_copy_chunk(chunk_size, theta: torch.Tensor, device: torch.device, budget: int | None):
     """``"auto"`` -> perturbations whose parameter copies (3 d values each) fit the memory budget."""
     if chunk_size != "auto":
         return chunk_size
@@ -101,14 +108,14 @@ def rge(
     q: int = 192,
     mu: float = 5e-3,
     distribution: str = "gaussian",
-    generator: Optional[torch.Generator] = None,
-    masks: Optional[Mapping] = None,
-    chunk_size: "int | str | None" = "auto",
-    device: Optional[torch.device | str] = None,
+    generator: torch.Generator | None = None,
+    masks: Mapping | None = None,
+    chunk_size: int | str | None = "auto",
+    device: torch.device | str | None = None,
     distributed: bool = False,
     group=None,
-    directions: Optional[torch.Tensor] = None,
-    memory_budget: Optional[int] = None,
+    directions: torch.Tensor | None = None,
+    memory_budget: int | None = None,
 ) -> ZOEstimate:
     """Randomised (forward-difference) gradient estimate with ``q`` directions (q+1 queries).
 
@@ -141,15 +148,22 @@ def rge(
         return check_loss_values(batched_loss(unflatten(theta.unsqueeze(0) + mu * Ud[s:e], layout)), e - s)
 
     base = check_loss_values(batched_loss(unflatten(theta.unsqueeze(0), layout)), 1)[0].detach().double().cpu()
-    values = evaluate_chunked(eval_chunk, q, chunk_size, distributed, group, dtype=torch.float64,
-                              device=dev if distributed else None)
+    values = evaluate_chunked(
+        eval_chunk, q, chunk_size, distributed, group, dtype=torch.float64, device=dev if distributed else None
+    )
     coef = (values.cpu() - base) / mu * (phi / q)
     grads = split_flat(coef @ U, params, layout)
     return ZOEstimate(grads, q + 1, float(base), {"q": q, "d": d, "distribution": distribution})
 
 
-def _rge_directions(q: int, d: int, coords: torch.Tensor, distribution: str,
-                    generator: Optional[torch.Generator], directions: Optional[torch.Tensor]) -> torch.Tensor:
+def _rge_directions(
+    q: int,
+    d: int,
+    coords: torch.Tensor,
+    distribution: str,
+    generator: torch.Generator | None,
+    directions: torch.Tensor | None,
+) -> torch.Tensor:
     """RGE directions ``(q, d)`` float64 on the CPU, zero outside ``coords``."""
     if directions is not None:
         U = directions.detach().to("cpu", torch.float64)
@@ -170,7 +184,7 @@ def batched_loss_from_module(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     *inputs: torch.Tensor,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> BatchedLoss:
     """Batched loss of ``model`` on fixed ``inputs`` via ``functional_call`` + ``vmap``.
 

@@ -30,13 +30,14 @@ reach of ``mu``) :class:`DiscontinuityError` names the cause, otherwise the Jaco
 sample is probed in full, its offsets join the stencil, the columns are recoloured, the event is
 recorded in ``events`` and reported with ``warnings.warn``, and the batch is re-estimated.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,11 +48,22 @@ from .checks import NonFiniteLossError, check_mu, check_scheme
 from .parallel import chunk_size_from_budget, dist_info, iter_chunks, shard_chunks
 
 __all__ = [
-    "JacobianError", "DiscontinuityError", "Stencil", "stencil_offsets", "probe_offsets", "stencil_pattern",
-    "colour_columns", "lattice_colouring", "colouring_is_valid", "directional_differences", "dense_jacobian", "FDJacobian", "fd_step",
+    "JacobianError",
+    "DiscontinuityError",
+    "Stencil",
+    "stencil_offsets",
+    "probe_offsets",
+    "stencil_pattern",
+    "colour_columns",
+    "lattice_colouring",
+    "colouring_is_valid",
+    "directional_differences",
+    "dense_jacobian",
+    "FDJacobian",
+    "fd_step",
 ]
 
-Step = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 #: default finite-difference step per dtype (central differences)
 DEFAULT_MU = {torch.float32: 1e-3, torch.float64: 1e-6}
@@ -78,11 +90,11 @@ class Stencil:
     offsets: np.ndarray
     source: str = "probed"
 
-    def union(self, other: "Stencil") -> "Stencil":
+    def union(self, other: Stencil) -> Stencil:
         both = np.unique(np.concatenate([self.offsets, other.offsets]), axis=0)
         return Stencil(self.state_shape, both, f"{self.source}+{other.source}")
 
-    def dilate(self, margin: int) -> "Stencil":
+    def dilate(self, margin: int) -> Stencil:
         """Every offset widened by ``margin`` cells along each spatial axis."""
         if margin <= 0:
             return self
@@ -112,8 +124,10 @@ def stencil_offsets(state_shape: Sequence[int], reach: Sequence[int] | int) -> S
     nd = len(state_shape) - 1
     reach = [int(reach)] * nd if isinstance(reach, int) else [int(r) for r in reach]
     if len(reach) != nd or min(reach) < 0:
-        raise ValueError(f"stencil reach {reach} does not fit a state of shape {state_shape} "
-                         f"(one non-negative half-width per spatial axis)")
+        raise ValueError(
+            f"stencil reach {reach} does not fit a state of shape {state_shape} "
+            f"(one non-negative half-width per spatial axis)"
+        )
     rows = [range(state_shape[0]), range(state_shape[0])] + [range(-r, r + 1) for r in reach]
     offs = np.array(list(itertools.product(*rows)), dtype=np.int64)
     return Stencil(state_shape, _canonical(offs, state_shape), f"stencil reach {tuple(reach)}")
@@ -151,7 +165,7 @@ def _greedy(conflict: sp.csr_matrix, order: Iterable[int]) -> np.ndarray:
     """Colour vertices in ``order`` with the smallest colour unused by coloured neighbours."""
     colours = np.full(conflict.shape[0], -1, dtype=np.int64)
     for j in order:
-        used = colours[conflict.indices[conflict.indptr[j]:conflict.indptr[j + 1]]]
+        used = colours[conflict.indices[conflict.indptr[j] : conflict.indptr[j + 1]]]
         free = np.ones(int(used.max(initial=-1)) + 2, dtype=bool)
         free[used[used >= 0]] = False
         colours[j] = int(np.argmax(free))
@@ -171,14 +185,14 @@ def _dsatur(conflict: sp.csr_matrix) -> np.ndarray:
         if c >= seen.shape[1]:
             seen = np.concatenate([seen, np.zeros_like(seen)], 1)
         colours[v] = c
-        nb = conflict.indices[conflict.indptr[v]:conflict.indptr[v + 1]]
+        nb = conflict.indices[conflict.indptr[v] : conflict.indptr[v + 1]]
         new = nb[~seen[nb, c]]
         seen[new, c] = True
         sat[new] += 1
     return colours
 
 
-def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int], min_colours: int = 0) -> Optional[np.ndarray]:
+def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int], min_colours: int = 0) -> np.ndarray | None:
     """The fewest-colour valid *lattice* colouring ``colour = (c, x_1 mod p_1, ...)`` with each
     period ``p_k`` a divisor of the axis size (exact for translation-invariant periodic stencils
     whose size divides the grid, where greedy orders can miss the optimum), or None."""
@@ -198,8 +212,7 @@ def lattice_colouring(pattern: sp.spmatrix, state_shape: Sequence[int], min_colo
     return best
 
 
-def colour_columns(pattern: sp.spmatrix, state_shape: Optional[Sequence[int]] = None,
-                   min_colours: int = 0) -> np.ndarray:
+def colour_columns(pattern: sp.spmatrix, state_shape: Sequence[int] | None = None, min_colours: int = 0) -> np.ndarray:
     """Column colouring (Curtis-Powell-Reid): columns sharing a row get different colours.
 
     ``pattern``: (n_out, n) boolean.  Tries greedy in natural and largest-first order, DSATUR and
@@ -237,8 +250,9 @@ def colouring_is_valid(pattern: sp.spmatrix, colours: np.ndarray) -> bool:
 # Probing the black box
 
 
-def _eval_batched(step: Step, states: torch.Tensor, params: Optional[torch.Tensor],
-                  max_batch: Optional[int], distributed: bool = False) -> torch.Tensor:
+def _eval_batched(
+    step: Step, states: torch.Tensor, params: torch.Tensor | None, max_batch: int | None, distributed: bool = False
+) -> torch.Tensor:
     """``step`` on (N, C, *s) in chunks of exactly ``max_batch`` (the last one padded with copies,
     so a solver that retraces per batch size sees one size); returns (N, C, *s).  ``distributed``:
     the chunks are shared out over the ranks of the process group (round robin, as
@@ -264,7 +278,7 @@ def _eval_batched(step: Step, states: torch.Tensor, params: Optional[torch.Tenso
     return out
 
 
-def _call_padded(step: Step, x: torch.Tensor, p: Optional[torch.Tensor], pad_to: Optional[int]) -> torch.Tensor:
+def _call_padded(step: Step, x: torch.Tensor, p: torch.Tensor | None, pad_to: int | None) -> torch.Tensor:
     """``step(x, p)`` with x (and p) padded by copies of the last row to ``pad_to`` rows."""
     k = x.shape[0]
     pad = 0 if pad_to is None else pad_to - k
@@ -274,9 +288,17 @@ def _call_padded(step: Step, x: torch.Tensor, p: Optional[torch.Tensor], pad_to:
     return step(x, p)[:k]
 
 
-def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.Tensor], dirs: torch.Tensor,
-                            mu: float, scheme: str = "central", f0: Optional[torch.Tensor] = None,
-                            max_batch: Optional[int] = None, distributed: bool = False) -> torch.Tensor:
+def directional_differences(
+    step: Step,
+    x: torch.Tensor,
+    params: torch.Tensor | None,
+    dirs: torch.Tensor,
+    mu: float,
+    scheme: str = "central",
+    f0: torch.Tensor | None = None,
+    max_batch: int | None = None,
+    distributed: bool = False,
+) -> torch.Tensor:
     """Finite-difference directional derivatives ``J(x_b) d_k`` of ``step``.
 
     Args:
@@ -296,8 +318,10 @@ def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.
     p = None if params is None else params.repeat_interleave(d * len(signs), 0)
     out = _eval_batched(step, probes, p, max_batch, distributed).reshape(b, len(signs) * d, n)
     if not torch.isfinite(out).all():
-        raise NonFiniteLossError("the black box returned non-finite values for states perturbed by "
-                                 f"mu={mu:g}; the state is near a blow-up or mu is too large")
+        raise NonFiniteLossError(
+            "the black box returned non-finite values for states perturbed by "
+            f"mu={mu:g}; the state is near a blow-up or mu is too large"
+        )
     if scheme == "central":
         return (out[:, :d] - out[:, d:]) / (2 * mu)
     if f0 is None:
@@ -305,9 +329,15 @@ def directional_differences(step: Step, x: torch.Tensor, params: Optional[torch.
     return (out - f0.reshape(b, 1, n)) / mu
 
 
-def dense_jacobian(step: Step, x: torch.Tensor, params: Optional[torch.Tensor], mu: float,
-                   scheme: str = "central", max_batch: Optional[int] = None,
-                   chunk: Optional[int] = None) -> torch.Tensor:
+def dense_jacobian(
+    step: Step,
+    x: torch.Tensor,
+    params: torch.Tensor | None,
+    mu: float,
+    scheme: str = "central",
+    max_batch: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Full finite-difference Jacobians (B, n, n) (row: output, column: input), ``chunk`` columns
     per batch of probes."""
     b, n = x.shape[0], x[0].numel()
@@ -323,9 +353,16 @@ def _noise_floor(f: torch.Tensor, mu: float, factor: float) -> torch.Tensor:
     return factor * torch.finfo(f.dtype).eps * f.flatten(1).abs().amax(1).clamp_min(1.0) / mu
 
 
-def probe_offsets(step: Step, states: torch.Tensor, params: Optional[torch.Tensor], mu: float,
-                  rtol: float = 1e-6, noise_factor: float = 8.0, margin: int = 0,
-                  max_batch: Optional[int] = None) -> Stencil:
+def probe_offsets(
+    step: Step,
+    states: torch.Tensor,
+    params: torch.Tensor | None,
+    mu: float,
+    rtol: float = 1e-6,
+    noise_factor: float = 8.0,
+    margin: int = 0,
+    max_batch: int | None = None,
+) -> Stencil:
     """Stencil of ``step`` from full forward-difference Jacobians at several ``states`` (S, C, *s).
 
     An entry counts when ``|J_ij| > max(rtol * max|J|, noise)`` (noise: ``noise_factor`` rounding
@@ -337,7 +374,7 @@ def probe_offsets(step: Step, states: torch.Tensor, params: Optional[torch.Tenso
     shape = tuple(states.shape[1:])
     offs = []
     for i in range(states.shape[0]):
-        xi, pi = states[i:i + 1], None if params is None else params[i:i + 1]
+        xi, pi = states[i : i + 1], None if params is None else params[i : i + 1]
         f0 = _eval_batched(step, xi, pi, max_batch)
         jac = torch.empty(xi[0].numel(), xi[0].numel(), dtype=xi.dtype, device=xi.device)
         eye = torch.eye(xi[0].numel(), dtype=xi.dtype, device=xi.device)
@@ -358,11 +395,11 @@ class _Colouring:
     """A stencil's pattern, column colours and the CPR bookkeeping, as torch index tensors."""
 
     stencil: Stencil
-    rows: torch.Tensor        # (nnz,) output index of each pattern entry
-    cols: torch.Tensor        # (nnz,) input index
+    rows: torch.Tensor  # (nnz,) output index of each pattern entry
+    cols: torch.Tensor  # (nnz,) input index
     entry_colour: torch.Tensor  # (nnz,) colour of the entry's column
-    colours: torch.Tensor     # (n,) colour of every column
-    zero_mask: torch.Tensor   # (n, K) True where compressed entry (row, colour) must be zero
+    colours: torch.Tensor  # (n,) colour of every column
+    zero_mask: torch.Tensor  # (n, K) True where compressed entry (row, colour) must be zero
     n_colours: int
     _on: dict = field(default_factory=dict, repr=False)
 
@@ -376,7 +413,7 @@ class _Colouring:
         return self._on[key]
 
     @classmethod
-    def of(cls, stencil: Stencil) -> "_Colouring":
+    def of(cls, stencil: Stencil) -> _Colouring:
         pattern = stencil_pattern(stencil).tocoo()
         colours = colour_columns(pattern, stencil.state_shape, min_colours=stencil.per_row + 1)
         k = int(colours.max()) + 1
@@ -404,17 +441,17 @@ class FDJacobian:
 
     step: Step
     state_shape: tuple[int, ...]
-    colouring: Optional[_Colouring] = None
-    mu: Optional[float] = None
+    colouring: _Colouring | None = None
+    mu: float | None = None
     scheme: str = "central"
-    max_batch: Optional[int] = None
+    max_batch: int | None = None
     dense_fraction: float = 0.5
     rtol: float = 1e-6
     noise_factor: float = 8.0
     probe_rel: float = 1e-2
     check: bool = True
     max_widenings: int = 4
-    budget_bytes: Optional[int] = None
+    budget_bytes: int | None = None
     distributed: bool = False
     evaluations: int = 0
     events: list = field(default_factory=list)
@@ -430,15 +467,24 @@ class FDJacobian:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_stencil(cls, step: Step, stencil: Stencil, **kw) -> "FDJacobian":
+    def from_stencil(cls, step: Step, stencil: Stencil, **kw) -> FDJacobian:
         self = cls.dense(step, stencil.state_shape, **kw)
         self._set_stencil(stencil, None, warn_dense=True)
         return self
 
     @classmethod
-    def for_step(cls, step: Step, state_shape: Sequence[int], *, pattern: str = "auto",
-                 states: Optional[torch.Tensor] = None, params: Optional[torch.Tensor] = None,
-                 stencil_reach: Optional[Sequence[int]] = None, margin: int = 0, **kw) -> "FDJacobian":
+    def for_step(
+        cls,
+        step: Step,
+        state_shape: Sequence[int],
+        *,
+        pattern: str = "auto",
+        states: torch.Tensor | None = None,
+        params: torch.Tensor | None = None,
+        stencil_reach: Sequence[int] | None = None,
+        margin: int = 0,
+        **kw,
+    ) -> FDJacobian:
         """Choose the structure: ``pattern`` = "probe" (at ``states`` (S, C, *s)), "stencil" (the
         declared ``stencil_reach``, widened by ``margin``), "dense", or "auto" (probe when states are
         given, else the declared stencil, else dense)."""
@@ -450,26 +496,29 @@ class FDJacobian:
             return cls.from_probes(step, states, params, margin=margin, **kw)
         if pattern == "stencil":
             if stencil_reach is None:
-                raise ValueError("pattern='stencil' needs the solver's stencil_reach (the solver declares none); "
-                                 "use pattern='probe' or 'dense'")
+                raise ValueError(
+                    "pattern='stencil' needs the solver's stencil_reach (the solver declares none); "
+                    "use pattern='probe' or 'dense'"
+                )
             return cls.from_stencil(step, stencil_offsets(state_shape, stencil_reach).dilate(margin), **kw)
         if pattern == "dense":
             return cls.dense(step, state_shape, **kw)
         raise ValueError(f"unknown Jacobian pattern {pattern!r}; choose 'auto', 'probe', 'stencil' or 'dense'")
 
     @classmethod
-    def dense(cls, step: Step, state_shape: Sequence[int], **kw) -> "FDJacobian":
+    def dense(cls, step: Step, state_shape: Sequence[int], **kw) -> FDJacobian:
         return cls(step, tuple(state_shape), None, **kw)
 
     @classmethod
-    def from_probes(cls, step: Step, states: torch.Tensor, params: Optional[torch.Tensor] = None,
-                    margin: int = 0, **kw) -> "FDJacobian":
+    def from_probes(
+        cls, step: Step, states: torch.Tensor, params: torch.Tensor | None = None, margin: int = 0, **kw
+    ) -> FDJacobian:
         """Probe the pattern at up to S ``states`` (S, C, *s): stops early once two states in a row
         add no entry, or when the pattern is already too dense for colouring."""
         self = cls.dense(step, tuple(states.shape[1:]), **kw)
         stencil, quiet, used = None, 0, 0
         for i in range(states.shape[0]):
-            found = self._probe(states[i:i + 1], None if params is None else params[i:i + 1])
+            found = self._probe(states[i : i + 1], None if params is None else params[i : i + 1])
             used += 1
             grown = found if stencil is None else stencil.union(found)
             quiet = quiet + 1 if stencil is not None and len(grown.offsets) == len(stencil.offsets) else 0
@@ -480,14 +529,14 @@ class FDJacobian:
         self._set_stencil(Stencil(stencil.state_shape, stencil.dilate(margin).offsets, source), None)
         return self
 
-    def _probe(self, x: torch.Tensor, params: Optional[torch.Tensor]) -> Stencil:
+    def _probe(self, x: torch.Tensor, params: torch.Tensor | None) -> Stencil:
         """The stencil seen at one state x (1, C, *s): forward differences with step
         ``probe_rel * max|x|`` (at least 10 mu)."""
         mu = max(self.probe_rel * float(x.abs().max()), 10 * self._mu(x.dtype))
         self.evaluations += self.n + 1
         return probe_offsets(self.step, x, params, mu, self.rtol, self.noise_factor, 0, self.max_batch)
 
-    def _colouring_of(self, stencil: Stencil) -> Optional[_Colouring]:
+    def _colouring_of(self, stencil: Stencil) -> _Colouring | None:
         """The stencil's colouring, or None when it needs more than ``dense_fraction * n`` colours
         (known without colouring when a row alone has that many entries)."""
         if stencil.per_row > self.dense_fraction * self.n:
@@ -495,7 +544,7 @@ class FDJacobian:
         col = _Colouring.of(stencil)
         return None if col.n_colours > self.dense_fraction * self.n else col
 
-    def _set_stencil(self, stencil: Stencil, why: Optional[str], warn_dense: bool = False) -> None:
+    def _set_stencil(self, stencil: Stencil, why: str | None, warn_dense: bool = False) -> None:
         col = self._colouring_of(stencil)
         if col is None:
             self.colouring = None
@@ -519,11 +568,15 @@ class FDJacobian:
         if self.colouring is None:
             return {"kind": "dense", "state_shape": list(self.state_shape)}
         st = self.colouring.stencil
-        return {"kind": "sparse", "state_shape": list(self.state_shape), "source": st.source,
-                "offsets": st.offsets.tolist()}
+        return {
+            "kind": "sparse",
+            "state_shape": list(self.state_shape),
+            "source": st.source,
+            "offsets": st.offsets.tolist(),
+        }
 
     @classmethod
-    def from_pattern_state(cls, step: Step, state: dict, **kw) -> "FDJacobian":
+    def from_pattern_state(cls, step: Step, state: dict, **kw) -> FDJacobian:
         """The estimator of a saved :meth:`pattern_state` (same pattern, same colouring)."""
         shape = tuple(state["state_shape"])
         if state["kind"] == "dense":
@@ -551,8 +604,10 @@ class FDJacobian:
         if self.colouring is None:
             return f"dense Jacobian, n = {self.n}: {per}"
         c = self.colouring
-        return (f"sparse Jacobian, n = {self.n}, {c.stencil.source}: {c.stencil.per_row} entries per row, "
-                f"{c.n_colours} colours: {per}")
+        return (
+            f"sparse Jacobian, n = {self.n}, {c.stencil.source}: {c.stencil.per_row} entries per row, "
+            f"{c.n_colours} colours: {per}"
+        )
 
     def _mu(self, dtype: torch.dtype) -> float:
         if self.mu is not None:
@@ -560,8 +615,9 @@ class FDJacobian:
         return DEFAULT_MU.get(dtype, 1e-3)
 
     # -- products ----------------------------------------------------------------------------
-    def vjp(self, x: torch.Tensor, params: Optional[torch.Tensor], grad_out: torch.Tensor,
-            f0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def vjp(
+        self, x: torch.Tensor, params: torch.Tensor | None, grad_out: torch.Tensor, f0: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``J(x_b)^T grad_out_b`` for every sample: x, grad_out, f0 (= step(x)): (B, C, *s) ->
         (B, C, *s).  ``f0`` is required for forward differences (it is the forward's output)."""
         if tuple(x.shape[1:]) != self.state_shape:
@@ -573,16 +629,18 @@ class FDJacobian:
                 return self._sparse_vjp(comp, g).reshape(x.shape)
         return self._dense_vjp(x, params, g, f0).reshape(x.shape)
 
-    def compressed(self, x: torch.Tensor, params: Optional[torch.Tensor], f0: Optional[torch.Tensor] = None,
-                   mu: Optional[float] = None) -> torch.Tensor:
+    def compressed(
+        self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None = None, mu: float | None = None
+    ) -> torch.Tensor:
         """CPR-compressed Jacobians (B, n, K): entry (i, c) = sum of row i over the columns of colour c."""
         dirs = self.colouring.on(x.device, x.dtype)[4]
-        q = directional_differences(self.step, x, params, dirs, mu or self._mu(x.dtype), self.scheme, f0,
-                                    self.max_batch, self.distributed)
+        q = directional_differences(
+            self.step, x, params, dirs, mu or self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )
         self.evaluations += x.shape[0] * dirs.shape[0] * (2 if self.scheme == "central" else 1)
         return q.transpose(1, 2)
 
-    def jacobian(self, x: torch.Tensor, params: Optional[torch.Tensor], f0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def jacobian(self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None = None) -> torch.Tensor:
         """The estimated Jacobians as dense (B, n, n) tensors (for tests and small problems)."""
         b, n = x.shape[0], self.n
         if self.colouring is None:
@@ -601,22 +659,25 @@ class FDJacobian:
         vals = comp[:, rows, colour]  # (B, nnz)
         return torch.zeros_like(g).index_add_(1, cols, vals * g[:, rows])
 
-    def _dense_vjp(self, x: torch.Tensor, params: Optional[torch.Tensor], g: torch.Tensor,
-                   f0: Optional[torch.Tensor]) -> torch.Tensor:
+    def _dense_vjp(
+        self, x: torch.Tensor, params: torch.Tensor | None, g: torch.Tensor, f0: torch.Tensor | None
+    ) -> torch.Tensor:
         b, n = g.shape
         chunk = max(1, (self.max_batch or b * n) // b // (2 if self.scheme == "central" else 1))
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
         out = torch.empty_like(g)
         for s, e in iter_chunks(n, chunk):
-            q = directional_differences(self.step, x, params, eye[s:e], self._mu(x.dtype), self.scheme, f0,
-                                        self.max_batch, self.distributed)
+            q = directional_differences(
+                self.step, x, params, eye[s:e], self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+            )
             out[:, s:e] = torch.einsum("bkn,bn->bk", q, g)
         self.evaluations += b * self.probes_per_sample
         return out
 
     # -- the leak check ----------------------------------------------------------------------
-    def _compressed_checked(self, x: torch.Tensor, params: Optional[torch.Tensor],
-                            f0: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _compressed_checked(
+        self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Compressed Jacobians that passed the leak check (widening the pattern as needed), or
         None when the pattern became dense."""
         for _ in range(self.max_widenings + 1):
@@ -627,8 +688,10 @@ class FDJacobian:
             self._widen(x, params, f0, comp, leaks)
             if self.colouring is None:
                 return None
-        raise JacobianError(f"the Jacobian pattern still leaks after {self.max_widenings} widenings; the "
-                            "black box's stencil keeps changing: use FDJacobian.dense(...) or a larger margin")
+        raise JacobianError(
+            f"the Jacobian pattern still leaks after {self.max_widenings} widenings; the "
+            "black box's stencil keeps changing: use FDJacobian.dense(...) or a larger margin"
+        )
 
     def _leak_tol(self, comp: torch.Tensor, x: torch.Tensor, params, f0) -> torch.Tensor:
         if f0 is None:
@@ -636,7 +699,7 @@ class FDJacobian:
         noise = _noise_floor(f0, self._mu(x.dtype), self.noise_factor)
         return torch.maximum(self.rtol * comp.flatten(1).abs().amax(1), noise)  # (B,)
 
-    def _leaks(self, comp: torch.Tensor, x, params, f0) -> Optional[torch.Tensor]:
+    def _leaks(self, comp: torch.Tensor, x, params, f0) -> torch.Tensor | None:
         """Boolean (B, n, K) of compressed entries that should be zero and are not, or None."""
         tol = self._leak_tol(comp, x, params, f0)
         leak = (comp.abs() > tol.view(-1, 1, 1)) & self.colouring.on(comp.device, comp.dtype)[3]
@@ -645,8 +708,8 @@ class FDJacobian:
     def _widen(self, x: torch.Tensor, params, f0, comp: torch.Tensor, leaks: torch.Tensor) -> None:
         """Check a leak for a jump (DiscontinuityError), else add the leaking sample's full stencil."""
         b = int(leaks.flatten(1).any(1).nonzero()[0])
-        xb, pb = x[b:b + 1], None if params is None else params[b:b + 1]
-        fb = None if f0 is None else f0[b:b + 1]
+        xb, pb = x[b : b + 1], None if params is None else params[b : b + 1]
+        fb = None if f0 is None else f0[b : b + 1]
         mu = self._mu(x.dtype)
         big = self.compressed(xb, pb, fb, mu=8 * mu)[0]
         lb = leaks[b]
@@ -658,20 +721,23 @@ class FDJacobian:
                 f"difference quotients outside the Jacobian pattern change by {change:.0%} between steps mu and "
                 f"8 mu, up to {float(small_vals.abs().max()):.3g}). The solver is discontinuous near this state "
                 "(adaptive sub-stepping switching its number of sub-steps, a branch, a loosely converged "
-                "iterative solve); make it continuous (fixed sub-steps, tighter tolerance) or change mu")
+                "iterative solve); make it continuous (fixed sub-steps, tighter tolerance) or change mu"
+            )
         found = self._probe(xb, pb)
         stencil = self.colouring.stencil.union(found)
         n_leak = int(lb.sum())
-        self._set_stencil(Stencil(stencil.state_shape, stencil.offsets, self.colouring.stencil.source + " + widened"),
-                          f"leak check: {n_leak} compressed entries that should be zero were not (sample {b}); "
-                          "the pattern was widened by the stencil probed at that state")
+        self._set_stencil(
+            Stencil(stencil.state_shape, stencil.offsets, self.colouring.stencil.source + " + widened"),
+            f"leak check: {n_leak} compressed entries that should be zero were not (sample {b}); "
+            "the pattern was widened by the stencil probed at that state",
+        )
 
 
 class _FDStepFunction(torch.autograd.Function):
     """Forward: the black box.  Backward: the finite-difference Jacobian's transpose at the input."""
 
     @staticmethod
-    def forward(ctx, state: torch.Tensor, params: Optional[torch.Tensor], jac: FDJacobian) -> torch.Tensor:
+    def forward(ctx, state: torch.Tensor, params: torch.Tensor | None, jac: FDJacobian) -> torch.Tensor:
         out = jac.step(state.detach(), None if params is None else params.detach()).detach()
         ctx.jac, ctx.params = jac, None if params is None else params.detach()
         ctx.save_for_backward(state.detach(), out)
@@ -689,7 +755,7 @@ def fd_step(jac: FDJacobian) -> Step:
     finite-difference Jacobians.  Calls whose input does not require grad (e.g. the first call of a
     SOL window, on reference data) never compute a Jacobian."""
 
-    def step(state: torch.Tensor, params: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         return _FDStepFunction.apply(state, params, jac)
 
     return step

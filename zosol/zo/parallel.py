@@ -8,12 +8,13 @@ values.  Sharding is done at the granularity of whole chunks and results are
 combined with an ``all_reduce`` of a zero-filled vector, so a sharded run gives
 bit-for-bit the same loss values as a single process with the same chunk size.
 """
+
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-def resolve_device(device: Optional[torch.device | str], fallback: Optional[torch.device] = None) -> torch.device:
+def resolve_device(device: torch.device | str | None, fallback: torch.device | None = None) -> torch.device:
     """Return ``torch.device(device)``; ``None`` -> ``fallback`` (or CPU).
 
     ``"cuda"`` without CUDA raises a ValueError naming the fix.
@@ -59,7 +60,7 @@ DEFAULT_MEMORY_FRACTION = 0.1
 DEFAULT_MEMORY_CAP = 128 * 2**20
 
 
-def available_memory(device: Optional[torch.device] = None) -> int:
+def available_memory(device: torch.device | None = None) -> int:
     """Free memory in bytes: CUDA ``mem_get_info``; CPU ``MemAvailable`` of /proc/meminfo (else 4 GiB)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
@@ -74,7 +75,7 @@ def available_memory(device: Optional[torch.device] = None) -> int:
     return 4 * 2**30
 
 
-def memory_budget(device: Optional[torch.device] = None, budget_bytes: Optional[int] = None) -> int:
+def memory_budget(device: torch.device | None = None, budget_bytes: int | None = None) -> int:
     """Bytes an estimator may use for one chunk of perturbations.
 
     ``budget_bytes`` if given, else ``DEFAULT_MEMORY_FRACTION`` of the free memory, at most
@@ -97,13 +98,13 @@ class AutoChunk:
 
     size: Callable[[], int]
     probe: int = 8
-    chosen: Optional[int] = None
+    chosen: int | None = None
 
 
-ChunkSize = Union[int, None, AutoChunk]
+ChunkSize = int | None | AutoChunk
 
 
-def iter_chunks(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+def iter_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """Split ``range(n)`` into consecutive ``(start, stop)`` chunks of at most ``chunk_size``.
 
     ``chunk_size=None`` means a single chunk.  Raises ValueError for ``chunk_size < 1``.
@@ -147,7 +148,7 @@ def evaluate_chunked(
     distributed: bool = False,
     group=None,
     dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Evaluate ``n`` perturbations in chunks, optionally sharded over ranks.
@@ -188,7 +189,7 @@ def evaluate_chunked(
     return out
 
 
-def chunk_size_from_budget(bytes_per_perturbation: int, budget_bytes: int, max_chunk: Optional[int] = None) -> int:
+def chunk_size_from_budget(bytes_per_perturbation: int, budget_bytes: int, max_chunk: int | None = None) -> int:
     """Largest chunk size whose estimated memory stays within ``budget_bytes`` (at least 1, at most ``max_chunk``)."""
     if bytes_per_perturbation <= 0:
         raise ValueError(f"bytes_per_perturbation must be > 0, got {bytes_per_perturbation}")
@@ -221,7 +222,7 @@ def estimate_bytes_per_perturbation(model: nn.Module, *example_inputs: torch.Ten
     return max(1, int(factor * (total[0] + inp)))
 
 
-def _read_status_kb(key: str) -> Optional[int]:
+def _read_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -232,7 +233,7 @@ def _read_status_kb(key: str) -> Optional[int]:
     return None
 
 
-def measure_peak_memory(fn: Callable[[], object], device: Optional[torch.device] = None) -> Optional[int]:
+def measure_peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int | None:
     """Peak extra memory (bytes) used while running ``fn()``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` delta.  CPU (Linux): peak RSS delta, after
@@ -276,7 +277,7 @@ def launched_with_env() -> bool:
     return all(k in os.environ for k in LAUNCH_ENV) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env(backend: Optional[str] = None) -> tuple[int, int, str]:
+def init_from_env(backend: str | None = None) -> tuple[int, int, str]:
     """Join the process group that the launcher's environment (``LAUNCH_ENV``) describes.
 
     ``backend`` defaults to ``"nccl"`` when CUDA is available (each local rank takes GPU
@@ -287,8 +288,10 @@ def init_from_env(backend: Optional[str] = None) -> tuple[int, int, str]:
         return dist.get_rank(), dist.get_world_size(), dist.get_backend()
     missing = [k for k in LAUNCH_ENV if k not in os.environ]
     if missing:
-        raise ValueError(f"cannot join a process group: environment variables {missing} are not set "
-                         f"(start the command with torchrun, or use --workers N on one machine)")
+        raise ValueError(
+            f"cannot join a process group: environment variables {missing} are not set "
+            f"(start the command with torchrun, or use --workers N on one machine)"
+        )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -300,8 +303,9 @@ def init_from_env(backend: Optional[str] = None) -> tuple[int, int, str]:
 def _spawn_entry(rank: int, fn, world_size: int, port: int, backend: str, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     init_from_env(backend)
     try:
         fn(rank, world_size, *args)
@@ -309,7 +313,7 @@ def _spawn_entry(rank: int, fn, world_size: int, port: int, backend: str, args: 
         dist.destroy_process_group()
 
 
-def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: Optional[str] = None) -> None:
+def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: str | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes with an initialised group.
 
     ``backend`` defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``; rendezvous on a

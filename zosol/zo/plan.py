@@ -5,11 +5,11 @@
 the gradient.  :func:`zosol.zo.cge` (batched loss over parameter copies) and
 :func:`zosol.zo.cge_structured` (structured perturbed forward) differ only in ``eval_chunk``.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,16 @@ from .checks import check_loss_values, check_masks, check_mu, check_scheme
 from .parallel import evaluate_chunked
 
 __all__ = [
-    "ZOEstimate", "CGEPlan", "n_params", "param_layout", "flatten_params", "unflatten", "split_flat",
-    "selected_coordinates", "perturbation_plan", "assemble_cge",
+    "ZOEstimate",
+    "CGEPlan",
+    "n_params",
+    "param_layout",
+    "flatten_params",
+    "unflatten",
+    "split_flat",
+    "selected_coordinates",
+    "perturbation_plan",
+    "assemble_cge",
 ]
 
 # (name, shape, offset, numel) per parameter tensor, in ``params`` order
@@ -45,7 +53,7 @@ class ZOEstimate(Mapping):
 
     grads: dict
     queries: int
-    loss: Optional[float] = None
+    loss: float | None = None
     info: dict = field(default_factory=dict)
 
     def __getitem__(self, k: str) -> torch.Tensor:
@@ -78,10 +86,10 @@ def flatten_params(params: Mapping, device: torch.device) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, layout: Layout) -> dict:
     """``flat`` of shape ``(P, d)`` -> dict name -> view of shape ``(P, *shape)``."""
-    return {k: flat[:, o:o + n].reshape((flat.shape[0],) + shp) for k, shp, o, n in layout}
+    return {k: flat[:, o : o + n].reshape((flat.shape[0],) + shp) for k, shp, o, n in layout}
 
 
-def selected_coordinates(params: Mapping, masks: Optional[Mapping]) -> tuple[torch.Tensor, Layout]:
+def selected_coordinates(params: Mapping, masks: Mapping | None) -> tuple[torch.Tensor, Layout]:
     """Global flat indices (sorted, CPU int64) of the perturbed coordinates, and the layout."""
     layout = param_layout(params)
     d = layout[-1][2] + layout[-1][3] if layout else 0
@@ -104,8 +112,15 @@ def perturbation_plan(coords: torch.Tensor, scheme: str, mu: float) -> tuple[tor
     return idx, step
 
 
-def assemble_cge(values: torch.Tensor, base: Optional[torch.Tensor], idx: torch.Tensor, scheme: str,
-                 mu: float, params: Mapping, layout: Layout) -> dict:
+def assemble_cge(
+    values: torch.Tensor,
+    base: torch.Tensor | None,
+    idx: torch.Tensor,
+    scheme: str,
+    mu: float,
+    params: Mapping,
+    layout: Layout,
+) -> dict:
     """Perturbed loss values ``(N,)`` -> gradient dict (float64 arithmetic, then the parameters' dtype)."""
     d = layout[-1][2] + layout[-1][3]
     g = torch.zeros(d, dtype=torch.float64)
@@ -119,8 +134,7 @@ def assemble_cge(values: torch.Tensor, base: Optional[torch.Tensor], idx: torch.
 
 def split_flat(g: torch.Tensor, params: Mapping, layout: Layout) -> dict:
     """Flat gradient ``(d,)`` -> dict name -> tensor with each parameter's shape, device and dtype."""
-    return {k: g[o:o + n].reshape(shp).to(device=params[k].device, dtype=params[k].dtype)
-            for k, shp, o, n in layout}
+    return {k: g[o : o + n].reshape(shp).to(device=params[k].device, dtype=params[k].dtype) for k, shp, o, n in layout}
 
 
 @dataclass
@@ -136,7 +150,7 @@ class CGEPlan:
     mu: float
 
     @classmethod
-    def build(cls, params: Mapping, masks: Optional[Mapping], scheme: str, mu: float) -> "CGEPlan":
+    def build(cls, params: Mapping, masks: Mapping | None, scheme: str, mu: float) -> CGEPlan:
         """Validate ``mu``/``scheme``/``masks`` and list the perturbations of the unmasked coordinates."""
         mu, scheme = check_mu(mu), check_scheme(scheme)
         params = dict(params)
@@ -149,10 +163,18 @@ class CGEPlan:
         """Number of perturbed queries (without the forward scheme's base query)."""
         return int(self.idx.numel())
 
-    def run(self, eval_chunk: Callable[[int, int], torch.Tensor], base_loss: Callable[[], torch.Tensor],
-            chunk_size: Optional[int], distributed: bool = False, group=None,
-            device: Optional[torch.device] = None, progress: bool = False, info: Optional[dict] = None,
-            what: str = "batched_loss") -> ZOEstimate:
+    def run(
+        self,
+        eval_chunk: Callable[[int, int], torch.Tensor],
+        base_loss: Callable[[], torch.Tensor],
+        chunk_size: int | None,
+        distributed: bool = False,
+        group=None,
+        device: torch.device | None = None,
+        progress: bool = False,
+        info: dict | None = None,
+        what: str = "batched_loss",
+    ) -> ZOEstimate:
         """Evaluate all perturbations and assemble the estimate.
 
         ``eval_chunk(s, e) -> (e - s,)`` losses of perturbations ``s:e``; ``base_loss() -> (1,)`` the
@@ -166,10 +188,23 @@ class CGEPlan:
         def checked(s: int, e: int) -> torch.Tensor:
             return check_loss_values(eval_chunk(s, e), e - s, what)
 
-        values = evaluate_chunked(checked, self.n, chunk_size, distributed, group, dtype=torch.float64,
-                                  device=device if distributed else None, progress=progress)
+        values = evaluate_chunked(
+            checked,
+            self.n,
+            chunk_size,
+            distributed,
+            group,
+            dtype=torch.float64,
+            device=device if distributed else None,
+            progress=progress,
+        )
         grads = assemble_cge(values, base, self.idx, self.scheme, self.mu, self.params, self.layout)
         d = self.layout[-1][2] + self.layout[-1][3]
-        meta = {"coordinates": int(self.coords.numel()), "d": int(d), "scheme": self.scheme,
-                "chunk_size": chunk_size, **(info or {})}
+        meta = {
+            "coordinates": int(self.coords.numel()),
+            "d": int(d),
+            "scheme": self.scheme,
+            "chunk_size": chunk_size,
+            **(info or {}),
+        }
         return ZOEstimate(grads, queries, None if base is None else float(base), meta)

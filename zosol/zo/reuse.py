@@ -21,10 +21,11 @@ parameter belongs to a leaf module called once, else ``vmap``; ``info["engine"]`
 ``info["engine_reason"]`` of the estimate say which one ran and why.  Neither engine changes the
 model: parameters, buffers (BatchNorm running statistics) and the training mode are left as they were.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -35,8 +36,14 @@ from .parallel import AutoChunk, chunk_size_from_budget, memory_budget
 from .plan import CGEPlan, ZOEstimate, flatten_params, unflatten
 from .structured import GraphPlan, Pert, State, base_pass, run_graph, trace_plan
 
-__all__ = ["Residual", "UnsupportedModuleError", "check_structured_support", "cge_structured", "LossOfForward",
-           "ENGINES"]
+__all__ = [
+    "Residual",
+    "UnsupportedModuleError",
+    "check_structured_support",
+    "cge_structured",
+    "LossOfForward",
+    "ENGINES",
+]
 
 LossOfForward = Callable[[Callable[..., torch.Tensor], int], torch.Tensor]
 ENGINES = ("auto", "structured", "vmap")
@@ -56,8 +63,9 @@ def check_structured_support(model: nn.Module) -> GraphPlan:
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     plan, reason = trace_plan(model, params)
     if plan is None:
-        raise UnsupportedModuleError(f"structured perturbed forward not applicable: {reason}; use engine='vmap' "
-                                     "or engine='auto'")
+        raise UnsupportedModuleError(
+            f"structured perturbed forward not applicable: {reason}; use engine='vmap' or engine='auto'"
+        )
     return plan
 
 
@@ -69,7 +77,7 @@ class _ForwardBase:
         self.P = P
         self.hint = hint  # shared across the chunks of one estimate: {"B": int or None, ...}
 
-    def _split(self, x: torch.Tensor, per_perturbation: Optional[bool]) -> tuple[bool, int]:
+    def _split(self, x: torch.Tensor, per_perturbation: bool | None) -> tuple[bool, int]:
         P, N = self.P, x.shape[0]
         B = self.hint.get("B")
         if per_perturbation is None:
@@ -105,11 +113,20 @@ class _StructuredForward(_ForwardBase):
             return hit[1]
         cache = base_pass(self.plan, x, x.device)
         self.hint["cache"] = (x, cache)
-        self._record(max((s.base.numel() * s.base.element_size() for v in cache.values()
-                          for s in _flat_states(v) if s.base is not None), default=0))
+        self._record(
+            max(
+                (
+                    s.base.numel() * s.base.element_size()
+                    for v in cache.values()
+                    for s in _flat_states(v)
+                    if s.base is not None
+                ),
+                default=0,
+            )
+        )
         return cache
 
-    def __call__(self, x: torch.Tensor, per_perturbation: Optional[bool] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, per_perturbation: bool | None = None) -> torch.Tensor:
         per, B = self._split(x, per_perturbation)
         P, dev = self.P, x.device
         if x.dim() == 4:  # convolutions over many rows run faster channels-last on CPUs (oneDNN)
@@ -124,8 +141,9 @@ class _StructuredForward(_ForwardBase):
             st = State(None, x.repeat((P,) + (1,) * (x.dim() - 1)), torch.arange(P, device=dev))
         out = run_graph(self.plan, st, self.groups, P, B, cache)
         if not isinstance(out, State):
-            raise UnsupportedModuleError("the model's forward must return one tensor for the structured path; "
-                                         "use engine='vmap'")
+            raise UnsupportedModuleError(
+                "the model's forward must return one tensor for the structured path; use engine='vmap'"
+            )
         return _assemble(out, P, B)
 
 
@@ -141,8 +159,11 @@ def _assemble(st: State, P: int, B: int) -> torch.Tensor:
     if n == 0:
         return st.base.repeat((P,) + (1,) * (st.base.dim() - 1))
     rest = st.rows.shape[1:]
-    out = st.base.unsqueeze(0).repeat((P, 1) + (1,) * len(rest)) if n < P else \
-        torch.empty((P, B) + rest, dtype=st.rows.dtype, device=dev)
+    out = (
+        st.base.unsqueeze(0).repeat((P, 1) + (1,) * len(rest))
+        if n < P
+        else torch.empty((P, B) + rest, dtype=st.rows.dtype, device=dev)
+    )
     out[st.ids] = st.rows.reshape((n, B) + rest)
     return out.reshape((P * B,) + rest)
 
@@ -154,7 +175,7 @@ class _VmapForward(_ForwardBase):
         super().__init__(P, hint)
         self.model, self.pdict = model, pdict
 
-    def __call__(self, x: torch.Tensor, per_perturbation: Optional[bool] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, per_perturbation: bool | None = None) -> torch.Tensor:
         per, B = self._split(x, per_perturbation)
         model, P = self.model, self.P
         # per-perturbation copies of the buffers: train-mode BatchNorm updates those, never the model's
@@ -164,7 +185,9 @@ class _VmapForward(_ForwardBase):
             y = vmap(lambda p, xi: functional_call(model, p, (xi,)))(state, x.reshape((P, B) + x.shape[1:]))
         else:
             y = vmap(lambda p: functional_call(model, p, (x,)))(state)
-        self._record(y[0].numel() * y.element_size() + sum(t[0].numel() * t.element_size() for t in self.pdict.values()))
+        self._record(
+            y[0].numel() * y.element_size() + sum(t[0].numel() * t.element_size() for t in self.pdict.values())
+        )
         return y.reshape((P * y.shape[1],) + y.shape[2:])
 
 
@@ -186,7 +209,8 @@ def _structured_factory(model: nn.Module, gplan: GraphPlan, plan: CGEPlan, hint:
                 continue
             mi = torch.unravel_index(ic[sel] - o, shp)
             groups.setdefault(own[0], {})[own[1]] = Pert(
-                torch.nonzero(sel).reshape(-1).to(dev), tuple(t.to(dev) for t in mi), sc[sel].to(dev, dtype))
+                torch.nonzero(sel).reshape(-1).to(dev), tuple(t.to(dev) for t in mi), sc[sel].to(dev, dtype)
+            )
         return _StructuredForward(gplan, groups, e - s, hint, reuse)
 
     return make_forward
@@ -209,7 +233,7 @@ def _vmap_factory(model: nn.Module, plan: CGEPlan, hint: dict):
     return make_forward
 
 
-def _pick_engine(model: nn.Module, engine: str, params: dict) -> tuple[str, Optional[GraphPlan], str]:
+def _pick_engine(model: nn.Module, engine: str, params: dict) -> tuple[str, GraphPlan | None, str]:
     """``(engine, traced plan or None, reason)``; ``engine="structured"`` raises if it cannot apply."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
@@ -219,19 +243,21 @@ def _pick_engine(model: nn.Module, engine: str, params: dict) -> tuple[str, Opti
     if gplan is not None:
         return "structured", gplan, "model traced by torch.fx; every parameter in a leaf module called once"
     if engine == "structured":
-        raise UnsupportedModuleError(f"structured perturbed forward not applicable: {reason}; use engine='vmap' "
-                                     "or engine='auto'")
+        raise UnsupportedModuleError(
+            f"structured perturbed forward not applicable: {reason}; use engine='vmap' or engine='auto'"
+        )
     warnings.warn(f"cge_structured: using the slower vmap engine because {reason}", stacklevel=3)
     return "vmap", None, reason
 
 
-def _chunking(chunk_size, memory_budget_bytes: Optional[int], hint: dict, device: torch.device):
+def _chunking(chunk_size, memory_budget_bytes: int | None, hint: dict, device: torch.device):
     """``"auto"`` -> :class:`AutoChunk` sized from the bytes per perturbation the probe chunk recorded."""
     if chunk_size != "auto":
         return chunk_size
     budget = memory_budget(device, memory_budget_bytes)
-    return AutoChunk(lambda: chunk_size_from_budget(max(1, _LIVE_FACTOR * hint.get("bytes", 1)), budget,
-                                                    max_chunk=4096))
+    return AutoChunk(
+        lambda: chunk_size_from_budget(max(1, _LIVE_FACTOR * hint.get("bytes", 1)), budget, max_chunk=4096)
+    )
 
 
 @torch.no_grad()
@@ -240,12 +266,12 @@ def cge_structured(
     loss_of_forward: LossOfForward,
     mu: float = 5e-3,
     scheme: str = "forward",
-    masks: Optional[dict] = None,
-    chunk_size: "int | str | None" = "auto",
+    masks: dict | None = None,
+    chunk_size: int | str | None = "auto",
     reuse: bool = True,
     engine: str = "auto",
-    batch_size: Optional[int] = None,
-    memory_budget: Optional[int] = None,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
     distributed: bool = False,
     group=None,
     progress: bool = False,
@@ -284,10 +310,16 @@ def cge_structured(
         plain = _VmapForward(model, {k: p.detach().unsqueeze(0) for k, p in model.named_parameters()}, 1, hint)
     dev = next(iter(params.values())).device
     chunks = _chunking(chunk_size, memory_budget, hint, dev)
-    est = plan.run(lambda s, e: loss_of_forward(make_forward(s, e), e - s),
-                   lambda: loss_of_forward(plain, 1),
-                   chunks, distributed, group, dev, progress,
-                   {"engine": engine, "engine_reason": reason, "reuse": reuse}, "loss_of_forward")
+    est = plan.run(
+        lambda s, e: loss_of_forward(make_forward(s, e), e - s),
+        lambda: loss_of_forward(plain, 1),
+        chunks,
+        distributed,
+        group,
+        dev,
+        progress,
+        {"engine": engine, "engine_reason": reason, "reuse": reuse},
+        "loss_of_forward",
+    )
     est.info["chunk_size"] = chunks.chosen if isinstance(chunks, AutoChunk) else chunk_size
     return est
-

@@ -13,9 +13,10 @@
 
 Masks are dicts name -> bool tensor (True = estimate this coordinate).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.func import grad, jvp
@@ -24,9 +25,17 @@ from .checks import check_params, check_sparsity
 from .estimators import rge
 
 __all__ = [
-    "default_prunable", "zo_grasp_scores", "fo_grasp_scores", "layerwise_pruning_ratios",
-    "uniform_lprs", "zo_grasp_lprs", "fo_grasp_lprs", "random_masks", "mask_sparsity",
-    "MaskScheduler", "score_correlation",
+    "default_prunable",
+    "zo_grasp_scores",
+    "fo_grasp_scores",
+    "layerwise_pruning_ratios",
+    "uniform_lprs",
+    "zo_grasp_lprs",
+    "fo_grasp_lprs",
+    "random_masks",
+    "mask_sparsity",
+    "MaskScheduler",
+    "score_correlation",
 ]
 
 Prunable = Callable[[str, torch.Tensor], bool]
@@ -43,8 +52,8 @@ def zo_grasp_scores(
     q: int = 192,
     mu: float = 5e-3,
     hvp_step: float = 1e-2,
-    generator: Optional[torch.Generator] = None,
-    chunk_size: "int | str | None" = "auto",
+    generator: torch.Generator | None = None,
+    chunk_size: int | str | None = "auto",
 ) -> dict:
     """ZO-GraSP scores ``-theta * Hg`` from function values only (2 (q+1) queries).
 
@@ -73,7 +82,7 @@ def zo_grasp_scores(
     s = -theta * hg
     out, o = {}, 0
     for k, p in params.items():
-        out[k] = s[o:o + p.numel()].reshape(p.shape)
+        out[k] = s[o : o + p.numel()].reshape(p.shape)
         o += p.numel()
     return out
 
@@ -92,7 +101,10 @@ def fo_grasp_scores(batched_loss: Callable[[dict], torch.Tensor], params: Mappin
 
 
 def layerwise_pruning_ratios(
-    scores: Mapping, sparsity: float, prunable: Optional[Prunable] = None, params: Optional[Mapping] = None,
+    scores: Mapping,
+    sparsity: float,
+    prunable: Prunable | None = None,
+    params: Mapping | None = None,
 ) -> dict:
     """Global threshold on ``scores``: prune the ``sparsity`` fraction of prunable coordinates with the
     highest scores (GraSP) and return name -> fraction pruned in that tensor (LPR).
@@ -118,31 +130,31 @@ def layerwise_pruning_ratios(
     for k in scores:
         if k in name_set:
             n = scores[k].numel()
-            out[k] = float(pruned[o:o + n].sum()) / n
+            out[k] = float(pruned[o : o + n].sum()) / n
             o += n
         else:
             out[k] = 0.0
     return out
 
 
-def uniform_lprs(params: Mapping, sparsity: float, prunable: Optional[Prunable] = None) -> dict:
+def uniform_lprs(params: Mapping, sparsity: float, prunable: Prunable | None = None) -> dict:
     """Same pruning ratio ``sparsity`` for every prunable tensor, 0 for the others."""
     sparsity = check_sparsity(sparsity)
     prunable = prunable or default_prunable
     return {k: (sparsity if prunable(k, p) else 0.0) for k, p in params.items()}
 
 
-def zo_grasp_lprs(batched_loss, params: Mapping, sparsity: float, prunable: Optional[Prunable] = None, **kw) -> dict:
+def zo_grasp_lprs(batched_loss, params: Mapping, sparsity: float, prunable: Prunable | None = None, **kw) -> dict:
     """LPRs from :func:`zo_grasp_scores` (keyword arguments are passed on)."""
     return layerwise_pruning_ratios(zo_grasp_scores(batched_loss, params, **kw), sparsity, prunable, params)
 
 
-def fo_grasp_lprs(batched_loss, params: Mapping, sparsity: float, prunable: Optional[Prunable] = None) -> dict:
+def fo_grasp_lprs(batched_loss, params: Mapping, sparsity: float, prunable: Prunable | None = None) -> dict:
     """LPRs from :func:`fo_grasp_scores`."""
     return layerwise_pruning_ratios(fo_grasp_scores(batched_loss, params), sparsity, prunable, params)
 
 
-def random_masks(params: Mapping, lprs: Mapping, generator: Optional[torch.Generator] = None) -> dict:
+def random_masks(params: Mapping, lprs: Mapping, generator: torch.Generator | None = None) -> dict:
     """Random per-tensor masks with exactly ``round(lpr * numel)`` zeros (bool, CPU, parameter shapes).
 
     Tensors missing from ``lprs`` are dense.
@@ -192,7 +204,7 @@ class MaskScheduler:
         return self._cache[1]
 
 
-def score_correlation(a: Mapping, b: Mapping, names: Optional[list] = None) -> dict:
+def score_correlation(a: Mapping, b: Mapping, names: list | None = None) -> dict:
     """Pearson and Spearman correlation of two score dicts over ``names`` (default: all)."""
     names = names or list(a)
     x = torch.cat([a[k].reshape(-1).double() for k in names])

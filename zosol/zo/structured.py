@@ -19,12 +19,14 @@ flat (n*B) rows, everything else under ``vmap`` over the perturbation axis (so `
 mode) normalises each perturbation's B rows with their own statistics and never updates running
 statistics.
 """
+
 from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -32,31 +34,99 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-
 __all__ = ["State", "Pert", "GraphPlan", "trace_plan", "run_graph", "NORMS", "AFFINE"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NORMS = BATCHNORMS + (nn.GroupNorm, nn.LayerNorm)
 PER_SAMPLE_MODULES: tuple = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.CELU, nn.SELU,
-    nn.LeakyReLU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
-    nn.Softsign, nn.LogSigmoid, nn.Identity, nn.PReLU,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Upsample, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.GroupNorm, nn.LayerNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Identity,
+    nn.PReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
 ) + AFFINE
 # functions / methods that act on each sample independently and broadcast like elementwise ops
 PER_SAMPLE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-    torch.mul, torch.div, torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.sin, torch.cos,
-    F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.tanh, F.sigmoid, F.mish, F.hardtanh,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    torch.exp,
+    torch.sin,
+    torch.cos,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.leaky_relu,
+    F.softplus,
+    F.tanh,
+    F.sigmoid,
+    F.mish,
+    F.hardtanh,
 }
-PER_SAMPLE_METHODS = {"add", "sub", "mul", "div", "relu", "tanh", "sigmoid", "exp", "neg", "contiguous",
-                      "sin", "cos", "abs", "pow", "clamp"}
+PER_SAMPLE_METHODS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "neg",
+    "contiguous",
+    "sin",
+    "cos",
+    "abs",
+    "pow",
+    "clamp",
+}
 META_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
-INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                     operator.itruediv: operator.truediv}
+INPLACE_FUNCTIONS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 
 @dataclass
@@ -67,8 +137,8 @@ class State:
     ``rows``: (n*B, ...) activations of perturbations ``ids`` (n,), block i of B rows for ``ids[i]``.
     """
 
-    base: Optional[torch.Tensor]
-    rows: Optional[torch.Tensor]
+    base: torch.Tensor | None
+    rows: torch.Tensor | None
     ids: torch.Tensor
 
     @property
@@ -98,9 +168,9 @@ class GraphPlan:
     """A traced model: its graph, its modules and the call_module node that owns each parameter."""
 
     gm: fx.GraphModule
-    modules: dict          # target -> module
-    owner: dict            # id(parameter) -> (module target, attribute name)
-    frees: dict            # node -> nodes whose value is not needed after it
+    modules: dict  # target -> module
+    owner: dict  # id(parameter) -> (module target, attribute name)
+    frees: dict  # node -> nodes whose value is not needed after it
 
 
 def _concrete_args(model: nn.Module) -> dict:
@@ -109,7 +179,7 @@ def _concrete_args(model: nn.Module) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-def trace_plan(model: nn.Module, params: dict) -> tuple[Optional[GraphPlan], str]:
+def trace_plan(model: nn.Module, params: dict) -> tuple[GraphPlan | None, str]:
     """Trace ``model`` with torch.fx; ``(plan, "")`` or ``(None, reason)`` if the structured path cannot apply."""
     try:
         gm = fx.symbolic_trace(model, concrete_args=_concrete_args(model) or None)
@@ -132,9 +202,15 @@ def trace_plan(model: nn.Module, params: dict) -> tuple[Optional[GraphPlan], str
                 return None, f"module {target!r} is called {count} times (shared weights)"
             owner[id(p)] = (target, kind)
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in {t for t, _ in owner.values()} and \
-                (len(node.args) != 1 or node.kwargs):
-            return None, f"module {node.target!r} with parameters takes {len(node.args)} inputs; the structured path needs one"
+        if (
+            node.op == "call_module"
+            and node.target in {t for t, _ in owner.values()}
+            and (len(node.args) != 1 or node.kwargs)
+        ):
+            return (
+                None,
+                f"module {node.target!r} with parameters takes {len(node.args)} inputs; the structured path needs one",
+            )
     return GraphPlan(gm, {t: modules[t] for t in calls}, owner, _last_uses(gm.graph)), ""
 
 
@@ -171,7 +247,7 @@ def _batch_norm_blocks(m: nn.Module, x: torch.Tensor, n: int, affine: bool) -> t
         return F.batch_norm(x, None, None, w, b, True, 0.0, m.eps)
     out = torch.empty_like(x)
     for i in range(n):
-        out[i * B:(i + 1) * B] = F.batch_norm(x[i * B:(i + 1) * B], None, None, w, b, True, 0.0, m.eps)
+        out[i * B : (i + 1) * B] = F.batch_norm(x[i * B : (i + 1) * B], None, None, w, b, True, 0.0, m.eps)
     return out
 
 
@@ -206,11 +282,12 @@ def module_forward(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- deltas
-def _conv_input(m: nn.Module, X: torch.Tensor, blk: torch.Tensor, o: torch.Tensor, c: torch.Tensor,
-                ks: tuple, out_sp: tuple) -> torch.Tensor:
+def _conv_input(
+    m: nn.Module, X: torch.Tensor, blk: torch.Tensor, o: torch.Tensor, c: torch.Tensor, ks: tuple, out_sp: tuple
+) -> torch.Tensor:
     """Input channel seen by weight ``[o, c, *ks]``, shifted/strided to the output grid: (J, B, *out_sp)."""
     cin = (o // (m.out_channels // m.groups)) * (m.in_channels // m.groups) + c
-    xs = X[blk, :, cin]                      # (J, B, *sp_in)
+    xs = X[blk, :, cin]  # (J, B, *sp_in)
     pad = m._reversed_padding_repeated_twice
     if any(pad):
         xs = F.pad(xs, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
@@ -226,8 +303,16 @@ def _conv_input(m: nn.Module, X: torch.Tensor, blk: torch.Tensor, o: torch.Tenso
     return xs
 
 
-def _add_delta(m: nn.Module, kind: str, Y: torch.Tensor, pj: torch.Tensor, X: torch.Tensor,
-               blk: torch.Tensor, idx: tuple, s: torch.Tensor) -> None:
+def _add_delta(
+    m: nn.Module,
+    kind: str,
+    Y: torch.Tensor,
+    pj: torch.Tensor,
+    X: torch.Tensor,
+    blk: torch.Tensor,
+    idx: tuple,
+    s: torch.Tensor,
+) -> None:
     """Y (N, B, *out) += output change of perturbations at rows ``pj``.
 
     ``X`` (nX, B, ...) holds the layer input (Conv/Linear) or the normalised input (norms); row
@@ -258,8 +343,16 @@ def _add_delta(m: nn.Module, kind: str, Y: torch.Tensor, pj: torch.Tensor, X: to
         Y[pj, :, idx[0]] += s.view(shp) * _conv_input(m, X, blk, idx[0], idx[1], idx[2:], tuple(Y.shape[3:]))
 
 
-def _generic_rows(m: nn.Module, kind: str, Y: torch.Tensor, pj: torch.Tensor, X: torch.Tensor,
-                  blk: torch.Tensor, idx: tuple, s: torch.Tensor) -> None:
+def _generic_rows(
+    m: nn.Module,
+    kind: str,
+    Y: torch.Tensor,
+    pj: torch.Tensor,
+    X: torch.Tensor,
+    blk: torch.Tensor,
+    idx: tuple,
+    s: torch.Tensor,
+) -> None:
     """Y[pj] = ``m`` re-run with its own perturbed parameter on X[blk] (any module with parameters)."""
     p = getattr(m, kind)
     J = pj.numel()
@@ -306,12 +399,22 @@ def _flat_ok(node: fx.Node, args: tuple, kwargs: dict, states: list) -> bool:
             ok = dim != 0 and -dim != states[0].rep(1).dim()
         elif t is operator.getitem:
             ix = args[1]
-            ok = isinstance(ix, tuple) and len(ix) > 0 and ix[0] == slice(None) and \
-                all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in ix)
+            ok = (
+                isinstance(ix, tuple)
+                and len(ix) > 0
+                and ix[0] == slice(None)
+                and all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in ix)
+            )
         elif t is F.pad:
             ok = len(args[1]) < 2 * states[0].rep(1).dim()
-        elif t in (F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d, F.adaptive_avg_pool1d,
-                   F.adaptive_avg_pool2d):
+        elif t in (
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.max_pool1d,
+            F.max_pool2d,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+        ):
             ok = True
         elif t is torch.flatten:
             ok = kwargs.get("start_dim", args[1] if len(args) > 1 else 0) not in (0, -states[0].rep(1).dim())
@@ -337,7 +440,7 @@ class Runner:
     carry no perturbed rows, and for the ``base`` part of every State.
     """
 
-    def __init__(self, plan: GraphPlan, groups: dict, P: int, B: int, cache: Optional[dict]):
+    def __init__(self, plan: GraphPlan, groups: dict, P: int, B: int, cache: dict | None):
         self.plan, self.groups, self.P, self.B, self.cache = plan, groups, P, B, cache
 
     def run(self, x: State) -> Any:
@@ -364,8 +467,9 @@ class Runner:
         cached = self.cache.get(node) if self.cache is not None else None
         if cached is not None and node.target not in self.groups and all(s.n == 0 for s in states):
             return cached
-        if (node.op == "call_method" and node.target in META_METHODS) or \
-                (node.op == "call_function" and node.target is getattr):
+        if (node.op == "call_method" and node.target in META_METHODS) or (
+            node.op == "call_function" and node.target is getattr
+        ):
             return _target(node, self.plan.modules)(*_substitute(args, lambda s: s.rep(self.B)), **kwargs)
         if node.op == "call_module" and len(args) == 1 and not kwargs:
             return self.module(node, args[0], cached)
@@ -387,8 +491,9 @@ class Runner:
             return _wrap(base, None, U)
         B = self.B
         if _flat_ok(node, args, kwargs, states):
-            rows = fn(*_substitute(args, lambda s: self._align(s, U)),
-                      **_substitute(kwargs, lambda s: self._align(s, U)))
+            rows = fn(
+                *_substitute(args, lambda s: self._align(s, U)), **_substitute(kwargs, lambda s: self._align(s, U))
+            )
             return _wrap(base, rows, U)
         blocks = [self._align(s, U).reshape((U.numel(), B) + s.rep(B).shape[1:]) for s in states]
 
@@ -398,7 +503,9 @@ class Runner:
             return fn(*a[0], **a[1])
 
         out = vmap(one)(*blocks)
-        rows = fx.node.map_aggregate(out, lambda t: t.reshape((-1,) + t.shape[2:]) if isinstance(t, torch.Tensor) else t)
+        rows = fx.node.map_aggregate(
+            out, lambda t: t.reshape((-1,) + t.shape[2:]) if isinstance(t, torch.Tensor) else t
+        )
         return _wrap(base, rows, U)
 
     def _union(self, states: list) -> torch.Tensor:
@@ -425,7 +532,7 @@ class Runner:
         src = torch.cat([s.blocks(self.B), s.base.unsqueeze(0)])
         return src[torch.where(p >= 0, p, s.n)].reshape((-1,) + s.base.shape[1:])
 
-    def module(self, node: fx.Node, x: State, cached: Optional[State]) -> State:
+    def module(self, node: fx.Node, x: State, cached: State | None) -> State:
         """A single-input leaf module; the perturbations it owns are activated here."""
         m = self.plan.modules[node.target]
         if cached is not None:
@@ -438,8 +545,9 @@ class Runner:
             return State(base, rows, x.ids)
         return self._activate(m, x, groups, base, rows)
 
-    def _activate(self, m: nn.Module, x: State, groups: dict, base: Optional[torch.Tensor],
-                  rows: Optional[torch.Tensor]) -> State:
+    def _activate(
+        self, m: nn.Module, x: State, groups: dict, base: torch.Tensor | None, rows: torch.Tensor | None
+    ) -> State:
         B, n, dev = self.B, x.n, x.ids.device
         pos_old = torch.full((self.P,), -1, dtype=torch.long, device=dev)
         pos_old[x.ids] = torch.arange(n, device=dev)
@@ -451,7 +559,7 @@ class Runner:
         else:  # perturbations activated here start from the shared output
             Y = tile(base, n + k)
             if n:
-                Y[:n * B] = rows
+                Y[: n * B] = rows
         Y = Y.reshape((n + k, B) + Y.shape[1:])
         ids = torch.cat([x.ids, new_ids]) if k else x.ids
         pos_new = pos_old.clone()
@@ -464,8 +572,16 @@ class Runner:
                     continue
                 blk = pos_old[g.ids[sel]] if from_rows else torch.zeros(int(sel.sum()), dtype=torch.long, device=dev)
                 fn = _add_delta if isinstance(m, AFFINE + NORMS) else _generic_rows
-                fn(m, kind, Y, pos_new[g.ids[sel]], inputs.get(from_rows), blk,
-                   tuple(t[sel] for t in g.idx), g.step[sel].to(Y.dtype))
+                fn(
+                    m,
+                    kind,
+                    Y,
+                    pos_new[g.ids[sel]],
+                    inputs.get(from_rows),
+                    blk,
+                    tuple(t[sel] for t in g.idx),
+                    g.step[sel].to(Y.dtype),
+                )
         return State(base, Y.reshape((-1,) + Y.shape[2:]), ids)
 
 
@@ -486,8 +602,9 @@ class _DeltaInputs:
 
 def tile(base: torch.Tensor, k: int) -> torch.Tensor:
     """(B, ...) -> (k*B, ...): k copies of ``base`` in its memory format (channels_last stays so)."""
-    out = torch.empty((k * base.shape[0],) + base.shape[1:], dtype=base.dtype, device=base.device,
-                      memory_format=_format(base))
+    out = torch.empty(
+        (k * base.shape[0],) + base.shape[1:], dtype=base.dtype, device=base.device, memory_format=_format(base)
+    )
     out.view((k,) + base.shape).copy_(base.unsqueeze(0).expand((k,) + base.shape))
     return out
 
@@ -507,7 +624,7 @@ def _wrap(base: Any, rows: Any, ids: torch.Tensor) -> Any:
     return State(base, rows, ids)
 
 
-def run_graph(plan: GraphPlan, x: State, groups: dict, P: int, B: int, cache: Optional[dict] = None) -> Any:
+def run_graph(plan: GraphPlan, x: State, groups: dict, P: int, B: int, cache: dict | None = None) -> Any:
     """Output of the traced graph for input State ``x`` under the chunk's perturbations ``groups``."""
     return Runner(plan, groups, P, B, cache).run(x)
 
