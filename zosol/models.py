@@ -4,11 +4,10 @@ additive correction of the same shape.
     input  : (B, C + F, *spatial)   state channels C, scenario feature channels F (forcing, Re)
     output : (B, C, *spatial)       correction added to the coarse solver's output
 
-Both networks start as "no correction" (last layer initialised to zero): in prototypes a randomly
-initialised corrector made rollouts 3x worse than no corrector at all
-(../shared/notes/sol-calibration.md).  They are plain ``nn.Sequential`` stacks of convolutions,
-activations and :class:`~zosol.zo.reuse.Residual` blocks, the layered form that the ZO engine's
-structured (feature-reusing) evaluation understands.
+Both networks start as "no correction" (last layer initialised to zero: a randomly initialised
+corrector makes the first rollouts worse than no corrector at all). They are plain ``nn.Sequential``
+stacks of convolutions, activations and :class:`~zosol.zo.reuse.Residual` blocks, the layered form
+that the ZO engine's structured (feature-reusing) evaluation understands.
 """
 
 from __future__ import annotations

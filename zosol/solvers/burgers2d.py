@@ -39,26 +39,7 @@ sub-steps with ``needed = ceil(dt (max|u|/h + 4 nu/h^2) / cfl)``; ``min_substeps
 at ``u_max``, so in the usual regime the count is fixed and state-independent (smooth finite
 differences) and a batched call equals per-sample calls.
 
-Measured (float32, 1 thread; test seeds ``seed + 10000 + i`` (2 for tiny, 3 otherwise); mean
-|error| on the coarse grid over all frames after the initial one; "finer" = the reference solver
-at twice the resolution, same settings, downsampled to the same coarse grid; both references
-start from the same flow, since initial velocity and forcing are exact cell averages):
-
-=======  ==========  ======  =======  ==================  ==================  =====
-preset   ref -> crs  frames  max|u|   coarse vs ref MAE   ref vs finer MAE    ratio
-=======  ==========  ======  =======  ==================  ==================  =====
-tiny     32 -> 16    8       1.06     7.5e-3              5.4e-4              14
-default  64 -> 32    48      1.72     2.23e-2             1.26e-3             18
-paper    128 -> 32   100     1.80     5.5e-2              3.4e-3              16
-=======  ==========  ======  =======  ==================  ==================  =====
-
-(default at 64 frames: 3.2e-2 vs 2.8e-3, ratio 11; paper's first 10 frames: ratio 42.)  The
-reference's own error grows late in a run as the forced flow sharpens; the coarse error stays an
-order of magnitude above it.  Sub-steps per ``dt`` in the usual regime (|u| <= ``u_max`` = 2):
-coarse 1; reference 1 / 2 / 3 (tiny / default / paper).  Torch vs PhiFlow 3.4 step: max |diff|
-~1e-6 after 3-5 steps for both schemes.  Speed (``experiments/bench_burgers2d.py``, 1 thread):
-coarse 32^2 step 0.15 ms at batch 1, 0.4-0.5 ms at batch 16, 16-28 ms at batch 256; reference
-64^2 0.8 ms, 128^2 11 ms at batch 1.
+Validation numbers (reference vs a finer run, torch vs PhiFlow, speed): ``docs/results.md``.
 
 Note on conservation: the 2-D Burgers equation in advective form does **not** conserve the
 mean velocity in general: ``d/dt <u> = <u div u>``, zero only while the flow is divergence-free

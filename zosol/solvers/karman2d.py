@@ -47,10 +47,8 @@ into one constant channel ``log10(Re) - 6``.
 and the coarse one with ``coarse="phiflow"``); :class:`DirectKarman2D` (``karman2d_direct``) writes
 the same three stages out in torch and solves the pressure with a band LU of the fixed pressure
 matrix, factored once (the default coarse solver; ``reference="direct"`` also uses it on the
-reference grid).  On the same states the two agree to float32 round-off once PhiFlow's iterative
-solve is tight (64x32, 64 states of a developing wake, mean |v| 0.55: max |difference| 2.5e-6, mean
-5.4e-8 with PhiFlow at tol 1e-7; 9.2e-5 / 2.6e-5 at PhiFlow's default 1e-4, where the difference is
-PhiFlow's solver tolerance).  ``experiments/karman2d_direct_bench.py`` measures both side by side.
+reference grid).  On the same states the two agree to float32
+round-off once PhiFlow's iterative solve is tight (``docs/results.md``).
 
 **PhiFlow pressure.** No warm start (the state is velocity only, so there is no hidden pressure state and
 batched calls equal per-sample calls up to solver tolerance); ``Solve('auto', tol, tol)`` with
@@ -70,27 +68,14 @@ faces inside the cylinder), as in PhiFlow.
 
 **Speed (one CPU thread).** ``step`` runs with at most ``threads`` (default 1) torch intra-op threads
 and restores the caller's setting afterwards (on the shared 2-core machine PhiFlow's sparse CG with 2
-threads was ~50x slower).  PhiFlow coarse step vs the direct one, 64x32, interleaved in one run on a
-loaded machine, CPU time per step (``karman2d_direct_bench.py``)::
-
-    batch        1        16        64        256
-    PhiFlow   12.9 ms   40.2 ms   139.3 ms   934.8 ms  (2.2 ms per sample at 64)
-    direct     1.6 ms    3.9 ms    12.8 ms    63.0 ms  (0.20 ms per sample at 64)
-    speed-up    8.2x     10.4x     10.9x      14.8x
-
-The direct step's forward + backward costs 2.3x its forward (batch 64).
-
-PhiFlow on the reference grids (earlier, quiet machine): 256x128 b1 336 ms/step, b8 1535 ms.
+threads was ~50x slower).  Speed of both steps: ``docs/results.md``.
 Backward passes (FO-SOL) run outside the step and use the caller's thread setting: call
 ``torch.set_num_threads(1)`` in training scripts on such machines.
 
 **Presets.** ``default``: 256x128 reference restricted to 64x32 (the paper's grids), 300 warm-up steps,
-100 frames, 6 training / 5 test simulations at the paper's Re.  With the PhiFlow reference its
-generation took 13 min 34 s (one thread, ``--batch 11``, quiet 2-core machine); with
-``--set reference=direct`` it took 17 min 46 s wall / 62 s CPU on the loaded shared machine.  ``paper``:
-1000 warm-up steps and 500 frames (~0.9 h with PhiFlow, extrapolated).  How good the ``default``
-reference is (its error against the same set-up on a 2x finer grid, the coarse solver's error,
-Strouhal numbers) is measured by ``experiments/karman2d_reference.py``; numbers in the README.
+100 frames, 6 training / 5 test simulations at the paper's Re.  ``paper``: 1000 warm-up
+steps and 500 frames.  How good the ``default`` reference is (``experiments/karman2d_reference.py``) and
+how long its generation takes: ``docs/results.md``.
 """
 
 from __future__ import annotations
