@@ -10,6 +10,7 @@ Layers (each imports only the ones above it; no cycles):
     reuse       cge_structured: picks the structured or the vmap engine (and says why), Residual
     sparsity    ZO-GraSP -> layer-wise pruning ratios -> masks, MaskScheduler
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
+    refjac      reference-subtracted Jacobians of globally coupled steps (RefJacobian, build_references)
     bench_nets, bench   reference networks of the benches, ``zosol bench engine``
 """
 
@@ -28,6 +29,7 @@ from .parallel import (
     spawn_local,
 )
 from .plan import CGEPlan, ZOEstimate, n_params
+from .refjac import References, RefJacobian, build_references
 from .reuse import ENGINES, Residual, cge_structured, check_structured_support
 from .sparsity import (
     MaskScheduler,
@@ -82,4 +84,7 @@ __all__ = [
     "fd_step",
     "JacobianError",
     "DiscontinuityError",
+    "RefJacobian",
+    "References",
+    "build_references",
 ]

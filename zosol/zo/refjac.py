@@ -1,0 +1,471 @@
+"""Reference-subtracted finite-difference Jacobians for globally coupled black-box steps.
+
+A solver with a global solve in its step (a pressure projection, an implicit diffusion solve, a
+spectral method) has a dense Jacobian: colouring cannot compress it and a dense estimate costs
+``n`` probes per call.  Yet the Jacobian often *changes* locally with the state: for a projection
+method ``J(x) = Pi A(x)`` with ``Pi`` fixed and ``A(x)`` a local stencil, and ``J(x) - J(x_ref)`` is
+far more local than ``J(x)`` (measured in ``notes/dense-jacobians.md``: 95 % of its norm within
+two cells, the rest decaying like ``1/r^2``).  So (:class:`RefJacobian`)::
+
+    J(x) ~ J_ref + colour-estimate of (J(x) - J_ref) within a reach r
+
+* ``J_ref``: dense references probed once (:func:`build_references`; ``n + 1`` forward or ``2n``
+  central evaluations each, batched and shared out over the ranks of a process group) at one
+  global state (e.g. the mean training state) or at several states (e.g. per data frame).  Each
+  call uses the reference chosen with :meth:`RefJacobian.select` (one index per sample) or,
+  without a selection, the one whose state is nearest to the call's input.
+* the difference: a non-periodic lattice colouring with spacing ``2r + 1`` per spatial axis and
+  one colour set per channel (``C (2r+1)^nd`` colours: 18 / 50 for r = 1 / 2 in 2-D with 2
+  channels); one probe per colour (forward differences, reusing the forward's output) or two
+  (central) gives ``J(x) d_k``; subtracting ``J_ref d_k`` and reading every entry within reach ``r``
+  of its column gives the estimate.  Entries of ``J(x) - J_ref`` beyond the reach alias into it:
+  the estimate is exact when the difference lies within the reach.
+* **error control** (:meth:`RefJacobian.request_check`): at the next product, ``check_dirs`` extra
+  probes in random directions ``v`` compare ``J(x) v`` from the black box with the estimate; when
+  the relative error exceeds ``tol`` the reference is refreshed (re-probed densely at the failing
+  samples' mean state), then the reach widened up to ``max_reach``, re-checking after each; an
+  estimate that stays above ``tol`` sets :attr:`RefJacobian.poor` (a one-line reason) for the
+  caller to act on.  Every check is appended to :attr:`RefJacobian.checks`.
+
+Why this and not a structured recovery from one dense Jacobian at a rest state (also measured in
+the notes, exact to 1e-7 with float64 probes): that recovery needs a pseudo-inverse per colour
+(4.7 CPU-min, 2.7 GiB at 64x32) and ~0.7 CPU-s of linear algebra per training step, and it is only
+as good as float32 central differences allow (3e-4); the subtraction costs one dense matrix product
+per call and reached gradient cosines >= 0.9993 (one reference, r = 2) / >= 0.99995 (per-frame
+references, r = 1) with 18-50 probes per sample-step.
+
+The class offers the interface :func:`~zosol.zo.jacobian.fd_step` uses (``step``, ``vjp``,
+``evaluations``, ``events``), so ``fd_step(RefJacobian(...))`` backpropagates through the black box.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checks import check_mu, check_scheme
+from .jacobian import DEFAULT_MU, Step, _eval_batched, directional_differences
+from .parallel import iter_chunks
+
+__all__ = ["References", "build_references", "lattice_difference_colouring", "RefJacobian", "CheckRecord"]
+
+
+# --------------------------------------------------------------------------------------------
+# References
+
+
+@dataclass
+class References:
+    """Dense reference Jacobians and the states they were probed at.
+
+    ``states``: (R, C, *s); ``params``: (R, K) or None; ``jacobians``: (R, n, n) (row: output entry,
+    column: input entry); ``labels``: R strings naming each reference (e.g. "mean" or "sim 2 frame
+    40"); ``evaluations``: black-box sample-steps spent probing them.
+    """
+
+    states: torch.Tensor
+    params: torch.Tensor | None
+    jacobians: torch.Tensor
+    labels: list[str]
+    evaluations: int = 0
+
+    def __len__(self) -> int:
+        return self.jacobians.shape[0]
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index (B,) of the reference whose state is nearest (Euclidean) to each state of x (B, C, *s)."""
+        if len(self) == 1:
+            return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        d = torch.cdist(x.flatten(1).to(self.states.dtype), self.states.flatten(1))
+        return d.argmin(1)
+
+    def to_state(self) -> dict:
+        """Plain tensors, lists and numbers (``torch.save`` it; reload with ``torch.load(weights_only=True)``)."""
+        return {
+            "states": self.states,
+            "params": self.params,
+            "jacobians": self.jacobians,
+            "labels": list(self.labels),
+            "evaluations": int(self.evaluations),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> References:
+        for key in ("states", "jacobians", "labels"):
+            if key not in state:
+                raise ValueError(f"saved reference Jacobians lack {key!r}: the file is not a References state")
+        j, s = state["jacobians"], state["states"]
+        n = s[0].numel()
+        if j.dim() != 3 or j.shape != (s.shape[0], n, n) or len(state["labels"]) != s.shape[0]:
+            raise ValueError(
+                f"saved reference Jacobians do not fit their states: jacobians {tuple(j.shape)}, states "
+                f"{tuple(s.shape)}, {len(state['labels'])} labels; delete the file to probe them again"
+            )
+        return cls(s, state.get("params"), j, list(state["labels"]), int(state.get("evaluations", 0)))
+
+
+def build_references(
+    step: Step,
+    states: torch.Tensor,
+    params: torch.Tensor | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    mu: float | None = None,
+    scheme: str = "forward",
+    max_batch: int | None = None,
+    distributed: bool = False,
+) -> References:
+    """Dense finite-difference Jacobians of ``step`` at ``states`` (R, C, *s) (params (R, K) or None).
+
+    Probes all references together, a few columns at a time (about ``max_batch`` probes per
+    block, default 256), each block in batched black-box calls of ``max_batch`` states shared out
+    over the process group's ranks with ``distributed`` (every rank gets the same result).
+    Costs ``R (n + 1)`` (forward) or ``2 R n`` (central) black-box sample-steps.
+    """
+    check_scheme(scheme)
+    r, n = states.shape[0], states[0].numel()
+    mu = DEFAULT_MU.get(states.dtype, 1e-3) if mu is None else check_mu(mu)
+    f0 = _eval_batched(step, states, params, max_batch, distributed) if scheme == "forward" else None
+    jac = torch.empty(r, n, n, dtype=states.dtype, device=states.device)
+    eye = torch.eye(n, dtype=states.dtype, device=states.device)
+    per = 1 if scheme == "forward" else 2
+    cols = max(1, (max_batch or 256) * 4 // (r * per))
+    for s, e in iter_chunks(n, cols):
+        q = directional_differences(step, states, params, eye[s:e], mu, scheme, f0, max_batch, distributed)
+        jac[:, :, s:e] = q.transpose(1, 2)
+    labels = [f"reference {i}" for i in range(r)] if labels is None else list(labels)
+    if len(labels) != r:
+        raise ValueError(f"build_references: {len(labels)} labels for {r} states")
+    evals = r * (n + 1) if scheme == "forward" else 2 * r * n
+    return References(states.detach().clone(), None if params is None else params.detach().clone(), jac, labels, evals)
+
+
+# --------------------------------------------------------------------------------------------
+# Colouring of the difference
+
+
+@dataclass
+class _DiffColouring:
+    """The reach-r pattern (non-periodic), its lattice colours and CPR index tensors."""
+
+    reach: tuple[int, ...]
+    rows: torch.Tensor  # (nnz,) output entry
+    cols: torch.Tensor  # (nnz,) input entry
+    entry_colour: torch.Tensor  # (nnz,) colour of the entry's column
+    colours: torch.Tensor  # (n,) colour of every column
+    n_colours: int
+    _on: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(rows, cols, entry_colour, colours, directions (K, n)) on ``device`` (cached)."""
+        key = (str(device), dtype)
+        if key not in self._on:
+            dirs = torch.zeros(self.n_colours, self.colours.numel(), dtype=dtype)
+            dirs[self.colours, torch.arange(self.colours.numel())] = 1
+            self._on[key] = tuple(t.to(device) for t in (self.rows, self.cols, self.entry_colour, self.colours, dirs))
+        return self._on[key]
+
+
+def lattice_difference_colouring(state_shape: Sequence[int], reach: int | Sequence[int]) -> _DiffColouring:
+    """Colour ``(c, x_1 mod s_1, ..., x_nd mod s_nd)`` with ``s_k = 2 reach_k + 1`` and the pattern of
+    every (output, input) pair of entries within ``reach`` cells along each axis, not wrapping
+    around the grid's edges.  Two columns of one colour are ``>= 2r + 1`` cells apart along some
+    axis, so no row within reach of both exists: a valid CPR colouring of that pattern."""
+    shape = tuple(int(s) for s in state_shape)
+    c, spatial = shape[0], shape[1:]
+    reach = (int(reach),) * len(spatial) if isinstance(reach, int) else tuple(int(r) for r in reach)
+    if len(reach) != len(spatial) or min(reach) < 0:
+        raise ValueError(f"reach {reach} does not fit a state of shape {shape} (one half-width >= 0 per spatial axis)")
+    period = np.array([2 * r + 1 for r in reach])
+    cells = np.indices(spatial).reshape(len(spatial), -1).T  # (cells, nd)
+    ncell = cells.shape[0]
+    label = np.ravel_multi_index(tuple((cells % period).T), tuple(period))
+    colours = (np.arange(c)[:, None] * int(period.prod()) + label[None]).reshape(-1)
+    rows, cols = [], []
+    for off in itertools.product(*(range(-r, r + 1) for r in reach)):
+        src = cells + np.array(off)
+        ok = np.all((src >= 0) & (src < np.array(spatial)), 1)
+        cell_out, cell_in = np.nonzero(ok)[0], np.ravel_multi_index(tuple(src[ok].T), spatial)
+        for co, ci in itertools.product(range(c), range(c)):
+            rows.append(co * ncell + cell_out)
+            cols.append(ci * ncell + cell_in)
+    r_t, c_t = torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
+    col_t = torch.from_numpy(colours.astype(np.int64))
+    return _DiffColouring(reach, r_t, c_t, col_t[c_t], col_t, c * int(period.prod()))
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator
+
+
+@dataclass
+class CheckRecord:
+    """One run-time error check: relative errors of ``J v`` (max over samples and directions) before
+    and after the reactions taken (``actions``: "refresh" / "widen to r"), and whether it passed."""
+
+    error: float
+    final_error: float
+    actions: list[str]
+    passed: bool
+    reach: int
+
+    def as_dict(self) -> dict:
+        return {
+            "error": self.error,
+            "final_error": self.final_error,
+            "actions": list(self.actions),
+            "passed": self.passed,
+            "reach": self.reach,
+        }
+
+
+@dataclass
+class RefJacobian:
+    """``J(x) ~ J_ref + coloured estimate of J(x) - J_ref`` for a black-box ``step`` (module docstring).
+
+    ``references``: the dense references; ``reach``: half-width of the difference's pattern (cells);
+    ``scheme``: "forward" (one probe per colour, reusing the forward's output) or "central";
+    ``mu=None``: :data:`~zosol.zo.jacobian.DEFAULT_MU` of the state's dtype; ``max_batch``: states
+    per black-box call; ``distributed``: probe batches shared out over the process group's ranks.
+    Error control: ``tol`` (relative error of ``J v`` that triggers a reaction), ``check_dirs``
+    random directions per check, ``max_reach`` (widening stops there), ``refresh`` (re-probe the
+    reference first).  ``evaluations`` counts black-box sample-steps of probes (references and
+    checks included), ``events`` the reactions taken, ``checks`` every check's record.
+    """
+
+    step: Step
+    state_shape: tuple[int, ...]
+    references: References
+    reach: int = 1
+    mu: float | None = None
+    scheme: str = "forward"
+    max_batch: int | None = None
+    distributed: bool = False
+    tol: float = 0.03
+    check_dirs: int = 2
+    max_reach: int = 4
+    refresh: bool = True
+    evaluations: int = 0
+    events: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
+    poor: str | None = None
+    selection: torch.Tensor | None = None
+
+    def __post_init__(self):
+        check_scheme(self.scheme)
+        self.mu = None if self.mu is None else check_mu(self.mu)
+        self.state_shape = tuple(int(s) for s in self.state_shape)
+        if tuple(self.references.states.shape[1:]) != self.state_shape:
+            raise ValueError(
+                f"RefJacobian: references of states {tuple(self.references.states.shape[1:])}, "
+                f"expected {self.state_shape}"
+            )
+        self._colouring = lattice_difference_colouring(self.state_shape, self.reach)
+        self._ref_comp: torch.Tensor | None = None
+        self._check_generator: torch.Generator | None = None
+
+    # -- reporting ---------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return math.prod(self.state_shape)
+
+    @property
+    def n_colours(self) -> int:
+        return self._colouring.n_colours
+
+    @property
+    def probes_per_sample(self) -> int:
+        """Black-box evaluations per sample-step (the forward output is reused by forward differences)."""
+        return self.n_colours * (2 if self.scheme == "central" else 1)
+
+    def describe(self) -> str:
+        refs = len(self.references)
+        return (
+            f"reference-subtracted Jacobian, n = {self.n}, {refs} dense reference{'s' if refs > 1 else ''} "
+            f"+ the difference coloured within reach {self.reach} ({self.n_colours} colours): "
+            f"{self.probes_per_sample} black-box evaluations per sample-step ({self.scheme} differences)"
+        )
+
+    def _mu(self, dtype: torch.dtype) -> float:
+        return float(self.mu) if self.mu is not None else DEFAULT_MU.get(dtype, 1e-3)
+
+    # -- reference selection -----------------------------------------------------------------
+    def select(self, index: torch.Tensor | None) -> None:
+        """Use reference ``index[b]`` (B,) for sample b of the following calls (None: the nearest)."""
+        if index is not None and (int(index.min()) < 0 or int(index.max()) >= len(self.references)):
+            raise IndexError(f"reference index out of range 0..{len(self.references) - 1}")
+        self.selection = None if index is None else index.detach().long()
+
+    def _ref_index(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selection is not None:
+            if self.selection.shape[0] != x.shape[0]:
+                raise ValueError(f"RefJacobian: {self.selection.shape[0]} selected references for {x.shape[0]} states")
+            return self.selection.to(x.device)
+        return self.references.nearest(x)
+
+    def _reference_compressed(self, dtype: torch.dtype) -> torch.Tensor:
+        """``J_ref d_k`` for every reference and colour: (R, n, K) (cached until the references or reach change)."""
+        if self._ref_comp is None or self._ref_comp.dtype != dtype:
+            j = self.references.jacobians.to(dtype)
+            colours = self._colouring.colours.to(j.device)
+            comp = torch.zeros(j.shape[0], self.n, self.n_colours, dtype=dtype, device=j.device)
+            self._ref_comp = comp.index_add_(2, colours, j)
+        return self._ref_comp
+
+    # -- the estimate ------------------------------------------------------------------------
+    def difference(
+        self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Estimated entries of ``J(x_b) - J_ref[index_b]`` on the reach pattern: (B, nnz)."""
+        rows, _, colour, _, dirs = self._colouring.on(x.device, x.dtype)
+        q = directional_differences(
+            self.step, x, params, dirs, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )  # (B, K, n)
+        self.evaluations += x.shape[0] * self.probes_per_sample
+        ref = self._reference_compressed(x.dtype).to(x.device)[index]  # (B, n, K)
+        return q[:, colour, rows] - ref[:, rows, colour]
+
+    def _ref_apply(self, index: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``J_ref[index_b] v_b`` (or ``J_ref^T v_b``) for v (B, D, n): (B, D, n), one product per reference used."""
+        out = torch.empty_like(v)
+        for r in index.unique().tolist():
+            m = index == r
+            j = self.references.jacobians[r].to(device=v.device, dtype=v.dtype)
+            out[m] = v[m] @ (j if transpose else j.T)
+        return out
+
+    def vjp(
+        self, x: torch.Tensor, params: torch.Tensor | None, grad_out: torch.Tensor, f0: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``J(x_b)^T grad_out_b`` estimated for every sample: x, grad_out, f0 (= step(x)): (B, C, *s) ->
+        (B, C, *s).  Runs a requested error check first (and its reactions)."""
+        if tuple(x.shape[1:]) != self.state_shape:
+            raise ValueError(f"RefJacobian: state of shape {tuple(x.shape)}, expected (B, *{self.state_shape})")
+        x = x.detach()
+        if f0 is None and self.scheme == "forward":
+            f0 = _eval_batched(self.step, x, params, self.max_batch, self.distributed)
+        index = self._ref_index(x)
+        vals = self.difference(x, params, f0, index)
+        if self._check_generator is not None:
+            vals, index = self._controlled(x, params, f0, vals, index)
+        g = grad_out.detach().reshape(x.shape[0], 1, -1).to(x.dtype)
+        rows, cols = self._colouring.on(x.device, x.dtype)[:2]
+        out = self._ref_apply(index, g, transpose=True)[:, 0]
+        out.index_add_(1, cols, vals * g[:, 0, rows])
+        return out.reshape(x.shape)
+
+    def jvp_estimate(self, vals: torch.Tensor, index: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The estimate's ``J v`` for directions v (B, D, n) given :meth:`difference`'s ``vals``: (B, D, n)."""
+        rows, cols = self._colouring.on(v.device, v.dtype)[:2]
+        out = self._ref_apply(index, v, transpose=False)
+        return out.index_add_(2, rows, vals[:, None, :] * v[:, :, cols])
+
+    def jacobian(self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None = None) -> torch.Tensor:
+        """The estimated Jacobians as dense (B, n, n) tensors (for tests and small problems)."""
+        x = x.detach()
+        index = self._ref_index(x)
+        vals = self.difference(x, params, f0, index)
+        rows, cols = self._colouring.on(x.device, x.dtype)[:2]
+        out = self.references.jacobians.to(device=x.device, dtype=x.dtype)[index].clone()
+        out[:, rows, cols] += vals
+        return out
+
+    # -- error control -----------------------------------------------------------------------
+    def request_check(self, generator: torch.Generator) -> None:
+        """Check the estimate at the next :meth:`vjp` with random directions drawn from ``generator``
+        (seed it from the run and step for reproducible runs)."""
+        self._check_generator = generator
+
+    def check(
+        self,
+        x: torch.Tensor,
+        params: torch.Tensor | None,
+        f0: torch.Tensor | None,
+        vals: torch.Tensor,
+        index: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Relative errors ``|J v - J_est v| / |J v|`` (B,) (max over ``check_dirs`` Gaussian directions
+        v), with ``J v`` from ``check_dirs`` extra black-box probes per sample."""
+        b = x.shape[0]
+        v = torch.randn(b, self.check_dirs, self.n, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+        jv = directional_differences(
+            self.step, x, params, v, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )
+        self.evaluations += b * self.check_dirs * (2 if self.scheme == "central" else 1)
+        est = self.jvp_estimate(vals, index, v)
+        return ((jv - est).norm(dim=2) / jv.norm(dim=2).clamp_min(torch.finfo(x.dtype).tiny)).amax(1)
+
+    def _controlled(
+        self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None, vals, index
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The requested check and its reactions: refresh the references of failing samples, then widen
+        the reach, re-checking after each; sets :attr:`poor` when nothing helps."""
+        gen, self._check_generator = self._check_generator, None
+        err = self.check(x, params, f0, vals, index, gen)
+        first, actions = float(err.max()), []
+        plan = (["refresh"] if self.refresh else []) + [
+            f"widen to {r}" for r in range(self.reach + 1, self.max_reach + 1)
+        ]
+        for action in plan:
+            if float(err.max()) <= self.tol:
+                break
+            if action == "refresh":
+                self._refresh(x, params, index, err > self.tol)
+            else:
+                self.set_reach(self.reach + 1)
+            actions.append(action)
+            index = self._ref_index(x)
+            vals = self.difference(x, params, f0, index)
+            err = self.check(x, params, f0, vals, index, gen)
+        rec = CheckRecord(first, float(err.max()), actions, float(err.max()) <= self.tol, self.reach)
+        self.checks.append(rec)
+        if actions:
+            self._event(
+                f"error check: relative error {first:.3g} > tol {self.tol:g}; {', '.join(actions)}: "
+                f"now {rec.final_error:.3g}"
+            )
+        if not rec.passed:
+            self.poor = (
+                f"the reference-subtracted Jacobian stays poor: relative error {rec.final_error:.3g} > tol "
+                f"{self.tol:g} after {', '.join(actions) or 'no reaction (refresh off, reach at max_reach)'}"
+            )
+        return vals, index
+
+    def _refresh(
+        self, x: torch.Tensor, params: torch.Tensor | None, index: torch.Tensor, failing: torch.Tensor
+    ) -> None:
+        """Re-probe each reference used by failing samples at the mean of those samples' states (and params)."""
+        refs = self.references
+        for r in index[failing].unique().tolist():
+            m = failing & (index == r)
+            xs = x[m].mean(0, keepdim=True)
+            ps = None if params is None else params[m].mean(0, keepdim=True)
+            new = build_references(
+                self.step, xs, ps, mu=self._mu(x.dtype), scheme=self.scheme, max_batch=self.max_batch,
+                distributed=self.distributed,
+            )  # fmt: skip
+            refs.states[r] = new.states[0].to(refs.states.dtype)
+            if refs.params is not None and ps is not None:
+                refs.params[r] = new.params[0].to(refs.params.dtype)
+            refs.jacobians[r] = new.jacobians[0].to(refs.jacobians.dtype)
+            refs.labels[r] = f"{refs.labels[r].split(' (refreshed')[0]} (refreshed)"
+            refs.evaluations += new.evaluations
+            self.evaluations += new.evaluations
+        self._ref_comp = None
+
+    def set_reach(self, reach: int) -> None:
+        """Change the reach of the difference's pattern (and its colouring)."""
+        self.reach = int(reach)
+        self._colouring = lattice_difference_colouring(self.state_shape, self.reach)
+        self._ref_comp = None
+
+    def _event(self, msg: str) -> None:
+        self.events.append(msg)
+        warnings.warn(f"RefJacobian: {msg}", RuntimeWarning, stacklevel=3)
