@@ -17,6 +17,7 @@ from .base import (
 )
 from .custom import CustomScenario, block_average, make_scenario
 from .plugins import ScenarioNotFound, load_plugin, scenario_from_record
+from .torch_step import TorchSolver
 
 
 def _burgers1d():
@@ -50,6 +51,7 @@ __all__ = [
     "Solver",
     "SolverDivergedError",
     "SolverError",
+    "TorchSolver",
     "block_average",
     "check_state",
     "get_scenario",

@@ -71,6 +71,7 @@ def _as_solver(
     num_params: int,
     batched: bool,
     processes: int,
+    dtype: str,
 ) -> Solver:
     if isinstance(part, Solver) or (hasattr(part, "step") and hasattr(part, "spatial_shape")):
         return part
@@ -91,6 +92,7 @@ def _as_solver(
         num_params=num_params,
         batched=batched,
         processes=processes,
+        dtype=dtype,
         name=f"{role} {getattr(part, '__name__', 'fn')}",
     )
 
@@ -131,17 +133,15 @@ class CustomScenario(Scenario):
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:
         rule = self._parts["downsample"]
         out = rule(fine)
-        return torch.as_tensor(out, dtype=fine.dtype, device=fine.device) if isinstance(out, np.ndarray) else out
+        return _tensor(out, fine.dtype).to(fine.device) if not isinstance(out, torch.Tensor) else out
 
     def sample(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(state (C, *reference_shape), params (K,))`` of simulation ``seed``, in the scenario's
+        ``dtype`` (``make_scenario(dtype=...)``: the reference trajectory is computed in it)."""
         state, params = self._parts["sample"](int(seed))
-        state = torch.as_tensor(np.asarray(state) if not isinstance(state, torch.Tensor) else state)
-        params = (
-            torch.zeros(0)
-            if params is None
-            else torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params)
-        )
-        return state.float(), params.float().reshape(-1)
+        dtype = _TORCH_DTYPES[self._parts.get("dtype", "float32")]
+        params = torch.zeros(0, dtype=dtype) if params is None else _tensor(params, dtype)
+        return _tensor(state, dtype), params.reshape(-1)
 
     def corrector_features(self, params: torch.Tensor) -> torch.Tensor | None:
         fn = self._parts["features"]
@@ -193,6 +193,26 @@ class CustomScenario(Scenario):
         return f"CustomScenario({self.name!r}, preset={self.preset!r}, source={self.source!r})"
 
 
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    """The name float32 / float64 of that string, torch dtype or numpy dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _TORCH_DTYPES:
+        raise ValueError(f"make_scenario: dtype must be float32 or float64, got {dtype!r}")
+    return name
+
+
+def _tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` from a tensor or array-like; numpy arrays are copied, so a read-only one
+    (``np.asarray`` of a JAX array) never reaches ``torch.as_tensor`` (which warns about it)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.from_numpy(np.array(value, dtype=_NUMPY_DTYPES[dtype]))
+
+
 def _script_module(mod: Any) -> str:
     """A script run as ``python my_pde.py`` is the module ``my_pde`` to another process that has
     its folder on the path; ``__main__`` when there is no such file (``python -c``, notebooks)."""
@@ -223,6 +243,7 @@ def make_scenario(
     num_params: int = 0,
     batched: bool = True,
     processes: int = 1,
+    dtype: str | torch.dtype = "float32",
     frames: int = 32,
     warmup: int = 0,
     train_sims: int = 4,
@@ -250,6 +271,8 @@ def make_scenario(
         channels, num_params: state channel names and per-simulation parameter count K.
         batched, processes: for step functions: False when they take one state at a time; spread
             every batch over this many local processes (see ``NumpySolver``).
+        dtype: "float32" (default) or "float64": the arrays step functions get and return, and the
+            states ``sample`` gives (the reference trajectory is computed in it; datasets store float32).
         frames, warmup, train_sims, test_sims, seed: as in :class:`ScenarioConfig` (train seeds
             ``seed + i``, test seeds ``seed + 10000 + i``).
         presets: preset name -> overrides of those fields (``"default"`` is added if missing).
@@ -259,8 +282,10 @@ def make_scenario(
         train_presets: training-preset adjustments (preset -> TrainConfig fields).
     """
     module, maker = _caller()
-    ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, batched, processes)
-    crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, batched, processes)
+    dtype = _dtype_name(dtype)
+    host = dict(batched=batched, processes=processes, dtype=dtype)
+    ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, **host)
+    crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, **host)
     _check_parts(ref, crs, float(dt))
     fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
     if downsample is None:
@@ -279,6 +304,7 @@ def make_scenario(
         reference=ref,
         coarse=crs,
         sample=sample,
+        dtype=dtype,
         downsample=downsample,
         features=features,
         presets={"default": {}, **{k: dict(v) for k, v in (presets or {}).items()}},

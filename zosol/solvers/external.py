@@ -157,7 +157,9 @@ class _HostSolver(Solver):
         return out
 
     def _to_torch(self, out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(out).to(device=like.device, dtype=like.dtype)
+        # a read-only result (np.asarray of a JAX array, a view of a cache) is copied: torch would warn
+        # that it is not writable, and a tensor sharing it must not be written into
+        return torch.from_numpy(out if out.flags.writeable else out.copy()).to(device=like.device, dtype=like.dtype)
 
 
 def _default_coords(spatial_shape: Sequence[int]) -> dict[str, torch.Tensor]:
