@@ -42,18 +42,18 @@ def _randomized(model, seed=0, std=0.2):
 def test_window_loss_folded_perturbations_equal_separate_rollouts(tiny):
     """P perturbed parameter sets folded into one solver batch == P separate window losses."""
     cfg = train_config("tiny", method="zo-sol")
-    _, _, start, targets, params, feats = _batch(tiny, 3)
+    batch = _batch(tiny, 3)
     solver = tiny.scenario.coarse_solver()
     models = [_randomized(make_corrector(tiny, cfg), seed=s) for s in range(3)]
 
     def forward(x):  # perturbation p uses models[p]
-        b = start.shape[0]
+        b = batch.size
         if x.shape[0] == b:
             return torch.cat([m(x) for m in models])
         return torch.cat([m(x[i * b : (i + 1) * b]) for i, m in enumerate(models)])
 
-    folded = window_loss(solver.step, forward, start, targets, params, feats, 3)
-    separate = torch.stack([window_loss(solver.step, m, start, targets, params, feats, 1)[0] for m in models])
+    folded = window_loss(solver.step, forward, batch, 3)
+    separate = torch.stack([window_loss(solver.step, m, batch, 1)[0] for m in models])
     assert folded.shape == (3,)
     torch.testing.assert_close(folded, separate, rtol=1e-5, atol=1e-7)
 
@@ -83,18 +83,18 @@ def test_zo_gradient_matches_fo_on_window_loss(tiny, model):
     for the small CNN and the SOL residual network (the `paper` corrector, here narrow)."""
     cfg = train_config("tiny", method="zo-sol", model=model, depth=2)
     model = _randomized(make_corrector(tiny, cfg), std=0.1)
-    _, _, start, targets, params, feats = _batch(tiny, 3)
+    batch = _batch(tiny, 3)
     solver = tiny.scenario.coarse_solver()
     bb = solver.blackbox()
     est = zo.cge_structured(
         model,
-        lambda f, p: window_loss(bb.step, f, start, targets, params, feats, p),
+        lambda f, p: window_loss(bb.step, f, batch, p),
         mu=1e-3,
         scheme="central",
-        batch_size=start.shape[0],
+        batch_size=batch.size,
     )
     model.zero_grad()
-    window_loss(solver.step, model, start, targets, params, feats, 1)[0].backward()
+    window_loss(solver.step, model, batch, 1)[0].backward()
     fo = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     cos = torch.nn.functional.cosine_similarity(est.flat(), fo, dim=0)
     assert cos >= 0.99, cos

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from zosol.models import small_cnn
-from zosol.rollout import window_loss
+from zosol.rollout import WindowBatch, window_loss
 from zosol.solvers.base import get_scenario
 from zosol.zo.jacobian import (
     DiscontinuityError,
@@ -203,7 +203,7 @@ def _window_grads(sc, solver, jac, x, p, targets, feats, seed=0, dtype=torch.flo
     out = []
     for step in (solver.step, fd_step(jac)):
         net.zero_grad()
-        window_loss(step, net, x, targets, p, feats).sum().backward()
+        window_loss(step, net, WindowBatch(x, targets, p, feats)).sum().backward()
         out.append(torch.cat([q.grad.flatten() for q in net.parameters()]))
     return out
 

@@ -34,7 +34,7 @@ import torch
 from . import zo
 from .config import train_config
 from .models import build_corrector, corrector_input, n_params
-from .rollout import window_loss
+from .rollout import WindowBatch, window_loss
 from .solvers import get_scenario
 
 __all__ = ["SolCase", "CASES", "run_sol_bench"]
@@ -60,8 +60,8 @@ CASES = [
 ]
 
 
-def _windows(sc, batch: int, m: int, warm: int = 3):
-    """(start (B, C, *s), targets (B, m, C, *s), params (B, K) | None, features | None)."""
+def _windows(sc, batch: int, m: int, warm: int = 3) -> WindowBatch:
+    """B windows of m steps from the coarse trajectory (start (B, C, *s), targets (B, m, C, *s))."""
     solver = sc.coarse_solver()
     xs, ps = zip(*(sc.sample(s) for s in range(batch)))
     p = torch.stack(ps)
@@ -72,7 +72,7 @@ def _windows(sc, batch: int, m: int, warm: int = 3):
         frames = [x]
         for _ in range(m):
             frames.append(solver.step(frames[-1], p))
-    return x, torch.stack(frames[1:], 1), (p if solver.num_params else None), sc.corrector_features(p)
+    return WindowBatch(x, torch.stack(frames[1:], 1), p if solver.num_params else None, sc.corrector_features(p))
 
 
 def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True, min_seconds: float = 0.0) -> list[float]:
@@ -96,18 +96,15 @@ def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True, mi
 
 
 def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
-    start, targets, params, feats = data
-
     def run():
         model.zero_grad(set_to_none=True)
-        window_loss(step, model, start, targets, params, feats, 1, loss)[0].backward()
+        window_loss(step, model, data, 1, loss)[0].backward()
 
     return run
 
 
 def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tuple[float, bool]:
     """CGE step time over all d coordinates, or extrapolated from two subsets (True) when 2d > budget."""
-    start, targets, params, feats = data
     d = n_params(model)
 
     def timed(k: int | None) -> float:
@@ -119,7 +116,7 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
             for name, p in model.named_parameters():
                 masks[name] = flat[i : i + p.numel()].view_as(p)
                 i += p.numel()
-        lof = lambda forward, P: window_loss(blackbox, forward, start, targets, params, feats, P, cfg.loss)
+        lof = lambda forward, P: window_loss(blackbox, forward, data, P, cfg.loss)
         return _medians(
             [
                 lambda: zo.cge_structured(
@@ -129,7 +126,7 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
                     scheme=cfg.zo_scheme,
                     masks=masks,
                     chunk_size=cfg.zo_chunk,
-                    batch_size=start.shape[0],
+                    batch_size=data.size,
                 )
             ],
             repeats,
@@ -146,7 +143,7 @@ def _zo_sol_seconds(model, blackbox, data, cfg, repeats: int, budget: int) -> tu
 def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int) -> tuple[float, float, bool]:
     """FO-SOL and ZO-JAC-SOL step times, timed in turns; a dense Jacobian with more than
     ``budget`` probes per window is timed on a subset of probe columns and extrapolated (True)."""
-    start, targets, params, feats = data
+    start, targets, params = data.start, data.targets, data.params
     b, m = start.shape[0], targets.shape[1]
     fo = _autograd_step(model, solver.step, data, cfg.loss)
     if not jac.is_dense or jac.probes_per_sample * b * (m - 1) <= budget:
@@ -176,7 +173,7 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
     cfg = train_config(case.preset, case.scenario, method="zo-jac-sol", **case.model)
     solver = sc.coarse_solver()
     data = _windows(sc, cfg.batch_size, cfg.window)
-    start, targets, params, feats = data
+    start, targets, params, feats = data.start, data.targets, data.params, data.features
     in_ch = corrector_input(start, feats).shape[1]
     torch.manual_seed(0)
     model = build_corrector(

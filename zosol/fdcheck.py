@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .rollout import window_loss
+from .rollout import WindowBatch, window_loss
 
 __all__ = ["random_directions", "fd_directional_derivatives", "compare_projections"]
 
@@ -35,28 +35,25 @@ def random_directions(model: torch.nn.Module, k: int, seed: int = 0) -> torch.Te
 def fd_directional_derivatives(
     model: torch.nn.Module,
     step: Step,
-    start: torch.Tensor,
-    targets: torch.Tensor,
-    params: torch.Tensor | None,
-    features: torch.Tensor | None,
+    batch: WindowBatch,
     directions: torch.Tensor,
     eps: float = 1e-3,
     loss: str = "mse",
 ) -> torch.Tensor:
     """Central-difference derivatives (k,) of the mean window loss along ``directions`` (k, D).
 
-    ``start`` (B, C, *s), ``targets`` (B, m, C, *s), ``params`` (B, K) or None, ``features``
-    (B, F, *s) or None: a window batch; ``step`` is called on float64 states."""
+    ``batch``: the windows (see :class:`zosol.rollout.WindowBatch`); ``step`` is called on float64
+    states."""
     twin = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     theta = torch.nn.utils.parameters_to_vector(twin.parameters()).clone()
-    as64 = lambda t: None if t is None else t.detach().to("cpu", torch.float64)  # noqa: E731
-    batch = (as64(start), as64(targets), as64(params), as64(features))
+    as64 = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    batch = batch.map(as64)
     out = []
     for v in directions.to(torch.float64):
         values = []
         for sign in (1.0, -1.0):
             torch.nn.utils.vector_to_parameters(theta + sign * eps * v, twin.parameters())
-            values.append(window_loss(step, twin, *batch, 1, loss)[0])
+            values.append(window_loss(step, twin, batch, 1, loss)[0])
         out.append((values[0] - values[1]) / (2 * eps))
     return torch.stack(out)
 

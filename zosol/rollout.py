@@ -16,14 +16,16 @@ and corrector input are shared by all perturbations; after that one solver call 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .config import LOSSES as LOSS_NAMES
 from .models import corrector_input
 
-__all__ = ["corrected_rollout", "window_loss", "LOSSES"]
+__all__ = ["WindowBatch", "corrected_rollout", "window_loss", "LOSSES"]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +38,37 @@ _POINTWISE = {
 LOSSES = {name: _POINTWISE[name] for name in LOSS_NAMES}
 
 
+@dataclass(frozen=True)
+class WindowBatch:
+    """A batch of B SOL windows: where they start and the reference frames they are compared with.
+
+    ``sim`` / ``frame`` say which training simulation and frame each window starts at (None for a
+    batch not drawn from a dataset's windows, e.g. in a test)."""
+
+    start: torch.Tensor  #: (B, C, *s) the reference frame the window starts from
+    targets: torch.Tensor  #: (B, m, C, *s) the reference frames after 1..m steps
+    params: torch.Tensor | None = None  #: (B, K) per-simulation parameters, None if the solver has none
+    features: torch.Tensor | None = None  #: (B, F, *s) corrector feature channels, or None
+    sim: torch.Tensor | None = None  #: (B,) training simulation of each window
+    frame: torch.Tensor | None = None  #: (B,) frame the window starts at
+
+    @property
+    def size(self) -> int:
+        """B, the number of windows."""
+        return self.start.shape[0]
+
+    def first_steps(self, k: int) -> WindowBatch:
+        """The same windows cut to their first ``k`` steps."""
+        return dataclasses.replace(self, targets=self.targets[:, :k])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> WindowBatch:
+        """``fn`` applied to every tensor that enters the loss (start, targets, params, features)."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return dataclasses.replace(
+            self, start=fn(self.start), targets=fn(self.targets), params=opt(self.params), features=opt(self.features)
+        )
+
+
 def _repeat(t: torch.Tensor | None, p: int) -> torch.Tensor | None:
     """(B, ...) -> (p*B, ...): block i of B rows is a copy of ``t`` for perturbation i."""
     return t if t is None or p == 1 else t.repeat(p, *([1] * (t.dim() - 1)))
@@ -44,10 +77,7 @@ def _repeat(t: torch.Tensor | None, p: int) -> torch.Tensor | None:
 def window_loss(
     step: Step,
     forward: Forward,
-    start: torch.Tensor,
-    targets: torch.Tensor,
-    params: torch.Tensor | None,
-    features: torch.Tensor | None,
+    batch: WindowBatch,
     perturbations: int = 1,
     loss: str = "mse",
 ) -> torch.Tensor:
@@ -56,14 +86,16 @@ def window_loss(
     Args:
         step: solver step ``(N, C, *s), (N, K) | None -> (N, C, *s)`` (a black box for ZO-SOL).
         forward: corrector under ``perturbations`` parameter sets (see module docstring).
-        start: (B, C, *s) reference frames the windows start from.
-        targets: (B, m, C, *s) reference frames after 1..m steps.
-        params: (B, K) per-simulation parameters or None.  features: (B, F, *s) or None.
+        batch: the B windows (start (B, C, *s), targets (B, m, C, *s), params (B, K) or None,
+            features (B, F, *s) or None).
+        perturbations: P, the parameter sets ``forward`` evaluates at once.
+        loss: the pointwise loss's name (:data:`LOSSES`).
     Returns:
         (P,) mean over windows, steps, channels and cells of ``loss`` per perturbation.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
+    start, targets, params, features = batch.start, batch.targets, batch.params, batch.features
     p, b, m = perturbations, start.shape[0], targets.shape[1]
     pointwise = LOSSES[loss]
     coarse = step(start, params)

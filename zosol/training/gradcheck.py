@@ -100,15 +100,11 @@ def check_gradient(
     batch = windows.batch(idx)
     model = model if model is not None else _jittered(make_corrector(dataset, config), seed)
     dirs = random_directions(model, directions, seed)
-    fd = fd_directional_derivatives(
-        model, views.blackbox, batch.start, batch.targets, batch.params, batch.features, dirs, eps, config.loss
-    )
+    fd = fd_directional_derivatives(model, views.blackbox, batch, dirs, eps, config.loss)
     g_twin = None
     if views.twin_differentiable:
         model.zero_grad(set_to_none=True)
-        window_loss(
-            views.differentiable, model, batch.start, batch.targets, batch.params, batch.features, 1, config.loss
-        ).sum().backward()
+        window_loss(views.differentiable, model, batch, 1, config.loss).sum().backward()
         g_twin = _flat_grad(model).detach().clone()
     report: dict[str, Any] = {
         "methods": {},

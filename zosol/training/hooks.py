@@ -52,9 +52,7 @@ class GradientCheck:
         params = list(model.parameters())
         estimated = [p.grad for p in params]
         model.zero_grad(set_to_none=True)
-        window_loss(
-            self.twin, model, batch.start, batch.targets, batch.params, batch.features, 1, loss
-        ).sum().backward()
+        window_loss(self.twin, model, batch, 1, loss).sum().backward()
         g_fo = _flat([p.grad.detach() for p in params])
         g_est = _flat([torch.zeros_like(p) if g is None else g for p, g in zip(params, estimated)])
         for p, g in zip(params, estimated):
@@ -76,9 +74,7 @@ class GradientCheck:
         if self.source.masks is not None:
             dirs = dirs * _flat(list(self.source.masks.values())).to(dirs)
             dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        fd = fd_directional_derivatives(
-            model, self.blackbox, batch.start, batch.targets, batch.params, batch.features, dirs, cfg.zo_mu, cfg.loss
-        )
+        fd = fd_directional_derivatives(model, self.blackbox, batch, dirs, cfg.zo_mu, cfg.loss)
         r = compare_projections(g, dirs, fd)
         history.setdefault("grad_cosine_vs_fd", []).append(
             {"step": step_index, "epoch": epoch, "cosine": r["cosine"], "max_rel_err": r["max_rel_err"]}

@@ -199,16 +199,7 @@ class _AutogradSource(GradientSource):
         return self.solver_step
 
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
-        loss = window_loss(
-            self._step_fn(batch),
-            self.model,
-            batch.start,
-            batch.targets,
-            batch.params,
-            batch.features,
-            1,
-            self.config.loss,
-        )[0]
+        loss = window_loss(self._step_fn(batch), self.model, batch, 1, self.config.loss)[0]
         if torch.isfinite(loss):
             loss.backward()
         return loss
@@ -292,21 +283,20 @@ class ZoSolSource(GradientSource):
 
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
         c, blackbox = self.config, self.solver_step
-        _, _, start, targets, params, feats = batch
         est = zo.cge_structured(
             self.model,
-            lambda forward, p: window_loss(blackbox, forward, start, targets, params, feats, p, c.loss),
+            lambda forward, p: window_loss(blackbox, forward, batch, p, c.loss),
             mu=c.zo_mu,
             scheme=c.zo_scheme,
             masks=self.masks,
             chunk_size=c.zo_chunk,
             reuse=c.zo_reuse,
-            batch_size=start.shape[0],
+            batch_size=batch.size,
             distributed=self.distributed,
         )
         history["zo_queries"] += est.queries
         with torch.no_grad():
-            loss = window_loss(blackbox, self.model, start, targets, params, feats, 1, c.loss)[0]
+            loss = window_loss(blackbox, self.model, batch, 1, c.loss)[0]
         self._warn_if_underflow(est.flat(), float(loss))
         zo.write_grads(self.model, est.grads)
         return loss

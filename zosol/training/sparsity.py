@@ -48,11 +48,9 @@ def layer_ratios(
         return zo.uniform_lprs(params, config.zo_sparsity, prunable)
     g = torch.Generator().manual_seed(config.seed + 2)
     idx = torch.randperm(len(windows.starts), generator=g)[: config.batch_size]
-    _, _, start, targets, p_sim, feats = windows.batch(idx)
+    batch = windows.batch(idx).first_steps(1)
     step = fo_step if config.zo_lpr == "fo-grasp" else blackbox
-    loss = stacked_params_loss(
-        model, lambda f, p: window_loss(step, f, start, targets[:, :1], p_sim, feats, p, config.loss), start.shape[0]
-    )
+    loss = stacked_params_loss(model, lambda f, p: window_loss(step, f, batch, p, config.loss), batch.size)
     if config.zo_lpr == "fo-grasp":
         return zo.fo_grasp_lprs(loss, params, config.zo_sparsity, prunable)
     return zo.zo_grasp_lprs(loss, params, config.zo_sparsity, prunable, generator=g)

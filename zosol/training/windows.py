@@ -6,24 +6,12 @@ reference frames after it; every ``(i, t)`` with ``t = 0 .. T - m`` is one windo
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..datasets.hdf5 import FidelityDataset
+from ..rollout import WindowBatch
 
 __all__ = ["WindowBatch", "Windows"]
-
-
-class WindowBatch(NamedTuple):
-    """A batch of B windows (unpacks as a 6-tuple in this order)."""
-
-    sim: torch.Tensor  #: (B,) training simulation of each window
-    frame: torch.Tensor  #: (B,) frame the window starts at
-    start: torch.Tensor  #: (B, C, *s) the reference frame the window starts from
-    targets: torch.Tensor  #: (B, m, C, *s) the reference frames after 1..m steps
-    params: torch.Tensor | None  #: (B, K) per-simulation parameters, None if the solver has none
-    features: torch.Tensor | None  #: (B, F, *s) corrector feature channels, or None
 
 
 class Windows:
@@ -62,4 +50,4 @@ class Windows:
         targets = self.traj[i[:, None], steps]
         params = self.params[i] if self.num_params else None
         feats = None if self.features is None else self.features[i]
-        return WindowBatch(i, t, start, targets, params, feats)
+        return WindowBatch(start, targets, params, feats, sim=i, frame=t)
