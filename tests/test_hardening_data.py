@@ -131,7 +131,7 @@ def test_second_generate_of_the_same_dataset_is_refused_naming_the_holder(tmp_pa
     out = tmp_path / "data"
     out.mkdir()
     code = (
-        "import sys, time; from zosol.fsutil import FileLock; FileLock(sys.argv[1]).acquire(); "
+        "import sys, time; from zosol.runtime.files import FileLock; FileLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(60)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -463,7 +463,7 @@ def test_file_size_limit_is_one_line_not_a_crash(tmp_path):
 def test_read_only_directory_is_one_line(tmp_path, monkeypatch, cli_user_error):
     """As root a chmod 555 directory stays writable, so the refusal is injected where the kernel
     would raise it (creating the temporary file)."""
-    fsutil = importlib.import_module("zosol.fsutil")
+    fsutil = importlib.import_module("zosol.runtime.files")
 
     def read_only(path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))

@@ -406,7 +406,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_h5, capsys, monkeypatch):
 
 def test_disk_full_while_writing_the_results(tmp_path, tiny_h5, capsys, monkeypatch):
     out = tmp_path / "cmp"
-    import zosol.fsutil as fsutil
+    import zosol.runtime.files as fsutil
 
     real = fsutil.atomic_save
 
@@ -440,7 +440,7 @@ def test_read_only_run_directory(tmp_path, tiny_h5, cli_user_error):
 def test_a_write_refused_by_the_file_system(tmp_path, tiny_h5, cli_user_error, monkeypatch):
     """Root ignores chmod, so the refusal is injected where the kernel raises it (the temporary
     file of an atomic write): one line naming the directory, nothing left behind."""
-    import zosol.fsutil as fsutil
+    import zosol.runtime.files as fsutil
 
     def refused(path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))

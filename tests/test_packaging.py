@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo", "zosol.training")
+SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo", "zosol.training", "zosol.runtime")
 
 
 def test_regular_install_contains_every_subpackage(tmp_path):

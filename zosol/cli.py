@@ -184,7 +184,7 @@ def _dataset_for(args: argparse.Namespace):
 def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
     """Set up the (checked, locked) ``run_dir`` for ``zosol train``: its ``run.json`` names the
     dataset; True when an existing run is resumed."""
-    from .fsutil import atomic_write_text
+    from .runtime.files import atomic_write_text
 
     atomic_write_text(run_dir / "run.json", json.dumps({"dataset": str(Path(dataset.path).resolve())}))
     if resume and not (run_dir / "checkpoint.pt").exists():
@@ -195,9 +195,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import train_config
-    from .training.launch import broadcast_from_lead, is_lead, lead_first
-    from .training.processes import check_workers
-    from .training.rundir import directory_lock, prepare_directory
+    from .runtime.launch import broadcast_from_lead, is_lead, lead_first
+    from .runtime.rundir import directory_lock, prepare_directory
+    from .runtime.workers import check_workers
 
     check_workers(args.workers)
     config = train_config(args.train_preset or args.preset, args.scenario, method=args.method, **_train_overrides(args))
@@ -214,8 +214,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_and_report(args: argparse.Namespace, dataset, config, run_dir: Path, resume: bool) -> int:
     from .compare import evaluate
+    from .runtime.launch import is_lead
     from .training import train
-    from .training.launch import is_lead
 
     result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
     ev = evaluate(dataset, result.model, device=config.device)
@@ -269,8 +269,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, stopped_methods
     from .report import markdown_table
+    from .runtime.workers import check_workers
     from .training import TrainingError
-    from .training.processes import check_workers
 
     check_workers(args.workers)
     if not args.out:
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    from .training import stop
+    from .runtime import stop
 
     previous = stop.install_sigterm_handler()
     try:
@@ -458,9 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The command, its failures turned into one line and an exit code."""
     from .datasets.hdf5 import DatasetError
-    from .fsutil import LockedError, os_error_message
+    from .runtime import stop
+    from .runtime.files import LockedError, os_error_message
     from .solvers.base import SolverError
-    from .training import CheckpointError, TrainingError, stop
+    from .training import CheckpointError, TrainingError
 
     try:
         for module in getattr(args, "plugin", None) or []:
@@ -499,13 +500,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """``args.func(args)``; ``train`` and ``compare`` started by ``torchrun`` first join its process
-    group (see :mod:`zosol.training.launch`), and a rank that is lost ends the job in one line."""
+    group (see :mod:`zosol.runtime.launch`), and a rank that is lost ends the job in one line."""
     if args.command not in ("train", "compare"):
         return args.func(args)
     import torch.distributed as dist
 
-    from .training import stop
-    from .training.launch import join_launcher_group, lost_local_ranks, lost_ranks_message
+    from .runtime import stop
+    from .runtime.launch import join_launcher_group, lost_local_ranks, lost_ranks_message
 
     joined = join_launcher_group(getattr(args, "device", None))
     if joined is None:

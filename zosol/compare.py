@@ -26,7 +26,6 @@ import torch
 from .config import METHODS, TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
-from .fsutil import atomic_write_text
 from .metrics import (
     channel_sum_mae_per_simulation,
     mae_per_frame,
@@ -37,10 +36,11 @@ from .metrics import (
 )
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
+from .runtime.files import atomic_write_text
+from .runtime.launch import broadcast_from_lead, is_lead, lead_first, world
+from .runtime.rundir import directory_lock, prepare_directory
 from .solvers.base import BlackBox, Scenario, Solver, get_scenario, registered
 from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, source_class, train
-from .training.launch import broadcast_from_lead, is_lead, lead_first, world
-from .training.rundir import directory_lock, prepare_directory
 
 __all__ = [
     "evaluate",

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .fsutil import atomic_write_bytes
+from .runtime.files import atomic_write_bytes
 
 __all__ = [
     "MISSING_MATPLOTLIB",
@@ -153,7 +153,7 @@ def image_format(path: str | os.PathLike) -> str:
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` (format from the suffix) atomically, through its Agg canvas."""
-    from .fsutil import atomic_save
+    from .runtime.files import atomic_save
 
     fmt = image_format(path)
     return atomic_save(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))

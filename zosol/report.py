@@ -1,5 +1,5 @@
 """Tables (Markdown / CSV / JSON) and plots (PNG, PDF, SVG, ... by the file's suffix) of a method
-comparison.  Every file is written atomically (fsutil: unique temporary name, then rename)."""
+comparison.  Every file is written atomically (zosol.runtime.files: unique temporary name, then rename)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fsutil import atomic_save, atomic_write_text  # noqa: E402
+from .runtime.files import atomic_save, atomic_write_text  # noqa: E402
 
 __all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side", "plot_format"]
 
@@ -54,7 +54,7 @@ def csv_table(results: dict[str, Any]) -> str:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (unique temporary file + rename; see zosol.fsutil)."""
+    """Write JSON atomically (unique temporary file + rename; see zosol.runtime.files)."""
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 

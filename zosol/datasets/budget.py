@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..fsutil import format_bytes, machine_memory_bytes
+from ..runtime.memory import format_bytes, machine_memory_bytes
 from ..solvers.base import Scenario
 
 __all__ = ["GenerationEstimate", "estimate_generation", "check_generation_budget", "CELL_UPDATES_PER_SECOND",

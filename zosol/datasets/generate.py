@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..fsutil import FileLock, atomic_save, atomic_write_text
+from ..runtime.files import FileLock, atomic_save, atomic_write_text
 from ..solvers.base import Scenario, SolverDivergedError, get_scenario
 from .budget import check_generation_budget
 from .hdf5 import DatasetError, Simulation, load_dataset, write_dataset

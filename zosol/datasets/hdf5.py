@@ -8,7 +8,7 @@ Layout (schema version 1)::
     /train/<seed>           dataset (T+1, C, *spatial) float32: the reference trajectory on the
     /test/<seed>            coarse grid; attrs: seed, params (K,) per-simulation parameters
 
-Files are written whole to a unique temporary name and renamed (``zosol.fsutil``), so a file with
+Files are written whole to a unique temporary name and renamed (``zosol.runtime.files``), so a file with
 the final name is always complete.  The reader checks every part and names the file, the problem
 and the command that fixes it; it trusts nothing in the file: objects must be plain datasets
 inside the file (external links, soft links, external raw storage and virtual datasets are
@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 import torch
 
-from ..fsutil import atomic_write_bytes, format_bytes, machine_memory_bytes
+from ..runtime.files import atomic_write_bytes
+from ..runtime.memory import format_bytes, machine_memory_bytes
 from ..solvers.base import Scenario
 from ..solvers.plugins import ScenarioNotFound, scenario_from_record
 

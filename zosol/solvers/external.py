@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fsutil import format_bytes, machine_memory_bytes
+from ..runtime.memory import format_bytes, machine_memory_bytes
 from .base import Solver, SolverError, check_state
 from .pool import StatePool, run_rows, split_rows
 

@@ -13,12 +13,9 @@ Modules (each small, no cycles; read in this order):
 * :mod:`~zosol.training.loop`        ``TrainingLoop``: sample -> source -> checks -> optimizer -> hooks.
 * :mod:`~zosol.training.processes`   the same loop in several local processes (``workers``).
 * :mod:`~zosol.training.budget`      memory estimate of a config, refused up front above the machine's.
-* :mod:`~zosol.training.rundir`      run / output directories: checked, locked while in use.
-* :mod:`~zosol.training.stop`        SIGTERM stops a run after its step, checkpointed; workers die with their parent.
 * :mod:`~zosol.training.api`         ``train()``, the public entry point.
 """
 
-from . import stop
 from .api import train
 from .checkpoint import CHECKPOINT_VERSION, Checkpointer, load_run, read_checkpoint
 from .errors import CheckpointError, TrainingDiverged, TrainingError, ZOUnderflowWarning
@@ -28,7 +25,6 @@ from .state import RunState, TrainResult, make_corrector
 from .windows import WindowBatch, Windows
 
 __all__ = [
-    "stop",
     "train",
     "TrainResult",
     "load_run",

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..runtime.launch import is_lead
+from ..runtime.rundir import directory_lock, prepare_directory
+from ..runtime.workers import check_workers
 from ..solvers.base import BlackBox, Solver
-from .launch import is_lead
 from .loop import TrainingLoop
-from .processes import check_workers, train_in_processes
-from .rundir import directory_lock, prepare_directory
+from .processes import train_in_processes
 from .sources import source_class
 from .state import TrainResult
 
@@ -45,7 +46,7 @@ def train(
     with float64 finite differences through the black box (:mod:`zosol.fdcheck`).
 
     The run directory is created if missing and locked while training (a second process is
-    refused with :class:`~zosol.fsutil.LockedError`; in a torchrun launch rank 0 holds the lock).
+    refused with :class:`~zosol.runtime.files.LockedError`; in a torchrun launch rank 0 holds the lock).
     """
     config.validate()
     check_workers(workers, bound_by_cores=False)

@@ -4,7 +4,7 @@ The estimate (float32, bytes) is the corrector's weights with their gradient and
 moments, plus the larger of the activations autograd keeps over an unrolled window (NON,
 NOG-SOL, FO-SOL, and ZO-SOL's gradient checks) and the perturbed forward passes ZO-SOL folds into
 one batch (``zo_chunk`` perturbations x batch).  It is a rough lower bound; a run whose estimate
-exceeds the machine's memory (:func:`zosol.fsutil.machine_memory_bytes`) is refused up front
+exceeds the machine's memory (:func:`zosol.runtime.files.machine_memory_bytes`) is refused up front
 with the estimate in the message instead of swapping for minutes before failing.
 """
 
@@ -16,8 +16,8 @@ import torch
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
-from ..fsutil import format_bytes, machine_memory_bytes
 from ..models import build_corrector, n_params
+from ..runtime.memory import format_bytes, machine_memory_bytes
 from .state import corrector_shape
 
 __all__ = ["estimate_training_bytes", "check_memory"]

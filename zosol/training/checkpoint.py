@@ -26,9 +26,9 @@ import torch
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
-from ..fsutil import atomic_save, atomic_write_text
+from ..runtime.files import atomic_save, atomic_write_text
+from ..runtime.launch import broadcast_from_lead
 from .errors import CheckpointError
-from .launch import broadcast_from_lead
 from .state import RunState, make_corrector, new_history
 
 __all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", "fingerprint", "restore_model"]

@@ -7,8 +7,8 @@ Runs are reproducible from ``config.seed`` and resumable: the run directory hold
 ``checkpoint.pt`` (:mod:`zosol.training.checkpoint`), written atomically every epoch and at most
 every ``checkpoint_seconds``.  A divergence guard stops a run whose loss, gradient or parameters
 become non-finite, or whose solver blows up (``FloatingPointError``), leaving the last good
-checkpoint.  SIGTERM (see :mod:`zosol.training.stop`) is honoured after the current step: the
-loop checkpoints and raises :class:`~zosol.training.stop.Terminated`.  In a multi-process run
+checkpoint.  SIGTERM (see :mod:`zosol.runtime.stop`) is honoured after the current step: the
+loop checkpoints and raises :class:`~zosol.runtime.stop.Terminated`.  In a multi-process run
 (:mod:`zosol.training.processes`) every process runs this loop; rank 0 writes and reports.
 """
 
@@ -25,13 +25,13 @@ from .. import zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import n_params
+from ..runtime import stop
+from ..runtime.launch import is_lead, rank_label, world
 from ..solvers.base import BlackBox, Solver, SolverError
-from . import stop
 from .budget import check_memory
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
 from .hooks import GradientCheck
-from .launch import is_lead, rank_label, world
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
 from .windows import WindowBatch, Windows

@@ -6,15 +6,14 @@ one process.  Rank 0 writes the checkpoint; a failure is re-raised here with its
 Process hygiene: every worker dies with its parent (``PR_SET_PDEATHSIG``: ``kill -9`` of the
 parent leaves no worker training on); SIGTERM to the parent is forwarded to the workers, which
 stop at the same step, checkpoint and exit, and the parent raises
-:class:`~zosol.training.stop.Terminated` (a worker that does not stop within
+:class:`~zosol.runtime.stop.Terminated` (a worker that does not stop within
 ``stop.GRACE_SECONDS`` is killed).  The number of workers is bounded by the CPU cores
-(:func:`check_workers`)."""
+(:func:`zosol.runtime.workers.check_workers`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,43 +22,18 @@ from typing import Any
 from .. import zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
-from ..fsutil import atomic_write_text
+from ..runtime import stop
+from ..runtime.files import atomic_write_text
+from ..runtime.workers import exit_now
 from ..solvers.base import SolverError
-from . import stop
 from .checkpoint import load_run
 from .errors import CheckpointError, TrainingDiverged, TrainingError, show_warning
 from .loop import TrainingLoop
 from .state import TrainResult
 
-__all__ = ["train_in_processes", "check_workers", "MAX_WORKERS"]
+__all__ = ["train_in_processes"]
 
 _ERRORS = {e.__name__: e for e in (TrainingError, TrainingDiverged, SolverError, CheckpointError, stop.Terminated)}
-
-#: at most this many worker processes, however many cores there are
-MAX_WORKERS = 64
-
-
-def check_workers(n: int, bound_by_cores: bool = True) -> None:
-    """ValueError unless 1 <= ``n`` <= MAX_WORKERS and (``bound_by_cores``) the CPU cores this
-    process may use: each worker is a single-threaded process, more than the cores only adds
-    memory and slows all of them down."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"--workers must be an integer >= 1, got {n!r}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    top = min(cores, MAX_WORKERS) if bound_by_cores else MAX_WORKERS
-    if n > top:
-        raise ValueError(f"--workers {n} is more than the {cores} CPU cores this process may use; use at most {top}")
-
-
-def _exit_now() -> None:
-    """Leave this worker at once (the interpreter's and gloo's teardown take seconds on a busy
-    machine), after multiprocessing's exit finalizers (they release the worker's semaphores)."""
-    from multiprocessing import util
-
-    getattr(util, "_run_finalizers", lambda: None)()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _worker(
@@ -78,7 +52,7 @@ def _worker(
             info = json.dumps({"type": type(e).__name__, "message": str(e)})
             atomic_write_text(run_dir / "failure.json", info)
         if isinstance(e, stop.Terminated):  # a clean stop (every rank at the same step): the parent raises it;
-            _exit_now()
+            exit_now()
         raise
 
 

@@ -1,5 +1,5 @@
-"""Safe file-system primitives shared by every writer in zosol: atomic writes, advisory locks,
-one-line messages for file-system errors, and the machine's memory.
+"""Safe file-system primitives shared by every writer in zosol: atomic writes, advisory locks and
+one-line messages for file-system errors.  The checks that keep writes safe live here, in one place.
 
 * :func:`atomic_save` / :func:`atomic_save_path` / :func:`atomic_write_bytes` /
   :func:`atomic_write_text` write a file whole or not at all: the data go to a temporary file with
@@ -34,8 +34,6 @@ __all__ = [
     "FileLock",
     "LockedError",
     "os_error_message",
-    "machine_memory_bytes",
-    "format_bytes",
 ]
 
 
@@ -196,32 +194,3 @@ class FileLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory
-
-
-def machine_memory_bytes() -> int:
-    """Physical memory of this machine, or the cgroup's limit when that is lower (bytes)."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 1 << 40
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return int(total)
-
-
-def format_bytes(n: float) -> str:
-    """``3.2 GiB``-style size."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} PiB"

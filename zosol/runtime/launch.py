@@ -48,7 +48,7 @@ def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | Non
     one).  NCCL when ``device`` is CUDA and CUDA is available (GPU ``LOCAL_RANK`` per local rank),
     gloo otherwise.  Records every rank's host and pid.  Returns ``(rank, world_size, backend)``.
     (The launcher's SIGTERM, sent when another rank failed, stops the loop as any SIGTERM does:
-    :mod:`zosol.training.stop`.)"""
+    :mod:`zosol.runtime.stop`.)"""
     if not zo.launched_with_env():
         return None
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()

@@ -3,8 +3,8 @@
 :func:`prepare_directory` creates a run (or ``compare --out``) directory or refuses it with a
 one-line ``ValueError`` naming the problem (empty name, a file in the way, a name too long, not
 writable).  :func:`directory_lock` holds an advisory ``flock`` on ``DIR/.zosol.lock``
-(:class:`zosol.fsutil.FileLock`) for as long as a run writes there; a second zosol process is
-refused at once with :class:`~zosol.fsutil.LockedError` naming the holder's pid.  The lock is
+(:class:`zosol.runtime.files.FileLock`) for as long as a run writes there; a second zosol process is
+refused at once with :class:`~zosol.runtime.files.LockedError` naming the holder's pid.  The lock is
 re-entrant within one process (the CLI holds it around ``train()``, which takes it again).
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fsutil import FileLock
+from .files import FileLock
 
 __all__ = ["prepare_directory", "directory_lock"]
 
@@ -49,7 +49,7 @@ def prepare_directory(path: str | os.PathLike, what: str = "--out") -> Path:
 def directory_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the advisory lock of directory ``path`` (which must exist) for the ``with`` block.
 
-    Raises :class:`~zosol.fsutil.LockedError` at once if another process holds it."""
+    Raises :class:`~zosol.runtime.files.LockedError` at once if another process holds it."""
     key = os.path.realpath(path)
     if key in _held:
         _held[key] += 1

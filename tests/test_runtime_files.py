@@ -1,4 +1,4 @@
-"""Atomic writes and advisory locks (zosol/fsutil.py): planted symlinks are never followed,
+"""Atomic writes and advisory locks (zosol/runtime/files.py): planted symlinks are never followed,
 temporary names are unique, failures leave the target as it was, a second lock holder is refused
 in one line naming the holder."""
 
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from zosol.fsutil import (
+from zosol.runtime.files import (
     FileLock,
     LockedError,
     atomic_save,
     atomic_save_path,
     atomic_write_bytes,
     atomic_write_text,
-    format_bytes,
     os_error_message,
 )
+from zosol.runtime.memory import format_bytes
 
 
 def test_atomic_write_replaces_a_planted_symlink_not_its_target(tmp_path):
@@ -103,7 +103,7 @@ def test_lock_refuses_a_second_holder_naming_it(tmp_path):
 def test_lock_of_a_process_killed_with_sigkill_is_free(tmp_path):
     target = tmp_path / "x.h5"
     code = (
-        "import sys, time; from zosol.fsutil import FileLock; l = FileLock(sys.argv[1]).acquire(); "
+        "import sys, time; from zosol.runtime.files import FileLock; l = FileLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(60)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
