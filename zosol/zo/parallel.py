@@ -11,6 +11,8 @@ bit-for-bit the same loss values as a single process with the same chunk size.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ __all__ = [
     "iter_chunks",
     "shard_chunks",
     "evaluate_chunked",
+    "keep_freed_memory",
     "dist_info",
     "chunk_size_from_budget",
     "estimate_bytes_per_perturbation",
@@ -141,6 +144,44 @@ def dist_info(distributed: bool, group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+@functools.cache
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``; None under another C library (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # present in glibc only (AttributeError elsewhere)
+        fn = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def keep_freed_memory(trim_bytes: int = 64 * 2**20, mmap_bytes: int = 32 * 2**20) -> bool:
+    """Let glibc keep the memory torch frees in the process heap instead of handing it back to the
+    kernel after every chunk; True when applied.
+
+    A ZO estimate allocates and frees the same tensors (MBs each) for every chunk. By default glibc
+    returns a freed heap top beyond twice the largest recently freed block to the kernel, and the next
+    chunk touches fresh pages again: a default burgers1d ZO-SOL epoch took ~6 million minor page
+    faults, a third of its CPU time in the kernel. Here blocks below ``mmap_bytes`` come from the heap
+    and up to ``trim_bytes`` of free heap top is kept (the process's peak memory is unchanged; it is
+    not returned until the top frees more than ``trim_bytes``). Results are bit-for-bit the same.
+    Process-wide and idempotent; left alone when the environment sets glibc's malloc tunables
+    (``MALLOC_TRIM_THRESHOLD_`` ..., ``GLIBC_TUNABLES`` with ``malloc.``) or the C library is not glibc.
+    """
+    if any(k in os.environ for k in _MALLOC_ENV) or "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes))) and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_bytes)))
+
+
 def evaluate_chunked(
     eval_chunk: Callable[[int, int], torch.Tensor],
     n: int,
@@ -162,7 +203,11 @@ def evaluate_chunked(
         dtype, device: of the returned vector; with NCCL ``device`` must be a CUDA device.
     Returns:
         Tensor ``(n,)`` of loss values, identical on all ranks.
+
+    The chunks' tensors are freed and allocated again chunk after chunk: :func:`keep_freed_memory`
+    keeps their pages in the process (on glibc).
     """
+    keep_freed_memory()
     rank, world = dist_info(distributed, group)
     out = torch.zeros(n, dtype=dtype, device=device)
     start = 0
