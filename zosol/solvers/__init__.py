@@ -38,9 +38,16 @@ def _karman2d():
     return Karman2DScenario
 
 
+def _ks1d():
+    from .ks1d import KS1DScenario
+
+    return KS1DScenario
+
+
 register("burgers1d", _burgers1d)
 register("burgers2d", _burgers2d)
 register("karman2d", _karman2d)
+register("ks1d", _ks1d)
 
 __all__ = [
     "BlackBox",
