@@ -78,7 +78,9 @@ class KS1D(Solver):
         n: grid points (even, >= 4).  dt: time advanced per ``step``.  length: domain length
         (chaotic for length >= ~22).  scheme: ``"etdrk1"``, ``"etdrk2"`` or ``"etdrk4"``.
         substeps: equal ETD steps per ``dt``.  nonlinear: factor of the ``(u^2/2)_x`` term
-        (1: KS; 0: the linear equation, solved exactly).  contour_points: points of the
+        (1: KS; 0: the linear equation, solved exactly).  dealias: Orszag's 2/3 rule in the
+        nonlinear term (modes above 2/3 of the Nyquist wave number are dropped before the square
+        and from the product).  contour_points: points of the
         Kassam-Trefethen contour means.  dtype: dtype of ``coords``.
     """
 
@@ -95,6 +97,7 @@ class KS1D(Solver):
         scheme: str = "etdrk4",
         substeps: int = 1,
         nonlinear: float = 1.0,
+        dealias: bool = False,
         contour_points: int = 64,
         dtype: torch.dtype = torch.float32,
     ):
@@ -116,7 +119,13 @@ class KS1D(Solver):
         self.linear = k**2 - k**4  # L(k), (n/2 + 1,)
         kd = k.clone()
         kd[-1] = 0.0  # the Nyquist mode's derivative is not defined on the grid: no nonlinear forcing
+        self.dealias = bool(dealias)
+        keep = (torch.arange(kd.numel()) <= self.n // 3).to(torch.float64)  # (n/2 + 1,)
+        if self.dealias:
+            kd = kd * keep
         self._coeffs64 = etd_coefficients(self.h * self.linear, self.h, scheme, contour_points)
+        if self.dealias:
+            self._coeffs64["keep"] = keep
         self._coeffs64["g"] = -0.5j * self.nonlinear * kd.to(torch.complex128)  # N(v) = g FFT(u^2)
         self._cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
@@ -133,24 +142,24 @@ class KS1D(Solver):
             }
         return self._cache[key]
 
-    def _nonlinear(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        u = torch.fft.irfft(v, n=self.n)
-        return g * torch.fft.rfft(u * u)
+    def _nonlinear(self, v: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = torch.fft.irfft(v * c["keep"] if self.dealias else v, n=self.n)
+        return c["g"] * torch.fft.rfft(u * u)
 
     def _advance(self, v: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
         """One ETD step of the Fourier coefficients ``v`` (B, 1, n/2 + 1)."""
-        nv = self._nonlinear(v, c["g"])
+        nv = self._nonlinear(v, c)
         if self.scheme == "etdrk1":
             return c["E"] * v + c["phi1"] * nv
         if self.scheme == "etdrk2":
             a = c["E"] * v + c["phi1"] * nv
-            return a + c["phi2"] * (self._nonlinear(a, c["g"]) - nv)
+            return a + c["phi2"] * (self._nonlinear(a, c) - nv)
         a = c["E2"] * v + c["Q"] * nv
-        na = self._nonlinear(a, c["g"])
+        na = self._nonlinear(a, c)
         b = c["E2"] * v + c["Q"] * na
-        nb = self._nonlinear(b, c["g"])
+        nb = self._nonlinear(b, c)
         cc = c["E2"] * a + c["Q"] * (2 * nb - nv)
-        nc = self._nonlinear(cc, c["g"])
+        nc = self._nonlinear(cc, c)
         return c["E"] * v + c["f1"] * nv + 2 * c["f2"] * (na + nb) + c["f3"] * nc
 
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
@@ -181,6 +190,7 @@ class KS1DConfig(ScenarioConfig):
     ref_substeps: int = option(8, "reference ETD steps per frame", gt=0, cap=10**6)
     coarse_scheme: Literal["etdrk1", "etdrk2", "etdrk4"] = option("etdrk1", "time scheme of the coarse solver")
     coarse_substeps: int = option(2, "coarse ETD steps per frame", gt=0, cap=10**6)
+    coarse_dealias: bool = option(False, "2/3-rule dealiasing in the coarse solver's nonlinear term")
     ic_modes: int = option(8, "Fourier modes of the initial condition", gt=0)
     ic_amplitude: float = option(1.0, "maximum of the initial condition", ge=0)
 
@@ -212,7 +222,9 @@ class KS1DScenario(Scenario):
 
     def coarse_solver(self) -> KS1D:
         c = self.config
-        return KS1D(c.n_coarse, c.dt, c.length, scheme=c.coarse_scheme, substeps=c.coarse_substeps)
+        return KS1D(
+            c.n_coarse, c.dt, c.length, scheme=c.coarse_scheme, substeps=c.coarse_substeps, dealias=c.coarse_dealias
+        )
 
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:
         """Point sampling (B, C, n_ref) -> (B, C, n_coarse): the coarse grid's points are every
