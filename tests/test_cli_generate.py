@@ -178,7 +178,7 @@ def test_interrupted_generate_keeps_parts_and_exits_130(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize(
     "scenario, preset",
-    [("burgers1d", "default"), ("burgers2d", "tiny"), ("burgers2d", "default"), ("karman2d", "tiny")],
+    [("burgers1d", "default"), ("burgers2d", "tiny"), ("burgers2d", "default"), ("karman2d", "tiny"), ("ks1d", "tiny")],
 )
 def test_generate_each_scenario_round_trip(tmp_path, capsys, scenario, preset):
     """`zosol generate` writes a dataset that reads back with the scenario's shapes and seeds."""

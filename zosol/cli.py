@@ -334,7 +334,9 @@ def _plugin_arg(q: argparse.ArgumentParser) -> None:
 def _scenario_args(q: argparse.ArgumentParser) -> None:
     _plugin_arg(q)
     q.add_argument(
-        "--scenario", required=True, help="burgers1d, burgers2d, karman2d, or a scenario of your own (--plugin MODULE)"
+        "--scenario",
+        required=True,
+        help="burgers1d, burgers2d, karman2d, ks1d, or a scenario of your own (--plugin MODULE)",
     )
     q.add_argument("--preset", default="default", help="tiny, default or paper (default: %(default)s)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario config field")
