@@ -22,7 +22,6 @@ with 143, after checkpointing.  Checkpoints and finished data are never lost: re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -181,80 +180,69 @@ def _dataset_for(args: argparse.Namespace):
     return load_dataset(path, args.scenario)
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, dataset) -> bool:
-    """Set up the (checked, locked) ``run_dir`` for ``zosol train``: its ``run.json`` names the
-    dataset; True when an existing run is resumed."""
-    from .runtime.files import atomic_write_text
+def _run_options(args: argparse.Namespace, **controls: Any):
+    """The command's run controls, checked once (``--workers`` at most the CPU cores)."""
+    from .runtime.options import RunOptions
 
-    atomic_write_text(run_dir / "run.json", json.dumps({"dataset": str(Path(dataset.path).resolve())}))
-    if resume and not (run_dir / "checkpoint.pt").exists():
-        print(f"zosol: note: no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
-        return False
-    return resume
+    return RunOptions(workers=args.workers, bound_by_cores=True, **controls)
+
+
+def _resume(run_dir, resume: bool) -> bool | str:
+    """``zosol train``'s resumption in its (open) run directory: a run there needs ``--resume``;
+    ``--resume`` with no checkpoint yet starts from scratch, with a note."""
+    if run_dir.has_checkpoint():
+        if not resume:
+            raise ValueError(
+                f"{run_dir.path} already holds a run; pass --resume to continue it or choose another --out"
+            )
+    elif resume:
+        print(f"zosol: note: no checkpoint in {run_dir.path} yet: starting from scratch", file=sys.stderr)
+    return "auto" if resume else False
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import train_config
-    from .runtime.launch import broadcast_from_lead, is_lead, lead_first
-    from .runtime.rundir import directory_lock, prepare_directory
-    from .runtime.workers import check_workers
+    from .runtime.launch import is_lead, lead_first
+    from .runtime.rundir import RunDirectory
 
-    check_workers(args.workers)
+    options = _run_options(args)
     config = train_config(args.train_preset or args.preset, args.scenario, method=args.method, **_train_overrides(args))
     out = f"runs/{args.scenario}_{args.preset}_{args.method}" if args.out is None else args.out
-    lead = is_lead()  # in a torchrun launch rank 0 checks, locks and writes the run directory
-    run_dir = prepare_directory(out, "--out") if lead else Path(out)
-    with directory_lock(run_dir, f"run directory {run_dir}") if lead else contextlib.nullcontext():
-        if lead and not args.resume and (run_dir / "checkpoint.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    # in a torchrun launch rank 0 checks, locks and writes the run directory; the others only name it
+    with RunDirectory(out, writer=is_lead(), what="--out") as run_dir:
+        resume = _resume(run_dir, args.resume) if run_dir.writer else ("auto" if args.resume else False)
         dataset = lead_first(lambda: _dataset_for(args))
-        resume = broadcast_from_lead(lambda: _prepare_run_dir(run_dir, args.resume, dataset))
-        return _train_and_report(args, dataset, config, run_dir, resume)
+        return _train_and_report(args, dataset, config, run_dir, options.but(resume=resume))
 
 
-def _train_and_report(args: argparse.Namespace, dataset, config, run_dir: Path, resume: bool) -> int:
+def _train_and_report(args: argparse.Namespace, dataset, config, run_dir, options) -> int:
     from .compare import evaluate
     from .runtime.launch import is_lead
     from .training import train
 
-    result = train(dataset, config, run_dir, resume=resume, workers=args.workers)
+    result = train(dataset, config, run_dir, options=options)
     ev = evaluate(dataset, result.model, device=config.device)
     if is_lead():
         print(
             f"{args.method}: test MAE {ev['mae_mean']:.5f} +- {ev['mae_std']:.5f} "
-            f"(train {result.history['wall_time']:.1f} s) -> {run_dir}"
+            f"(train {result.history['wall_time']:.1f} s) -> {run_dir.path}"
         )
     return 0
-
-
-def _run_dataset(run: Path) -> str:
-    """The dataset a run was trained on, from its ``run.json``."""
-    meta = run / "run.json"
-    if not meta.is_file():
-        raise ValueError(f"{run}: no run.json naming its dataset; pass --data FILE")
-    try:
-        data = json.loads(meta.read_text())["dataset"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise ValueError(f"{meta}: unreadable (it should name the run's dataset); pass --data FILE") from None
-    if not isinstance(data, str):
-        raise ValueError(f"{meta}: unreadable (it should name the run's dataset); pass --data FILE")
-    return data
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .compare import evaluate
     from .datasets import load_dataset
+    from .runtime.rundir import RunDirectory
     from .training import load_run
 
-    run = Path(args.run)
-    if run.exists() and not run.is_dir():
-        raise ValueError(f"{run} is not a directory (a file is there); name a run directory")
-    dataset = load_dataset(args.data or _run_dataset(run))
+    run = RunDirectory.existing(args.run)
+    dataset = load_dataset(args.data or run.dataset())
     model, ckpt = load_run(run, dataset)
     ev = evaluate(dataset, model)
     src = evaluate(dataset)
     out = {
-        "run": str(run),
+        "run": str(run.path),
         "method": ckpt["config"]["method"],
         "epochs_done": ckpt["epoch"],
         "mae_mean": ev["mae_mean"],
@@ -269,10 +257,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, stopped_methods
     from .report import markdown_table
-    from .runtime.workers import check_workers
     from .training import TrainingError
 
-    check_workers(args.workers)
+    options = _run_options(args, progress=not args.quiet, resume="auto")
     if not args.out:
         raise ValueError("--out must not be empty; name the output directory")
     methods = _parse_methods(args.methods)
@@ -285,8 +272,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         train_preset=args.train_preset,
         overrides=_train_overrides(args),
         scenario_overrides=_parse_sets(args.set),
-        workers=args.workers,
-        progress=not args.quiet,
+        options=options,
         **kwargs,
     )
     print()

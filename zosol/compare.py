@@ -36,9 +36,10 @@ from .metrics import (
 )
 from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
 from .rollout import corrected_rollout
-from .runtime.files import atomic_write_text
-from .runtime.launch import broadcast_from_lead, is_lead, lead_first, world
-from .runtime.rundir import directory_lock, prepare_directory
+from .runtime.files import atomic_write_text, prepare_directory
+from .runtime.launch import is_lead, lead_first, world
+from .runtime.options import RunOptions
+from .runtime.rundir import RunDirectory, directory_lock
 from .solvers.base import BlackBox, Scenario, Solver, get_scenario, registered
 from .training import SolverCounter, TrainingDiverged, TrainingError, read_checkpoint, source_class, train
 
@@ -154,8 +155,9 @@ def compare(
     train_preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     scenario_overrides: dict[str, Any] | None = None,
-    workers: int = 1,
-    progress: bool = True,
+    workers: int | None = None,
+    progress: bool | None = None,
+    options: RunOptions | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
@@ -172,15 +174,16 @@ def compare(
     ``overrides`` change training options for every method (e.g. ``{"epochs": 5}``);
     ``scenario_overrides`` change the scenario config (e.g. ``{"frames": 20}``; the dataset is then
     named ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default
-    ``out/data``), or an existing dataset file; ``workers``: processes that share ZO-SOL's
-    perturbation chunks (same result as one).
+    ``out/data``), or an existing dataset file.  ``options`` (RunOptions) or the keywords
+    ``workers``, ``progress``: the run controls; a run already in ``out/runs/<method>`` is resumed.
 
     Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
     "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
-    lead = is_lead()  # other ranks of a torchrun launch compute; rank 0 reports, writes and locks
+    options = RunOptions.of(options, workers=workers, progress=progress, resume="auto")
+    lead = is_lead()  # other ranks of a torchrun launch compute (quietly); rank 0 reports, writes and locks
     if not lead:
-        log, progress = (lambda *a, **k: None), False
+        log = lambda *a, **k: None  # noqa: E731
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
     methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
     tp = (
@@ -192,7 +195,7 @@ def compare(
     out = _output_directory(out) if lead else Path(out)
     with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
         t0 = time.perf_counter()
-        dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, progress)
+        dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, options.progress and lead)
         solver, twin = _solvers(dataset.scenario, solver, twin)
         configs = {m: configs[m] for m in runnable_methods(methods, solver, twin, log)}
         log(
@@ -207,7 +210,7 @@ def compare(
             "methods": {},
             "launch": dict(zip(("world_size", "backend"), world()[1:])),
         }
-        curves = _evaluate_all(dataset, configs, out, results, workers, progress, log, solver, twin)
+        curves = _evaluate_all(dataset, configs, out, results, options, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
             _write_reports(dataset, preset or dataset.scenario.preset or "custom", out, results, *curves)
@@ -318,8 +321,7 @@ def _evaluate_all(
     configs: dict[str, Any],
     out: Path,
     results: dict[str, Any],
-    workers: int,
-    progress: bool,
+    options: RunOptions,
     log,
     solver: Solver | BlackBox,
     twin: Solver | None,
@@ -340,17 +342,8 @@ def _evaluate_all(
         name = DISPLAY_NAMES.get(m, m.upper())
         results["train_config"][name] = cfg.to_dict()
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
-        resume = broadcast_from_lead(lambda: (run_dir / "checkpoint.pt").exists())
         try:
-            result = train(
-                dataset,
-                cfg,
-                run_dir,
-                resume=resume,
-                progress=progress,
-                workers=workers,
-                **_solver_args(solver, twin, dataset.scenario),
-            )
+            result = train(dataset, cfg, run_dir, options=options, **_solver_args(solver, twin, dataset.scenario))
             ev = evaluate(dataset, result.model, solver=solver, device=cfg.device)
         except TrainingError as e:
             results["methods"][name] = _stopped_entry(e, cfg, run_dir)
@@ -404,7 +397,7 @@ def _stopped_entry(e: TrainingError, cfg: Any, run_dir: Path) -> dict[str, Any]:
         "solver_samples": 0,
         "checkpoint": None,
     }
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = RunDirectory(run_dir, writer=False).checkpoint
     if is_lead() and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
         entry.update(

@@ -10,6 +10,10 @@ one-line messages for file-system errors.  The checks that keep writes safe live
   temporary file is removed and the target is left as it was.
 * :class:`FileLock` is an advisory ``flock`` lock on ``<path>.lock``; a second holder is refused
   at once with :class:`LockedError` naming the pid, host and command of the holder.
+* :func:`prepare_directory` creates a run (or ``compare --out``) directory or refuses it with a
+  one-line ``ValueError`` naming the problem (empty name, a file in the way, a name too long, not
+  writable); :func:`refuse_file_in_the_way` is the one check that a file is not where a directory
+  belongs.
 * :func:`os_error_message` turns an ``OSError`` into ``"<path>: <reason>"`` for one-line messages.
 """
 
@@ -34,6 +38,8 @@ __all__ = [
     "FileLock",
     "LockedError",
     "os_error_message",
+    "prepare_directory",
+    "refuse_file_in_the_way",
 ]
 
 
@@ -194,3 +200,36 @@ class FileLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories to write in
+
+
+def refuse_file_in_the_way(path: str | os.PathLike, what: str, fix: str) -> None:
+    """ValueError ``"<what> <path> is not a directory (a file is there); <fix>"`` if a file (or
+    anything but a directory) is at ``path``; nothing if it is a directory or missing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p} is not a directory (a file is there); {fix}")
+
+
+def prepare_directory(path: str | os.PathLike, what: str = "--out") -> Path:
+    """``path`` as an existing, writable directory (created with its parents if missing).
+
+    ``what`` names the option in messages.  Raises ValueError for an empty name, a file in the
+    way, a name the file system refuses (too long, read-only parent) or a directory that is not
+    writable."""
+    if str(path) == "":
+        raise ValueError(f"{what} must not be empty; name a directory")
+    p = Path(path)
+    refuse_file_in_the_way(p, what, f"choose another {what}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
+        where = p if len(str(p)) <= 120 else f"{str(p)[:60]}...{str(p)[-40:]}"
+        raise ValueError(f"{what} {where}: cannot create the directory ({reason}); choose another {what}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {p} is not writable; fix its permissions or choose another {what}")
+    return p

@@ -16,7 +16,6 @@ renamed over ``checkpoint.pt`` (a planted symlink is replaced, never followed).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,8 +25,10 @@ import torch
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
-from ..runtime.files import atomic_save, atomic_write_text
+from ..runtime.files import atomic_save
 from ..runtime.launch import broadcast_from_lead
+from ..runtime.options import Resume
+from ..runtime.rundir import RunDirectory
 from .errors import CheckpointError
 from .state import RunState, make_corrector, new_history
 
@@ -190,20 +191,18 @@ def _restore_state(state: RunState, ckpt: dict, n_windows: int, steps_per_epoch:
         raise CheckpointError(f"{path}: damaged checkpoint: {_first_line(e)}; retrain or restore it") from None
 
 
-def load_run(run_dir: str | os.PathLike, dataset: FidelityDataset) -> tuple[torch.nn.Module, dict]:
+def load_run(run_dir: str | os.PathLike | RunDirectory, dataset: FidelityDataset) -> tuple[torch.nn.Module, dict]:
     """The trained corrector and the checkpoint dict of a run directory, validated against the
     dataset the run must have been trained on."""
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise ValueError(f"{run_dir} is not a directory (a file is there); name a run directory")
-    path = Path(run_dir) / "checkpoint.pt"
-    ckpt = read_checkpoint(path)
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory.existing(run_dir)
+    ckpt = read_checkpoint(run.checkpoint)
     if ckpt["dataset"] != fingerprint(dataset):
         raise CheckpointError(
-            f"{run_dir}: the run was trained on another dataset "
+            f"{run.path}: the run was trained on another dataset "
             f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})"
         )
     model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
-    restore_model(model, ckpt["model"], path)
+    restore_model(model, ckpt["model"], run.checkpoint)
     return model, ckpt
 
 
@@ -218,44 +217,44 @@ def _save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 
 
 class Checkpointer:
-    """The checkpoint of one run: ``run_dir/checkpoint.pt`` (``run_dir=None``: nothing is written).
+    """The checkpoint of one run: ``checkpoint.pt`` of its :class:`RunDirectory` (None: nothing
+    is written).  Only the directory's writer (rank 0 of a multi-process run) writes."""
 
-    Only the process with ``write=True`` writes (rank 0 of a multi-process run)."""
+    def __init__(self, run_dir: RunDirectory | None, config: TrainConfig, dataset: FidelityDataset):
+        self.run_dir = run_dir
+        self.path = run_dir.checkpoint if run_dir is not None else None
+        self.config, self.dataset = config, dataset
+        self.write = run_dir is not None and run_dir.writer
 
-    def __init__(
-        self, run_dir: str | os.PathLike | None, config: TrainConfig, dataset: FidelityDataset, write: bool = True
-    ):
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.path = self.run_dir / "checkpoint.pt" if self.run_dir is not None else None
-        self.config, self.dataset, self.write = config, dataset, write
-
-    def begin(self, state: RunState, resume: bool, n_windows: int, steps_per_epoch: int) -> None:
+    def begin(self, state: RunState, resume: Resume, n_windows: int, steps_per_epoch: int) -> bool:
         """Resume ``state`` from the checkpoint (checked against config, dataset and the run's
         ``n_windows`` training windows in ``steps_per_epoch`` steps), or start a new run directory
-        holding ``config.json``."""
-        if resume:
-            if self.path is None:
-                raise ValueError("resume needs a run directory")
-            ckpt = broadcast_from_lead(lambda: read_checkpoint(self.path))  # rank 0's disk
-            now = self.config.to_dict()
-            if ckpt["config"] != now:
-                diff = {k: (ckpt["config"].get(k), v) for k, v in now.items() if ckpt["config"].get(k) != v}
-                raise CheckpointError(
-                    f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
-                    f"use the same options or a new run directory"
-                )
-            if ckpt["dataset"] != fingerprint(self.dataset):
-                raise CheckpointError(
-                    f"{self.path}: checkpoint from another dataset; use the dataset it was trained on"
-                )
-            _restore_state(state, ckpt, n_windows, steps_per_epoch, self.path)
-        elif self.run_dir is not None and self.write:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        holding ``config.json``.  ``resume="auto"``: resume if rank 0 finds a checkpoint.
+        Returns whether the run resumed."""
+        if resume == "auto":
+            resume = self.run_dir is not None and broadcast_from_lead(self.run_dir.has_checkpoint)
+        if not resume:
+            if self.run_dir is not None:
+                self.run_dir.record_config(self.config.to_dict())
+            return False
+        if self.path is None:
+            raise ValueError("resume needs a run directory")
+        ckpt = broadcast_from_lead(lambda: read_checkpoint(self.path))  # rank 0's disk
+        now = self.config.to_dict()
+        if ckpt["config"] != now:
+            diff = {k: (ckpt["config"].get(k), v) for k, v in now.items() if ckpt["config"].get(k) != v}
+            raise CheckpointError(
+                f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
+                f"use the same options or a new run directory"
+            )
+        if ckpt["dataset"] != fingerprint(self.dataset):
+            raise CheckpointError(f"{self.path}: checkpoint from another dataset; use the dataset it was trained on")
+        _restore_state(state, ckpt, n_windows, steps_per_epoch, self.path)
+        return True
 
     def save(self, state: RunState, masks: dict[str, torch.Tensor] | None) -> None:
         """Write the checkpoint atomically (a crash leaves the previous one)."""
-        if self.path is None or not self.write:
+        if not self.write:
             return
         _save_checkpoint(
             {
@@ -270,6 +269,6 @@ class Checkpointer:
         )
 
     def write_history(self, history: dict[str, Any]) -> None:
-        """``run_dir/history.json`` at the end of a run."""
-        if self.path is not None and self.write:
-            atomic_write_text(self.run_dir / "history.json", json.dumps(history, indent=1))
+        """``history.json`` at the end of a run."""
+        if self.run_dir is not None:
+            self.run_dir.record_history(history)

@@ -15,8 +15,8 @@ loop checkpoints and raises :class:`~zosol.runtime.stop.Terminated`.  In a multi
 from __future__ import annotations
 
 import math
-import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,8 @@ from ..datasets.hdf5 import FidelityDataset
 from ..models import n_params
 from ..runtime import stop
 from ..runtime.launch import is_lead, rank_label, world
+from ..runtime.options import RunOptions
+from ..runtime.rundir import RunDirectory
 from ..solvers.base import BlackBox, Solver, SolverError
 from .budget import check_memory
 from .checkpoint import Checkpointer
@@ -50,10 +52,11 @@ class TrainingLoop:
         source: GradientSource,
         solvers: SolverViews,
         checkpointer: Checkpointer,
-        progress: bool,
+        options: RunOptions,
     ):
         self.config, self.windows, self.state, self.source = config, windows, state, source
-        self.solvers, self.checkpointer, self.progress = solvers, checkpointer, progress
+        self.solvers, self.checkpointer, self.options = solvers, checkpointer, options
+        self.progress = options.progress and is_lead()  # the lead process writes and reports
         self.steps_per_epoch = math.ceil(len(windows) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.check = GradientCheck(source, solvers, config.grad_checks, self.total_steps)
@@ -63,15 +66,14 @@ class TrainingLoop:
         cls,
         dataset: FidelityDataset,
         config: TrainConfig,
-        run_dir: str | os.PathLike | None,
-        resume: bool,
-        progress: bool,
-        solver: Solver | BlackBox | None,
+        run_dir: RunDirectory | None,
+        options: RunOptions,
+        solver: Solver | BlackBox | None = None,
         twin: Solver | None = None,
     ) -> TrainingLoop:
-        """Build the solver views, windows, run state (resumed if asked) and the gradient source."""
+        """Build the solver views, windows, run state (resumed as ``options.resume`` says) and the
+        gradient source."""
         _, world_size, backend = world()
-        distributed, lead = world_size > 1, is_lead()  # the lead process writes and reports
         if not dataset.train:
             raise ValueError(f"{dataset.path}: no training simulations")
         source_cls = source_class(config.method)
@@ -90,23 +92,24 @@ class TrainingLoop:
         check_memory(dataset, config, len(windows))
         steps_per_epoch = math.ceil(len(windows) / config.batch_size)
         state = RunState.fresh(dataset, config, device, steps_per_epoch * config.epochs)
-        checkpointer = Checkpointer(run_dir, config, dataset, write=lead)
-        checkpointer.begin(state, resume, len(windows), steps_per_epoch)
-        source = source_cls(state.model, config, windows, solvers, distributed)
+        checkpointer = Checkpointer(run_dir, config, dataset)
+        resumed = checkpointer.begin(state, options.resume, len(windows), steps_per_epoch)
+        source = source_cls(state.model, config, windows, solvers, world_size > 1)
         source.prepare(state.history)
         state.history.update(world_size=world_size, backend=backend)  # how this (part of the) run ran
-        if resume:  # the counts go on from the checkpoint's (prepare's solver calls were counted there)
+        if resumed:  # the counts go on from the checkpoint's (prepare's solver calls were counted there)
             solvers.restore(state.history)
-        return cls(config, windows, state, source, solvers, checkpointer, progress and lead)
+        return cls(config, windows, state, source, solvers, checkpointer, options)
 
-    def run(self, stop_after_steps: int | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
-        """Train to the last epoch (or ``stop_after_steps`` steps in this call, then checkpoint);
-        SIGTERM stops it after the current step, checkpointed."""
+    def run(self) -> TrainResult:
+        """Train to the last epoch (or ``options.stop_after_steps`` steps in this call, then
+        checkpoint); SIGTERM stops it after the current step, checkpointed."""
         with stop.deferred():
-            return self._train(stop_after_steps, checkpoint_seconds)
+            return self._train()
 
-    def _train(self, stop_after_steps: int | None, checkpoint_seconds: float) -> TrainResult:
+    def _train(self) -> TrainResult:
         s, cfg = self.state, self.config
+        stop_after_steps, checkpoint_seconds = self.options.stop_after_steps, self.options.checkpoint_seconds
         bar = tqdm(
             total=self.total_steps,
             initial=s.epoch * self.steps_per_epoch + s.position,
@@ -133,7 +136,7 @@ class TrainingLoop:
                     bar.set_postfix(loss=f"{loss:.3g}", epoch=s.epoch)
                     if stop_after_steps is not None and done_here >= stop_after_steps:
                         self.save()
-                        return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir, {"stopped_early": True})
+                        return TrainResult(s.model, cfg, s.history, self._run_path, {"stopped_early": True})
                     self._honour_sigterm()
                     if self.checkpointer.path is not None and time.perf_counter() - last_save > checkpoint_seconds:
                         self.save()
@@ -145,7 +148,11 @@ class TrainingLoop:
         s.history["parameters"] = n_params(s.model)
         self.save()
         self.checkpointer.write_history(s.history)
-        return TrainResult(s.model, cfg, s.history, self.checkpointer.run_dir)
+        return TrainResult(s.model, cfg, s.history, self._run_path)
+
+    @property
+    def _run_path(self) -> Path | None:
+        return self.checkpointer.run_dir.path if self.checkpointer.run_dir is not None else None
 
     def _honour_sigterm(self) -> None:
         """After a step: if SIGTERM arrived (in any process of a multi-process run), checkpoint and
@@ -159,9 +166,7 @@ class TrainingLoop:
             self.save()
             s = self.state
             where = (
-                f"; checkpoint in {self.checkpointer.run_dir}, rerun with --resume"
-                if self.checkpointer.path is not None
-                else ""
+                f"; checkpoint in {self._run_path}, rerun with --resume" if self.checkpointer.path is not None else ""
             )
             raise stop.Terminated(f"stopped by SIGTERM at epoch {s.epoch}, step {s.position}{where}")
 

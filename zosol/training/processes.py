@@ -12,18 +12,17 @@ stop at the same step, checkpoint and exit, and the parent raises
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 from .. import zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..runtime import stop
-from ..runtime.files import atomic_write_text
+from ..runtime.options import RunOptions
+from ..runtime.rundir import RunDirectory
 from ..runtime.workers import exit_now
 from ..solvers.base import SolverError
 from .checkpoint import load_run
@@ -37,20 +36,24 @@ _ERRORS = {e.__name__: e for e in (TrainingError, TrainingDiverged, SolverError,
 
 
 def _worker(
-    rank: int, world_size: int, dataset: FidelityDataset, config: TrainConfig, run_dir: Path, kwargs: dict[str, Any]
+    rank: int,
+    world_size: int,
+    dataset: FidelityDataset,
+    config: TrainConfig,
+    run_dir: Path,
+    options: RunOptions,
+    parent: int,
 ) -> None:
-    """One process of a multi-process run; failures (and a SIGTERM stop) are written to
-    ``run_dir/failure.json`` by rank 0."""
-    stop.die_with_parent(kwargs["parent"])
+    """One process of a multi-process run, in ``run_dir`` (held open by the parent); rank 0
+    writes the checkpoint and records what stopped the run (also a SIGTERM stop)."""
+    stop.die_with_parent(parent)
     stop.install_sigterm_handler()
     warnings.showwarning = show_warning  # one line, as in the parent
+    directory = RunDirectory(run_dir, writer=rank == 0)
     try:
-        loop = TrainingLoop.setup(dataset, config, run_dir, kwargs["resume"], kwargs["progress"], None)
-        loop.run(kwargs["stop_after_steps"], kwargs["checkpoint_seconds"])
+        TrainingLoop.setup(dataset, config, directory, options).run()
     except (TrainingError, SolverError, CheckpointError, ValueError, stop.Terminated) as e:
-        if rank == 0:
-            info = json.dumps({"type": type(e).__name__, "message": str(e)})
-            atomic_write_text(run_dir / "failure.json", info)
+        directory.record_failure(e)
         if isinstance(e, stop.Terminated):  # a clean stop (every rank at the same step): the parent raises it;
             exit_now()
         raise
@@ -61,56 +64,39 @@ def _first_line(e: BaseException) -> str:
     return lines[-1][:300] if lines else type(e).__name__
 
 
-def _reraise_failure(failure: Path) -> None:
-    """Raise what a worker reported in ``failure`` (with its own type), if anything."""
-    if failure.exists():
-        info = json.loads(failure.read_text())
-        failure.unlink()
+def _reraise_failure(run_dir: RunDirectory) -> None:
+    """Raise what a worker recorded in ``run_dir`` (with its own type), if anything."""
+    info = run_dir.take_failure()
+    if info is not None:
         raise _ERRORS.get(info["type"], ValueError)(info["message"]) from None
 
 
 def train_in_processes(
-    dataset: FidelityDataset,
-    config: TrainConfig,
-    run_dir: str | os.PathLike | None,
-    workers: int,
-    *,
-    resume: bool,
-    progress: bool,
-    checkpoint_seconds: float,
-    stop_after_steps: int | None,
+    dataset: FidelityDataset, config: TrainConfig, run_dir: RunDirectory | None, options: RunOptions
 ) -> TrainResult:
-    """Run the training loop in ``workers`` processes and load rank 0's result (a temporary run
-    directory if ``run_dir`` is None)."""
-    kwargs = dict(
-        resume=resume,
-        progress=progress,
-        checkpoint_seconds=checkpoint_seconds,
-        stop_after_steps=stop_after_steps,
-        parent=os.getpid(),
-    )
+    """Run the training loop in ``options.workers`` processes and load rank 0's result (in a
+    temporary run directory if ``run_dir`` is None)."""
     with tempfile.TemporaryDirectory(prefix="zosol-run-") as scratch:
-        run = Path(run_dir) if run_dir is not None else Path(scratch)
-        run.mkdir(parents=True, exist_ok=True)
-        failure = run / "failure.json"
-        failure.unlink(missing_ok=True)
+        run = run_dir if run_dir is not None else RunDirectory(scratch)
+        run.clear_failure()
         with stop.deferred():  # SIGTERM is forwarded to the workers, which stop cleanly
             try:
-                zo.spawn_local(_worker, workers, args=(dataset, config, run, kwargs))
+                zo.spawn_local(_worker, options.workers, args=(dataset, config, run.path, options, os.getpid()))
             except Exception as e:  # a worker failed: re-raise what it reported, with its own type
-                _reraise_failure(failure)
+                _reraise_failure(run)
                 if stop.requested():
                     raise stop.Terminated(
-                        f"stopped by SIGTERM (workers killed); the last checkpoint is in {run}, rerun with --resume"
+                        f"stopped by SIGTERM (workers killed); the last checkpoint is in {run.path}, "
+                        f"rerun with --resume"
                     ) from None
                 raise TrainingError(f"a training worker process failed: {_first_line(e)}") from e
-        _reraise_failure(failure)
-        model, ckpt = load_run(run, dataset)
-        stopped = stop_after_steps is not None and ckpt["epoch"] < config.epochs
+        _reraise_failure(run)
+        model, ckpt = load_run(run.path, dataset)
+        stopped = options.stop_after_steps is not None and ckpt["epoch"] < config.epochs
         return TrainResult(
             model,
             config,
             ckpt["history"],
-            Path(run_dir) if run_dir is not None else None,
+            run_dir.path if run_dir is not None else None,
             {"stopped_early": True} if stopped else {},
         )
