@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from zosol.compare import evaluate
 from zosol.config import train_config
 from zosol.datasets import generate, load_dataset
+from zosol.evaluation import evaluate
 from zosol.training import train
 
 

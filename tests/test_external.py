@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from zosol.compare import evaluate
 from zosol.config import train_config
 from zosol.datasets import load_dataset
+from zosol.evaluation import evaluate
 from zosol.solvers.base import BlackBox, SolverError
 from zosol.solvers.burgers1d import Burgers1DScenario
 from zosol.solvers.external import ExternalSolver, NotDifferentiableError, NumpySolver

@@ -361,8 +361,8 @@ def test_compare_marks_a_diverged_method_and_finishes_the_others(tmp_path, tiny_
 
 def test_an_exploding_evaluation_is_not_a_success(tmp_path, tiny_h5, capsys):
     """A corrector whose training loss stayed finite but whose test rollout explodes."""
-    from zosol.compare import EvaluationDiverged, evaluate
     from zosol.datasets import load_dataset
+    from zosol.evaluation import EvaluationDiverged, evaluate
 
     class Blowup(torch.nn.Module):
         def forward(self, x):

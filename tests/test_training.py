@@ -11,9 +11,10 @@ import torch
 from run_checks import assert_same_run
 
 from zosol import zo
-from zosol.compare import compare, evaluate
+from zosol.compare import compare
 from zosol.config import train_config
 from zosol.datasets import generate, load_dataset
+from zosol.evaluation import evaluate
 from zosol.metrics import mae_per_frame, mae_per_simulation, summarize
 from zosol.rollout import corrected_rollout, window_loss
 from zosol.solvers.base import Solver

@@ -4,8 +4,13 @@ import pytest
 import torch
 from zo_workers import dist_check_worker
 
-from zosol.zo import chunk_size_from_budget, estimate_bytes_per_perturbation, iter_chunks
-from zosol.zo.parallel import shard_chunks, spawn_local
+from zosol.zo.parallel import (
+    chunk_size_from_budget,
+    estimate_bytes_per_perturbation,
+    iter_chunks,
+    shard_chunks,
+    spawn_local,
+)
 
 
 def test_iter_and_shard_chunks():

@@ -142,8 +142,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .compare import evaluate
     from .datasets import load_dataset
+    from .evaluation import evaluate
 
     if args.plot:
         from .report import plot_format
@@ -216,7 +216,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(args: argparse.Namespace, dataset, config, run_dir, options) -> int:
-    from .compare import evaluate
+    from .evaluation import evaluate
     from .runtime.launch import is_lead
     from .training import train
 
@@ -231,8 +231,8 @@ def _train_and_report(args: argparse.Namespace, dataset, config, run_dir, option
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .compare import evaluate
     from .datasets import load_dataset
+    from .evaluation import evaluate
     from .runtime.rundir import RunDirectory
     from .training import load_run
 

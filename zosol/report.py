@@ -1,5 +1,8 @@
 """Tables (Markdown / CSV / JSON) and plots (PNG, PDF, SVG, ... by the file's suffix) of a method
-comparison.  Every file is written atomically (zosol.runtime.files: unique temporary name, then rename)."""
+comparison.  Every file is written atomically (zosol.runtime.files: unique temporary name, then rename).
+
+Figures are ``matplotlib.figure.Figure`` objects drawn on their own Agg canvas: importing this
+module or saving a plot never changes matplotlib's global backend (a notebook's inline plots stay)."""
 
 from __future__ import annotations
 
@@ -10,13 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .runtime.files import atomic_save, atomic_write_text  # noqa: E402
+from .runtime.files import atomic_save, atomic_write_text
 
 __all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side", "plot_format"]
 
@@ -73,17 +74,22 @@ def plot_format(path: str | os.PathLike) -> str:
     return fmt
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _figure(**kwargs: Any) -> Figure:
+    """A figure with its own Agg canvas (not registered with pyplot: nothing to close)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
     fmt = plot_format(path)
-    try:
-        atomic_save(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
-    finally:
-        plt.close(fig)
+    atomic_save(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
 
 
 def plot_frame_errors(per_frame: dict[str, np.ndarray], dt: float, path: str | os.PathLike, title: str = "") -> None:
     """Per-frame MAE (mean over test simulations, band = +- std) of each method."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig = _figure(figsize=(6.4, 4))
+    ax = fig.subplots()
     for name, err in per_frame.items():
         err = np.asarray(err)
         t = dt * np.arange(1, err.shape[1] + 1)
@@ -105,7 +111,8 @@ def plot_side_by_side(trajectories: dict[str, np.ndarray], path: str | os.PathLi
     1-D states are shown as space-time images (x horizontal, time down); 2-D states as the first
     channel of the last frame."""
     names = list(trajectories)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    fig = _figure(figsize=(3.2 * len(names), 3.4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     first = np.asarray(trajectories[names[0]])
     lo, hi = float(first.min()), float(first.max())
     for ax, name in zip(axes[0], names):

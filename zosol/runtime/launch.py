@@ -1,7 +1,7 @@
 """Runs launched as several processes: ``torchrun`` (one machine or many, Slurm calling it) or
-``--workers N`` (local processes, :func:`zosol.zo.spawn_local`); both join a process group from
+``--workers N`` (local processes, :func:`zosol.zo.parallel.spawn_local`); both join a process group from
 the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``) through :func:`zosol.zo.init_from_env`.
+``MASTER_PORT``) through :func:`zosol.zo.parallel.init_from_env`.
 
 What is shared and what is not: every rank reads the same dataset (rank 0 generates it first, the
 others wait), runs the same training loop on it, and a shardable gradient source (ZO-SOL,
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .. import zo
+from ..zo.parallel import init_from_env, launched_with_env
 
 __all__ = [
     "join_launcher_group",
@@ -49,10 +49,10 @@ def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | Non
     gloo otherwise.  Records every rank's host and pid.  Returns ``(rank, world_size, backend)``.
     (The launcher's SIGTERM, sent when another rank failed, stops the loop as any SIGTERM does:
     :mod:`zosol.runtime.stop`.)"""
-    if not zo.launched_with_env():
+    if not launched_with_env():
         return None
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
-    info = zo.init_from_env("nccl" if cuda else "gloo")
+    info = init_from_env("nccl" if cuda else "gloo")
     register_peers()
     return info
 

@@ -1,6 +1,6 @@
 """Local worker processes (``--workers N``): how many a run may start, and how a worker leaves.
 
-The processes themselves are started by :func:`zosol.zo.spawn_local`; each dies with its parent
+The processes themselves are started by :func:`zosol.zo.parallel.spawn_local`; each dies with its parent
 and stops on a forwarded SIGTERM (:mod:`zosol.runtime.stop`)."""
 
 from __future__ import annotations

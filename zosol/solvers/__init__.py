@@ -16,6 +16,7 @@ from .base import (
     scenario_names,
 )
 from .custom import CustomScenario, block_average, make_scenario
+from .external import ExternalSolver, NumpySolver
 from .plugins import ScenarioNotFound, load_plugin, scenario_from_record
 from .torch_step import TorchSolver
 
@@ -52,6 +53,8 @@ register("ks1d", _ks1d)
 __all__ = [
     "BlackBox",
     "CustomScenario",
+    "ExternalSolver",
+    "NumpySolver",
     "Scenario",
     "ScenarioConfig",
     "ScenarioNotFound",

@@ -17,7 +17,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .. import zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..runtime import stop
@@ -25,6 +24,7 @@ from ..runtime.options import RunOptions
 from ..runtime.rundir import RunDirectory
 from ..runtime.workers import exit_now
 from ..solvers.base import SolverError
+from ..zo.parallel import spawn_local
 from .checkpoint import load_run
 from .errors import CheckpointError, TrainingDiverged, TrainingError, show_warning
 from .loop import TrainingLoop
@@ -81,7 +81,7 @@ def train_in_processes(
         run.clear_failure()
         with stop.deferred():  # SIGTERM is forwarded to the workers, which stop cleanly
             try:
-                zo.spawn_local(_worker, options.workers, args=(dataset, config, run.path, options, os.getpid()))
+                spawn_local(_worker, options.workers, args=(dataset, config, run.path, options, os.getpid()))
             except Exception as e:  # a worker failed: re-raise what it reported, with its own type
                 _reraise_failure(run)
                 if stop.requested():

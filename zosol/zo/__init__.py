@@ -12,22 +12,14 @@ Layers (each imports only the ones above it; no cycles):
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
     refjac      reference-subtracted Jacobians of globally coupled steps (RefJacobian, build_references)
     bench_nets, bench   reference networks of the benches, ``zosol bench engine``
+
+``zosol.zo`` exports the estimators (CGE / RGE, structured CGE, sparse ZO) and the Jacobian API;
+chunking, memory budgets, devices and process groups are imported from :mod:`zosol.zo.parallel`.
 """
 
 from .checks import SCHEMES, NonFiniteLossError, UnsupportedModuleError
 from .estimators import batched_loss_from_module, cge, rge, write_grads
 from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
-from .parallel import (
-    chunk_size_from_budget,
-    estimate_bytes_per_perturbation,
-    evaluate_chunked,
-    init_from_env,
-    iter_chunks,
-    launched_with_env,
-    measure_peak_memory,
-    resolve_device,
-    spawn_local,
-)
 from .plan import CGEPlan, ZOEstimate, n_params
 from .refjac import References, RefJacobian, build_references
 from .reuse import ENGINES, Residual, cge_structured, check_structured_support
@@ -59,17 +51,6 @@ __all__ = [
     "Residual",
     "check_structured_support",
     "ENGINES",
-    "evaluate_chunked",
-    "iter_chunks",
-    "chunk_size_from_budget",
-    "estimate_bytes_per_perturbation",
-    "measure_peak_memory",
-    "memory_budget",
-    "available_memory",
-    "resolve_device",
-    "spawn_local",
-    "init_from_env",
-    "launched_with_env",
     "zo_grasp_scores",
     "fo_grasp_scores",
     "layerwise_pruning_ratios",
