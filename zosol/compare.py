@@ -31,7 +31,7 @@ from .runtime.files import atomic_write_text, prepare_directory
 from .runtime.launch import is_lead, lead_first, world
 from .runtime.options import RunOptions
 from .runtime.rundir import RunDirectory, directory_lock
-from .solvers.base import BlackBox, Scenario, Solver, get_scenario, registered
+from .solvers.base import BlackBox, Scenario, Solver, default_twin, get_scenario, registered, trains_through_autograd
 from .training import TrainingDiverged, TrainingError, read_checkpoint, source_class, train
 
 __all__ = [
@@ -155,7 +155,7 @@ def default_methods(scenario: str | Scenario, log=print) -> list[str]:
 def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None, log=print) -> list[str]:
     """``methods`` less those that cannot run with this solver (e.g. FO-SOL needs a differentiable
     solver or twin), each left out with one line saying why."""
-    differentiable = any(getattr(s, "differentiable", False) for s in (solver, twin) if s is not None)
+    differentiable = trains_through_autograd(solver, twin)
     keep = []
     for m in _check_methods(methods):
         if source_class(m).needs == "differentiable" and not differentiable:
@@ -173,9 +173,7 @@ def _solvers(sc: Scenario, solver: Solver | BlackBox | None, twin: Solver | None
     """The black box every method uses (default: the scenario's coarse solver) and its
     differentiable twin (default: the solver if differentiable, else the scenario's coarse solver)."""
     solver = solver if solver is not None else sc.coarse_solver()
-    if twin is None:
-        twin = solver if getattr(solver, "differentiable", False) else sc.coarse_solver()
-    return solver, twin
+    return solver, default_twin(solver, sc, twin)
 
 
 def _solver_args(solver: Solver | BlackBox, twin: Solver | None, scenario: Scenario) -> dict:

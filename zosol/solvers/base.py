@@ -40,6 +40,9 @@ __all__ = [
     "registered",
     "is_registered",
     "load_entry_points",
+    "is_differentiable",
+    "default_twin",
+    "trains_through_autograd",
 ]
 
 
@@ -136,6 +139,27 @@ class BlackBox:
 
     def __repr__(self) -> str:
         return f"BlackBox({self._solver!r})"
+
+
+def is_differentiable(solver: Any) -> bool:
+    """Whether autograd flows through ``solver.step`` (its ``differentiable`` attribute)."""
+    return bool(getattr(solver, "differentiable", False))
+
+
+def default_twin(solver: Solver | BlackBox, scenario: Any, twin: Solver | None = None) -> Solver | BlackBox:
+    """The differentiable twin of the solver a run trains with (gradient checks compare with it):
+    ``twin`` if given, else ``solver`` if differentiable, else the scenario's coarse solver (which
+    may be a black box too: ask :func:`is_differentiable`).  The one place this is decided."""
+    if twin is not None:
+        return twin
+    return solver if is_differentiable(solver) else scenario.coarse_solver()
+
+
+def trains_through_autograd(solver: Solver | BlackBox, twin: Solver | None) -> bool:
+    """Whether a method that needs autograd through the solver (FO-SOL) may train with ``solver``:
+    it is differentiable, or the caller named a differentiable ``twin`` (the scenario's own solver
+    is never silently substituted for a black box of the caller's)."""
+    return is_differentiable(solver) or (twin is not None and is_differentiable(twin))
 
 
 def check_state(solver: Solver, state: torch.Tensor, params: torch.Tensor | None) -> None:

@@ -9,8 +9,9 @@ Modules (each small, no cycles; read in this order):
 * :mod:`~zosol.training.sparsity`    layer-wise pruning ratios of sparse ZO-SOL.
 * :mod:`~zosol.training.state`       ``RunState`` (everything a checkpoint holds), ``TrainResult``.
 * :mod:`~zosol.training.checkpoint`  atomic checkpoints, resume checks, ``load_run``.
-* :mod:`~zosol.training.hooks`       the gradient check against the differentiable twin.
-* :mod:`~zosol.training.loop`        ``TrainingLoop``: sample -> source -> checks -> optimizer -> hooks.
+* :mod:`~zosol.training.gradcheck`   gradient checks (vs the differentiable twin / finite differences):
+  the loop's ``GradientCheck`` and the public ``check_gradient``.
+* :mod:`~zosol.training.loop`        ``TrainingLoop``: sample -> source -> callbacks -> optimizer.
 * :mod:`~zosol.training.processes`   the same loop in several local processes (``workers``).
 * :mod:`~zosol.training.budget`      memory estimate of a config, refused up front above the machine's.
 * :mod:`~zosol.training.api`         ``train()``, the public entry point.

@@ -39,7 +39,7 @@ def train(
     twin of ``solver`` (FO-SOL trains through it; the gradient checks compare with it; default:
     ``solver`` if differentiable, else the scenario's coarse solver).  Without a differentiable
     twin the gradient checks compare with float64 finite differences through the black box
-    (:mod:`zosol.fdcheck`).
+    (:mod:`zosol.training.gradcheck`).
 
     ``run_dir``: where the run's files go (None: nothing is written).  A path is created if
     missing and locked while training (a second process is refused with

@@ -1,47 +1,173 @@
-"""A public gradient check for black-box solvers: is the gradient a method estimates through
-*your* solver right?
+"""Gradient checks, one module: the check the training loop runs at ``config.grad_checks`` steps
+(:class:`GradientCheck`, a loop callback) and the public :func:`check_gradient` ("is the gradient
+a method estimates through *your* solver right?") compare a method's gradient of the SOL window
+loss, on one window batch, with
 
-:func:`check_gradient` takes one batch of training windows and, for every black-box method that
-estimates a gradient (ZO-SOL, and every other registered source with ``gradient_check = True``
-that needs only the black box), compares the method's gradient of the window loss with
-
-* independent float64 central finite differences of the same window loss along ``directions``
-  random unit directions in parameter space (:mod:`zosol.fdcheck`; nothing but ``step`` is
-  called), and
-* autograd through the differentiable twin of the solver, when there is one (``twin=``, or the
-  solver itself if it is differentiable).
+* autograd through the differentiable twin of the solver, when there is one
+  (:func:`twin_gradient`; the twin is chosen by :meth:`SolverViews.of`), and
+* independent float64 central finite differences of the same window loss through the black box
+  along ``k`` seeded random unit directions ``v_i`` in parameter space
+  (:func:`fd_directional_derivatives`: ``(L(theta + eps v) - L(theta - eps v)) / (2 eps)``,
+  computed with a float64 copy of the corrector and float64 states; nothing but ``step`` is
+  called).  A gradient ``g`` is compared by its projections ``g . v_i``
+  (:func:`compare_projections`): the cosine of the two k-vectors and the largest relative error.
 
 A cosine near 1 (>= 0.999) says the estimate is right; a low one points at a noisy or
 non-deterministic solver (finite differences need the same output for the same input), at
 ``zo_mu`` too small for the solver's precision, or at a state-dependent number of sub-steps.
+In the loop the cosines go to ``history["grad_cosine_vs_fo"]`` (twin) or, without a
+differentiable twin, ``history["grad_cosine_vs_fd"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
-from ..fdcheck import compare_projections, fd_directional_derivatives, random_directions
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
-from .sources import SOURCES, SolverViews, source_class
+from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import make_corrector, new_history
 from .windows import WindowBatch, Windows
 
-__all__ = ["check_gradient", "blackbox_estimators"]
+__all__ = [
+    "check_gradient",
+    "blackbox_estimators",
+    "GradientCheck",
+    "random_directions",
+    "fd_directional_derivatives",
+    "compare_projections",
+    "twin_gradient",
+]
+
+Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _loss(step: Step, model: torch.nn.Module, batch: WindowBatch, loss: str) -> torch.Tensor:
+    """The mean SOL window loss (1,) of ``model`` on ``batch`` through ``step``."""
+    return window_loss(step, model, batch, 1, loss)
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    """``model``'s ``.grad`` as one flat vector (D,); zeros where a parameter has none."""
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
+
+
+def random_directions(model: torch.nn.Module, k: int, seed: int = 0) -> torch.Tensor:
+    """``k`` seeded unit vectors (k, D) in the flat parameter space of ``model`` (float64)."""
+    d = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(k, d, generator=g, dtype=torch.float64)
+    return v / v.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def fd_directional_derivatives(
+    model: torch.nn.Module,
+    step: Step,
+    batch: WindowBatch,
+    directions: torch.Tensor,
+    eps: float = 1e-3,
+    loss: str = "mse",
+) -> torch.Tensor:
+    """Central-difference derivatives (k,) of the mean window loss along ``directions`` (k, D).
+
+    ``batch``: the windows (see :class:`zosol.rollout.WindowBatch`); ``step`` is called on float64
+    states."""
+    twin = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    theta = torch.nn.utils.parameters_to_vector(twin.parameters()).clone()
+    batch64 = batch.map(lambda t: t.detach().to("cpu", torch.float64))
+    out = []
+    for v in directions.to(torch.float64):
+        values = []
+        for sign in (1.0, -1.0):
+            torch.nn.utils.vector_to_parameters(theta + sign * eps * v, twin.parameters())
+            values.append(_loss(step, twin, batch64, loss)[0])
+        out.append((values[0] - values[1]) / (2 * eps))
+    return torch.stack(out)
+
+
+def compare_projections(gradient: torch.Tensor, directions: torch.Tensor, derivatives: torch.Tensor) -> dict:
+    """``gradient`` (D,) projected on ``directions`` (k, D) vs ``derivatives`` (k,): cosine of the
+    two k-vectors, largest relative error (scaled by the largest derivative), both projections."""
+    proj = directions.to(torch.float64) @ gradient.detach().to("cpu", torch.float64)
+    cos = float(torch.nn.functional.cosine_similarity(proj, derivatives, dim=0))
+    rel = float((proj - derivatives).abs().max() / derivatives.abs().max().clamp_min(1e-300))
+    return {"cosine": cos, "max_rel_err": rel, "projections": proj.tolist(), "fd": derivatives.tolist()}
+
+
+def twin_gradient(twin: Step, model: torch.nn.Module, batch: WindowBatch, loss: str) -> torch.Tensor:
+    """The autograd gradient (D,) of the window loss through the differentiable ``twin``; leaves
+    it in ``model``'s ``.grad`` (which it overwrites)."""
+    model.zero_grad(set_to_none=True)
+    _loss(twin, model, batch, loss).sum().backward()
+    return _flat_grad(model).detach().clone()
+
+
+class GradientCheck:
+    """Loop callback: after the source wrote its gradient, at ``checks`` steps spread evenly over
+    the run (sources with ``gradient_check = True``), the cosine between it and the autograd
+    gradient through ``solvers.differentiable`` (masked coordinates only, for sparse sources), or
+    without a differentiable twin, its projections vs float64 finite differences through the
+    black box along :attr:`fd_directions` random directions; ``.grad`` is left as the source wrote it."""
+
+    #: random directions of the finite-difference check (no differentiable twin)
+    fd_directions = 4
+
+    def __init__(self, source: GradientSource, solvers: SolverViews, checks: int, total_steps: int):
+        self.source, self.twin, self.blackbox = source, solvers.differentiable, solvers.blackbox
+        self.use_fd = not solvers.twin_differentiable
+        self.steps: set[int] = set()
+        if source.gradient_check and checks:
+            self.steps = {round(k * (total_steps - 1) / max(checks - 1, 1)) for k in range(checks)}
+
+    def __call__(self, step_index: int, epoch: int, batch: WindowBatch, history: dict[str, Any]) -> None:
+        if step_index not in self.steps:
+            return
+        if self.use_fd:
+            self._fd_check(step_index, epoch, batch, history)
+            return
+        model = self.source.model
+        estimated = [p.grad for p in model.parameters()]
+        g_est = _flat_grad(model)
+        g_fo = twin_gradient(self.twin, model, batch, self.source.config.loss)
+        for p, g in zip(model.parameters(), estimated):
+            p.grad = g
+        masks = self.source.masks
+        if masks is not None:
+            sel = _flat_masks(masks).bool().to(g_fo.device)
+            g_fo, g_est = g_fo[sel], g_est[sel]
+        cos = float(torch.nn.functional.cosine_similarity(g_fo, g_est, dim=0))
+        history["grad_cosine_vs_fo"].append({"step": step_index, "epoch": epoch, "cosine": cos})
+
+    def _fd_check(self, step_index: int, epoch: int, batch: WindowBatch, history: dict[str, Any]) -> None:
+        """The source's gradient projected on random directions (within the gradient mask) vs
+        float64 central differences of the window loss through the black box."""
+        model, cfg = self.source.model, self.source.config
+        g = _flat_grad(model)
+        dirs = random_directions(model, self.fd_directions, cfg.seed + step_index)
+        if self.source.masks is not None:
+            dirs = dirs * _flat_masks(self.source.masks).to(dirs)
+            dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        fd = fd_directional_derivatives(model, self.blackbox, batch, dirs, cfg.zo_mu, cfg.loss)
+        r = compare_projections(g, dirs, fd)
+        history.setdefault("grad_cosine_vs_fd", []).append(
+            {"step": step_index, "epoch": epoch, "cosine": r["cosine"], "max_rel_err": r["max_rel_err"]}
+        )
+
+
+def _flat_masks(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([m.reshape(-1) for m in masks.values()])
 
 
 def blackbox_estimators() -> list[str]:
     """Registered methods whose gradient is an estimate through the black box (to be checked)."""
     return [name for name, s in SOURCES.items() if s.needs == "blackbox" and s.gradient_check]
-
-
-def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
 
 
 def _jittered(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -101,11 +227,7 @@ def check_gradient(
     model = model if model is not None else _jittered(make_corrector(dataset, config), seed)
     dirs = random_directions(model, directions, seed)
     fd = fd_directional_derivatives(model, views.blackbox, batch, dirs, eps, config.loss)
-    g_twin = None
-    if views.twin_differentiable:
-        model.zero_grad(set_to_none=True)
-        window_loss(views.differentiable, model, batch, 1, config.loss).sum().backward()
-        g_twin = _flat_grad(model).detach().clone()
+    g_twin = twin_gradient(views.differentiable, model, batch, config.loss) if views.twin_differentiable else None
     report: dict[str, Any] = {
         "methods": {},
         "directions": directions,

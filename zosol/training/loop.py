@@ -29,11 +29,11 @@ from ..runtime import stop
 from ..runtime.launch import is_lead, rank_label, world
 from ..runtime.options import RunOptions
 from ..runtime.rundir import RunDirectory
-from ..solvers.base import BlackBox, Solver, SolverError
+from ..solvers.base import BlackBox, Solver, SolverError, trains_through_autograd
 from .budget import check_memory
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
-from .hooks import GradientCheck
+from .gradcheck import GradientCheck
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
 from .windows import WindowBatch, Windows
@@ -79,9 +79,7 @@ class TrainingLoop:
         source_cls = source_class(config.method)
         base = solver if solver is not None else dataset.scenario.coarse_solver()
         solvers = SolverViews.of(base, dataset.scenario, twin)
-        if source_cls.needs == "differentiable" and not (
-            getattr(base, "differentiable", False) or (twin is not None and solvers.twin_differentiable)
-        ):
+        if source_cls.needs == "differentiable" and not trains_through_autograd(base, twin):
             others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
             raise ValueError(
                 f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "

@@ -36,7 +36,7 @@ import torch
 from .. import zo
 from ..config import METHODS, TrainConfig
 from ..rollout import window_loss
-from ..solvers.base import BlackBox, Solver
+from ..solvers.base import BlackBox, Solver, default_twin, is_differentiable
 from .errors import ZOUnderflowWarning
 from .sparsity import layer_ratios
 from .windows import WindowBatch, Windows
@@ -73,10 +73,6 @@ class SolverCounter:
         return self._step(state, params)
 
 
-def _differentiable(solver: Any) -> bool:
-    return bool(getattr(solver, "differentiable", False))
-
-
 @dataclass
 class SolverViews:
     """The two views of the coarse solver a run may call, each counted.
@@ -97,12 +93,11 @@ class SolverViews:
     def of(cls, solver: Solver | BlackBox, scenario: Any, twin: Solver | None = None) -> SolverViews:
         """``twin``: the differentiable twin (default: ``solver`` if differentiable, else the
         scenario's coarse solver)."""
-        if twin is None:
-            twin = solver if _differentiable(solver) else scenario.coarse_solver()
+        twin = default_twin(solver, scenario, twin)
         return cls(
             SolverCounter(solver.blackbox().step),
             SolverCounter(twin.step),
-            _differentiable(twin),
+            is_differentiable(twin),
             getattr(solver, "stencil_reach", None),
         )
 
