@@ -31,6 +31,7 @@ __all__ = [
     "restore_sigterm_handler",
     "deferred",
     "requested",
+    "requested_by_any",
     "die_with_parent",
     "kill_children_after",
 ]
@@ -96,6 +97,21 @@ def deferred() -> Iterator[None]:
 def requested() -> bool:
     """Whether SIGTERM arrived inside :func:`deferred`."""
     return _state["requested"]
+
+
+def requested_by_any(distributed: bool = False, device: Any = None) -> bool:
+    """Whether SIGTERM arrived (:func:`requested`) in this process or, ``distributed``, in any
+    process of the torch.distributed group: a MAX all-reduce on ``device``, so that every process
+    gets the same answer at the same step and all stop together."""
+    flag = requested()
+    if distributed:
+        import torch  # only a multi-process run pays for it here
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -31,6 +31,7 @@ from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
+from .callbacks import Callback
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import make_corrector, new_history
 from .windows import WindowBatch, Windows
@@ -109,7 +110,7 @@ def twin_gradient(twin: Step, model: torch.nn.Module, batch: WindowBatch, loss: 
     return _flat_grad(model).detach().clone()
 
 
-class GradientCheck:
+class GradientCheck(Callback):
     """Loop callback: after the source wrote its gradient, at ``checks`` steps spread evenly over
     the run (sources with ``gradient_check = True``), the cosine between it and the autograd
     gradient through ``solvers.differentiable`` (masked coordinates only, for sparse sources), or
@@ -126,7 +127,12 @@ class GradientCheck:
         if source.gradient_check and checks:
             self.steps = {round(k * (total_steps - 1) / max(checks - 1, 1)) for k in range(checks)}
 
+    def on_gradient(self, loop: Any, batch: WindowBatch) -> None:
+        s = loop.state
+        self(s.epoch * loop.steps_per_epoch + s.position, s.epoch, batch, s.history)
+
     def __call__(self, step_index: int, epoch: int, batch: WindowBatch, history: dict[str, Any]) -> None:
+        """Check at ``step_index`` (counted over the whole run) if it is one of the chosen steps."""
         if step_index not in self.steps:
             return
         if self.use_fd:

@@ -1,7 +1,11 @@
 """The training loop, the same for every method:
 
-    sample windows -> gradient source (loss, .grad) -> gradient check hook -> divergence checks
-    -> optimizer and learning-rate schedule -> progress bar, timed checkpoint
+    sample windows -> gradient source (loss, .grad) -> callbacks' on_gradient (gradient check)
+    -> divergence checks -> optimizer and learning-rate schedule -> callbacks' on_step_end
+    (progress bar, stop after N steps, SIGTERM, timed checkpoint)
+
+What happens around the step is a list of callbacks (:mod:`zosol.training.callbacks`), built
+from the run controls by :meth:`TrainingLoop.callbacks`.
 
 Runs are reproducible from ``config.seed`` and resumable: the run directory holds
 ``checkpoint.pt`` (:mod:`zosol.training.checkpoint`), written atomically every epoch and at most
@@ -14,23 +18,24 @@ loop checkpoints and raises :class:`~zosol.runtime.stop.Terminated`.  In a multi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import n_params
-from ..runtime import stop
-from ..runtime.launch import is_lead, rank_label, world
+from ..runtime.launch import is_lead, world
 from ..runtime.options import RunOptions
 from ..runtime.rundir import RunDirectory
 from ..solvers.base import BlackBox, Solver, SolverError, trains_through_autograd
 from .budget import check_memory
+from .callbacks import Callback, ProgressBar, StopAfterSteps, StopSignal, TimedCheckpoint
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
 from .gradcheck import GradientCheck
@@ -60,6 +65,9 @@ class TrainingLoop:
         self.steps_per_epoch = math.ceil(len(windows) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.check = GradientCheck(source, solvers, config.grad_checks, self.total_steps)
+        self.active: list[Callback] = []  # the callbacks of the current run() call
+        self.cost: str | None = None  # the source's cost model (set when a run starts)
+        self.stop_reason: dict | None = None
 
     @classmethod
     def setup(
@@ -99,74 +107,64 @@ class TrainingLoop:
             solvers.restore(state.history)
         return cls(config, windows, state, source, solvers, checkpointer, options)
 
-    def run(self) -> TrainResult:
+    def callbacks(self) -> list[Callback]:
+        """The default callbacks of a run, from its options: gradient check, progress bar (lead
+        process, if asked), stop after ``stop_after_steps`` steps, SIGTERM, a checkpoint every
+        ``checkpoint_seconds``."""
+        out: list[Callback] = [self.check]
+        if self.progress:
+            out.append(ProgressBar())
+        if self.options.stop_after_steps is not None:
+            out.append(StopAfterSteps(self.options.stop_after_steps))
+        return [*out, StopSignal(), TimedCheckpoint(self.options.checkpoint_seconds)]
+
+    def run(self, callbacks: Sequence[Callback] = ()) -> TrainResult:
         """Train to the last epoch (or ``options.stop_after_steps`` steps in this call, then
-        checkpoint); SIGTERM stops it after the current step, checkpointed."""
-        with stop.deferred():
+        checkpoint); SIGTERM stops it after the current step, checkpointed.  ``callbacks`` run
+        after the default ones (:meth:`callbacks`)."""
+        self.active = [*self.callbacks(), *callbacks]
+        self.stop_reason = None
+        s = self.state
+        self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
+        self.cost = self.source.cost()
+        if self.cost is not None:
+            s.history["cost_model"] = self.cost
+        with contextlib.ExitStack() as ends:
+            for cb in self.active:
+                cb.on_train_start(self)
+                ends.callback(cb.on_train_end, self)
             return self._train()
+
+    def request_stop(self, reason: dict) -> None:
+        """Called by a callback: stop after this step (checkpointed); ``reason`` becomes the
+        result's ``extra``."""
+        self.stop_reason = reason
 
     def _train(self) -> TrainResult:
         s, cfg = self.state, self.config
-        stop_after_steps, checkpoint_seconds = self.options.stop_after_steps, self.options.checkpoint_seconds
-        bar = tqdm(
-            total=self.total_steps,
-            initial=s.epoch * self.steps_per_epoch + s.position,
-            desc=" ".join(filter(None, (f"train {cfg.method}", rank_label()))),
-            unit="step",
-            disable=not self.progress,
-        )
-        self._started, self._wall_before = time.perf_counter(), s.history["wall_time"]
-        cost = self.source.cost()
-        if cost is not None:
-            s.history["cost_model"] = cost
-            if self.progress:
-                tqdm.write(cost)
-        last_save, done_here = time.perf_counter(), 0
-        try:
-            while s.epoch < cfg.epochs:
-                if s.perm is None:
-                    s.perm, s.position = self.windows.order(s.window_rng), 0
-                self.source.start_epoch(s.epoch)
-                while s.position < self.steps_per_epoch:
-                    loss = self.step()
-                    done_here += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3g}", epoch=s.epoch)
-                    if stop_after_steps is not None and done_here >= stop_after_steps:
+        while s.epoch < cfg.epochs:
+            if s.perm is None:
+                s.perm, s.position = self.windows.order(s.window_rng), 0
+            self.source.start_epoch(s.epoch)
+            while s.position < self.steps_per_epoch:
+                loss = self.step()
+                for cb in self.active:
+                    cb.on_step_end(self, loss)
+                    if self.stop_reason is not None:
                         self.save()
-                        return TrainResult(s.model, cfg, s.history, self._run_path, {"stopped_early": True})
-                    self._honour_sigterm()
-                    if self.checkpointer.path is not None and time.perf_counter() - last_save > checkpoint_seconds:
-                        self.save()
-                        last_save = time.perf_counter()
-                self.end_epoch()
-                last_save = time.perf_counter()
-        finally:
-            bar.close()
+                        return TrainResult(s.model, cfg, s.history, self.run_path, self.stop_reason)
+            self.end_epoch()
+            for cb in self.active:
+                cb.on_epoch_end(self)
         s.history["parameters"] = n_params(s.model)
         self.save()
         self.checkpointer.write_history(s.history)
-        return TrainResult(s.model, cfg, s.history, self._run_path)
+        return TrainResult(s.model, cfg, s.history, self.run_path)
 
     @property
-    def _run_path(self) -> Path | None:
+    def run_path(self) -> Path | None:
+        """The run directory's path (None: a run without checkpoints)."""
         return self.checkpointer.run_dir.path if self.checkpointer.run_dir is not None else None
-
-    def _honour_sigterm(self) -> None:
-        """After a step: if SIGTERM arrived (in any process of a multi-process run), checkpoint and
-        raise Terminated (every process stops at the same step)."""
-        flag = stop.requested()
-        if self.source.distributed:
-            t = torch.tensor([float(flag)], device=next(self.state.model.parameters()).device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
-            self.save()
-            s = self.state
-            where = (
-                f"; checkpoint in {self._run_path}, rerun with --resume" if self.checkpointer.path is not None else ""
-            )
-            raise stop.Terminated(f"stopped by SIGTERM at epoch {s.epoch}, step {s.position}{where}")
 
     def step(self) -> float:
         """One optimizer step on the next batch of this epoch's window order; returns the loss."""
@@ -192,12 +190,13 @@ class TrainingLoop:
         return loss_value
 
     def _gradient(self, batch: WindowBatch) -> torch.Tensor:
-        """The source's loss and gradient, then the gradient-check hook; solver failures and
-        non-finite perturbed rollouts become training errors."""
+        """The source's loss and gradient, then the callbacks' ``on_gradient`` (the gradient check);
+        solver failures and non-finite perturbed rollouts become training errors."""
         s = self.state
         try:
             loss = self.source.step(batch, s.history)
-            self.check(s.epoch * self.steps_per_epoch + s.position, s.epoch, batch, s.history)
+            for cb in self.active:
+                cb.on_gradient(self, batch)
         except FloatingPointError as e:  # the solver blew up on the corrected states
             raise TrainingDiverged(
                 f"training diverged at epoch {s.epoch}, step {s.position}: the coarse solver "
