@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from zosol.bench import median_step_seconds
+from zosol.bench.solvers import median_step_seconds
 from zosol.solvers import get_scenario
 
 

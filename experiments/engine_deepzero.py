@@ -39,7 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zosol.zo import cge_structured, n_params
-from zosol.zo.bench import subset_masks
+from zosol.bench.engine import subset_masks
 from zosol.zo.bench_nets import SolCorrector
 
 

@@ -94,7 +94,7 @@ def test_a_discontinuous_black_box_stops_with_a_training_error(tiny):
 
 
 def test_sol_bench_rows():
-    from zosol.bench_sol import SolCase, run_sol_bench
+    from zosol.bench.sol import SolCase, run_sol_bench
 
     lines = []
     rows = run_sol_bench(

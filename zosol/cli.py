@@ -294,15 +294,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     scenarios = args.scenarios.split(",") if args.scenarios else None
     if args.what == "engine":
-        from .zo.bench import run_engine_bench
+        from .bench.engine import run_engine_bench
 
         run_engine_bench(json_path=args.json, quick=args.quick)
     elif args.what == "sol":
-        from .bench_sol import run_sol_bench
+        from .bench.sol import run_sol_bench
 
         run_sol_bench(json_path=args.json, quick=args.quick, scenarios=scenarios)
     else:
-        from .bench import run_solver_bench
+        from .bench.solvers import run_solver_bench
 
         run_solver_bench(json_path=args.json, quick=args.quick, scenarios=scenarios)
     return 0

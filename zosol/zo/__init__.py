@@ -11,7 +11,7 @@ Layers (each imports only the ones above it; no cycles):
     sparsity    ZO-GraSP -> layer-wise pruning ratios -> masks, MaskScheduler
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
     refjac      reference-subtracted Jacobians of globally coupled steps (RefJacobian, build_references)
-    bench_nets, bench   reference networks of the benches, ``zosol bench engine``
+    bench_nets  reference networks of the benches (the engine bench is :mod:`zosol.bench.engine`)
 
 ``zosol.zo`` exports the estimators (CGE / RGE, structured CGE, sparse ZO) and the Jacobian API;
 chunking, memory budgets, devices and process groups are imported from :mod:`zosol.zo.parallel`.

@@ -6,11 +6,11 @@ matters is how the per-sample cost of a solver step falls with batch size."""
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
-from .solvers import get_scenario
+from ..solvers import get_scenario
+from .timing import time_call
 
 __all__ = ["median_step_seconds", "time_step", "run_solver_bench"]
 
@@ -20,14 +20,7 @@ BATCHES = {"burgers1d": (1, 64, 1024, 8192), "burgers2d": (1, 16, 256), "karman2
 def median_step_seconds(step, x: torch.Tensor, params: torch.Tensor | None, repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds of one ``step(x, params)`` call (after ``warmup`` calls: JIT tracing, caches)."""
     with torch.no_grad():
-        for _ in range(warmup):
-            step(x, params)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            step(x, params)
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return time_call(lambda: step(x, params), repeats, warmup=warmup).median
 
 
 def time_step(solver, batch: int, state: torch.Tensor, params: torch.Tensor | None, repeats: int = 3) -> float:

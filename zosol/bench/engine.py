@@ -1,7 +1,8 @@
 """Engine benchmark: naive vs batched (vmap) vs structured (feature reuse) CGE.
 
 ``run_engine_bench(json_path=None, quick=False) -> dict`` (CLI: ``zosol bench engine`` or
-``python -m zosol.zo.bench [--json PATH] [--quick] [--threads N]``).
+``python -m zosol.bench.engine [--json PATH] [--quick] [--threads N]``).  It imports nothing of
+zosol but the engine (:mod:`zosol.zo`) and the timing helper.
 
 All variants are timed side by side in one run on the same model and loss
 (1-D CNN corrector, 4 conv layers, 32 periodic cells, batch 8, MSE):
@@ -25,21 +26,19 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .bench_nets import cnn1d_corrector
-from .parallel import measure_peak_memory
-from .plan import n_params
-from .reuse import cge_structured
+from ..zo.bench_nets import cnn1d_corrector
+from ..zo.parallel import measure_peak_memory
+from ..zo.plan import n_params
+from ..zo.reuse import cge_structured
+from .timing import time_call
 
-__all__ = ["run_engine_bench"]
+__all__ = ["run_engine_bench", "subset_masks"]
 
 
 def _timeit(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+    """Fastest of ``repeats`` calls (no warm-up) and the last call's output."""
+    t = time_call(fn, repeats, warmup=0)
+    return t.best, t.output
 
 
 def _problem(hidden: tuple, B: int = 8, N: int = 32, seed: int = 0):

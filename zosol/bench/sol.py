@@ -23,7 +23,6 @@ ZO-JAC-SOL 1 + probes x (m - 1) / m (the first call of a window needs no Jacobia
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ from typing import Any
 
 import torch
 
-from . import zo
-from .config import train_config
-from .models import build_corrector, corrector_input, n_params
-from .rollout import WindowBatch, window_loss
-from .solvers import get_scenario
+from .. import zo
+from ..config import train_config
+from ..models import build_corrector, corrector_input, n_params
+from ..rollout import WindowBatch, window_loss
+from ..solvers import get_scenario
+from .timing import time_calls
 
 __all__ = ["SolCase", "CASES", "run_sol_bench"]
 
@@ -76,23 +76,10 @@ def _windows(sc, batch: int, m: int, warm: int = 3) -> WindowBatch:
 
 
 def _medians(fns: list[Callable[[], Any]], repeats: int, warmup: bool = True, min_seconds: float = 0.0) -> list[float]:
-    """Median seconds of each function, timed in turns (round-robin) so that a changing machine
-    load affects all alike; first one warm-up call each (JIT traces, caches).  At least ``repeats``
-    rounds, more (up to 41) while the rounds take less than ``min_seconds`` in all: cheap steps
-    on a loaded machine need many samples for a stable median."""
-    t = time.perf_counter()
-    for fn in fns if warmup else []:
-        fn()
-    per_round = time.perf_counter() - t
-    if warmup and min_seconds > 0:
-        repeats = max(repeats, min(41, math.ceil(min_seconds / max(per_round, 1e-9))))
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+    """Median seconds of each function, timed in turns (:func:`~zosol.bench.timing.time_calls`),
+    one warm-up call each first unless ``warmup`` is False; more rounds (up to 41) while they
+    take less than ``min_seconds`` in all."""
+    return [t.median for t in time_calls(fns, repeats, warmup=int(warmup), min_seconds=min_seconds)]
 
 
 def _autograd_step(model, step, data, loss: str) -> Callable[[], None]:
