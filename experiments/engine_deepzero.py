@@ -38,8 +38,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zosol.zo import cge_structured, n_params
 from zosol.bench.engine import subset_masks
+from zosol.zo import cge_structured, n_params
 from zosol.zo.bench_nets import SolCorrector
 
 

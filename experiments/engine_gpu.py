@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from zosol.zo import cge_structured, n_params
 from zosol.bench.engine import subset_masks
+from zosol.zo import cge_structured, n_params
 from zosol.zo.bench_nets import cnn1d_corrector
 from zosol.zo.parallel import measure_peak_memory
 
