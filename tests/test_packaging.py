@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo", "zosol.training", "zosol.runtime")
+SUBPACKAGES = ("zosol.solvers", "zosol.datasets", "zosol.zo", "zosol.training", "zosol.runtime", "zosol.bench")
 
 
 def test_regular_install_contains_every_subpackage(tmp_path):
