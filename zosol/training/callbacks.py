@@ -21,36 +21,57 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
 from ..runtime import stop
 from ..runtime.launch import rank_label
+from .checkpoint import Checkpointer
+from .sources import GradientSource
+from .state import RunState
 from .windows import WindowBatch
 
-if TYPE_CHECKING:
-    from .loop import TrainingLoop
+__all__ = ["Callback", "LoopView", "ProgressBar", "StopAfterSteps", "StopSignal", "TimedCheckpoint"]
 
-__all__ = ["Callback", "ProgressBar", "StopAfterSteps", "StopSignal", "TimedCheckpoint"]
+
+class LoopView(Protocol):
+    """What a callback sees of the training loop (:class:`zosol.training.loop.TrainingLoop`)."""
+
+    config: TrainConfig
+    state: RunState
+    source: GradientSource
+    checkpointer: Checkpointer
+    steps_per_epoch: int
+    total_steps: int
+    cost: str | None  #: the gradient source's cost model, if it has one
+    run_path: Path | None  #: the run directory (None: a run without checkpoints)
+
+    def save(self) -> None:
+        """Checkpoint now (history's wall time and solver counts brought up to date)."""
+
+    def request_stop(self, reason: dict) -> None:
+        """Stop after this step, checkpointed; ``reason`` becomes the result's ``extra``."""
 
 
 class Callback:
     """A training-loop callback; every hook does nothing unless overridden."""
 
-    def on_train_start(self, loop: TrainingLoop) -> None:
+    def on_train_start(self, loop: LoopView) -> None:
         """Before the first step of this call (also of a resumed run)."""
 
-    def on_gradient(self, loop: TrainingLoop, batch: WindowBatch) -> None:
+    def on_gradient(self, loop: LoopView, batch: WindowBatch) -> None:
         """The source wrote its gradient of ``batch`` into ``.grad``; the optimizer has not stepped."""
 
-    def on_step_end(self, loop: TrainingLoop, loss: float) -> None:
+    def on_step_end(self, loop: LoopView, loss: float) -> None:
         """The optimizer stepped; ``loss`` is the step's window loss."""
 
-    def on_epoch_end(self, loop: TrainingLoop) -> None:
+    def on_epoch_end(self, loop: LoopView) -> None:
         """The epoch ended and was checkpointed."""
 
-    def on_train_end(self, loop: TrainingLoop) -> None:
+    def on_train_end(self, loop: LoopView) -> None:
         """The run ended (finished, stopped or failed)."""
 
 
@@ -60,7 +81,7 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self.bar: Any = None
 
-    def on_train_start(self, loop: TrainingLoop) -> None:
+    def on_train_start(self, loop: LoopView) -> None:
         s = loop.state
         self.bar = tqdm(
             total=loop.total_steps,
@@ -71,11 +92,11 @@ class ProgressBar(Callback):
         if loop.cost is not None:
             tqdm.write(loop.cost)
 
-    def on_step_end(self, loop: TrainingLoop, loss: float) -> None:
+    def on_step_end(self, loop: LoopView, loss: float) -> None:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3g}", epoch=loop.state.epoch)
 
-    def on_train_end(self, loop: TrainingLoop) -> None:
+    def on_train_end(self, loop: LoopView) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -86,10 +107,10 @@ class StopAfterSteps(Callback):
     def __init__(self, steps: int):
         self.steps, self.done = steps, 0
 
-    def on_train_start(self, loop: TrainingLoop) -> None:
+    def on_train_start(self, loop: LoopView) -> None:
         self.done = 0
 
-    def on_step_end(self, loop: TrainingLoop, loss: float) -> None:
+    def on_step_end(self, loop: LoopView, loss: float) -> None:
         self.done += 1
         if self.done >= self.steps:
             loop.request_stop({"stopped_early": True})
@@ -103,11 +124,11 @@ class StopSignal(Callback):
     def __init__(self) -> None:
         self._deferred: contextlib.ExitStack | None = None
 
-    def on_train_start(self, loop: TrainingLoop) -> None:
+    def on_train_start(self, loop: LoopView) -> None:
         self._deferred = contextlib.ExitStack()
         self._deferred.enter_context(stop.deferred())
 
-    def on_step_end(self, loop: TrainingLoop, loss: float) -> None:
+    def on_step_end(self, loop: LoopView, loss: float) -> None:
         device = next(loop.state.model.parameters()).device
         if stop.requested_by_any(loop.source.distributed, device):
             loop.save()
@@ -117,7 +138,7 @@ class StopSignal(Callback):
             )
             raise stop.Terminated(f"stopped by SIGTERM at epoch {s.epoch}, step {s.position}{where}")
 
-    def on_train_end(self, loop: TrainingLoop) -> None:
+    def on_train_end(self, loop: LoopView) -> None:
         if self._deferred is not None:
             self._deferred.close()
             self._deferred = None
@@ -130,13 +151,13 @@ class TimedCheckpoint(Callback):
     def __init__(self, seconds: float):
         self.seconds, self.last = seconds, 0.0
 
-    def on_train_start(self, loop: TrainingLoop) -> None:
+    def on_train_start(self, loop: LoopView) -> None:
         self.last = time.perf_counter()
 
-    def on_step_end(self, loop: TrainingLoop, loss: float) -> None:
+    def on_step_end(self, loop: LoopView, loss: float) -> None:
         if loop.checkpointer.path is not None and time.perf_counter() - self.last > self.seconds:
             loop.save()
             self.last = time.perf_counter()
 
-    def on_epoch_end(self, loop: TrainingLoop) -> None:
+    def on_epoch_end(self, loop: LoopView) -> None:
         self.last = time.perf_counter()

@@ -31,7 +31,7 @@ from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
-from .callbacks import Callback
+from .callbacks import Callback, LoopView
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import make_corrector, new_history
 from .windows import WindowBatch, Windows
@@ -127,7 +127,7 @@ class GradientCheck(Callback):
         if source.gradient_check and checks:
             self.steps = {round(k * (total_steps - 1) / max(checks - 1, 1)) for k in range(checks)}
 
-    def on_gradient(self, loop: Any, batch: WindowBatch) -> None:
+    def on_gradient(self, loop: LoopView, batch: WindowBatch) -> None:
         s = loop.state
         self(s.epoch * loop.steps_per_epoch + s.position, s.epoch, batch, s.history)
 
