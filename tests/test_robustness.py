@@ -231,7 +231,7 @@ def test_evaluate_errors(tmp_path, tiny_h5, capsys, cli_user_error):
                 "--preset",
                 "tiny",
                 "--set",
-                "frames=5",
+                "n_coarse=32",
                 "--out",
                 str(other),
                 "--quiet",
@@ -262,7 +262,7 @@ def test_evaluate_errors(tmp_path, tiny_h5, capsys, cli_user_error):
     )
     capsys.readouterr()
     err = cli_user_error(["evaluate", str(tmp_path / "run2"), "--data", str(other / "burgers1d_custom.h5")])
-    assert "trained on another dataset" in err
+    assert "trained on another dataset" in err and "channels and grid [C, *grid]: [1, 16] vs [1, 32]" in err
     assert "no run.json" in cli_user_error(["evaluate", str(tmp_path / "nowhere")])
 
 

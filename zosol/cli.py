@@ -238,11 +238,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = RunDirectory.existing(args.run)
     dataset = load_dataset(args.data or run.dataset())
-    model, ckpt = load_run(run, dataset)
+    model, ckpt = load_run(run, dataset, other_data=bool(args.data))
+    if ckpt["dataset_differences"]:
+        print(
+            f"note: {run.path} was trained on another {dataset.scenario.name} dataset (differs in "
+            f"{'; '.join(ckpt['dataset_differences'])}); evaluating on {dataset.path}",
+            file=sys.stderr,
+        )
     ev = evaluate(dataset, model)
     src = evaluate(dataset)
     out = {
         "run": str(run.path),
+        "dataset": str(dataset.path),
+        "dataset_differences": ckpt["dataset_differences"],
         "method": ckpt["config"]["method"],
         "epochs_done": ckpt["epoch"],
         "mae_mean": ev["mae_mean"],
@@ -380,7 +388,11 @@ def _add_training_commands(sub: Any) -> None:
     q = sub.add_parser("evaluate", help="test MAE of a trained run")
     q.add_argument("run", help="run directory")
     _plugin_arg(q)
-    q.add_argument("--data", help="dataset file (default: the one the run was trained on)")
+    q.add_argument(
+        "--data",
+        help="dataset file (default: the one the run was trained on; another of the same scenario, channels and "
+        "grid is allowed, e.g. more test simulations: what differs is printed)",
+    )
     q.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("compare", help="train and compare SRC and the training methods")

@@ -32,7 +32,16 @@ from ..runtime.rundir import RunDirectory
 from .errors import CheckpointError
 from .state import RunState, make_corrector, new_history
 
-__all__ = ["CHECKPOINT_VERSION", "Checkpointer", "load_run", "read_checkpoint", "fingerprint", "restore_model"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "Checkpointer",
+    "load_run",
+    "read_checkpoint",
+    "fingerprint",
+    "same_dataset",
+    "dataset_differences",
+    "restore_model",
+]
 
 CHECKPOINT_VERSION = 1
 #: the keys of a checkpoint, each with the type it must have
@@ -54,8 +63,44 @@ _SCHEMA: dict[str, type | tuple[type, ...]] = {
 
 
 def fingerprint(dataset: FidelityDataset) -> dict[str, Any]:
-    """What identifies the data a run trains on: the scenario description and training seeds."""
-    return {**dataset.scenario.describe(), "train_seeds": [s.seed for s in dataset.train]}
+    """What identifies the data a run trains on: the scenario description, training seeds and the
+    layout of a state (channels and coarse grid ``[C, *grid]``, parameters per simulation)."""
+    sim = (dataset.train or dataset.test)[0]
+    layout = {"state_shape": list(sim.trajectory.shape[1:]), "num_params": int(sim.params.numel())}
+    return {**dataset.scenario.describe(), "train_seeds": [s.seed for s in dataset.train], "layout": layout}
+
+
+def same_dataset(recorded: dict[str, Any], dataset: FidelityDataset) -> bool:
+    """Whether a checkpoint's ``recorded`` fingerprint is ``dataset``'s (one written before the
+    fingerprint held the layout is compared without it)."""
+    now = fingerprint(dataset)
+    if "layout" not in recorded:
+        now.pop("layout")
+    return recorded == now
+
+
+def dataset_differences(recorded: dict[str, Any], dataset: FidelityDataset) -> tuple[list[str], list[str]]:
+    """How ``dataset`` differs from the one a run was trained on (its checkpoint's ``recorded``
+    fingerprint): ``(incompatible, other)``. Incompatible: another scenario, channels, grid or
+    parameter count (the corrector cannot run on it); other: preset, config fields, training seeds
+    (it can be evaluated there), each as ``"what: run's vs this"``."""
+    now = fingerprint(dataset)
+    incompatible, other = [], []
+    if recorded.get("scenario") != now["scenario"]:
+        incompatible.append(f"scenario: {recorded.get('scenario')} vs {now['scenario']}")
+    for key, value in (recorded.get("layout") or {}).items():
+        if now["layout"].get(key) != value:
+            what = "channels and grid [C, *grid]" if key == "state_shape" else "parameters per simulation"
+            incompatible.append(f"{what}: {value} vs {now['layout'].get(key)}")
+    if recorded.get("preset") != now["preset"]:  # None: a config changed field by field
+        other.append(f"preset: {recorded.get('preset') or 'custom'} vs {now['preset'] or 'custom'}")
+    old_cfg, new_cfg = recorded.get("config") or {}, now["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            other.append(f"{key}: {old_cfg.get(key)} vs {new_cfg.get(key)}")
+    if recorded.get("train_seeds") != now["train_seeds"] and not any(s.startswith("train_sims") for s in other):
+        other.append("training seeds")
+    return incompatible, other
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -191,18 +236,30 @@ def _restore_state(state: RunState, ckpt: dict, n_windows: int, steps_per_epoch:
         raise CheckpointError(f"{path}: damaged checkpoint: {_first_line(e)}; retrain or restore it") from None
 
 
-def load_run(run_dir: str | os.PathLike | RunDirectory, dataset: FidelityDataset) -> tuple[torch.nn.Module, dict]:
-    """The trained corrector and the checkpoint dict of a run directory, validated against the
-    dataset the run must have been trained on."""
+def load_run(
+    run_dir: str | os.PathLike | RunDirectory, dataset: FidelityDataset, *, other_data: bool = False
+) -> tuple[torch.nn.Module, dict]:
+    """The trained corrector and the checkpoint dict of a run directory, validated against
+    ``dataset``: the one the run was trained on, or with ``other_data=True`` any dataset of the same
+    scenario, channels, grid and parameter count (another preset, more test simulations);
+    ``ckpt["dataset_differences"]`` then lists what differs (:func:`dataset_differences`)."""
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory.existing(run_dir)
     ckpt = read_checkpoint(run.checkpoint)
-    if ckpt["dataset"] != fingerprint(dataset):
-        raise CheckpointError(
-            f"{run.path}: the run was trained on another dataset "
-            f"({ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')})"
-        )
+    differences: list[str] = []
+    if not same_dataset(ckpt["dataset"], dataset):
+        incompatible, differences = dataset_differences(ckpt["dataset"], dataset)
+        if incompatible or not other_data:
+            trained = f"{ckpt['dataset'].get('scenario')}, {ckpt['dataset'].get('preset')}"
+            why = "; ".join(incompatible or differences)
+            fix = (
+                "evaluate it on a dataset of the same scenario, channels and grid"
+                if incompatible
+                else "pass other_data=True (zosol evaluate RUN --data FILE) to evaluate it there"
+            )
+            raise CheckpointError(f"{run.path}: the run was trained on another dataset ({trained}; {why}); {fix}")
     model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
     restore_model(model, ckpt["model"], run.checkpoint)
+    ckpt["dataset_differences"] = differences
     return model, ckpt
 
 
@@ -247,7 +304,7 @@ class Checkpointer:
                 f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
                 f"use the same options or a new run directory"
             )
-        if ckpt["dataset"] != fingerprint(self.dataset):
+        if not same_dataset(ckpt["dataset"], self.dataset):
             raise CheckpointError(f"{self.path}: checkpoint from another dataset; use the dataset it was trained on")
         _restore_state(state, ckpt, n_windows, steps_per_epoch, self.path)
         return True
