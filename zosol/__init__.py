@@ -22,6 +22,7 @@ a name is used)::
 ``NumpySolver``           your NumPy step function as a black-box solver; ``ExternalSolver``
                           a solver in another program (:mod:`zosol.solvers.external`)
 ``check_gradient``        is a method's gradient through your solver right? (:mod:`zosol.training.gradcheck`)
+``window_gradients``      a method's gradient and a reference gradient on one window batch, as vectors
 ========================  =====================================================================
 
 Packages: ``zosol.solvers`` (solvers and scenarios), ``zosol.datasets`` (HDF5 fidelity datasets),
@@ -53,6 +54,7 @@ _API = {
     "NumpySolver": "zosol.solvers",
     "ExternalSolver": "zosol.solvers",
     "check_gradient": "zosol.training.gradcheck",
+    "window_gradients": "zosol.training.gradcheck",
 }
 
 __all__ = ["__version__", *_API]

@@ -22,6 +22,8 @@ differentiable twin, ``history["grad_cosine_vs_fd"]``.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
+from ..zo.checks import cosine, relative_error
 from .callbacks import Callback, LoopView
 from .sources import SOURCES, GradientSource, SolverViews, source_class
 from .state import make_corrector, new_history
@@ -38,6 +41,8 @@ from .windows import WindowBatch, Windows
 
 __all__ = [
     "check_gradient",
+    "window_gradients",
+    "WindowGradients",
     "blackbox_estimators",
     "GradientCheck",
     "random_directions",
@@ -97,7 +102,7 @@ def compare_projections(gradient: torch.Tensor, directions: torch.Tensor, deriva
     """``gradient`` (D,) projected on ``directions`` (k, D) vs ``derivatives`` (k,): cosine of the
     two k-vectors, largest relative error (scaled by the largest derivative), both projections."""
     proj = directions.to(torch.float64) @ gradient.detach().to("cpu", torch.float64)
-    cos = float(torch.nn.functional.cosine_similarity(proj, derivatives, dim=0))
+    cos = cosine(proj, derivatives)
     rel = float((proj - derivatives).abs().max() / derivatives.abs().max().clamp_min(1e-300))
     return {"cosine": cos, "max_rel_err": rel, "projections": proj.tolist(), "fd": derivatives.tolist()}
 
@@ -148,7 +153,7 @@ class GradientCheck(Callback):
         if masks is not None:
             sel = _flat_masks(masks).bool().to(g_fo.device)
             g_fo, g_est = g_fo[sel], g_est[sel]
-        cos = float(torch.nn.functional.cosine_similarity(g_fo, g_est, dim=0))
+        cos = cosine(g_fo, g_est)
         history["grad_cosine_vs_fo"].append({"step": step_index, "epoch": epoch, "cosine": cos})
 
     def _fd_check(self, step_index: int, epoch: int, batch: WindowBatch, history: dict[str, Any]) -> None:
@@ -249,9 +254,100 @@ def check_gradient(
             "max_rel_err_vs_fd": r["max_rel_err"],
             "projections": r["projections"],
             "fd": r["fd"],
-            "cosine_vs_twin": None
-            if g_twin is None
-            else float(torch.nn.functional.cosine_similarity(g, g_twin, dim=0)),
+            "cosine_vs_twin": None if g_twin is None else cosine(g, g_twin),
         }
     model.zero_grad(set_to_none=True)
     return report
+
+
+@dataclasses.dataclass
+class WindowGradients:
+    """A method's gradient of the SOL window loss on one window batch and a reference gradient of
+    the same loss (see :func:`window_gradients`). Flat vectors follow ``model.parameters()``;
+    :meth:`unflatten` gives them per parameter name."""
+
+    method: str
+    gradient: torch.Tensor  #: (D,) the method's gradient (sparse ZO-SOL: dense here)
+    reference: torch.Tensor  #: (D,) float64 reference gradient
+    reference_kind: str  #: "twin" (autograd through the differentiable twin) or "fd" (float64 central differences)
+    cosine: float  #: cosine of gradient and reference, float64, in [-1, 1]
+    relative_error: float  #: |gradient - reference| / |reference|
+    loss: float  #: the window loss at ``model`` on ``batch``
+    batch: WindowBatch  #: the windows: start (B, C, *s), targets (B, m, C, *s), params, features
+    model: torch.nn.Module  #: the corrector the gradients are taken at
+    names: list[tuple[str, tuple[int, ...]]]  #: (parameter name, shape) in the order of the flat vectors
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat (D,) vector as ``{parameter name: tensor of its shape}``."""
+        out, i = {}, 0
+        for name, shape in self.names:
+            n = int(torch.Size(shape).numel())
+            out[name] = flat[i : i + n].reshape(shape)
+            i += n
+        return out
+
+
+def _fd_gradient(model: torch.nn.Module, step: Step, batch: WindowBatch, eps: float, loss: str) -> torch.Tensor:
+    """Float64 central differences (D,) of the window loss along every coordinate (2 D rollouts)."""
+    d = sum(p.numel() for p in model.parameters())
+    return fd_directional_derivatives(model, step, batch, torch.eye(d, dtype=torch.float64), eps, loss)
+
+
+def _run_model(run: str | os.PathLike, dataset: FidelityDataset) -> tuple[torch.nn.Module, TrainConfig]:
+    from .checkpoint import load_run
+
+    model, ckpt = load_run(run, dataset, other_data=True)
+    return model, TrainConfig(**ckpt["config"])
+
+
+def window_gradients(
+    dataset: FidelityDataset,
+    method: str = "zo-sol",
+    config: TrainConfig | None = None,
+    *,
+    run: str | os.PathLike | None = None,
+    model: torch.nn.Module | None = None,
+    reference: str = "auto",
+    solver: Solver | BlackBox | None = None,
+    twin: Solver | None = None,
+    eps: float = 1e-3,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> WindowGradients:
+    """``method``'s gradient of the window loss on one batch of training windows, next to a
+    reference gradient, with their cosine and relative error: the vectors to hold against your own
+    adjoint (``result.batch`` holds the windows, ``result.model`` the corrector).
+
+    ``run``: a run directory: its trained corrector and config (default: a fresh corrector of
+    ``config``, default the ``tiny`` preset, whose last layer gets small seeded weights);
+    ``model``: a corrector of your own instead. ``reference``: "twin" (autograd through the
+    differentiable twin), "fd" (float64 central differences of every coordinate through the black
+    box, 2 D window rollouts) or "auto" (the twin if there is one). ``solver`` / ``twin``: as in
+    :func:`check_gradient`; ``batch_size`` windows drawn with ``seed`` (default ``config.batch_size``).
+    """
+    if reference not in ("auto", "twin", "fd"):
+        raise ValueError(f"reference must be 'auto', 'twin' or 'fd', got {reference!r}")
+    if run is not None:
+        if model is not None:
+            raise ValueError("pass run= (a trained corrector) or model=, not both")
+        model, run_config = _run_model(run, dataset)
+        config = config or run_config
+    config = (config or train_config("tiny")).validate()
+    source_class(method)  # an unknown method is named before any work
+    views = SolverViews.of(solver if solver is not None else dataset.scenario.coarse_solver(), dataset.scenario, twin)
+    if reference == "twin" and not views.twin_differentiable:
+        raise ValueError("reference='twin' needs a differentiable twin (pass twin=...); or use reference='fd'")
+    kind = "twin" if reference == "twin" or (reference == "auto" and views.twin_differentiable) else "fd"
+    windows = Windows(dataset, config.window, torch.device("cpu"))
+    batch = windows.batch(windows.order(torch.Generator().manual_seed(seed))[: batch_size or config.batch_size])
+    model = model if model is not None else _jittered(make_corrector(dataset, config), seed)
+    with torch.no_grad():
+        value = float(_loss(views.blackbox, model, batch, config.loss)[0])
+    if kind == "twin":
+        ref = twin_gradient(views.differentiable, model, batch, config.loss).double()
+    else:
+        ref = _fd_gradient(model, views.blackbox, batch, eps, config.loss)
+    g = _method_gradient(method, model, config, windows, views, batch)
+    model.zero_grad(set_to_none=True)
+    names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return WindowGradients(method, g, ref, kind, cosine(g, ref), relative_error(g, ref), value, batch, model, names)

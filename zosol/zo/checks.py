@@ -20,6 +20,8 @@ __all__ = [
     "check_params",
     "check_masks",
     "check_loss_values",
+    "cosine",
+    "relative_error",
 ]
 
 SCHEMES = ("forward", "central")
@@ -111,3 +113,27 @@ def check_loss_values(v: torch.Tensor, P: int, what: str = "batched_loss") -> to
     if not bool(torch.isfinite(v).all()):
         raise NonFiniteLossError(f"{what} returned non-finite values (nan/inf); check the loss or reduce mu")
     return v
+
+
+def _flat64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the angle between ``a`` and ``b`` (same number of entries, any shape): computed in
+    float64 and clamped to [-1, 1] (float32 rounding prints 1.0000001192092896); 0.0 when either is zero."""
+    x, y = _flat64(a), _flat64(b)
+    if x.numel() != y.numel():
+        raise ValueError(f"cosine of vectors with {x.numel()} and {y.numel()} entries; compare equal sizes")
+    den = x.norm() * y.norm()
+    return 0.0 if den == 0 else float((x @ y / den).clamp(-1.0, 1.0))
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """``|estimate - reference| / |reference|`` (Euclidean norms, float64); inf when the reference is
+    zero and the estimate is not, 0.0 when both are."""
+    x, y = _flat64(estimate), _flat64(reference)
+    if x.numel() != y.numel():
+        raise ValueError(f"relative error of vectors with {x.numel()} and {y.numel()} entries; compare equal sizes")
+    num, den = float((x - y).norm()), float(y.norm())
+    return num / den if den else (0.0 if num == 0 else float("inf"))
