@@ -163,10 +163,11 @@ solvers = types.SimpleNamespace(RungeKuttaSolver=_Solver, EulerSolver=_Solver)
 # runs the doc's `python my_burgers.py` with compare() cut to NON (and FO-SOL, which it leaves out), one epoch
 RUN_DOC_EXAMPLE = '''
 import runpy, sys
-import zosol.compare as c
+import zosol, zosol.compare
+c = sys.modules["zosol.compare"]  # the module (zosol.compare is the function)
 full = c.compare
 cut = {"methods": ["non", "fo-sol"], "overrides": {"epochs": 1}, "progress": False}
-c.compare = lambda *a, **k: full(*a, **{**k, **cut})
+c.compare = zosol.compare = lambda *a, **k: full(*a, **{**k, **cut})
 sys.argv = ["my_burgers.py"]
 runpy.run_path("src/my_burgers.py", run_name="__main__")
 '''

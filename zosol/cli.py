@@ -180,6 +180,22 @@ def _dataset_for(args: argparse.Namespace):
     return load_dataset(path, args.scenario)
 
 
+def _twin(args: argparse.Namespace):
+    """The solver ``--twin MODULE:OBJECT`` names, or None."""
+    from .solvers import load_twin
+
+    return load_twin(args.twin) if getattr(args, "twin", None) else None
+
+
+def _twin_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--twin",
+        metavar="MODULE:OBJECT",
+        help="a differentiable twin of the coarse solver, for FO-SOL and the gradient checks: a zosol Solver "
+        "(e.g. TorchSolver(...)) or a function returning one, in MODULE (imported like --plugin)",
+    )
+
+
 def _run_options(args: argparse.Namespace, **controls: Any):
     """The command's run controls, checked once (``--workers`` at most the CPU cores)."""
     from .runtime.options import RunOptions
@@ -220,7 +236,7 @@ def _train_and_report(args: argparse.Namespace, dataset, config, run_dir, option
     from .runtime.launch import is_lead
     from .training import train
 
-    result = train(dataset, config, run_dir, options=options)
+    result = train(dataset, config, run_dir, options=options, twin=_twin(args))
     ev = evaluate(dataset, result.model, device=config.device)
     if is_lead():
         print(
@@ -281,6 +297,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         overrides=_train_overrides(args),
         scenario_overrides=_parse_sets(args.set),
         options=options,
+        twin=_twin(args),
         **kwargs,
     )
     print()
@@ -377,6 +394,7 @@ def _add_training_commands(sub: Any) -> None:
 
     q = sub.add_parser("train", help="train one corrector")
     _scenario_args(q)
+    _twin_arg(q)
     q.add_argument("--method", required=True, help=describe(specs(TrainConfig)["method"]))
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: data)")
     q.add_argument("--out", help="run directory (default: runs/<scenario>_<preset>_<method>)")
@@ -397,6 +415,7 @@ def _add_training_commands(sub: Any) -> None:
 
     q = sub.add_parser("compare", help="train and compare SRC and the training methods")
     _scenario_args(q)
+    _twin_arg(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
     q.add_argument(

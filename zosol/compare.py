@@ -162,7 +162,7 @@ def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: So
             log(
                 f"{DISPLAY_NAMES.get(m, m)} left out: it needs autograd through the solver, and "
                 f"{getattr(solver, 'name', type(solver).__name__)} is a black box with no differentiable twin "
-                f"(pass twin=... to run it)"
+                f"(pass twin=... in Python or --twin MODULE:OBJECT on the command line to run it)"
             )
             continue
         keep.append(m)

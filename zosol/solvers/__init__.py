@@ -17,7 +17,7 @@ from .base import (
 )
 from .custom import CustomScenario, block_average, make_scenario
 from .external import ExternalSolver, NumpySolver
-from .plugins import ScenarioNotFound, load_plugin, scenario_from_record
+from .plugins import ScenarioNotFound, load_plugin, load_twin, scenario_from_record
 from .torch_step import TorchSolver
 
 
@@ -67,6 +67,7 @@ __all__ = [
     "get_scenario",
     "is_registered",
     "load_plugin",
+    "load_twin",
     "make_scenario",
     "register",
     "registered",

@@ -2,6 +2,9 @@
 
 * ``load_plugin("my_pde")`` imports a module that registers scenarios
   (``zosol.solvers.register("my_pde", scenario)``); the CLI's ``--plugin MODULE`` calls it.
+* ``load_twin("my_pde:twin")`` imports a module and returns its differentiable twin of the coarse
+  solver (a Solver, e.g. ``TorchSolver(...)``, or a function returning one); the CLI's
+  ``--twin MODULE:OBJECT`` calls it.
 * Installed packages can declare scenarios in the entry-point group ``zosol.scenarios``
   (``my_pde = "my_package.module:scenario"``, the object being a Scenario subclass, a scenario
   object, or a zero-argument function returning either); they are found by name on first use.
@@ -22,7 +25,14 @@ from typing import Any
 
 from .base import ENTRY_POINT_GROUP, Scenario, is_registered, load_entry_points, registered
 
-__all__ = ["ENTRY_POINT_GROUP", "ScenarioNotFound", "load_plugin", "load_entry_points", "scenario_from_record"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ScenarioNotFound",
+    "load_plugin",
+    "load_twin",
+    "load_entry_points",
+    "scenario_from_record",
+]
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -47,6 +57,32 @@ def load_plugin(module: str) -> ModuleType:
         raise ValueError(
             f"plugin '{module}' cannot be imported: {e} (put its folder on PYTHONPATH or run from there)"
         ) from None
+
+
+def load_twin(spec: str) -> Any:
+    """The differentiable solver named by ``spec`` = ``"module:object"`` (``object`` may be dotted):
+    a Solver with ``differentiable = True``, or a zero-argument function / class returning one.
+    ``module`` is imported as :func:`load_plugin` does; every problem is a ValueError naming the fix."""
+    module, _, attr = (spec or "").partition(":")
+    if not (_DOTTED.match(module) and _DOTTED.match(attr)):
+        raise ValueError(
+            f"--twin expects MODULE:OBJECT, e.g. 'my_pde:twin' (a differentiable Solver in my_pde.py), got '{spec}'"
+        )
+    obj: Any = load_plugin(module)
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--twin {spec}: module '{module}' has no '{attr}'")
+        obj = getattr(obj, part)
+    if not hasattr(obj, "step") and callable(obj):
+        obj = obj()
+    if not (hasattr(obj, "step") and hasattr(obj, "spatial_shape")):
+        raise ValueError(
+            f"--twin {spec} is a {type(obj).__name__}, not a solver; name a zosol Solver (e.g. "
+            f"zosol.solvers.TorchSolver(step, dt=..., channels=..., spatial_shape=...)) or a function returning one"
+        )
+    if not getattr(obj, "differentiable", False):
+        raise ValueError(f"--twin {spec}: {type(obj).__name__} is not differentiable (a twin must be, for autograd)")
+    return obj
 
 
 def _rebuild(entry: Any, config: dict[str, Any], preset: str | None) -> Scenario:

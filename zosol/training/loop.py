@@ -91,7 +91,8 @@ class TrainingLoop:
             others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
             raise ValueError(
                 f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
-                f"(use one of {others}, or pass a differentiable twin: twin=...)"
+                f"(use one of {others}, or pass a differentiable twin: twin=... in Python, "
+                f"--twin MODULE:OBJECT on the command line)"
             )
         device = torch.device(config.device)
         windows = Windows(dataset, config.effective_window, device)
