@@ -95,8 +95,7 @@ def compare(
     ``out/runs/<method>``)."""
     options = RunOptions.of(options, workers=workers, progress=progress, resume="auto")
     lead = is_lead()  # other ranks of a torchrun launch compute (quietly); rank 0 reports, writes and locks
-    if not lead:
-        log = lambda *a, **k: None  # noqa: E731
+    log = log if lead else (lambda *a, **k: None)
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
     methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
     tp = (
