@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .errors import UsageError
+
 __all__ = [
     "mae_per_simulation",
     "mae_per_frame",
@@ -24,7 +26,7 @@ __all__ = [
 def mae_per_frame(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """(N, T+1, C, *s) trajectories -> (N, T) MAE of frames 1..T."""
     if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != reference shape {tuple(ref.shape)}")
+        raise UsageError(f"prediction shape {tuple(pred.shape)} != reference shape {tuple(ref.shape)}")
     return (pred[:, 1:] - ref[:, 1:]).abs().flatten(2).mean(2)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import MODEL_KINDS
+from .errors import UsageError
 from .zo.plan import n_params
 from .zo.reuse import Residual
 
@@ -45,7 +46,7 @@ def small_cnn(
 ) -> nn.Sequential:
     """``depth`` convolutions (GELU between them), ``width`` hidden channels, zero last layer."""
     if depth < 1 or width < 1 or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(
+        raise UsageError(
             f"small_cnn: need depth >= 1, width >= 1 and an odd kernel, got "
             f"depth={depth}, width={width}, kernel={kernel}"
         )
@@ -71,7 +72,7 @@ def sol_resnet(
     ``kernel`` convolutions with ``width`` channels (5 / 32 / 5x5 in the paper), and an output
     convolution initialised to zero."""
     if blocks < 0 or width < 1 or kernel % 2 == 0:
-        raise ValueError(
+        raise UsageError(
             f"sol_resnet: need blocks >= 0, width >= 1 and an odd kernel, got "
             f"blocks={blocks}, width={width}, kernel={kernel}"
         )
@@ -107,7 +108,7 @@ def build_corrector(
 ) -> nn.Sequential:
     """Corrector by name: ``"cnn"`` (``depth`` conv layers) or ``"resnet"`` (``depth`` residual blocks)."""
     if kind not in CORRECTORS:
-        raise ValueError(f"unknown corrector model '{kind}'; choose one of {list(CORRECTORS)}")
+        raise UsageError(f"unknown corrector model '{kind}'; choose one of {list(CORRECTORS)}")
     return CORRECTORS[kind](dim, in_channels, out_channels, width, depth, kernel, padding_mode)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .errors import UsageError
 from .runtime.files import atomic_save, atomic_write_text
 
 __all__ = ["markdown_table", "csv_table", "write_json", "plot_frame_errors", "plot_side_by_side", "plot_format"]
@@ -67,7 +68,7 @@ def plot_format(path: str | os.PathLike) -> str:
     supported = sorted(FigureCanvasBase.get_supported_filetypes())
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in supported:
-        raise ValueError(
+        raise UsageError(
             f"cannot write a figure to '{path}': the suffix must name an image format, one of "
             f"{', '.join('.' + s for s in supported)}"
         )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LOSSES as LOSS_NAMES
+from .errors import UsageError
 from .models import corrector_input
 
 __all__ = ["WindowBatch", "corrected_rollout", "window_loss", "LOSSES"]
@@ -94,7 +95,7 @@ def window_loss(
         (P,) mean over windows, steps, channels and cells of ``loss`` per perturbation.
     """
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
+        raise UsageError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
     start, targets, params, features = batch.start, batch.targets, batch.params, batch.features
     p, b, m = perturbations, start.shape[0], targets.shape[1]
     pointwise = LOSSES[loss]

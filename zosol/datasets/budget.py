@@ -7,6 +7,8 @@ instead of running for minutes into an out-of-memory kill.
 """
 from __future__ import annotations
 
+from ..errors import UsageError
+
 import dataclasses
 import math
 
@@ -70,12 +72,12 @@ def check_generation_budget(scenario: Scenario, batch: int, memory_bytes: int | 
            f"reference state {list(scenario.state_shapes()['reference'])})"
     if est.peak_bytes > memory:
         per_batch = min(batch, c.train_sims + c.test_sims)
-        raise ValueError(f"{what} needs about {format_bytes(est.peak_bytes)} of memory "
+        raise UsageError(f"{what} needs about {format_bytes(est.peak_bytes)} of memory "
                          f"({format_bytes(est.step_bytes)} per batch of {per_batch} reference states, "
                          f"{format_bytes(est.stored_bytes)} of trajectories), more than this machine's "
                          f"{format_bytes(memory)}; lower the grid size, frames, the number of simulations or --batch")
     if est.seconds > max_seconds:
-        raise ValueError(f"{what} would take at least {_duration(est.seconds)} (optimistic estimate at "
+        raise UsageError(f"{what} would take at least {_duration(est.seconds)} (optimistic estimate at "
                          f"{CELL_UPDATES_PER_SECOND:.0e} cell-updates/s; limit {_duration(max_seconds)}); "
                          f"lower warmup, frames, the grid size or the number of simulations")
     return est

@@ -10,6 +10,8 @@ time estimate is out of reach (``budget.py``).
 """
 from __future__ import annotations
 
+from ..errors import UsageError
+
 import json
 import math
 import os
@@ -49,7 +51,7 @@ def _check_same_config(path: Path, scenario: Scenario) -> None:
     wanted = json.loads(json.dumps(scenario.config.to_dict()))
     if name != scenario.name or config != wanted:
         diff = sorted(k for k in set(config) | set(wanted) if config.get(k) != wanted.get(k))
-        raise ValueError(f"{path} holds a dataset of a different config (differs in {diff or [name]}); "
+        raise UsageError(f"{path} holds a dataset of a different config (differs in {diff or [name]}); "
                          f"pass overwrite=True (--overwrite) or choose another output directory")
 
 
@@ -94,17 +96,17 @@ def _read_part(file: Path, traj_shape: tuple[int, ...], num_params: int) -> tupl
     with zipfile.ZipFile(file) as z:
         names = sorted(i.filename for i in z.infolist())
         if names != ["params.npy", "trajectory.npy"]:
-            raise ValueError(f"holds {names}, expected params.npy and trajectory.npy")
+            raise UsageError(f"holds {names}, expected params.npy and trajectory.npy")
         size = sum(i.file_size for i in z.infolist())
         if size > limit:
-            raise ValueError(f"holds {size} bytes uncompressed, at most {limit} expected")
+            raise UsageError(f"holds {size} bytes uncompressed, at most {limit} expected")
     with np.load(file, allow_pickle=False) as z:
         traj, params = z["trajectory"], z["params"]
     for name, a, shape in (("trajectory", traj, traj_shape), ("params", params, (num_params,))):
         if a.shape != shape or a.dtype != np.float32:
-            raise ValueError(f"{name} has shape {a.shape} {a.dtype}, expected {shape} float32")
+            raise UsageError(f"{name} has shape {a.shape} {a.dtype}, expected {shape} float32")
         if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise UsageError(f"{name} contains NaN or inf")
     return traj, params
 
 
@@ -125,14 +127,14 @@ def _prepare_parts(path: Path, scenario: Scenario, batch: int, overwrite: bool) 
     """The parts directory of ``path`` (created; emptied with ``overwrite``), stamped with the config."""
     parts = path.with_name(path.name + ".parts")
     if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
-        raise ValueError(f"{parts} is not a directory of generation parts; remove it")
+        raise UsageError(f"{parts} is not a directory of generation parts; remove it")
     if overwrite and parts.exists():
         shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
     stamp = parts / "config.json"
     described = json.dumps({**scenario.describe(), "batch": batch}, sort_keys=True)
     if stamp.exists() and stamp.read_text() != described:
-        raise ValueError(f"{parts} holds an interrupted generation of a different config; "
+        raise UsageError(f"{parts} holds an interrupted generation of a different config; "
                          f"delete it or pass overwrite=True (--overwrite)")
     atomic_write_text(stamp, described)
     return parts
@@ -181,7 +183,7 @@ def _assemble(path: Path, scenario: Scenario, parts: Path) -> None:
 def _output_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory; choose a directory")
+        raise UsageError(f"--out {out} is a file, not a directory; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -201,7 +203,7 @@ def generate(scenario: str | Scenario, preset: str = "default", out: str | os.Pa
         if overrides:
             scenario.preset = None
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise UsageError(f"batch must be >= 1, got {batch}")
     if check_budget:
         check_generation_budget(scenario, batch)
     path = dataset_path(_output_dir(out), scenario)

@@ -19,6 +19,8 @@ decompression bomb) are refused, and trajectories and params must be finite.
 """
 from __future__ import annotations
 
+from ..errors import DataError
+
 import dataclasses
 import io
 import json
@@ -47,7 +49,7 @@ MEMORY_FRACTION = 0.5
 __all__ = ["SCHEMA_VERSION", "DatasetError", "Simulation", "FidelityDataset", "load_dataset", "write_dataset"]
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset file is missing, corrupt, foreign, of another schema version, or inconsistent."""
 
 

@@ -13,6 +13,8 @@ the scenario is what the correctors correct.  Frame k must be the state at time 
 """
 from __future__ import annotations
 
+from ..errors import UsageError
+
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +38,7 @@ def _on_coarse_grid(scenario: Scenario, traj: np.ndarray, name: str) -> torch.Te
         t = t.unsqueeze(2)  # (N, T+1, *grid): one channel
     grid = tuple(t.shape[3:])
     if t.dim() != 3 + len(coarse.spatial_shape) or t.shape[2] != c:
-        raise ValueError(f"{name}: trajectories of shape {list(t.shape)}; expected (N, T+1, {c}, *grid) with "
+        raise UsageError(f"{name}: trajectories of shape {list(t.shape)}; expected (N, T+1, {c}, *grid) with "
                          f"{c} channel(s) {list(coarse.channels)}")
     if grid == tuple(coarse.spatial_shape):
         out = t
@@ -44,23 +46,23 @@ def _on_coarse_grid(scenario: Scenario, traj: np.ndarray, name: str) -> torch.Te
         n, t1 = t.shape[:2]
         out = scenario.downsample(t.reshape(n * t1, *t.shape[2:])).reshape(n, t1, c, *coarse.spatial_shape)
     else:
-        raise ValueError(f"{name}: grid {list(grid)} is neither the scenario's reference grid "
+        raise UsageError(f"{name}: grid {list(grid)} is neither the scenario's reference grid "
                          f"{list(ref.spatial_shape)} nor its coarse grid {list(coarse.spatial_shape)}")
     if t.shape[1] < 2:
-        raise ValueError(f"{name}: needs at least 2 frames per trajectory, got {t.shape[1]}")
+        raise UsageError(f"{name}: needs at least 2 frames per trajectory, got {t.shape[1]}")
     if not torch.isfinite(out).all():
-        raise ValueError(f"{name}: trajectories contain NaN or inf")
+        raise UsageError(f"{name}: trajectories contain NaN or inf")
     return out.float()
 
 
 def _params(params: Any, n: int, k: int, name: str) -> torch.Tensor:
     if params is None:
         if k:
-            raise ValueError(f"{name}: the scenario needs {k} per-simulation parameters; pass params of shape ({n}, {k})")
+            raise UsageError(f"{name}: the scenario needs {k} per-simulation parameters; pass params of shape ({n}, {k})")
         return torch.zeros(n, 0)
     p = torch.as_tensor(np.asarray(params), dtype=torch.float32).reshape(n, -1)
     if p.shape[1] != k:
-        raise ValueError(f"{name}: params of shape {list(p.shape)}, the scenario needs ({n}, {k})")
+        raise UsageError(f"{name}: params of shape {list(p.shape)}, the scenario needs ({n}, {k})")
     return p
 
 
@@ -72,7 +74,7 @@ def import_trajectories(scenario: Scenario, train: Any, test: Any, out: str | os
     k = scenario.coarse_solver().num_params
     tr, te = _on_coarse_grid(scenario, train, "train"), _on_coarse_grid(scenario, test, "test")
     if tr.shape[1] != te.shape[1]:
-        raise ValueError(f"train and test trajectories differ in length: {tr.shape[1]} vs {te.shape[1]} frames")
+        raise UsageError(f"train and test trajectories differ in length: {tr.shape[1]} vs {te.shape[1]} frames")
     config = {**scenario.config.to_dict(), "frames": tr.shape[1] - 1, "train_sims": tr.shape[0],
               "test_sims": te.shape[0], "warmup": 0}
     sc = scenario.with_config(config, None)
@@ -91,7 +93,7 @@ def _read_fields(f: h5py.File, fields: Sequence[str], channels_last: bool) -> np
             raise DatasetError(f"{f.filename}: no array '{name}' (arrays: {sorted(_arrays(f))[:12]})")
     if channels_last:
         if len(fields) != 1:
-            raise ValueError("channels_last=True reads one array (N, T, *grid, C); pass one field")
+            raise UsageError("channels_last=True reads one array (N, T, *grid, C); pass one field")
         return np.moveaxis(f[fields[0]][()], -1, 2)
     return np.stack([f[name][()] for name in fields], axis=2)
 
@@ -124,7 +126,7 @@ def import_hdf5(scenario: Scenario, file: str | os.PathLike, out: str | os.PathL
         data = data[:, :frames + 1]
     n_test = int(round(test * len(data))) if isinstance(test, float) else int(test)
     if not 1 <= n_test < len(data):
-        raise ValueError(f"test={test} leaves {len(data) - n_test} of {len(data)} trajectories for training; "
+        raise UsageError(f"test={test} leaves {len(data) - n_test} of {len(data)} trajectories for training; "
                          f"choose a count between 1 and {len(data) - 1}")
     cut = len(data) - n_test
     return import_trajectories(scenario, data[:cut], data[cut:], out, train_params=None if p is None else p[:cut],

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import LockedError, UsageError
+
 __all__ = [
     "atomic_save",
     "atomic_save_path",
@@ -126,10 +128,6 @@ def os_error_message(e: OSError) -> str:
 # Advisory locks
 
 
-class LockedError(RuntimeError):
-    """The lock is held by another process (the message names it)."""
-
-
 class FileLock:
     """An exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``), held while in a ``with``.
 
@@ -211,7 +209,7 @@ def refuse_file_in_the_way(path: str | os.PathLike, what: str, fix: str) -> None
     anything but a directory) is at ``path``; nothing if it is a directory or missing."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"{what} {p} is not a directory (a file is there); {fix}")
+        raise UsageError(f"{what} {p} is not a directory (a file is there); {fix}")
 
 
 def prepare_directory(path: str | os.PathLike, what: str = "--out") -> Path:
@@ -221,7 +219,7 @@ def prepare_directory(path: str | os.PathLike, what: str = "--out") -> Path:
     way, a name the file system refuses (too long, read-only parent) or a directory that is not
     writable."""
     if str(path) == "":
-        raise ValueError(f"{what} must not be empty; name a directory")
+        raise UsageError(f"{what} must not be empty; name a directory")
     p = Path(path)
     refuse_file_in_the_way(p, what, f"choose another {what}")
     try:
@@ -229,7 +227,7 @@ def prepare_directory(path: str | os.PathLike, what: str = "--out") -> Path:
     except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         where = p if len(str(p)) <= 120 else f"{str(p)[:60]}...{str(p)[-40:]}"
-        raise ValueError(f"{what} {where}: cannot create the directory ({reason}); choose another {what}") from None
+        raise UsageError(f"{what} {where}: cannot create the directory ({reason}); choose another {what}") from None
     if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {p} is not writable; fix its permissions or choose another {what}")
+        raise UsageError(f"{what} {p} is not writable; fix its permissions or choose another {what}")
     return p

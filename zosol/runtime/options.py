@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ..errors import UsageError
 from .workers import check_workers
 
 __all__ = ["RunOptions", "Resume"]
@@ -44,15 +45,15 @@ class RunOptions:
         if name == "workers":
             check_workers(value, self.bound_by_cores)
         elif name == "resume" and value not in (True, False, "auto"):
-            raise ValueError(f"resume must be True, False or 'auto', got {value!r}")
+            raise UsageError(f"resume must be True, False or 'auto', got {value!r}")
         elif name == "checkpoint_seconds" and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0  # NaN too
         ):
-            raise ValueError(f"checkpoint_seconds must be a number > 0, got {value!r}")
+            raise UsageError(f"checkpoint_seconds must be a number > 0, got {value!r}")
         elif name == "stop_after_steps" and not (
             value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
         ):
-            raise ValueError(f"stop_after_steps must be None or an integer >= 1, got {value!r}")
+            raise UsageError(f"stop_after_steps must be None or an integer >= 1, got {value!r}")
 
     def but(self, **changes: Any) -> RunOptions:
         """These options with the given fields changed (only those are checked); ``None`` values
@@ -63,7 +64,7 @@ class RunOptions:
         new = copy.copy(self)
         for name, value in changes.items():
             if name == "bound_by_cores":
-                raise ValueError("bound_by_cores is set when the options are made")
+                raise UsageError("bound_by_cores is set when the options are made")
             new._check(name, value)
             object.__setattr__(new, name, value)
         return new

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .files import FileLock, atomic_write_text, prepare_directory, refuse_file_in_the_way
 
 __all__ = ["directory_lock", "RunDirectory"]
@@ -143,13 +144,13 @@ class RunDirectory:
         """The dataset this run was trained on, from its ``run.json`` (ValueError naming the fix
         if it is missing or unreadable)."""
         if not self.run_info.is_file():
-            raise ValueError(f"{self.path}: no run.json naming its dataset; pass --data FILE")
+            raise UsageError(f"{self.path}: no run.json naming its dataset; pass --data FILE")
         try:
             data = json.loads(self.run_info.read_text())["dataset"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             data = None
         if not isinstance(data, str):
-            raise ValueError(f"{self.run_info}: unreadable (it should name the run's dataset); pass --data FILE")
+            raise UsageError(f"{self.run_info}: unreadable (it should name the run's dataset); pass --data FILE")
         return data
 
     def record_failure(self, error: BaseException) -> None:

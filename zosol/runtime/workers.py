@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import UsageError
+
 __all__ = ["check_workers", "exit_now", "MAX_WORKERS"]
 
 #: at most this many worker processes, however many cores there are
@@ -19,11 +21,11 @@ def check_workers(n: int, bound_by_cores: bool = True) -> None:
     process may use: each worker is a single-threaded process, more than the cores only adds
     memory and slows all of them down."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"--workers must be an integer >= 1, got {n!r}")
+        raise UsageError(f"--workers must be an integer >= 1, got {n!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     top = min(cores, MAX_WORKERS) if bound_by_cores else MAX_WORKERS
     if n > top:
-        raise ValueError(f"--workers {n} is more than the {cores} CPU cores this process may use; use at most {top}")
+        raise UsageError(f"--workers {n} is more than the {cores} CPU cores this process may use; use at most {top}")
 
 
 def exit_now() -> None:

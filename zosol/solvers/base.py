@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import RunFailed, UsageError
 from ..options import check_fields, option
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class SolverError(RuntimeError):
+class SolverError(RunFailed):
     """A solver failed to produce a valid next state (crash, timeout, NaN, wrong shape)."""
 
 
@@ -168,16 +169,16 @@ def check_state(solver: Solver, state: torch.Tensor, params: torch.Tensor | None
         raise TypeError(f"{type(solver).__name__}.step expects a torch.Tensor state, got {type(state).__name__}")
     expected = tuple(solver.state_shape)
     if state.dim() != len(expected) + 1 or tuple(state.shape[1:]) != expected:
-        raise ValueError(
+        raise UsageError(
             f"{type(solver).__name__}.step: state has shape {tuple(state.shape)}, expected "
             f"(B, {', '.join(map(str, expected))}) = (batch, channels {list(solver.channels)}, "
             f"spatial {list(solver.spatial_shape)})"
         )
     if solver.num_params:
         if params is None:
-            raise ValueError(f"{type(solver).__name__}.step needs params of shape (B, {solver.num_params})")
+            raise UsageError(f"{type(solver).__name__}.step needs params of shape (B, {solver.num_params})")
         if tuple(params.shape) != (state.shape[0], solver.num_params):
-            raise ValueError(
+            raise UsageError(
                 f"{type(solver).__name__}.step: params has shape {tuple(params.shape)}, expected "
                 f"({state.shape[0]}, {solver.num_params}) (batch, per-simulation parameters)"
             )
@@ -241,7 +242,7 @@ class ScenarioConfig:
         for rule in self.constraints:
             message = rule(self)
             if message:
-                raise ValueError(message)
+                raise UsageError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,13 +312,13 @@ class Scenario(ABC):
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> Scenario:
         if preset not in cls.presets:
-            raise ValueError(
+            raise UsageError(
                 f"unknown preset '{preset}' for scenario '{cls.name}'; choose one of {sorted(cls.presets)}"
             )
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown} for scenario '{cls.name}'; valid: {sorted(fields)}")
+            raise UsageError(f"unknown config field(s) {unknown} for scenario '{cls.name}'; valid: {sorted(fields)}")
         return cls(cls.Config(**{**cls.presets[preset], **overrides}), preset=preset)
 
     @classmethod
@@ -430,7 +431,7 @@ def registered(name: str) -> type[Scenario] | Scenario:
     """The Scenario class or scenario object registered under ``name`` (loaders are called)."""
     load_entry_points()
     if name not in _REGISTRY:
-        raise ValueError(
+        raise UsageError(
             f"unknown scenario '{name}'; choose one of {scenario_names()} (a scenario of your own: "
             f"register it in a module and load that module with --plugin MODULE)"
         )

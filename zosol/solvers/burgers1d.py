@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ..errors import UsageError
 from ..options import option
 from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError, multiple_of
 
@@ -90,16 +91,16 @@ class Burgers1D(Solver):
         dtype: torch.dtype = torch.float32,
     ):
         if int(n) != n or n < 4:
-            raise ValueError(f"Burgers1D: n must be an integer >= 4, got {n}")
+            raise UsageError(f"Burgers1D: n must be an integer >= 4, got {n}")
         for name, v in (("nu", nu), ("dt", dt), ("length", length), ("cfl", cfl), ("u_max", u_max)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"Burgers1D: {name} must be a positive number, got {v}")
+                raise UsageError(f"Burgers1D: {name} must be a positive number, got {v}")
         if order not in (1, 2):
-            raise ValueError(f"Burgers1D: order must be 1 or 2, got {order}")
+            raise UsageError(f"Burgers1D: order must be 1 or 2, got {order}")
         if integrator not in ("rk3", "euler"):
-            raise ValueError(f"Burgers1D: integrator must be 'rk3' or 'euler', got {integrator!r}")
+            raise UsageError(f"Burgers1D: integrator must be 'rk3' or 'euler', got {integrator!r}")
         if forcing_modes < 0:
-            raise ValueError(f"Burgers1D: forcing_modes must be >= 0, got {forcing_modes}")
+            raise UsageError(f"Burgers1D: forcing_modes must be >= 0, got {forcing_modes}")
         self.n, self.nu, self.dt, self.length = int(n), float(nu), float(dt), float(length)
         self.order, self.integrator, self.cfl, self.u_max = order, integrator, float(cfl), float(u_max)
         self.forcing_modes = int(forcing_modes)

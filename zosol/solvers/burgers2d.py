@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..options import option
 from .base import Scenario, ScenarioConfig, Solver, SolverDivergedError, multiple_of
 
@@ -138,18 +139,18 @@ class Burgers2D(Solver):
         dtype: torch.dtype = torch.float32,
     ):
         if int(n) != n or n < 4:
-            raise ValueError(f"Burgers2D: n must be an integer >= 4, got {n}")
+            raise UsageError(f"Burgers2D: n must be an integer >= 4, got {n}")
         for name, v in (("nu", nu), ("dt", dt), ("length", length), ("cfl", cfl), ("u_max", u_max)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"Burgers2D: {name} must be a positive number, got {v}")
+                raise UsageError(f"Burgers2D: {name} must be a positive number, got {v}")
         if cfl > 1:
-            raise ValueError(f"Burgers2D: cfl must be <= 1 (explicit diffusion stability), got {cfl}")
+            raise UsageError(f"Burgers2D: cfl must be <= 1 (explicit diffusion stability), got {cfl}")
         if advection not in ("semi_lagrangian", "maccormack"):
-            raise ValueError(f"Burgers2D: advection must be 'semi_lagrangian' or 'maccormack', got {advection!r}")
+            raise UsageError(f"Burgers2D: advection must be 'semi_lagrangian' or 'maccormack', got {advection!r}")
         if backend not in ("torch", "phiflow"):
-            raise ValueError(f"Burgers2D: backend must be 'torch' or 'phiflow', got {backend!r}")
+            raise UsageError(f"Burgers2D: backend must be 'torch' or 'phiflow', got {backend!r}")
         if n_sines < 0:
-            raise ValueError(f"Burgers2D: n_sines must be >= 0, got {n_sines}")
+            raise UsageError(f"Burgers2D: n_sines must be >= 0, got {n_sines}")
         self.n, self.nu, self.dt, self.length = int(n), float(nu), float(dt), float(length)
         self.advection, self.cfl, self.u_max, self.backend = advection, float(cfl), float(u_max), backend
         self.n_sines = int(n_sines)
@@ -418,7 +419,7 @@ class Burgers2DScenario(Scenario):
     def downsample(self, fine: torch.Tensor) -> torch.Tensor:
         c = self.config
         if fine.shape[-2:] != (c.n_ref, c.n_ref):
-            raise ValueError(f"burgers2d.downsample: expected (..., {c.n_ref}, {c.n_ref}), got {tuple(fine.shape)}")
+            raise UsageError(f"burgers2d.downsample: expected (..., {c.n_ref}, {c.n_ref}), got {tuple(fine.shape)}")
         r = c.n_ref // c.n_coarse
         return fine.reshape(*fine.shape[:-2], c.n_coarse, r, c.n_coarse, r).mean(dim=(-3, -1))
 

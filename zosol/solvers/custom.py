@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .base import Scenario, ScenarioConfig, Solver
 
 __all__ = ["make_scenario", "CustomScenario", "CustomConfig", "block_average"]
@@ -81,7 +82,7 @@ def _as_solver(
             f"got {type(part).__name__}"
         )
     if shape is None:
-        raise ValueError(f"make_scenario: {role} is a function; pass {role}_shape=(cells, ...) (its grid)")
+        raise UsageError(f"make_scenario: {role} is a function; pass {role}_shape=(cells, ...) (its grid)")
     from .external import NumpySolver
 
     return NumpySolver(
@@ -101,10 +102,10 @@ def _check_parts(ref: Solver, coarse: Solver, dt: float) -> None:
     for what in ("channels", "num_params"):
         a, b = getattr(ref, what), getattr(coarse, what)
         if (tuple(a) if what == "channels" else a) != (tuple(b) if what == "channels" else b):
-            raise ValueError(f"make_scenario: reference and coarse solvers differ in {what}: {a} vs {b}")
+            raise UsageError(f"make_scenario: reference and coarse solvers differ in {what}: {a} vs {b}")
     for role, s in (("reference", ref), ("coarse", coarse)):
         if not math.isclose(float(s.dt), dt, rel_tol=1e-9):
-            raise ValueError(f"make_scenario: the {role} solver advances dt={s.dt}, the scenario's dt is {dt}")
+            raise UsageError(f"make_scenario: the {role} solver advances dt={s.dt}, the scenario's dt is {dt}")
 
 
 class CustomScenario(Scenario):
@@ -150,13 +151,13 @@ class CustomScenario(Scenario):
     # -- copies at other presets / configs share the parts (and so the built solvers) ----------
     def with_preset(self, preset: str = "default", **overrides: Any) -> CustomScenario:
         if preset not in self.presets:
-            raise ValueError(
+            raise UsageError(
                 f"unknown preset '{preset}' for scenario '{self.name}'; choose one of {sorted(self.presets)}"
             )
         fields = {f.name for f in dataclasses.fields(CustomConfig)} - {"physics"}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown config field(s) {unknown} for scenario '{self.name}' (a scenario from "
                 f"parts has only {sorted(fields)}: change the physics where the parts are made)"
             )
@@ -168,7 +169,7 @@ class CustomScenario(Scenario):
         mine = json.loads(json.dumps(self.config.physics))
         if recorded != mine:
             diff = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
-            raise ValueError(
+            raise UsageError(
                 f"scenario '{self.name}' ({self.source}) now has other physics than the dataset "
                 f"was made with (differs in {diff}: dataset {recorded}, now {mine})"
             )
@@ -201,7 +202,7 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     """The name float32 / float64 of that string, torch dtype or numpy dtype."""
     name = str(dtype).removeprefix("torch.")
     if name not in _TORCH_DTYPES:
-        raise ValueError(f"make_scenario: dtype must be float32 or float64, got {dtype!r}")
+        raise UsageError(f"make_scenario: dtype must be float32 or float64, got {dtype!r}")
     return name
 
 
@@ -290,7 +291,7 @@ def make_scenario(
     fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
     if downsample is None:
         if len(fine) != len(small) or any(f % c for f, c in zip(fine, small)):
-            raise ValueError(
+            raise UsageError(
                 f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
                 f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)"
             )
@@ -298,7 +299,7 @@ def make_scenario(
     try:
         json.dumps(dict(physics or {}))
     except TypeError as e:
-        raise ValueError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
+        raise UsageError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
     parts = dict(
         name=name,
         reference=ref,

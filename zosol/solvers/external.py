@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..runtime.memory import format_bytes, machine_memory_bytes
 from .base import Solver, SolverError, check_state
 from .pool import StatePool, run_rows, split_rows
@@ -113,7 +114,7 @@ class _HostSolver(Solver):
 
     def __init__(self, dtype: str = "float32", check_finite: bool = True):
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise UsageError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self._np_dtype, self._torch_dtype = _DTYPES[dtype]
         self.check_finite = bool(check_finite)
@@ -177,7 +178,7 @@ def _check_counts(who: str, **counts: int | None) -> None:
         if v is None and what == "max_batch":
             continue
         if v is None or int(v) != v or v < 1:
-            raise ValueError(
+            raise UsageError(
                 f"{who}: {what} must be an integer >= 1{' or None' if what == 'max_batch' else ''}, got {v!r}"
             )
 
@@ -221,7 +222,7 @@ class NumpySolver(_HostSolver):
         if not callable(fn):
             raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
         if not (math.isfinite(dt) and dt > 0):
-            raise ValueError(f"NumpySolver: dt must be positive, got {dt}")
+            raise UsageError(f"NumpySolver: dt must be positive, got {dt}")
         _check_counts("NumpySolver", max_batch=max_batch, processes=processes)
         self.batched, self.max_batch = bool(batched), None if max_batch is None else int(max_batch)
         self.pool = StatePool(fn, processes, batched=self.batched, max_batch=self.max_batch) if processes != 1 else None
@@ -424,9 +425,9 @@ class ExternalSolver(_HostSolver):
             raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
         self.command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
         if not self.command:
-            raise ValueError("ExternalSolver: empty command")
+            raise UsageError("ExternalSolver: empty command")
         if not (timeout > 0):
-            raise ValueError(f"ExternalSolver: timeout must be positive, got {timeout}")
+            raise UsageError(f"ExternalSolver: timeout must be positive, got {timeout}")
         self.timeout = float(timeout)
         self.startup_timeout = float(startup_timeout) if startup_timeout is not None else max(self.timeout, 30.0)
         self.restart_enabled = bool(restart)
@@ -514,7 +515,7 @@ class ExternalSolver(_HostSolver):
             if not isinstance(reply.get("channels"), list) or not isinstance(reply.get("spatial_shape"), list):
                 raise TypeError("channels and spatial_shape must be lists")
             if len(reply["channels"]) > 1 << 16 or len(reply["spatial_shape"]) > 8:
-                raise ValueError("too many channels or dimensions")
+                raise UsageError("too many channels or dimensions")
             meta = {
                 "dt": float(reply["dt"]),
                 "channels": tuple(str(c) for c in reply["channels"]),
@@ -752,10 +753,10 @@ class ExternalSolver(_HostSolver):
             try:
                 header = json.loads(hraw.decode("utf-8"))
                 if not isinstance(header, dict):
-                    raise ValueError("header is not a JSON object")
+                    raise UsageError("header is not a JSON object")
                 nbytes = int(header.get("nbytes", 0) or 0)
                 if nbytes < 0:
-                    raise ValueError(f"negative nbytes {nbytes}")
+                    raise UsageError(f"negative nbytes {nbytes}")
             except (ValueError, UnicodeDecodeError, TypeError, OverflowError, RecursionError) as e:
                 raise self._fault(
                     "protocol",

@@ -89,6 +89,7 @@ from typing import Literal, get_args
 
 import torch
 
+from ..errors import UsageError
 from ..options import option
 from . import karman2d_direct as direct
 from .base import Scenario, ScenarioConfig, Solver, SolverError
@@ -160,14 +161,14 @@ class WakeSolver(Solver):
     ):
         for name, v in (("nx", nx), ("ny", ny)):
             if int(v) != v or v < 4:
-                raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 4, got {v}")
+                raise UsageError(f"{type(self).__name__}: {name} must be an integer >= 4, got {v}")
         for name, v in (("dt", dt), ("inflow", inflow), ("length", length), ("height", height), ("radius", radius)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive number, got {v}")
+                raise UsageError(f"{type(self).__name__}: {name} must be a positive number, got {v}")
         if int(substeps) != substeps or substeps < 1:
-            raise ValueError(f"{type(self).__name__}: substeps must be an integer >= 1, got {substeps}")
+            raise UsageError(f"{type(self).__name__}: substeps must be an integer >= 1, got {substeps}")
         if threads is not None and (int(threads) != threads or threads < 1):
-            raise ValueError(f"{type(self).__name__}: threads must be None or an integer >= 1, got {threads}")
+            raise UsageError(f"{type(self).__name__}: threads must be None or an integer >= 1, got {threads}")
         self.threads = None if threads is None else int(threads)
         self.nx, self.ny = int(nx), int(ny)
         self.dt, self.substeps, self.inflow = float(dt), int(substeps), float(inflow)
@@ -195,7 +196,7 @@ class WakeSolver(Solver):
         with torch.no_grad():
             bad = ~(re.detach() >= self.min_re)
             if bool(bad.any()):
-                raise ValueError(
+                raise UsageError(
                     f"{type(self).__name__}: Re={re[bad].tolist()} below {self.min_re:.4g}, where explicit "
                     f"diffusion on this grid (dx={self.dx:.4g}, dt/substep={self.dt / self.substeps:.4g}) is "
                     f"unstable; raise Re or substeps"
@@ -271,7 +272,7 @@ class Karman2D(WakeSolver):
     ):
         super().__init__(nx, ny, dt, **kwargs)
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"Karman2D: tol must be a positive number, got {tol}")
+            raise UsageError(f"Karman2D: tol must be a positive number, got {tol}")
         self.tol, self.max_iterations, self.solve_method = float(tol), int(max_iterations), solve_method
         self._jit = None
 
@@ -401,7 +402,7 @@ def restrict(fine: torch.Tensor, r: int) -> torch.Tensor:
     face's value is the mean of the r fine faces that tile it (see ``Karman2DScenario.downsample``)."""
     b, c, hf, wf = fine.shape
     if c != 2 or hf % r or wf % r:
-        raise ValueError(
+        raise UsageError(
             f"karman2d.restrict: expected (B, 2, H, W) with H, W multiples of {r}, got {tuple(fine.shape)}"
         )
     h, w = hf // r, wf // r
@@ -627,7 +628,7 @@ class Karman2DScenario(Scenario):
         """
         c = self.config
         if fine.dim() != 4 or tuple(fine.shape[1:]) != (2, c.n_ref_y, c.n_ref_x):
-            raise ValueError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), got {tuple(fine.shape)}")
+            raise UsageError(f"karman2d.downsample: expected (B, 2, {c.n_ref_y}, {c.n_ref_x}), got {tuple(fine.shape)}")
         return restrict(fine, self.ratio)
 
     def reynolds(self, seed: int) -> float:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from scipy.linalg import lapack
 
+from ..errors import UsageError
+
 __all__ = [
     "obstacle_masks",
     "pressure_matrix",
@@ -132,7 +134,7 @@ class PressureLU:
         ab[2 * k + banded.row - banded.col, banded.col] = banded.data
         self._lu, self._piv, info = lapack.dgbtrf(ab, k, k)
         if info != 0:
-            raise ValueError(
+            raise UsageError(
                 f"PressureLU: the pressure matrix is singular (LAPACK dgbtrf info {info}); check the obstacle masks"
             )
         self._inverses: dict = {}

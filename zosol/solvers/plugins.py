@@ -23,6 +23,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from ..errors import UsageError
 from .base import ENTRY_POINT_GROUP, Scenario, is_registered, load_entry_points, registered
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-class ScenarioNotFound(LookupError):
+class ScenarioNotFound(UsageError, LookupError):
     """The scenario of a dataset or a command line is neither registered nor importable."""
 
 
@@ -45,7 +46,7 @@ def load_plugin(module: str) -> ModuleType:
     """Import ``module`` (a dotted name on ``sys.path``; the current directory counts) so that the
     scenarios it registers become available by name."""
     if not _DOTTED.match(module or ""):
-        raise ValueError(
+        raise UsageError(
             f"--plugin expects an importable module name such as 'my_pde' or 'pkg.scenarios', "
             f"got '{module}' (for a file my_pde.py, pass 'my_pde' and run from its folder)"
         )
@@ -54,7 +55,7 @@ def load_plugin(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise ValueError(
+        raise UsageError(
             f"plugin '{module}' cannot be imported: {e} (put its folder on PYTHONPATH or run from there)"
         ) from None
 
@@ -65,23 +66,23 @@ def load_twin(spec: str) -> Any:
     ``module`` is imported as :func:`load_plugin` does; every problem is a ValueError naming the fix."""
     module, _, attr = (spec or "").partition(":")
     if not (_DOTTED.match(module) and _DOTTED.match(attr)):
-        raise ValueError(
+        raise UsageError(
             f"--twin expects MODULE:OBJECT, e.g. 'my_pde:twin' (a differentiable Solver in my_pde.py), got '{spec}'"
         )
     obj: Any = load_plugin(module)
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"--twin {spec}: module '{module}' has no '{attr}'")
+            raise UsageError(f"--twin {spec}: module '{module}' has no '{attr}'")
         obj = getattr(obj, part)
     if not hasattr(obj, "step") and callable(obj):
         obj = obj()
     if not (hasattr(obj, "step") and hasattr(obj, "spatial_shape")):
-        raise ValueError(
+        raise UsageError(
             f"--twin {spec} is a {type(obj).__name__}, not a solver; name a zosol Solver (e.g. "
             f"zosol.solvers.TorchSolver(step, dt=..., channels=..., spatial_shape=...)) or a function returning one"
         )
     if not getattr(obj, "differentiable", False):
-        raise ValueError(f"--twin {spec}: {type(obj).__name__} is not differentiable (a twin must be, for autograd)")
+        raise UsageError(f"--twin {spec}: {type(obj).__name__} is not differentiable (a twin must be, for autograd)")
     return obj
 
 
@@ -129,7 +130,7 @@ def scenario_from_record(
     ``source`` (``module:object``) names."""
     if given is not None:
         if given.name != name:
-            raise ValueError(f"holds scenario '{name}', not '{given.name}'")
+            raise UsageError(f"holds scenario '{name}', not '{given.name}'")
         same = json.loads(json.dumps(given.config.to_dict())) == json.loads(json.dumps(config))
         return given if same else given.with_config(config, preset)
     if is_registered(name):

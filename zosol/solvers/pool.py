@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["StatePool", "run_rows", "split_rows"]
 
 StepFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
@@ -44,7 +46,7 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
         outs = [np.asarray(fn(x[i].copy(), None if p is None else p[i].copy())) for i in range(x.shape[0])]
         shapes = {o.shape for o in outs}
         if shapes != {x.shape[1:]}:
-            raise ValueError(
+            raise UsageError(
                 f"a one-state step must return shape {list(x.shape[1:])} (channels, *spatial), "
                 f"got {sorted(map(list, shapes))}"
             )
@@ -102,7 +104,7 @@ class StatePool:
 
     def __init__(self, fn: StepFn, processes: int, *, batched: bool = True, max_batch: int | None = None):
         if int(processes) != processes or processes < 2:
-            raise ValueError(f"processes must be an integer >= 2 (1: no pool), got {processes!r}")
+            raise UsageError(f"processes must be an integer >= 2 (1: no pool), got {processes!r}")
         self.fn, self.processes, self.batched, self.max_batch = fn, int(processes), batched, max_batch
         self.starts = 0  # how many times the worker processes were started (once per pool)
         self._workers: list = []  # (process, pipe end)

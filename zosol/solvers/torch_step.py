@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .base import Solver
 
 __all__ = ["TorchSolver"]
@@ -53,7 +54,7 @@ class TorchSolver(Solver):
         if not callable(fn):
             raise TypeError(f"TorchSolver needs a callable fn(state, params) -> state, got {type(fn).__name__}")
         if not dt > 0:
-            raise ValueError(f"TorchSolver: dt must be positive, got {dt}")
+            raise UsageError(f"TorchSolver: dt must be positive, got {dt}")
         self.fn, self.dt = fn, float(dt)
         self.name = name or getattr(fn, "__name__", "fn")
         self.channels = tuple(channels)
@@ -71,7 +72,7 @@ class TorchSolver(Solver):
         out = self.fn(state, params if self.num_params else None)
         if not isinstance(out, torch.Tensor) or out.shape != state.shape:
             got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {list(out.shape)}"
-            raise ValueError(
+            raise UsageError(
                 f"TorchSolver({self.name}): fn returned {got}, expected a tensor of shape {list(state.shape)}"
             )
         return out

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ..errors import DataError, RunFailed
+
 __all__ = ["TrainingError", "TrainingDiverged", "CheckpointError", "ZOUnderflowWarning", "show_warning"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunFailed):
     """Training stopped (solver failure, divergence); the last good checkpoint is intact."""
 
 
@@ -13,7 +15,7 @@ class TrainingDiverged(TrainingError):
     """The loss, the gradient or the parameters became non-finite."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint is missing, corrupt, or belongs to another config or dataset."""
 
 
