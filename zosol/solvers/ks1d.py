@@ -17,7 +17,7 @@ the Nyquist mode (even ``n``) is damped by ``L`` and receives no nonlinear forci
 
 * High fidelity: ``etdrk4`` on a fine grid with many sub-steps per ``dt`` (resolved: no dealiasing).
 * Low fidelity: ``etdrk1`` with 2/3 dealiasing on a few points with 2 sub-steps per ``dt``:
-  stable, visibly wrong (one sub-step per frame blows up).
+  stable, visibly wrong.
 
 Every call advances exactly ``dt`` with a fixed number of equal sub-steps (state-independent, so
 finite differences through the solver are smooth and a batched call equals per-sample calls).
