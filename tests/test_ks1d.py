@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from zosol.errors import UsageError
 from zosol.solvers import BlackBox, SolverDivergedError, get_scenario
 from zosol.solvers.ks1d import KS1D, etd_coefficients
 
@@ -68,7 +69,7 @@ def test_contour_coefficients_match_the_direct_formulas():
     c2 = etd_coefficients(z, 0.5, "etdrk2")
     torch.testing.assert_close(c2["phi1"], 0.5 * (ez - 1) / z, rtol=1e-12, atol=0)
     torch.testing.assert_close(c2["phi2"], 0.5 * (ez - 1 - z) / z**2, rtol=1e-12, atol=0)
-    with pytest.raises(ValueError, match="unknown ETD scheme"):
+    with pytest.raises(UsageError, match="unknown ETD scheme"):
         etd_coefficients(z, 1.0, "rk4")
 
 
@@ -209,7 +210,7 @@ def test_diverging_state_raises():
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(n=32, dt=0.5, length=32.0) | kwargs
     n, dt, length = args.pop("n"), args.pop("dt"), args.pop("length")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         KS1D(n, dt, length, **args)
 
 

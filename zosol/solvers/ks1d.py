@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import UsageError
 from ..options import option
 from .base import Scenario, ScenarioConfig, Solver, multiple_of
 
@@ -68,7 +69,7 @@ def etd_coefficients(hl: torch.Tensor, h: float, scheme: str, points: int = 64) 
         out["f2"] = mean((2 + z + ez * (z - 2)) / z**3)
         out["f3"] = mean((-4 - 3 * z - z**2 + ez * (4 - z)) / z**3)
     else:
-        raise ValueError(f"unknown ETD scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
+        raise UsageError(f"unknown ETD scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
     return out
 
 
@@ -106,14 +107,14 @@ class KS1D(Solver):
         dtype: torch.dtype = torch.float32,
     ):
         if int(n) != n or n < 4 or n % 2:
-            raise ValueError(f"KS1D: n must be an even integer >= 4, got {n}")
+            raise UsageError(f"KS1D: n must be an even integer >= 4, got {n}")
         for name, v in (("dt", dt), ("length", length)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"KS1D: {name} must be a positive number, got {v}")
+                raise UsageError(f"KS1D: {name} must be a positive number, got {v}")
         if scheme not in SCHEMES:
-            raise ValueError(f"KS1D: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
+            raise UsageError(f"KS1D: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
         if int(substeps) != substeps or substeps < 1:
-            raise ValueError(f"KS1D: substeps must be an integer >= 1, got {substeps}")
+            raise UsageError(f"KS1D: substeps must be an integer >= 1, got {substeps}")
         self.n, self.dt, self.length = int(n), float(dt), float(length)
         self.scheme, self.substeps, self.nonlinear = scheme, int(substeps), float(nonlinear)
         self.h = self.dt / self.substeps
