@@ -35,7 +35,6 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
 
 __version__ = "0.1.0"
 
@@ -60,7 +59,7 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import the module of a public name on first use (PEP 562)."""
     if name not in _API:
         raise AttributeError(f"module 'zosol' has no attribute {name!r}")
@@ -79,7 +78,7 @@ class _Package(types.ModuleType):
     binds a loaded submodule as an attribute of its package, which would hide the public function
     of the same name (the submodule stays importable as ``from zosol.compare import ...``)."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if name in _API and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
