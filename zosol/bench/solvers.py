@@ -14,7 +14,12 @@ from .timing import time_call
 
 __all__ = ["median_step_seconds", "time_step", "run_solver_bench"]
 
-BATCHES = {"burgers1d": (1, 64, 1024, 8192), "burgers2d": (1, 16, 256), "karman2d": (1, 16, 64, 256)}
+BATCHES = {
+    "burgers1d": (1, 64, 1024, 8192),
+    "burgers2d": (1, 16, 256),
+    "karman2d": (1, 16, 64, 256),
+    "ks1d": (1, 64, 1024, 8192),
+}
 
 
 def median_step_seconds(step, x: torch.Tensor, params: torch.Tensor | None, repeats: int = 3, warmup: int = 1) -> float:
