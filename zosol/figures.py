@@ -573,3 +573,50 @@ def _mp4(images: Sequence[np.ndarray], fps: float) -> bytes:
             tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"ffmpeg failed (exit {proc.returncode}): {tail[0]}")
         return out.read_bytes()
+
+
+# -- the figures of a comparison ---------------------------------------------------------------------
+ANIMATION_CHOICES = ("auto", "gif", "mp4", "none")
+
+
+def animation_path(out: str | os.PathLike, kind: str | None = "auto", stem: str = "test_simulation") -> Path | None:
+    """Where a comparison's animation goes: ``out/<stem>.gif`` or ``.mp4`` (``kind`` "auto": MP4 when
+    ffmpeg is on PATH, else GIF), None for "none"; ValueError for another kind or MP4 without ffmpeg."""
+    if kind is None or kind == "none":
+        return None
+    if kind not in ANIMATION_CHOICES:
+        raise ValueError(f"animation '{kind}': choose one of {', '.join(ANIMATION_CHOICES)}")
+    path = Path(out) / (stem + (default_animation_suffix() if kind == "auto" else f".{kind}"))
+    animation_format(path)
+    return path
+
+
+def write_comparison_figures(
+    out: str | os.PathLike,
+    meta: FieldMeta,
+    trajectories: Mapping[str, np.ndarray],
+    per_frame: Mapping[str, np.ndarray],
+    title: str,
+    animation: str | None = "auto",
+    log: Any = print,
+) -> dict[str, Any]:
+    """``frame_mae.png``, ``test_simulation.png`` and (``animation``, see :func:`animation_path`)
+    ``test_simulation.gif`` / ``.mp4`` into ``out``; ``trajectories`` {name: (T+1, C, *s)} of one
+    test simulation, reference first, ``per_frame`` {name: (N, T)}.  Returns what was drawn
+    (``columns``, ``frames``, ``animation``: file, frames, bytes); without matplotlib logs the
+    one-line message and returns {}."""
+    missing = missing_matplotlib()
+    if missing:
+        log(missing)
+        return {}
+    out = Path(out)
+    save_figure(frame_error_figure(per_frame, meta.dt, f"{title}: MAE per frame"), out / "frame_mae.png")
+    fig = trajectory_figure(trajectories, meta, title=f"{title}: test simulation 0")
+    save_figure(fig, out / "test_simulation.png")
+    drawn: dict[str, Any] = describe(fig)
+    path = animation_path(out, animation)
+    if path is not None:
+        info = write_animation(trajectories, meta, path, title=f"{title}: test simulation 0")
+        drawn["animation"] = {"file": path.name, "frames": list(info.frames), "bytes": info.bytes}
+        log(f"animation {path}: {len(info.frames)} frames, {info.bytes / 2**20:.2f} MiB")
+    return drawn
