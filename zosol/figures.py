@@ -301,7 +301,7 @@ def _snapshot_figure(
     blocks, scales = _blocks(names, error), _scales(fields)
     aspect = (ext[3] - ext[2]) / (ext[1] - ext[0])
     nrows = len(frames) * len(blocks)
-    fig = _new_figure(len(names) * PANEL_INCHES + 1.4, nrows * (PANEL_INCHES * aspect + 0.3) + 0.6)
+    fig = _new_figure(len(names) * PANEL_INCHES + 1.4, nrows * (PANEL_INCHES * aspect + 0.15) + 0.6)
     axes = fig.subplots(nrows, len(names), squeeze=False)
     updates: list = []
     for b, kind in enumerate(blocks):
