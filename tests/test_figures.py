@@ -4,6 +4,7 @@ MP4) and the missing-matplotlib path.  Synthetic arrays only: each test takes ab
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -181,3 +182,94 @@ def test_drawing_leaves_pyplot_and_the_backend_alone():
     env = {**os.environ, "PYTHONPATH": str(Path(F.__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- wiring: compare, evaluate --animate, info --plot ------------------------------------------------
+@pytest.fixture(scope="module")
+def compared(tiny_h5, tmp_path_factory) -> tuple[Path, dict]:
+    """``compare`` on the tiny burgers1d data with NON and NOG-SOL (no fixed method list), a GIF."""
+    from zosol.compare import compare
+
+    out = tmp_path_factory.mktemp("cmp")
+    lines: list[str] = []
+    results = compare(
+        "burgers1d", "tiny", out, methods=["nog-sol", "non"], data_dir=tiny_h5, animation="gif",
+        overrides={"epochs": 1}, progress=False, log=lines.append,
+    )  # fmt: skip
+    return out, results, lines
+
+
+def test_compare_draws_every_method_that_ran(compared):
+    out, results, lines = compared
+    drawn = results["figures"]
+    assert drawn["columns"] == ["reference", "SRC", "NOG-SOL", "NON"]  # the table's order
+    assert list(results["methods"]) == drawn["columns"][1:]
+    assert drawn["frames"] == ["all"]  # 1-D: space-time images
+    assert drawn["animation"] == {
+        "file": "test_simulation.gif",
+        "frames": list(range(13)),
+        "bytes": drawn["animation"]["bytes"],
+    }
+    assert _gif_frames(out / "test_simulation.gif") == 13
+    assert 0 < (out / "test_simulation.gif").stat().st_size <= F.MAX_ANIMATION_BYTES
+    for f in ("frame_mae.png", "test_simulation.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "results.json").read_text())["figures"]["columns"] == drawn["columns"]
+    assert any(line.startswith(f"animation {out / 'test_simulation.gif'}: 13 frames") for line in lines)
+
+
+def test_evaluate_animates_one_run(compared, tmp_path, capsys):
+    from zosol.cli import main
+
+    out, _, _ = compared
+    gif = tmp_path / "run.gif"
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "runs" / "non"), "--animate", str(gif)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["animation"]["frames"] == 13 == _gif_frames(gif)
+
+
+def test_animation_options_are_checked_before_any_work(tmp_path, cli_user_error, monkeypatch, compared):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg
+    argv = ["compare", "--scenario", "burgers1d", "--preset", "tiny", "--out", str(tmp_path / "c")]
+    cli_user_error([*argv, "--animation", "mp4"], "needs ffmpeg on PATH")
+    assert not (tmp_path / "c").exists()
+    run = str(compared[0] / "runs" / "non")
+    cli_user_error(["evaluate", run, "--animate", str(tmp_path / "a.avi")], ".gif or .mp4")
+    cli_user_error(["evaluate", run, "--animate", str(tmp_path / "a.mp4")], "needs ffmpeg")
+
+
+def test_compare_without_animation(tiny_h5, tmp_path):
+    from zosol.cli import main
+
+    argv = ["compare", "--scenario", "burgers1d", "--preset", "tiny", "--data", str(tiny_h5), "--out", str(tmp_path)]
+    assert main([*argv, "--methods", "non", "--epochs", "1", "--no-animation", "--quiet"]) == 0
+    assert (tmp_path / "test_simulation.png").exists()
+    assert not list(tmp_path.glob("test_simulation.gif")) and not list(tmp_path.glob("*.mp4"))
+
+
+def test_info_plot_shows_a_few_simulations(tiny_h5, tmp_path, monkeypatch):
+    from zosol.cli import main
+
+    seen = []
+    save = F.save_figure
+    monkeypatch.setattr(F, "save_figure", lambda fig, path, **kw: (seen.append(F.describe(fig)), save(fig, path))[1])
+    assert main(["info", str(tiny_h5), "--plot", str(tmp_path / "data.png")]) == 0
+    assert seen[0]["columns"] == ["test 0 (seed 10000)", "test 1 (seed 10001)", "train 0 (seed 0)", "train 1 (seed 1)"]
+    assert seen[0]["error_columns"] == [] and (tmp_path / "data.png").exists()
+
+
+def test_compare_without_matplotlib_writes_the_tables_and_says_so(tiny_h5, tmp_path):
+    """In a process where matplotlib cannot be imported: one line says why no figure was drawn,
+    the tables are written, no image."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from zosol.compare import compare\n"
+        f"compare('burgers1d', 'tiny', {str(tmp_path)!r}, methods=['non'], data_dir={str(tiny_h5)!r},\n"
+        "        overrides={'epochs': 1}, progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(F.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.count(F.MISSING_MATPLOTLIB) == 1, out.stdout
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.json").exists()
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.gif"))

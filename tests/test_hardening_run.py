@@ -143,6 +143,7 @@ COMPARE_FILES = [
     "frame_mae.png",
     "frame_mae.tmp.png",
     "test_simulation.png",
+    "test_simulation.gif",
     "runs/non/history.json",
     "runs/non/config.json",
 ]
@@ -163,7 +164,8 @@ def test_planted_symlinks_are_never_followed(tmp_path, tiny_h5, capsys):
     assert foreign.read_text() == "precious"
     for f in ("history.json", "config.json", "run.json", "checkpoint.pt"):
         assert (run / f).is_file() and not (run / f).is_symlink(), f
-    for f in ("results.json", "results.md", "results.csv", "frame_mae.png", "runs/non/history.json"):
+    written = ("results.json", "results.md", "results.csv", "frame_mae.png", "test_simulation.gif")
+    for f in (*written, "runs/non/history.json"):
         assert (cmp / f).is_file() and not (cmp / f).is_symlink(), f
     assert json.loads((cmp / "results.json").read_text())["methods"]["NON"]["epochs"] == 1
 

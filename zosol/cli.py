@@ -1,9 +1,9 @@
 """Command line: a thin layer over the Python API.
 
     zosol generate --scenario S --preset P --out DIR      fidelity dataset (HDF5), resumable
-    zosol info FILE [--plot PNG]                           what a dataset holds + coarse error
+    zosol info FILE [--plot PNG]                           what a dataset holds + coarse error (+ figure)
     zosol train --scenario S --method M [--resume]         train one corrector
-    zosol evaluate RUN                                     MAE of a trained run on the test sims
+    zosol evaluate RUN [--animate GIF]                     MAE of a trained run on the test sims
     zosol compare --scenario S --preset P --out DIR        SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL
     zosol bench engine|solvers|sol                         speed benchmarks
 
@@ -146,9 +146,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     if args.plot:
-        from .report import plot_format
+        from .figures import image_format, missing_matplotlib
 
-        plot_format(args.plot)  # refuse an unknown suffix before any work
+        if not missing_matplotlib():
+            image_format(args.plot)  # refuse an unknown suffix before any work
     ds = load_dataset(args.file)
     summary = ds.summary()
     src = evaluate(ds)
@@ -159,16 +160,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for k, v in summary.items():
             print(f"{k:>26}: {v}")
     if args.plot:
-        from .report import plot_side_by_side
-
-        traj, _ = ds.stacked("test")
-        plot_side_by_side(
-            {"reference": traj[0].numpy(), "coarse (SRC)": src["prediction"][0].numpy()},
-            args.plot,
-            f"{ds.scenario.name}: test simulation 0",
-        )
-        print(f"wrote {args.plot}")
+        _plot_dataset(ds, args.plot)
     return 0
+
+
+def _plot_dataset(ds, path: str, count: int = 4) -> None:
+    """The reference trajectories of the first ``count`` simulations (test first), drawn as
+    ``compare`` draws a test simulation (zosol.figures), into ``path``."""
+    from .figures import FieldMeta, missing_matplotlib, save_figure, trajectory_figure
+
+    if missing_matplotlib():
+        print(f"zosol: note: {missing_matplotlib()}", file=sys.stderr)
+        return
+    sims = [(f"test {i}", s) for i, s in enumerate(ds.test)] + [(f"train {i}", s) for i, s in enumerate(ds.train)]
+    shown = {f"{name} (seed {s.seed})": s.trajectory.numpy() for name, s in sims[:count]}
+    meta = FieldMeta.of(ds.scenario.coarse_solver(), ds.scenario.name)
+    save_figure(trajectory_figure(shown, meta, title=f"{ds.scenario.name}: reference", error=False), path)
+    print(f"wrote {path}")
 
 
 def _dataset_for(args: argparse.Namespace):
@@ -252,6 +260,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .runtime.rundir import RunDirectory
     from .training import load_run
 
+    if args.animate:
+        from .figures import animation_format
+
+        animation_format(args.animate)  # refuse an unknown suffix (or .mp4 without ffmpeg) before any work
     run = RunDirectory.existing(args.run)
     dataset = load_dataset(args.data or run.dataset())
     model, ckpt = load_run(run, dataset, other_data=bool(args.data))
@@ -274,8 +286,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "mae_per_sim": ev["mae_per_sim"],
         "src_mae_mean": src["mae_mean"],
     }
+    if args.animate:
+        out["animation"] = _animate_run(dataset, src, ev, out["method"].upper(), args.animate)
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _animate_run(dataset, src: dict, ev: dict, name: str, path: str) -> dict | str:
+    """The first test simulation: reference, SRC and the run's rollout, and the errors, animated
+    into ``path`` (zosol.figures); what was written, or why nothing was."""
+    from .figures import FieldMeta, missing_matplotlib, write_animation
+
+    if missing_matplotlib():
+        print(f"zosol: note: {missing_matplotlib()}", file=sys.stderr)
+        return missing_matplotlib()
+    sc = dataset.scenario
+    shown = {
+        "reference": dataset.test[0].trajectory.numpy(),
+        "SRC": src["prediction"][0].numpy(),
+        name: ev["prediction"][0].numpy(),
+    }
+    meta = FieldMeta.of(sc.coarse_solver(), sc.name)
+    info = write_animation(shown, meta, path, title=f"{sc.name}: test simulation 0")
+    return {"file": str(info.path), "frames": len(info.frames), "bytes": info.bytes}
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -298,14 +331,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         scenario_overrides=_parse_sets(args.set),
         options=options,
         twin=_twin(args),
+        animation=args.animation,
         **kwargs,
     )
     print()
     print(markdown_table(results))
-    print(
-        f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv, "
-        f"frame_mae.png, test_simulation.png"
-    )
+    drawn = results.get("figures", {})
+    figures = ", frame_mae.png, test_simulation.png" if drawn else ""
+    figures += f", {drawn['animation']['file']}" if "animation" in drawn else ""
+    print(f"total {results['total_time']:.0f} s; wrote {args.out}/results.json, results.md, results.csv{figures}")
     stopped = stopped_methods(results)
     if stopped:
         raise TrainingError(
@@ -369,7 +403,8 @@ def _add_data_commands(sub: Any) -> None:
     q.add_argument(
         "--plot",
         metavar="FILE",
-        help="write a reference vs coarse figure (format from the suffix: .png, .pdf, .svg, ...)",
+        help="draw the reference trajectories of a few simulations as compare draws a test simulation "
+        "(format from the suffix: .png, .pdf, .svg, ...)",
     )
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_info)
@@ -390,6 +425,7 @@ def _add_data_commands(sub: Any) -> None:
 def _add_training_commands(sub: Any) -> None:
     """``train``, ``evaluate`` and ``compare``."""
     from .config import METHODS, TrainConfig
+    from .figures import ANIMATION_CHOICES
     from .options import describe, specs
 
     q = sub.add_parser("train", help="train one corrector")
@@ -411,6 +447,11 @@ def _add_training_commands(sub: Any) -> None:
         help="dataset file (default: the one the run was trained on; another of the same scenario, channels and "
         "grid is allowed, e.g. more test simulations: what differs is printed)",
     )
+    q.add_argument(
+        "--animate",
+        metavar="FILE",
+        help="animate the first test simulation: reference, SRC, this run and their errors (.gif; .mp4 with ffmpeg)",
+    )
     q.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("compare", help="train and compare SRC and the training methods")
@@ -425,6 +466,15 @@ def _add_training_commands(sub: Any) -> None:
     )
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument(
+        "--animation",
+        choices=ANIMATION_CHOICES,
+        default="auto",
+        help="animation of the first test simulation beside the figures: auto = test_simulation.mp4 when "
+        "ffmpeg is on PATH, else .gif (default: %(default)s)",
+    )
+    g.add_argument("--no-animation", dest="animation", action="store_const", const="none", help="write no animation")
     _add_train_options(q)
     q.set_defaults(func=_cmd_compare)
 

@@ -25,8 +25,10 @@ import numpy as np
 from .config import METHODS, TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
+from .errors import ZosolError
 from .evaluation import evaluate
-from .report import csv_table, markdown_table, plot_frame_errors, plot_side_by_side, write_json
+from .figures import FieldMeta, animation_path, write_comparison_figures
+from .report import csv_table, markdown_table, write_json
 from .runtime.files import atomic_write_text, prepare_directory
 from .runtime.launch import is_lead, lead_first, world
 from .runtime.options import RunOptions
@@ -43,7 +45,15 @@ __all__ = [
 ]
 
 #: what ``compare`` writes into its output directory
-REPORT_FILES = ("results.json", "results.md", "results.csv", "frame_mae.png", "test_simulation.png")
+REPORT_FILES = (
+    "results.json",
+    "results.md",
+    "results.csv",
+    "frame_mae.png",
+    "test_simulation.png",
+    "test_simulation.gif",
+    "test_simulation.mp4",
+)
 
 
 DISPLAY_NAMES = {
@@ -71,6 +81,7 @@ def compare(
     workers: int | None = None,
     progress: bool | None = None,
     options: RunOptions | None = None,
+    animation: str | None = "auto",
     log=print,
 ) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
@@ -89,11 +100,14 @@ def compare(
     named ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default
     ``out/data``), or an existing dataset file.  ``options`` (RunOptions) or the keywords
     ``workers``, ``progress``: the run controls; a run already in ``out/runs/<method>`` is resumed.
+    ``animation``: "auto" (``test_simulation.mp4`` when ffmpeg is on PATH, else ``.gif``), "gif",
+    "mp4" or "none"/None; the figures and animation show every method that was run (zosol.figures).
 
     Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
     "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
     options = RunOptions.of(options, workers=workers, progress=progress, resume="auto")
+    animation_path(".", animation)  # an unknown kind, or MP4 without ffmpeg, fails before any work
     lead = is_lead()  # other ranks of a torchrun launch compute (quietly); rank 0 reports, writes and locks
     log = log if lead else (lambda *a, **k: None)
     sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
@@ -125,7 +139,8 @@ def compare(
         curves = _evaluate_all(dataset, configs, out, results, options, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
-            _write_reports(dataset, preset or dataset.scenario.preset or "custom", out, results, *curves)
+            title = f"{dataset.scenario.name} ({preset or dataset.scenario.preset or 'custom'})"
+            _write_reports(dataset, title, out, results, *curves, animation=animation, log=log)
     return results
 
 
@@ -321,20 +336,31 @@ def _stopped_entry(e: TrainingError, cfg: Any, run_dir: Path) -> dict[str, Any]:
 
 def _write_reports(
     dataset: FidelityDataset,
-    preset: str,
+    title: str,
     out: Path,
     results: dict[str, Any],
     per_frame: dict[str, np.ndarray],
     predictions: dict[str, np.ndarray],
+    animation: str | None,
+    log,
 ) -> None:
-    """results.json / .md / .csv and the two figures, each written atomically."""
+    """results.json / .md / .csv, then the figures and the animation of every method that ran
+    (zosol.figures; what they show goes into ``results["figures"]``), each written atomically.  A
+    figure that cannot be drawn costs one line, never the tables."""
     write_json(results, out / "results.json")
-    atomic_write_text(out / "results.md", f"# {dataset.scenario.name} ({preset})\n\n{markdown_table(results)}")
+    atomic_write_text(out / "results.md", f"# {title}\n\n{markdown_table(results)}")
     atomic_write_text(out / "results.csv", csv_table(results))
     sc = dataset.scenario
-    plot_frame_errors(per_frame, sc.coarse_solver().dt, out / "frame_mae.png", f"{sc.name} ({preset}): MAE per frame")
-    shown = {k: v for k, v in predictions.items() if k in ("reference", "SRC", "NON", "ZO-SOL", "ZO-JAC-SOL", "FO-SOL")}
-    plot_side_by_side(shown, out / "test_simulation.png", f"{sc.name} ({preset}): test simulation 0")
+    try:
+        drawn = write_comparison_figures(
+            out, FieldMeta.of(sc.coarse_solver(), sc.name), predictions, per_frame, title, animation, log
+        )
+    except (ZosolError, ValueError, RuntimeError) as e:  # a figure never costs the tables
+        log(f"figures not drawn: {e}")
+        return
+    if drawn:
+        results["figures"] = drawn
+        write_json(results, out / "results.json")
 
 
 def stopped_methods(results: dict[str, Any]) -> dict[str, str]:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import RunFailed, UsageError, ZosolError
 from .runtime.files import atomic_write_bytes
 
 __all__ = [
@@ -70,7 +71,7 @@ PANEL_INCHES = 2.4  # width of one panel
 FIELD_CMAP, ONE_SIGNED_CMAP, ERROR_CMAP = "RdBu_r", "viridis", "PuOr_r"
 
 
-class PlotsUnavailable(ImportError):
+class PlotsUnavailable(ZosolError, ImportError):
     """matplotlib (or, for MP4, ffmpeg) is missing: nothing was drawn."""
 
 
@@ -138,13 +139,13 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def image_format(path: str | os.PathLike) -> str:
-    """The image format named by ``path``'s suffix ("png", "pdf", "svg", ...); ValueError naming
+    """The image format named by ``path``'s suffix ("png", "pdf", "svg", ...); UsageError naming
     the supported suffixes when matplotlib cannot write it (PlotsUnavailable without matplotlib)."""
     _, FigureCanvasAgg = _mpl()
     supported = sorted(FigureCanvasAgg.get_supported_filetypes())
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in supported:
-        raise ValueError(
+        raise UsageError(
             f"cannot write a figure to '{path}': the suffix must name an image format, one of "
             f"{', '.join('.' + s for s in supported)}"
         )
@@ -194,7 +195,7 @@ def pick_frames(frames: int, count: int = 3) -> list[int]:
     """``count`` frames spread over a rollout of ``frames`` steps: the first predicted frame (1),
     the last (``frames``) and evenly spaced ones between."""
     if frames < 1:
-        raise ValueError(f"a rollout needs at least one frame after the initial one, got {frames}")
+        raise UsageError(f"a rollout needs at least one frame after the initial one, got {frames}")
     return sorted({int(round(f)) for f in np.linspace(1, frames, max(1, min(count, frames)))})
 
 
@@ -230,9 +231,9 @@ def _extent(meta: FieldMeta) -> tuple[float, float, float, float]:
 
 def _fields(trajectories: Mapping[str, np.ndarray], meta: FieldMeta) -> tuple[dict[str, np.ndarray], str]:
     if not trajectories:
-        raise ValueError("no trajectories to draw: give at least the reference")
+        raise UsageError("no trajectories to draw: give at least the reference")
     if meta.ndim == 2 and "x" not in meta.coords:
-        raise ValueError("FieldMeta.coords needs 'x' (and 'y' in 2-D)")
+        raise UsageError("FieldMeta.coords needs 'x' (and 'y' in 2-D)")
     fields, label = {}, ""
     for name, tr in trajectories.items():
         fields[name], label = quantity(tr, meta)
@@ -287,7 +288,7 @@ def trajectory_figure(
     frames = pick_frames(steps) if frames is None else [int(f) for f in frames]
     bad = [f for f in frames if not 0 <= f <= steps]
     if bad:
-        raise ValueError(f"frames {bad} outside the trajectory's frames 0..{steps}")
+        raise UsageError(f"frames {bad} outside the trajectory's frames 0..{steps}")
     return _snapshot_figure(fields, label, meta, frames, title, error)[0]
 
 
@@ -384,7 +385,7 @@ def frame_error_figure(
     wherever the errors are, so the log axis shows it even where the spread exceeds the mean).
     x axis in frames, top axis in time (frame x ``dt``)."""
     if not 0 <= band[0] < band[1] <= 1:
-        raise ValueError(f"band {band}: give two quantiles 0 <= low < high <= 1")
+        raise UsageError(f"band {band}: give two quantiles 0 <= low < high <= 1")
     fig = _new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     sims = 0
@@ -420,13 +421,13 @@ def _quiet() -> Iterator[None]:
 
 # -- animation ---------------------------------------------------------------------------------------
 def animation_format(path: str | os.PathLike) -> str:
-    """ "gif" or "mp4" from ``path``'s suffix; ValueError for another suffix, or for .mp4 without
+    """ "gif" or "mp4" from ``path``'s suffix; UsageError for another suffix, or for .mp4 without
     ffmpeg on PATH (naming the fix)."""
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in ANIMATION_FORMATS:
-        raise ValueError(f"cannot write an animation to '{path}': the suffix must be .gif or .mp4")
+        raise UsageError(f"cannot write an animation to '{path}': the suffix must be .gif or .mp4")
     if fmt == "mp4" and shutil.which("ffmpeg") is None:
-        raise ValueError(f"cannot write '{path}': .mp4 needs ffmpeg on PATH (not found); install it or write a .gif")
+        raise UsageError(f"cannot write '{path}': .mp4 needs ffmpeg on PATH (not found); install it or write a .gif")
     return fmt
 
 
@@ -487,7 +488,7 @@ def render_animation(
     and one RGB image (H, W, 3) uint8 per frame).  2-D: the :func:`trajectory_figure` panels at one
     frame; 1-D: profiles over the reference's; same colour scales / axis limits in every frame."""
     if max_frames < 2:
-        raise ValueError(f"max_frames must be >= 2, got {max_frames}")
+        raise UsageError(f"max_frames must be >= 2, got {max_frames}")
     fields, label = _fields(trajectories, meta)
     steps = next(iter(fields.values())).shape[0] - 1
     shown = _subsample(steps + 1, max_frames)
@@ -561,7 +562,7 @@ def _mp4(images: Sequence[np.ndarray], fps: float) -> bytes:
     """H.264 (or ffmpeg's default MP4 codec) of RGB images, through ffmpeg on PATH."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise ValueError(".mp4 needs ffmpeg on PATH (not found); install it or write a .gif")
+        raise UsageError(".mp4 needs ffmpeg on PATH (not found); install it or write a .gif")
     h, w = images[0].shape[:2]
     with tempfile.TemporaryDirectory(prefix="zosol-mp4-") as tmp:
         out = Path(tmp) / "animation.mp4"
@@ -571,7 +572,7 @@ def _mp4(images: Sequence[np.ndarray], fps: float) -> bytes:
         proc = subprocess.run(cmd, input=b"".join(a.tobytes() for a in images), capture_output=True, check=False)
         if proc.returncode != 0 or not out.is_file():
             tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"ffmpeg failed (exit {proc.returncode}): {tail[0]}")
+            raise RunFailed(f"ffmpeg failed (exit {proc.returncode}): {tail[0]}")
         return out.read_bytes()
 
 
@@ -581,11 +582,11 @@ ANIMATION_CHOICES = ("auto", "gif", "mp4", "none")
 
 def animation_path(out: str | os.PathLike, kind: str | None = "auto", stem: str = "test_simulation") -> Path | None:
     """Where a comparison's animation goes: ``out/<stem>.gif`` or ``.mp4`` (``kind`` "auto": MP4 when
-    ffmpeg is on PATH, else GIF), None for "none"; ValueError for another kind or MP4 without ffmpeg."""
+    ffmpeg is on PATH, else GIF), None for "none"; UsageError for another kind or MP4 without ffmpeg."""
     if kind is None or kind == "none":
         return None
     if kind not in ANIMATION_CHOICES:
-        raise ValueError(f"animation '{kind}': choose one of {', '.join(ANIMATION_CHOICES)}")
+        raise UsageError(f"animation '{kind}': choose one of {', '.join(ANIMATION_CHOICES)}")
     path = Path(out) / (stem + (default_animation_suffix() if kind == "auto" else f".{kind}"))
     animation_format(path)
     return path
