@@ -139,7 +139,7 @@ def compare(
         curves = _evaluate_all(dataset, configs, out, results, options, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
-            title = f"{dataset.scenario.name} ({preset or dataset.scenario.preset or 'custom'})"
+            title = _title(dataset, preset, scenario_overrides)
             _write_reports(dataset, title, out, results, *curves, animation=animation, log=log)
     return results
 
@@ -332,6 +332,14 @@ def _stopped_entry(e: TrainingError, cfg: Any, run_dir: Path) -> dict[str, Any]:
             checkpoint=str(ckpt_path),
         )
     return entry
+
+
+def _title(dataset: FidelityDataset, preset: str | None, scenario_overrides: dict[str, Any] | None) -> str:
+    """``scenario (preset)`` or ``scenario (preset with key=value, ...)`` for the reports' titles."""
+    what = preset or dataset.scenario.preset or "custom"
+    if scenario_overrides:
+        what += " with " + ", ".join(f"{k}={v}" for k, v in scenario_overrides.items())
+    return f"{dataset.scenario.name} ({what})"
 
 
 def _write_reports(

@@ -323,7 +323,10 @@ def _snapshot_figure(
             block[r, 0].set_ylabel(_frame_label(meta, f), fontsize=8)
             updates.append(lambda t, ax=block[r, 0]: ax.set_ylabel(_frame_label(meta, t), fontsize=8))
         what = label if kind == "field" else f"error of the {label.split(' ')[0]}"
-        fig.colorbar(block[0, -1].images[0], ax=block.ravel().tolist(), label=what, extend="both", shrink=0.9)
+        if len(frames) == 1:  # one row per block (animation): the label in two short lines
+            what = what.replace(" ", "\n", 1) if kind == "field" else "error"
+        bar = fig.colorbar(block[0, -1].images[0], ax=block.ravel().tolist(), extend="both", shrink=0.9)
+        bar.set_label(what, fontsize=10 if len(frames) > 1 else 7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig, updates
