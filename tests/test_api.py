@@ -98,9 +98,10 @@ def test_no_zosol_import_changes_the_matplotlib_backend(tmp_path):
     out = _python(
         "import matplotlib\nmatplotlib.use('pdf')\n"
         "import numpy as np\nimport zosol.compare, zosol.report, zosol.cli\n"
-        "from zosol.report import plot_frame_errors, plot_side_by_side\n"
-        f"plot_frame_errors({{'A': np.ones((2, 3))}}, 0.1, r'{tmp_path / 'f.png'}')\n"
-        f"plot_side_by_side({{'A': np.zeros((4, 1, 8))}}, r'{tmp_path / 's.svg'}')\n"
+        "from zosol.figures import FieldMeta, frame_error_figure, save_figure, trajectory_figure\n"
+        f"save_figure(frame_error_figure({{'A': np.ones((2, 3))}}, 0.1), r'{tmp_path / 'f.png'}')\n"
+        "m = FieldMeta(('u',), {'x': np.arange(8.0)}, 0.1)\n"
+        f"save_figure(trajectory_figure({{'A': np.zeros((4, 1, 8))}}, m), r'{tmp_path / 's.svg'}')\n"
         "print(matplotlib.get_backend())"
     )
     assert out.strip() == "pdf"
