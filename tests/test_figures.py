@@ -273,3 +273,13 @@ def test_compare_without_matplotlib_writes_the_tables_and_says_so(tiny_h5, tmp_p
     assert out.stdout.count(F.MISSING_MATPLOTLIB) == 1, out.stdout
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.json").exists()
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.gif"))
+
+
+def test_info_plot_without_matplotlib_says_so(tiny_h5, tmp_path, monkeypatch, capsys):
+    from zosol.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    capsys.readouterr()
+    assert main(["info", str(tiny_h5), "--plot", str(tmp_path / "data.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"zosol: note: {F.MISSING_MATPLOTLIB}" and not (tmp_path / "data.png").exists()

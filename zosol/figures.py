@@ -352,9 +352,11 @@ def _spacetime_figure(fields: dict[str, np.ndarray], label: str, meta: FieldMeta
             ax.imshow(data, origin="lower", extent=ext, aspect="auto", interpolation="nearest", **scales[kind])
             ax.set_label(f"{kind}:{name}:all")
             ax.set_title(name if kind == "field" else f"{name} − {names[0]}", fontsize=9)
-            if b == len(blocks) - 1 or c == 0:
+            if b == len(blocks) - 1:
                 ax.set_xlabel("x")
-        axes[b, 0 if kind == "field" else 1].set_ylabel(f"time t ({steps} frames, dt = {meta.dt:g})")
+        first = axes[b, 0 if kind == "field" else 1]
+        first.set_ylabel(f"time t ({steps} frames, dt = {meta.dt:g})")
+        first.tick_params(labelleft=True)  # shared y axis: the first drawn panel of each row shows the times
         what = label if kind == "field" else f"error of {label.split(' ')[0]}"
         fig.colorbar(axes[b, -1].images[0], ax=axes[b].tolist(), label=what, extend="both", shrink=0.9)
     if title:
