@@ -8,16 +8,16 @@ import typing
 
 import pytest
 
-from zosol import zo
+from zosol import methods, zo
 from zosol.cli import _train_overrides, build_parser
-from zosol.config import LOSSES, METHODS, MODEL_KINDS, TrainConfig, train_config
+from zosol.config import LOSSES, MODEL_KINDS, TrainConfig, train_config
 from zosol.models import CORRECTORS
 from zosol.options import check_fields, option, parse_bool, specs
 from zosol.rollout import LOSSES as ROLLOUT_LOSSES
 from zosol.solvers import get_scenario
-from zosol.training import SOURCES, GradientSource, register_source
+from zosol.training import GradientSource
 
-FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+FIELDS = list(specs(TrainConfig))
 
 
 def _args(command: str, *extra: str):
@@ -115,20 +115,18 @@ def test_validate_follows_the_declarations(field, value, match):
 
 
 def test_allowed_values_have_one_source():
-    """Methods = registered gradient sources; losses = rollout's; model kinds = models'; ZO schemes =
-    the engine's."""
-    assert tuple(SOURCES) == METHODS
+    """Methods = the registry's; losses = rollout's; model kinds = models'; ZO schemes = the engine's."""
     assert tuple(ROLLOUT_LOSSES) == LOSSES
     assert tuple(CORRECTORS) == MODEL_KINDS
     assert specs(TrainConfig)["zo_scheme"].choices == zo.SCHEMES
-    assert specs(TrainConfig)["method"].choices == METHODS
+    assert specs(TrainConfig)["method"].choices == methods.names()
 
     class Magic(GradientSource):
-        name, needs = "magic", "blackbox"
+        needs = "sideways"
 
-    with pytest.raises(ValueError, match="not a training method"):
-        register_source(Magic)
-    assert "magic" not in SOURCES
+    with pytest.raises(ValueError, match="needs must be 'blackbox' or 'differentiable'"):
+        methods.register(methods.Method("magic", "MAGIC", Magic))
+    assert "magic" not in methods.names()
 
 
 def test_every_field_declares_help():

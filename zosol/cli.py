@@ -50,11 +50,11 @@ def _parse_methods(text: str | None) -> list[str] | None:
         return None
     names = [m.strip() for m in text.split(",")]
     if not all(names):
-        from .config import METHODS
+        from .methods import names
 
         raise ValueError(
             f"--methods '{text}' has an empty name; give a comma-separated subset of "
-            f"{','.join(METHODS)} (or leave --methods out for all)"
+            f"{','.join(names())} (or leave --methods out for all)"
         )
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
@@ -424,8 +424,9 @@ def _add_data_commands(sub: Any) -> None:
 
 def _add_training_commands(sub: Any) -> None:
     """``train``, ``evaluate`` and ``compare``."""
-    from .config import METHODS, TrainConfig
+    from .config import TrainConfig
     from .figures import ANIMATION_CHOICES
+    from .methods import names
     from .options import describe, specs
 
     q = sub.add_parser("train", help="train one corrector")
@@ -461,7 +462,7 @@ def _add_training_commands(sub: Any) -> None:
     q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
     q.add_argument(
         "--methods",
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all the "
+        help=f"comma-separated subset of {','.join(names())} (default: all the "
         f"scenario runs by default, e.g. karman2d leaves out zo-jac-sol)",
     )
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")

@@ -1,6 +1,7 @@
-"""Evaluate correctors on the test simulations and compare SRC / NON / NOG-SOL / FO-SOL / ZO-SOL / ZO-JAC-SOL.
+"""Evaluate correctors on the test simulations and compare the bare coarse solver with every training method.
 
-``compare`` is what ``zosol compare`` runs: it generates missing data, trains every method on
+``compare`` is what ``zosol compare`` runs: it generates missing data, trains every method
+(:mod:`zosol.methods`, the registry's order) on
 the same data for the same number of epochs (each in ``<out>/runs/<method>``, resumable), rolls
 every method out on the test simulations, and writes ``results.json``, ``results.md``,
 ``results.csv`` and the plots.  Re-running it after an interruption resumes where it stopped.
@@ -22,24 +23,27 @@ from typing import Any
 
 import numpy as np
 
-from .config import METHODS, TRAIN_PRESETS, train_config
+from .config import TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
 from .errors import ZosolError
 from .evaluation import evaluate
 from .figures import FieldMeta, animation_path, write_comparison_figures
+from .methods import BASELINE, registered_methods
+from .methods import get as get_method
+from .methods import names as method_names
 from .report import csv_table, markdown_table, write_json
 from .runtime.files import atomic_write_text, prepare_directory
 from .runtime.launch import is_lead, lead_first, world
 from .runtime.options import RunOptions
 from .runtime.rundir import RunDirectory, directory_lock
 from .solvers.base import BlackBox, Scenario, Solver, default_twin, get_scenario, registered, trains_through_autograd
-from .training import TrainingDiverged, TrainingError, read_checkpoint, source_class, train
+from .training import TrainingDiverged, TrainingError, read_checkpoint, train
 
 __all__ = [
     "compare",
     "runnable_methods",
-    "DISPLAY_NAMES",
+    "display_name",
     "REPORT_FILES",
     "stopped_methods",
 ]
@@ -56,14 +60,9 @@ REPORT_FILES = (
 )
 
 
-DISPLAY_NAMES = {
-    "src": "SRC",
-    "non": "NON",
-    "nog-sol": "NOG-SOL",
-    "fo-sol": "FO-SOL",
-    "zo-sol": "ZO-SOL",
-    "zo-jac-sol": "ZO-JAC-SOL",
-}
+def display_name(method: str) -> str:
+    """The results-table name of a registered method (its name upper-cased if it is not registered)."""
+    return {m.name: m.display for m in registered_methods()}.get(method, method.upper())
 
 
 def compare(
@@ -86,15 +85,15 @@ def compare(
 ) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
-    ``methods``: default all of :data:`~zosol.config.METHODS` less the scenario's
+    ``methods``: default all registered methods (:func:`zosol.methods.names`) less the scenario's
     ``not_by_default`` (each left out with one line saying why).
     ``scenario``: a registered name, a scenario object (e.g. from ``make_scenario``) or a loaded
     dataset; ``preset``: the scenario preset (default: "default" for a name, the object's own
     config for an object).  ``solver``: the coarse solver every method trains and is evaluated
     with (default: the scenario's; e.g. your black box); ``twin``: an optional differentiable
-    twin of it (FO-SOL trains through it; default: the solver itself if differentiable, else the
-    scenario's coarse solver if that is); methods that cannot run are left out before any
-    training, each with one line.  ``train_preset`` defaults to ``preset`` (or "default");
+    twin of it (methods that need a differentiable solver train through it; default: the solver
+    itself if differentiable, else the scenario's coarse solver if that is); methods that cannot
+    run are left out before any training, each with one line.  ``train_preset`` defaults to ``preset`` (or "default");
     ``overrides`` change training options for every method (e.g. ``{"epochs": 5}``);
     ``scenario_overrides`` change the scenario config (e.g. ``{"frames": 20}``; the dataset is then
     named ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default
@@ -145,12 +144,15 @@ def compare(
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    methods, known = list(methods), list(method_names())
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {unknown}; choose from the registered methods {known} (a method of your "
+            f"own: --plugin MODULE that registers it)"
+        )
     if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods {methods}: give each of {list(METHODS)} at most once, at least one")
+        raise ValueError(f"methods {methods}: give each of {known} at most once, at least one")
     return methods
 
 
@@ -160,21 +162,21 @@ def default_methods(scenario: str | Scenario, log=print) -> list[str]:
     skip = getattr(entry, "not_by_default", {})
     for m, why in skip.items():
         log(
-            f"{DISPLAY_NAMES.get(m, m)} left out by default on {getattr(entry, 'name', 'this scenario')}: {why} "
+            f"{display_name(m)} left out by default on {getattr(entry, 'name', 'this scenario')}: {why} "
             f"(name it in --methods / methods= to run it)"
         )
-    return [m for m in METHODS if m not in skip]
+    return [m for m in method_names() if m not in skip]
 
 
 def runnable_methods(methods: Sequence[str], solver: Solver | BlackBox, twin: Solver | None, log=print) -> list[str]:
-    """``methods`` less those that cannot run with this solver (e.g. FO-SOL needs a differentiable
+    """``methods`` less those that cannot run with this solver (a method that needs a differentiable
     solver or twin), each left out with one line saying why."""
     differentiable = trains_through_autograd(solver, twin)
     keep = []
     for m in _check_methods(methods):
-        if source_class(m).needs == "differentiable" and not differentiable:
+        if get_method(m).needs == "differentiable" and not differentiable:
             log(
-                f"{DISPLAY_NAMES.get(m, m)} left out: it needs autograd through the solver, and "
+                f"{display_name(m)} left out: it needs autograd through the solver, and "
                 f"{getattr(solver, 'name', type(solver).__name__)} is a black box with no differentiable twin "
                 f"(pass twin=... in Python or --twin MODULE:OBJECT on the command line to run it)"
             )
@@ -254,17 +256,17 @@ def _evaluate_all(
     """SRC and every method into ``results["methods"]``; returns the per-frame MAE (N, T) and the
     first test simulation's trajectory of every method that finished."""
     src = evaluate(dataset, solver=solver)
-    results["methods"]["SRC"] = {
+    results["methods"][BASELINE] = {
         k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")
     }
-    results["methods"]["SRC"].update(
+    results["methods"][BASELINE].update(
         status="ok", wall_time=0.0, solver_calls=0, solver_samples=0, eval_solver_samples=src["solver_samples"]
     )
-    predictions = {"reference": dataset.stacked("test")[0][0].numpy(), "SRC": src["prediction"][0].numpy()}
-    per_frame = {"SRC": np.asarray(src["per_frame"])}
-    log(f"SRC      MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
+    predictions = {"reference": dataset.stacked("test")[0][0].numpy(), BASELINE: src["prediction"][0].numpy()}
+    per_frame = {BASELINE: np.asarray(src["per_frame"])}
+    log(f"{BASELINE:<8} MAE {src['mae_mean']:.5f} +- {src['mae_std']:.5f}")
     for m, cfg in configs.items():
-        name = DISPLAY_NAMES.get(m, m.upper())
+        name = display_name(m)
         results["train_config"][name] = cfg.to_dict()
         run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
         try:
@@ -294,16 +296,9 @@ def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict
         epochs=cfg.epochs,
         window=cfg.effective_window,
     )
-    if method in ("zo-sol", "zo-jac-sol"):
-        entry.update(
-            grad_cosine_vs_fo=h["grad_cosine_vs_fo"],
-            grad_cosine_vs_fd=h.get("grad_cosine_vs_fd", []),
-            zo_queries=h["zo_queries"],
-            lprs=h["lprs"],
-            cost_model=h.get("cost_model"),
-        )
-    if method == "zo-jac-sol":
-        entry.update(jacobian=h["jacobian"]["describe"], jacobian_events=h["jacobian"]["events"])
+    own = get_method(method).entry
+    if own is not None:
+        entry.update(own(h))
     return entry
 
 

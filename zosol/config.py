@@ -2,10 +2,12 @@
 
 ``TrainConfig`` holds everything that decides how a corrector is trained; a run directory stores
 it (JSON) beside the checkpoint, and ``--resume`` refuses a checkpoint of another config.
-Each field declares its type (a ``Literal`` of the allowed values where it has them), help text and
+It is composed of the options every method has (:class:`CommonOptions`) and the option groups of
+the registered methods (:mod:`zosol.methods`: ``zo_mu``, ``jac_pattern``, ...), all flat keys.
+Each option declares its type (a ``Literal`` of the allowed values where it has them), help text and
 bounds once (:func:`zosol.options.option`); validation, the CLI options and the lists of allowed
-values elsewhere (``rollout.LOSSES``, ``models.CORRECTORS``, the registered gradient sources) derive
-from these declarations; the ZO schemes are the engine's own ``zo.SCHEMES``.
+values elsewhere (``rollout.LOSSES``, ``models.CORRECTORS``) derive from these declarations; the
+allowed methods are the registered ones.
 Presets: ``tiny`` (tests: seconds), ``default`` (a CPU laptop: minutes), ``paper`` (the SOL
 residual network and long training).
 """
@@ -13,40 +15,30 @@ residual network and long training).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from .options import check_fields, option
-from .zo.checks import SCHEMES
+from . import methods
+from .options import Spec, check_fields, option, specs
+from .options import field_defaults as _field_defaults
 
-__all__ = ["METHODS", "LOSSES", "MODEL_KINDS", "ZO_LPRS", "TrainConfig", "TRAIN_PRESETS", "train_config"]
+__all__ = ["LOSSES", "MODEL_KINDS", "CommonOptions", "TrainConfig", "TRAIN_PRESETS", "train_config"]
 
-#: trained methods ("src", the bare coarse solver, needs no training); each has a gradient source
-#: registered in zosol.training.sources
-Method = Literal["non", "nog-sol", "fo-sol", "zo-sol", "zo-jac-sol"]
 #: pointwise training losses (implemented in zosol.rollout)
 Loss = Literal["mse", "l1"]
 #: corrector networks (built by zosol.models)
 ModelKind = Literal["cnn", "resnet"]
-#: where sparse ZO-SOL's layer-wise pruning ratios come from (zosol.training.sparsity)
-ZoLpr = Literal["zo-grasp", "fo-grasp", "uniform"]
-#: finite-difference schemes: the ZO engine's own list
-ZoScheme = Literal[SCHEMES]  # type: ignore[valid-type]
-#: how ZO-JAC-SOL finds the sparsity pattern of the solver Jacobian (zosol.zo.jacobian)
-JacPattern = Literal["auto", "probe", "stencil", "dense"]
 
-METHODS: tuple[str, ...] = get_args(Method)
 LOSSES: tuple[str, ...] = get_args(Loss)
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
-ZO_LPRS: tuple[str, ...] = get_args(ZoLpr)
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """How one corrector is trained.  Each field declares its type, help text and bounds once
-    (:mod:`zosol.options`); :meth:`validate`, the ``zosol train`` / ``compare`` options and their
-    help are derived from these declarations."""
+class CommonOptions:
+    """The training options of every method (each method adds its own groups: zosol.methods)."""
 
-    method: Method = option("zo-sol", "training method")
+    prefix: ClassVar[str] = ""
+
+    method: str = option("zo-sol", "training method")
     window: int = option(4, "SOL unroll length m (NON always uses 1)", ge=1, cap=10_000)
     epochs: int = option(10, "passes over all training windows", ge=1, cap=1_000_000)
     batch_size: int = option(16, "windows per optimizer step", ge=1, cap=1_000_000)
@@ -58,50 +50,75 @@ class TrainConfig:
     depth: int = option(3, "conv layers (cnn) or residual blocks (resnet)", ge=1, cap=1000)
     kernel: int = option(5, "convolution kernel size (odd: same-size convolutions)", ge=1, odd=True, cap=99)
     seed: int = option(0, "seed of the corrector's initialisation and the window order", ge=0, lt=2**63)
-    zo_scheme: ZoScheme = option("central", "ZO-SOL finite-difference scheme")
-    zo_mu: float = option(1e-3, "ZO-SOL finite-difference step", gt=0)
-    zo_sparsity: float = option(0.0, "ZO-SOL gradient sparsity: share of coordinates not perturbed", ge=0, lt=1)
-    zo_lpr: ZoLpr = option("zo-grasp", "ZO-SOL layer-wise pruning ratios of the sparse gradient")
-    zo_mask_every: int = option(5, "ZO-SOL: epochs between redrawn sparsity masks", ge=1, cap=1_000_000)
-    zo_chunk: int | None = option(
-        128,
-        "ZO-SOL perturbations per batched evaluation, none: all at once "
-        "(chunks of ~128 were 3x faster than one huge batch here)",
-        ge=1,
-        cap=10_000_000,
-    )
-    zo_reuse: bool = option(True, "ZO-SOL feature reuse (unperturbed layers evaluated once)")
-    grad_checks: int = option(
-        3,
-        "ZO-SOL / ZO-JAC-SOL: times the ZO gradient is compared with autograd (FO-SOL) on the same window batch",
-        ge=0,
-        cap=10_000,
-    )
-    jac_pattern: JacPattern = option(
-        "auto",
-        "ZO-JAC-SOL Jacobian pattern: auto (probe jac_probe_states training "
-        "frames), probe, stencil (the solver's stencil_reach) or dense",
-    )
-    jac_margin: int = option(0, "ZO-JAC-SOL: cells added around the Jacobian pattern", ge=0, cap=1000)
-    jac_probe_states: int = option(4, "ZO-JAC-SOL: training frames probed for the pattern", ge=1, cap=10_000)
-    jac_batch: int | None = option(
-        256, "ZO-JAC-SOL probe states per black-box call, none: all at once", ge=1, cap=10_000_000
-    )
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
+
+
+_LAST = ("device",)  # common keys listed after the methods' groups (the order of runs' config.json)
+methods.reserve(set(specs(CommonOptions)))
+
+
+def _defaults() -> dict[str, Any]:
+    """Config key -> default of every common field and registered option group."""
+    return {**_field_defaults(CommonOptions), **methods.option_defaults()}
+
+
+class TrainConfig:
+    """How one corrector is trained: the common options (:class:`CommonOptions`) and the option
+    groups of every registered method (:mod:`zosol.methods`), each a flat attribute
+    (``config.lr``, ``config.zo_mu``, ``config.jac_pattern``) and a key of :meth:`to_dict`.
+
+    Each option declares its type, help text and bounds once (:mod:`zosol.options`);
+    :meth:`validate`, the ``zosol train`` / ``compare`` options and their help derive from these
+    declarations (:meth:`option_specs`).  ``TrainConfig(**config.to_dict())`` gives the same config."""
+
+    def __init__(self, **values: Any):
+        declared = self.option_specs()
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise ValueError(
+                f"unknown training option(s) {unknown}; valid: {sorted(declared)} (an option of a "
+                f"method of your own needs its plugin loaded first)"
+            )
+        defaults = _defaults()
+        for key in declared:
+            setattr(self, key, values[key] if key in values else defaults[key])
+
+    @classmethod
+    def option_specs(cls) -> dict[str, Spec]:
+        """Config key -> :class:`~zosol.options.Spec`: the common fields and the registered
+        methods' option groups (``method``'s choices: the registered methods)."""
+        common = specs(CommonOptions)
+        out = {k: s for k, s in common.items() if k not in _LAST}
+        out["method"] = dataclasses.replace(out["method"], kind="choice", choices=methods.names())
+        out.update(methods.option_groups())
+        out.update({k: common[k] for k in _LAST})
+        return out
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the bad field and what it accepts (declared type, range, size
-        cap; a device this machine has)."""
+        cap; a registered method; a device this machine has)."""
         check_fields(self)
         _check_device(self.device)
         return self
 
     @property
     def effective_window(self) -> int:
-        return 1 if self.method == "non" else self.window
+        """The window the method trains on: ``window``, or 1 for a method that does not unroll (NON)."""
+        return self.window if methods.get(self.method).unrolled else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option by its config key (what a run directory's config.json holds)."""
+        return dict(vars(self))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` (config keys), not validated."""
+        return TrainConfig(**{**self.to_dict(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "TrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
 
 def _check_device(device: str) -> None:
@@ -135,7 +152,7 @@ def train_config(preset: str = "default", scenario: Any = None, **overrides: Any
     ``overrides``; validated."""
     if preset not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset '{preset}'; choose one of {sorted(TRAIN_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(TrainConfig.option_specs())
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
@@ -146,3 +163,10 @@ def train_config(preset: str = "default", scenario: Any = None, **overrides: Any
         entry = registered(scenario) if isinstance(scenario, str) else scenario
         per_scenario = entry.train_presets.get(preset, {})
     return TrainConfig(**{**TRAIN_PRESETS[preset], **per_scenario, **overrides}).validate()
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the registered method names (:func:`zosol.methods.names`), read when asked."""
+    if name == "METHODS":
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
-__all__ = ["option", "Spec", "specs", "check_fields", "describe", "parse_text", "parse_bool"]
+__all__ = ["option", "Spec", "specs", "field_defaults", "check_fields", "describe", "parse_text", "parse_bool"]
 
 
 def option(
@@ -81,7 +81,11 @@ _SPECS: dict[type, dict[str, Spec]] = {}
 
 def specs(cls: type) -> dict[str, Spec]:
     """Field name -> :class:`Spec` of a dataclass (fields declared without :func:`option` get
-    their type and no bounds)."""
+    their type and no bounds), or of a class that composes its options (an ``option_specs()``
+    classmethod, e.g. TrainConfig)."""
+    composed = getattr(cls, "option_specs", None)
+    if composed is not None:
+        return composed()
     if cls not in _SPECS:
         hints = typing.get_type_hints(cls)
         out = {}
@@ -90,6 +94,20 @@ def specs(cls: type) -> dict[str, Spec]:
             out[f.name] = Spec(f.name, kind, choices, nullable, **f.metadata.get("zosol", {}))
         _SPECS[cls] = out
     return _SPECS[cls]
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default value of a dataclass whose fields all have defaults (a fresh value
+    from ``default_factory`` where one is declared)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            raise TypeError(f"option {cls.__name__}.{f.name} has no default")
+    return out
 
 
 def _num(v: float) -> str:

@@ -9,16 +9,17 @@ import json
 import os
 from typing import Any
 
+from .methods.base import BASELINE
 from .runtime.files import atomic_write_text
 
 __all__ = ["markdown_table", "csv_table", "write_json"]
 
-COLUMNS = ("method", "MAE mean", "MAE std", "vs SRC", "train time [s]", "training solver sample-steps")
+COLUMNS = ("method", "MAE mean", "MAE std", f"vs {BASELINE}", "train time [s]", "training solver sample-steps")
 
 
 def _rows(results: dict[str, Any]) -> list[list[str]]:
     methods = results["methods"]
-    src = methods.get("SRC", {}).get("mae_mean")
+    src = methods.get(BASELINE, {}).get("mae_mean")
     rows = []
     for name, r in methods.items():
         tail = [f"{r.get('wall_time', 0.0):.1f}", str(r.get("solver_samples", 0))]

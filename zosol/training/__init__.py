@@ -21,7 +21,7 @@ from .api import train
 from .checkpoint import CHECKPOINT_VERSION, Checkpointer, load_run, read_checkpoint
 from .errors import CheckpointError, TrainingDiverged, TrainingError, ZOUnderflowWarning
 from .loop import TrainingLoop
-from .sources import SOURCES, GradientSource, SolverCounter, SolverViews, register_source, source_class
+from .sources import AutogradSource, GradientSource, SolverCounter, SolverViews, source_class
 from .state import RunState, TrainResult, make_corrector
 from .windows import WindowBatch, Windows
 
@@ -40,8 +40,7 @@ __all__ = [
     "RunState",
     "TrainingLoop",
     "GradientSource",
-    "SOURCES",
-    "register_source",
+    "AutogradSource",
     "source_class",
     "SolverCounter",
     "SolverViews",

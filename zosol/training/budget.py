@@ -1,9 +1,9 @@
 """Memory a training run will need, estimated from its config before anything is allocated.
 
 The estimate (float32, bytes) is the corrector's weights with their gradient and Adam's two
-moments, plus the larger of the activations autograd keeps over an unrolled window (NON,
-NOG-SOL, FO-SOL, and ZO-SOL's gradient checks) and the perturbed forward passes ZO-SOL folds into
-one batch (``zo_chunk`` perturbations x batch).  It is a rough lower bound; a run whose estimate
+moments, plus the larger of the activations autograd keeps over an unrolled window (every
+method's gradient checks too) and what the method's own gradient step needs (``Method.memory``,
+e.g. the perturbed forward passes ZO-SOL folds into one batch).  It is a rough lower bound; a run whose estimate
 exceeds the machine's memory (:func:`zosol.runtime.files.machine_memory_bytes`) is refused up front
 with the estimate in the message instead of swapping for minutes before failing.
 """
@@ -14,8 +14,10 @@ import math
 
 import torch
 
+from .. import methods
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..methods import MemorySizes
 from ..models import build_corrector, n_params
 from ..runtime.memory import format_bytes, machine_memory_bytes
 from .state import corrector_shape
@@ -46,12 +48,9 @@ def estimate_training_bytes(dataset: FidelityDataset, config: TrainConfig, n_win
     batch = min(config.batch_size, n_windows)
     per_sample = cells * (in_ch + 2 * config.width * layers) * _FLOAT  # a forward's activations
     autograd = batch * config.effective_window * per_sample
-    zo_bytes = 0
-    if config.method == "zo-sol":
-        perturbations = (2 if config.zo_scheme == "central" else 1) * params + 1
-        folded = min(config.zo_chunk or perturbations, perturbations)
-        zo_bytes = folded * batch * cells * (in_ch + 3 * config.width) * _FLOAT
-    return 4 * params * _FLOAT + max(autograd, zo_bytes), params
+    method = methods.get(config.method)
+    own = method.memory(config, MemorySizes(params, batch, cells, in_ch)) if method.memory else 0
+    return 4 * params * _FLOAT + max(autograd, own), params
 
 
 def check_memory(dataset: FidelityDataset, config: TrainConfig, n_windows: int) -> None:
@@ -59,10 +58,12 @@ def check_memory(dataset: FidelityDataset, config: TrainConfig, n_windows: int) 
     need, params = estimate_training_bytes(dataset, config, n_windows)
     have = machine_memory_bytes()
     if need > 0.8 * have:
+        keys = methods.get(config.method).memory_options
+        own = "".join(f", {k} {getattr(config, k)}" for k in keys)
+        flags = ", ".join(["--width", "--depth", "--batch-size", *("--" + k.replace("_", "-") for k in keys)])
         raise ValueError(
             f"this training configuration needs an estimated {format_bytes(need)} of memory ({params:,} corrector "
             f"parameters: {config.model} width {config.width}, depth {config.depth}, kernel {config.kernel}; "
-            f"batch {min(config.batch_size, n_windows)}, window {config.effective_window}, zo_chunk "
-            f"{config.zo_chunk}), more than this machine's {format_bytes(have)}; lower --width, --depth, "
-            f"--batch-size or --zo-chunk"
+            f"batch {min(config.batch_size, n_windows)}, window {config.effective_window}{own}), more than this "
+            f"machine's {format_bytes(have)}; lower {flags}"
         )

@@ -162,7 +162,7 @@ def _check_contents(ckpt: dict, path: Path) -> None:
     )
     need(ckpt["perm"] is None or (ckpt["perm"].dim() == 1 and ckpt["perm"].dtype == torch.long), "'perm'")
     _check_optimizer(ckpt["optimizer"], [v.shape for v in model.values()], need)
-    h, fresh = ckpt["history"], new_history()
+    h, fresh = ckpt["history"], new_history(config.method)
     need(
         set(fresh) <= set(h) and all(isinstance(h[k], type(v)) for k, v in fresh.items() if v is not None),
         "its history",

@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
+from .. import methods
 from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
 from ..zo.checks import cosine, relative_error
 from .callbacks import Callback, LoopView
-from .sources import SOURCES, GradientSource, SolverViews, source_class
+from .sources import GradientSource, SolverViews, source_class
 from .state import make_corrector, new_history
 from .windows import WindowBatch, Windows
 
@@ -178,7 +179,7 @@ def _flat_masks(masks: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def blackbox_estimators() -> list[str]:
     """Registered methods whose gradient is an estimate through the black box (to be checked)."""
-    return [name for name, s in SOURCES.items() if s.needs == "blackbox" and s.gradient_check]
+    return [m.name for m in methods.registered_methods() if m.needs == "blackbox" and m.source.gradient_check]
 
 
 def _jittered(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -195,12 +196,12 @@ def _jittered(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
 def _method_gradient(
     method: str, model: torch.nn.Module, config: TrainConfig, windows: Windows, views: SolverViews, batch: WindowBatch
 ) -> torch.Tensor:
-    cfg = TrainConfig(**{**config.to_dict(), "method": method, "zo_sparsity": 0.0}).validate()
+    cfg = config.replace(method=method, zo_sparsity=0.0).validate()
     source = source_class(method)(model, cfg, windows, views)
-    source.prepare(new_history())
+    source.prepare(new_history(method))
     source.start_epoch(0)
     model.zero_grad(set_to_none=True)
-    source.step(batch, new_history())
+    source.step(batch, new_history(method))
     return _flat_grad(model).detach().clone()
 
 

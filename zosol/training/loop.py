@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import zo
+from .. import methods, zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import n_params
@@ -39,7 +39,7 @@ from .callbacks import Callback, ProgressBar, StopAfterSteps, StopSignal, TimedC
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
 from .gradcheck import GradientCheck
-from .sources import SOURCES, GradientSource, SolverViews, source_class
+from .sources import GradientSource, SolverViews, source_class
 from .state import RunState, TrainResult
 from .windows import WindowBatch, Windows
 
@@ -88,7 +88,7 @@ class TrainingLoop:
         base = solver if solver is not None else dataset.scenario.coarse_solver()
         solvers = SolverViews.of(base, dataset.scenario, twin)
         if source_cls.needs == "differentiable" and not trains_through_autograd(base, twin):
-            others = [n for n, s in SOURCES.items() if s.needs == "blackbox"]
+            others = [m.name for m in methods.registered_methods() if m.needs == "blackbox"]
             raise ValueError(
                 f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
                 f"(use one of {others}, or pass a differentiable twin: twin=... in Python, "

@@ -4,6 +4,7 @@ returns (:class:`TrainResult`)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import methods
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import build_corrector
@@ -46,20 +48,12 @@ def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Mo
     )
 
 
-def new_history() -> dict[str, Any]:
-    """An empty run history: per-step ``loss``, ``epoch_loss``, ZO-SOL's gradient checks
-    (``grad_cosine_vs_fo``), ``wall_time`` (s), solver ``solver_calls`` / ``solver_samples``,
-    ``zo_queries`` and the layer ratios ``lprs`` of sparse ZO-SOL."""
-    return {
-        "loss": [],
-        "epoch_loss": [],
-        "grad_cosine_vs_fo": [],
-        "wall_time": 0.0,
-        "solver_calls": 0,
-        "solver_samples": 0,
-        "zo_queries": 0,
-        "lprs": None,
-    }
+def new_history(method: str | None = None) -> dict[str, Any]:
+    """An empty run history: per-step ``loss``, ``epoch_loss``, ``wall_time`` (s), solver
+    ``solver_calls`` / ``solver_samples``, and the keys ``method`` declares (:mod:`zosol.methods`,
+    e.g. the ZO methods' gradient checks ``grad_cosine_vs_fo`` and ``zo_queries``)."""
+    common = {"loss": [], "epoch_loss": [], "wall_time": 0.0, "solver_calls": 0, "solver_samples": 0}
+    return {**common, **copy.deepcopy(methods.get(method).history if method is not None else {})}
 
 
 @dataclass
@@ -89,7 +83,7 @@ class RunState:
             return config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * k / total_steps))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return cls(model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
+        return cls(model, optimizer, scheduler, torch.Generator().manual_seed(config.seed), new_history(config.method))
 
     def state_dict(self) -> dict[str, Any]:
         """The parts of a checkpoint that hold this state."""
