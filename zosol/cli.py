@@ -372,7 +372,7 @@ def _plugin_arg(q: argparse.ArgumentParser) -> None:
         "--plugin",
         action="append",
         metavar="MODULE",
-        help="import MODULE first (it registers scenarios of your own; repeatable)",
+        help="import MODULE first (it registers scenarios or training methods of your own; repeatable)",
     )
 
 
@@ -502,7 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preload_plugins(argv: Sequence[str] | None) -> None:
+    """Import the ``--plugin`` modules before the parser is built, so that the option groups of
+    the methods they register become ``--options``; a plugin that fails to import is reported
+    later, with the command's other errors."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append")
+    known, _ = pre.parse_known_args(argv)
+    for module in known.plugin or []:
+        from .solvers import load_plugin
+
+        with contextlib.suppress(ValueError):
+            load_plugin(module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _preload_plugins(argv)
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         print(f"zosol: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

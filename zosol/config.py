@@ -15,6 +15,7 @@ residual network and long training).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, ClassVar, Literal, get_args
 
 from . import methods
@@ -119,6 +120,18 @@ class TrainConfig:
 
     def __repr__(self) -> str:
         return "TrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
+
+    def __reduce__(self) -> tuple:
+        """Pickled with the module of its method, which a worker process imports first if the
+        method is not registered there (a plugin's method)."""
+        module = methods.get(self.method).source.__module__ if self.method in methods.names() else None
+        return _unpickle, (self.to_dict(), module)
+
+
+def _unpickle(values: dict[str, Any], module: str | None) -> TrainConfig:
+    if module is not None and values.get("method") not in methods.names():
+        importlib.import_module(module)
+    return TrainConfig(**values)
 
 
 def _check_device(device: str) -> None:

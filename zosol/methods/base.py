@@ -172,7 +172,7 @@ def get(name: str) -> Method:
     _load_builtins()
     if name not in _METHODS:
         raise ValueError(
-            f"unknown method {name!r}; registered: {list(_METHODS)} (a method of your own: a module "
+            f"unknown method {name!r}; registered: {list(names())} (a method of your own: a module "
             f"that calls zosol.methods.register, loaded with --plugin MODULE)"
         )
     return _METHODS[name]
