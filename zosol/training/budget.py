@@ -4,7 +4,7 @@ The estimate (float32, bytes) is the corrector's weights with their gradient and
 moments, plus the larger of the activations autograd keeps over an unrolled window (every
 method's gradient checks too) and what the method's own gradient step needs (``Method.memory``,
 e.g. the perturbed forward passes ZO-SOL folds into one batch).  It is a rough lower bound; a run whose estimate
-exceeds the machine's memory (:func:`zosol.runtime.files.machine_memory_bytes`) is refused up front
+exceeds the machine's memory (:func:`zosol.runtime.memory.machine_memory_bytes`) is refused up front
 with the estimate in the message instead of swapping for minutes before failing.
 """
 
