@@ -22,6 +22,7 @@ with 143, after checkpointing.  Checkpoints and finished data are never lost: re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
