@@ -26,7 +26,7 @@ import numpy as np
 from .config import TRAIN_PRESETS, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
-from .errors import ZosolError
+from .errors import UsageError, ZosolError
 from .evaluation import evaluate
 from .figures import FieldMeta, animation_path, write_comparison_figures
 from .methods import BASELINE, registered_methods
@@ -147,12 +147,12 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
     methods, known = list(methods), list(method_names())
     unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown method(s) {unknown}; choose from the registered methods {known} (a method of your "
             f"own: --plugin MODULE that registers it)"
         )
     if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods {methods}: give each of {known} at most once, at least one")
+        raise UsageError(f"methods {methods}: give each of {known} at most once, at least one")
     return methods
 
 

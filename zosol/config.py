@@ -19,6 +19,7 @@ import importlib
 from typing import Any, ClassVar, Literal, get_args
 
 from . import methods
+from .errors import UsageError
 from .options import Spec, check_fields, option, specs
 from .options import field_defaults as _field_defaults
 
@@ -76,7 +77,7 @@ class TrainConfig:
         declared = self.option_specs()
         unknown = sorted(set(values) - set(declared))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown training option(s) {unknown}; valid: {sorted(declared)} (an option of a "
                 f"method of your own needs its plugin loaded first)"
             )

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UsageError
 from ..options import Spec, field_defaults, specs
 
 __all__ = [
@@ -118,16 +119,16 @@ def group_specs(group: type) -> dict[str, Spec]:
 def _check_new(method: Method, reserved: set[str]) -> None:
     """ValueError if ``method`` cannot join the registry (name taken, bad fields, key clash)."""
     if not isinstance(method.name, str) or not method.name or method.name == BASELINE.lower():
-        raise ValueError(f"method name must be a non-empty string other than '{BASELINE.lower()}', got {method.name!r}")
+        raise UsageError(f"method name must be a non-empty string other than '{BASELINE.lower()}', got {method.name!r}")
     if method.name in _METHODS:
         other = _METHODS[method.name].source
-        raise ValueError(
+        raise UsageError(
             f"method '{method.name}' is already registered (by {other.__module__}); register yours under another name"
         )
     if any(m.display == method.display for m in _METHODS.values()) or method.display == BASELINE:
-        raise ValueError(f"method '{method.name}': display name '{method.display}' is already taken")
+        raise UsageError(f"method '{method.name}': display name '{method.display}' is already taken")
     if getattr(method.source, "needs", None) not in ("blackbox", "differentiable"):
-        raise ValueError(
+        raise UsageError(
             f"method '{method.name}': its source's needs must be 'blackbox' or 'differentiable', "
             f"got {getattr(method.source, 'needs', None)!r}"
         )
@@ -137,7 +138,7 @@ def _check_new(method: Method, reserved: set[str]) -> None:
             continue
         clash = sorted(set(group_specs(group)) & taken)
         if clash:
-            raise ValueError(
+            raise UsageError(
                 f"method '{method.name}': option group {group.__name__} declares {clash}, "
                 f"already a training option; choose another prefix or field name"
             )
@@ -171,7 +172,7 @@ def get(name: str) -> Method:
     """The registered method ``name``; ValueError listing the registered ones if there is none."""
     _load_builtins()
     if name not in _METHODS:
-        raise ValueError(
+        raise UsageError(
             f"unknown method {name!r}; registered: {list(names())} (a method of your own: a module "
             f"that calls zosol.methods.register, loaded with --plugin MODULE)"
         )
