@@ -70,10 +70,10 @@ class Method:
     ``options``: its option groups.  ``history``: history keys it writes, with their initial
     values (every run also has loss, epoch_loss, wall_time and the solver counts).
     ``unrolled``: trains on SOL windows of ``config.window`` steps (False: always one step).
-    ``memory(config, sizes)``: bytes its
-    gradient step needs beyond autograd over the window (None: nothing); ``memory_options``: the
-    config keys that lower it (named when a run is refused for memory).  ``entry(history)``: what its
-    results-table entry adds to the common one (scores, time, solver counts)."""
+    ``memory(config, sizes)``: bytes its gradient step needs beyond autograd over the window
+    (None: nothing); ``memory_options``: the config keys that lower it (named when a run is
+    refused for memory).  ``entry(history)``: what its results-table entry adds to the common one
+    (scores, time, solver counts)."""
 
     name: str
     display: str
