@@ -230,6 +230,17 @@ def _caller() -> tuple[str, str | None]:
     return module, (None if func == "<module>" else func)
 
 
+def _default_downsample(fine: tuple[int, ...], small: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Block averaging (B, C, *fine) -> (B, C, *small) (the identity for equal grids); UsageError
+    naming the fix when the grids do not divide."""
+    if len(fine) != len(small) or any(f % c for f, c in zip(fine, small)):
+        raise UsageError(
+            f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
+            f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)"
+        )
+    return (lambda u: u) if fine == small else (lambda u: block_average(u, small))
+
+
 def make_scenario(
     name: str,
     *,
@@ -288,14 +299,8 @@ def make_scenario(
     ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, **host)
     crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, **host)
     _check_parts(ref, crs, float(dt))
-    fine, small = tuple(ref.spatial_shape), tuple(crs.spatial_shape)
     if downsample is None:
-        if len(fine) != len(small) or any(f % c for f, c in zip(fine, small)):
-            raise UsageError(
-                f"make_scenario: the reference grid {list(fine)} is not a multiple of the coarse grid "
-                f"{list(small)}; pass downsample=fn (B, C, *reference) -> (B, C, *coarse)"
-            )
-        downsample = (lambda u: u) if fine == small else (lambda u: block_average(u, small))
+        downsample = _default_downsample(tuple(ref.spatial_shape), tuple(crs.spatial_shape))
     try:
         json.dumps(dict(physics or {}))
     except TypeError as e:
