@@ -32,6 +32,7 @@ import torch
 from .. import methods
 from ..config import TrainConfig, train_config
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..rollout import window_loss
 from ..solvers.base import BlackBox, Solver
 from ..zo.checks import cosine, relative_error
@@ -327,17 +328,17 @@ def window_gradients(
     :func:`check_gradient`; ``batch_size`` windows drawn with ``seed`` (default ``config.batch_size``).
     """
     if reference not in ("auto", "twin", "fd"):
-        raise ValueError(f"reference must be 'auto', 'twin' or 'fd', got {reference!r}")
+        raise UsageError(f"reference must be 'auto', 'twin' or 'fd', got {reference!r}")
     if run is not None:
         if model is not None:
-            raise ValueError("pass run= (a trained corrector) or model=, not both")
+            raise UsageError("pass run= (a trained corrector) or model=, not both")
         model, run_config = _run_model(run, dataset)
         config = config or run_config
     config = (config or train_config("tiny")).validate()
     source_class(method)  # an unknown method is named before any work
     views = SolverViews.of(solver if solver is not None else dataset.scenario.coarse_solver(), dataset.scenario, twin)
     if reference == "twin" and not views.twin_differentiable:
-        raise ValueError("reference='twin' needs a differentiable twin (pass twin=...); or use reference='fd'")
+        raise UsageError("reference='twin' needs a differentiable twin (pass twin=...); or use reference='fd'")
     kind = "twin" if reference == "twin" or (reference == "auto" and views.twin_differentiable) else "fd"
     windows = Windows(dataset, config.window, torch.device("cpu"))
     batch = windows.batch(windows.order(torch.Generator().manual_seed(seed))[: batch_size or config.batch_size])
