@@ -288,7 +288,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "src_mae_mean": src["mae_mean"],
     }
     if args.animate:
-        out["animation"] = _animate_run(dataset, src, ev, out["method"].upper(), args.animate)
+        from .compare import display_name
+
+        out["animation"] = _animate_run(dataset, src, ev, display_name(out["method"]), args.animate)
     print(json.dumps(out, indent=1))
     return 0
 
