@@ -344,7 +344,7 @@ def test_numpy_solver_validates_and_refuses_autograd(sc):
         NumpySolver(lambda s, q: s[..., 1:], **shape).step(u)
     with pytest.raises(SolverError, match="non-finite"):
         NumpySolver(lambda s, q: s * np.nan, **shape).step(u)
-    with pytest.raises(SolverError, match="raised ZeroDivisionError"):
+    with pytest.raises(ZeroDivisionError):  # a bug in the step function: raised as it is (traceback)
         NumpySolver(lambda s, q: 1 / 0, **shape).step(u)
     with pytest.raises(SolverError, match="returned list"):
         NumpySolver(lambda s, q: s.tolist(), **shape).step(u)

@@ -26,10 +26,13 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import UsageError
 
 __all__ = ["main"]
 
@@ -53,13 +56,13 @@ def _parse_methods(text: str | None) -> list[str] | None:
     if not all(names):
         from .methods import names
 
-        raise ValueError(
+        raise UsageError(
             f"--methods '{text}' has an empty name; give a comma-separated subset of "
             f"{','.join(names())} (or leave --methods out for all)"
         )
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
-        raise ValueError(f"--methods names {', '.join(twice)} twice")
+        raise UsageError(f"--methods names {', '.join(twice)} twice")
     return names
 
 
@@ -89,7 +92,7 @@ def _split_sets(items: Sequence[str] | None, flag: str = "--train-set") -> dict[
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"{flag} expects KEY=VALUE, got '{item}'")
+            raise UsageError(f"{flag} expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
@@ -217,7 +220,7 @@ def _resume(run_dir, resume: bool) -> bool | str:
     ``--resume`` with no checkpoint yet starts from scratch, with a note."""
     if run_dir.has_checkpoint():
         if not resume:
-            raise ValueError(
+            raise UsageError(
                 f"{run_dir.path} already holds a run; pass --resume to continue it or choose another --out"
             )
     elif resume:
@@ -321,7 +324,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     options = _run_options(args, progress=not args.quiet, resume="auto")
     if not args.out:
-        raise ValueError("--out must not be empty; name the output directory")
+        raise UsageError("--out must not be empty; name the output directory")
     methods = _parse_methods(args.methods)
     kwargs = {"methods": methods} if methods is not None else {}
     results = compare(
@@ -544,12 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command, its failures turned into one line and an exit code."""
-    from .datasets.hdf5 import DatasetError
+    """The command, its failures turned into an exit code: zosol's own errors (:mod:`zosol.errors`) and
+    file-system errors in one line (2: fix the input, 1: the run failed), anything else (a bug) with its
+    traceback."""
+    from .errors import ZosolError
     from .runtime import stop
-    from .runtime.files import LockedError, os_error_message
-    from .solvers.base import SolverError
-    from .training import CheckpointError, TrainingError
+    from .runtime.files import os_error_message
 
     try:
         for module in getattr(args, "plugin", None) or []:
@@ -571,10 +574,10 @@ def _run(args: argparse.Namespace) -> int:
             "zosol: interrupted; finished work is saved, rerun the command (with --resume for train)", file=sys.stderr
         )
         return 130
-    except (TrainingError, SolverError) as e:
-        print(f"zosol: failed: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, LockedError) as e:
+    except ZosolError as e:
+        print(f"zosol: {'failed' if e.exit_code == 1 else 'error'}: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
         print(f"zosol: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only directory, full disk, a file where a directory belongs, ...
@@ -584,6 +587,14 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except Exception:  # not one of zosol's errors: a bug (in zosol, a plugin, torch, ...) keeps its traceback
+        traceback.print_exc()
+        print(
+            "zosol: internal error (the traceback above); this is a bug, not a mistake in your input: please "
+            "report it with the traceback and the command (finished work is kept)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -601,7 +612,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return args.func(args)
     rank, size, backend = joined
     if args.workers > 1:
-        raise ValueError("--workers starts local processes itself; under torchrun set --nproc-per-node instead")
+        raise UsageError("--workers starts local processes itself; under torchrun set --nproc-per-node instead")
     if rank == 0:
         print(
             f"zosol: torchrun launch: rank 0 of {size} ({backend}); rank 0 writes checkpoints and results",

@@ -205,7 +205,7 @@ def _output_directory(out: str | os.PathLike) -> Path:
     out = prepare_directory(out, "--out")
     for name in REPORT_FILES:
         if (out / name).is_dir() and not (out / name).is_symlink():
-            raise ValueError(
+            raise UsageError(
                 f"{out / name} is a directory, where compare writes a file; remove it or choose another --out"
             )
     return out
@@ -226,7 +226,7 @@ def _dataset(
         return scenario
     if data_dir is not None and Path(data_dir).is_file():
         if scenario_overrides:
-            raise ValueError(
+            raise UsageError(
                 f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
                 f"or give a directory to generate the data in)"
             )

@@ -142,15 +142,15 @@ def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+        raise UsageError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device '{device}': CUDA is not available on this machine; use --device cpu")
+            raise UsageError(f"device '{device}': CUDA is not available on this machine; use --device cpu")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device '{device}': this machine has {n} CUDA device(s)")
+            raise UsageError(f"device '{device}': this machine has {n} CUDA device(s)")
     elif dev.type != "cpu":
-        raise ValueError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")
+        raise UsageError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -165,11 +165,11 @@ def train_config(preset: str = "default", scenario: Any = None, **overrides: Any
     ``train_presets``: e.g. a cheaper corrector for the 2-D scenarios on a CPU), then
     ``overrides``; validated."""
     if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown training preset '{preset}'; choose one of {sorted(TRAIN_PRESETS)}")
+        raise UsageError(f"unknown training preset '{preset}'; choose one of {sorted(TRAIN_PRESETS)}")
     fields = set(TrainConfig.option_specs())
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
+        raise UsageError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
     per_scenario: dict[str, Any] = {}
     if scenario is not None:
         from .solvers import registered

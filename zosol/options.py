@@ -24,6 +24,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
+from .errors import UsageError
+
 __all__ = ["option", "Spec", "specs", "field_defaults", "check_fields", "describe", "parse_text", "parse_bool"]
 
 
@@ -187,10 +189,10 @@ def check_fields(obj: Any, label: str = "{name}", nouns: bool = True) -> None:
         where = label.format(name=name)
         bad = _type_error(s, v)
         if bad is not None:
-            raise ValueError(f"{where} {bad}, got {v!r}")
+            raise UsageError(f"{where} {bad}, got {v!r}")
         msg = _value_error(s, v, where, nouns)
         if msg is not None:
-            raise ValueError(msg)
+            raise UsageError(msg)
 
 
 def describe(s: Spec) -> str:
@@ -211,7 +213,7 @@ def parse_bool(text: str) -> bool:
     t = text.strip().lower()
     if t in ("true", "false"):
         return t == "true"
-    raise ValueError(f"'{text}' is not a boolean; use true or false")
+    raise UsageError(f"'{text}' is not a boolean; use true or false")
 
 
 def parse_text(s: Spec, text: str) -> Any:
@@ -225,4 +227,4 @@ def parse_text(s: Spec, text: str) -> Any:
         return parse(text)
     except ValueError:
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(s.kind, "a value")
-        raise ValueError(f"{s.name} must be {kind}, got '{text}'") from None
+        raise UsageError(f"{s.name} must be {kind}, got '{text}'") from None

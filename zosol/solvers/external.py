@@ -240,14 +240,9 @@ class NumpySolver(_HostSolver):
 
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         x, p = self._to_numpy(state), self._to_numpy(params) if self.num_params else None
-        who = f"NumpySolver({self.name})"
-        try:
-            out = (
-                self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
-            )
-        except Exception as e:
-            raise SolverError(f"{who} raised {type(e).__name__}: {e}") from e
-        out = self._check_output(out, x, who)
+        # an exception raised by fn is a bug in fn: it reaches the user as it is, with its traceback
+        out = self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
+        out = self._check_output(out, x, f"NumpySolver({self.name})")
         return self._to_torch(np.ascontiguousarray(out, dtype=self._np_dtype), state)
 
     @property

@@ -36,7 +36,7 @@ is :func:`centered_velocity`.
 
 **Reynolds number.** ``params[:, 0] = Re`` (the raw Reynolds number, float32), ``nu = U D / Re``
 with ``D = 2 * radius = 20``.  Explicit diffusion is applied per sample and is stable while
-``nu * tau * (2/dx^2 + 2/dy^2) <= 1``; lower Re raise ValueError (no silent clamping).  At the
+``nu * tau * (2/dx^2 + 2/dy^2) <= 1``; lower Re raise UsageError (no silent clamping).  At the
 paper's Re (1.6e5 .. 5.12e6) ``nu * tau / dx^2 ~ 1e-5 .. 1e-4``: the physical viscosity is tiny
 next to the numerical diffusion of semi-Lagrangian advection, so trajectories of different Re
 differ little and mostly through the seeded perturbation of the initial state (as in SOL, where the

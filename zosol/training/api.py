@@ -6,6 +6,7 @@ import os
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..runtime.launch import is_lead
 from ..runtime.options import Resume, RunOptions
 from ..runtime.rundir import RunDirectory
@@ -65,7 +66,7 @@ def train(
         workers=workers,
     )
     if options.workers > 1 and (solver is not None or twin is not None) and source_class(config.method).shardable:
-        raise ValueError(
+        raise UsageError(
             "workers > 1 runs the scenario's own solver in every process; pass solver=None "
             "(and twin=None) or workers=1 (a solver without a batch axis can use several local "
             "processes itself: NumpySolver(..., processes=N))"

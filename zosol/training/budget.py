@@ -17,6 +17,7 @@ import torch
 from .. import methods
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..methods import MemorySizes
 from ..models import build_corrector, n_params
 from ..runtime.memory import format_bytes, machine_memory_bytes
@@ -61,7 +62,7 @@ def check_memory(dataset: FidelityDataset, config: TrainConfig, n_windows: int) 
         keys = methods.get(config.method).memory_options
         own = "".join(f", {k} {getattr(config, k)}" for k in keys)
         flags = ", ".join(["--width", "--depth", "--batch-size", *("--" + k.replace("_", "-") for k in keys)])
-        raise ValueError(
+        raise UsageError(
             f"this training configuration needs an estimated {format_bytes(need)} of memory ({params:,} corrector "
             f"parameters: {config.model} width {config.width}, depth {config.depth}, kernel {config.kernel}; "
             f"batch {min(config.batch_size, n_windows)}, window {config.effective_window}{own}), more than this "

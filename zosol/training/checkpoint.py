@@ -25,6 +25,7 @@ import torch
 
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..runtime.files import atomic_save
 from ..runtime.launch import broadcast_from_lead
 from ..runtime.options import Resume
@@ -295,7 +296,7 @@ class Checkpointer:
                 self.run_dir.record_config(self.config.to_dict())
             return False
         if self.path is None:
-            raise ValueError("resume needs a run directory")
+            raise UsageError("resume needs a run directory")
         ckpt = broadcast_from_lead(lambda: read_checkpoint(self.path))  # rank 0's disk
         now = self.config.to_dict()
         if ckpt["config"] != now:

@@ -29,6 +29,7 @@ import torch
 from .. import methods, zo
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..models import n_params
 from ..runtime.launch import is_lead, world
 from ..runtime.options import RunOptions
@@ -83,13 +84,13 @@ class TrainingLoop:
         gradient source."""
         _, world_size, backend = world()
         if not dataset.train:
-            raise ValueError(f"{dataset.path}: no training simulations")
+            raise UsageError(f"{dataset.path}: no training simulations")
         source_cls = source_class(config.method)
         base = solver if solver is not None else dataset.scenario.coarse_solver()
         solvers = SolverViews.of(base, dataset.scenario, twin)
         if source_cls.needs == "differentiable" and not trains_through_autograd(base, twin):
             others = [m.name for m in methods.registered_methods() if m.needs == "blackbox"]
-            raise ValueError(
+            raise UsageError(
                 f"{config.method} needs a differentiable solver; {type(base).__name__} is a black box "
                 f"(use one of {others}, or pass a differentiable twin: twin=... in Python, "
                 f"--twin MODULE:OBJECT on the command line)"

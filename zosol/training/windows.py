@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..datasets.hdf5 import FidelityDataset
+from ..errors import UsageError
 from ..rollout import WindowBatch
 
 __all__ = ["WindowBatch", "Windows"]
@@ -31,7 +32,7 @@ class Windows:
         self.features = None if feats is None else feats.to(device)
         n, t1 = traj.shape[:2]
         if t1 - 1 < m:
-            raise ValueError(f"window {m} is longer than the {t1 - 1} frames of the dataset; lower --window")
+            raise UsageError(f"window {m} is longer than the {t1 - 1} frames of the dataset; lower --window")
         self.starts = torch.tensor([(i, t) for i in range(n) for t in range(t1 - m)], dtype=torch.long)
         self.m = m
 
