@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import UsageError
+from .base import SolverError
 
 __all__ = ["StatePool", "run_rows", "split_rows"]
 
@@ -142,7 +143,7 @@ class StatePool:
         except (EOFError, OSError) as e:
             codes = [proc.exitcode for proc, _ in self._workers]
             self.close()
-            raise RuntimeError(
+            raise SolverError(
                 f"a worker process of the state pool stopped (exit codes {codes}); the next batch starts new ones"
             ) from e
         except BaseException:  # e.g. KeyboardInterrupt half-way: no stale answer may reach the next batch
