@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import TRAIN_PRESETS, train_config
+from .config import TRAIN_PRESETS, TrainConfig, train_config
 from .datasets import generate, load_dataset
 from .datasets.hdf5 import FidelityDataset
 from .errors import UsageError, ZosolError
@@ -85,62 +85,74 @@ def compare(
 ) -> dict[str, Any]:
     """Generate data if missing, train ``methods``, evaluate them and SRC, write the reports.
 
-    ``methods``: default all registered methods (:func:`zosol.methods.names`) less the scenario's
-    ``not_by_default`` (each left out with one line saying why).
-    ``scenario``: a registered name, a scenario object (e.g. from ``make_scenario``) or a loaded
-    dataset; ``preset``: the scenario preset (default: "default" for a name, the object's own
-    config for an object).  ``solver``: the coarse solver every method trains and is evaluated
-    with (default: the scenario's; e.g. your black box); ``twin``: an optional differentiable
-    twin of it (methods that need a differentiable solver train through it; default: the solver
-    itself if differentiable, else the scenario's coarse solver if that is); methods that cannot
-    run are left out before any training, each with one line.  ``train_preset`` defaults to ``preset`` (or "default");
-    ``overrides`` change training options for every method (e.g. ``{"epochs": 5}``);
-    ``scenario_overrides`` change the scenario config (e.g. ``{"frames": 20}``; the dataset is then
-    named ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default
-    ``out/data``), or an existing dataset file.  ``options`` (RunOptions) or the keywords
-    ``workers``, ``progress``: the run controls; a run already in ``out/runs/<method>`` is resumed.
-    ``animation``: "auto" (``test_simulation.mp4`` when ffmpeg is on PATH, else ``.gif``), "gif",
-    "mp4" or "none"/None; the figures and animation show every method that was run (zosol.figures).
+    ``scenario``: a registered name, a scenario object (e.g. from ``make_scenario``) or a loaded dataset;
+    ``preset``: the scenario preset (default: "default" for a name, the object's own config for an
+    object).  ``methods``: default all registered methods (:func:`zosol.methods.names`) less the scenario's
+    ``not_by_default``; methods that cannot run with ``solver`` are left out before any training (each with
+    one line saying why).  ``solver``: the coarse solver every method trains and is evaluated with (default:
+    the scenario's; e.g. your black box); ``twin``: an optional differentiable twin of it (methods that need
+    a differentiable solver train through it; default: the solver itself if differentiable, else the
+    scenario's coarse solver if that is).  ``train_preset`` defaults to ``preset`` (or "default");
+    ``overrides`` change training options for every method (e.g. ``{"epochs": 5}``); ``scenario_overrides``
+    change the scenario config (e.g. ``{"frames": 20}``; the dataset is then named
+    ``<scenario>_custom.h5``); ``data_dir``: where the dataset is generated (default ``out/data``), or an
+    existing dataset file.  ``options`` (RunOptions) or the keywords ``workers``, ``progress``: the run
+    controls; a run already in ``out/runs/<method>`` is resumed.  ``animation``: "auto" (``.mp4`` when ffmpeg
+    is on PATH, else ``.gif``), "gif", "mp4" or "none"/None; the figures and animation show every method
+    that ran (zosol.figures).
 
-    Every method's entry in ``results["methods"]`` has a ``status``: "ok", or "diverged" /
-    "failed" with a ``message`` and no scores (its last good checkpoint stays in
+    Returns ``results`` (what ``results.json`` holds): every method's entry has a ``status``, "ok",
+    or "diverged" / "failed" with a ``message`` and no scores (its last good checkpoint stays in
     ``out/runs/<method>``)."""
     options = RunOptions.of(options, workers=workers, progress=progress, resume="auto")
     animation_path(".", animation)  # an unknown kind, or MP4 without ffmpeg, fails before any work
     lead = is_lead()  # other ranks of a torchrun launch compute (quietly); rank 0 reports, writes and locks
     log = log if lead else (lambda *a, **k: None)
-    sc0 = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
-    methods = _check_methods(default_methods(sc0, log) if methods is None else methods)
-    tp = (
-        train_preset
-        or preset
-        or (getattr(sc0, "preset", None) if getattr(sc0, "preset", None) in TRAIN_PRESETS else "default")
-    )
-    configs = {m: train_config(tp, sc0, method=m, **(overrides or {})) for m in methods}
+    configs = _configs(scenario, methods, train_preset or preset, overrides, log)
     out = _output_directory(out) if lead else Path(out)
     with directory_lock(out, f"compare output directory {out}") if lead else contextlib.nullcontext():
         t0 = time.perf_counter()
         dataset = _dataset(scenario, preset, out, data_dir, scenario_overrides, options.progress and lead)
         solver, twin = _solvers(dataset.scenario, solver, twin)
-        configs = {m: configs[m] for m in runnable_methods(methods, solver, twin, log)}
+        configs = {m: configs[m] for m in runnable_methods(list(configs), solver, twin, log)}
         log(
             f"dataset {dataset.path} ({len(dataset.train)} train / {len(dataset.test)} test simulations, "
             f"{dataset.frames} frames; {time.perf_counter() - t0:.1f} s)"
         )
-        results: dict[str, Any] = {
-            "scenario": dataset.scenario.describe(),
-            "dataset": str(dataset.path),
-            "generation_time": time.perf_counter() - t0,
-            "train_config": {},
-            "methods": {},
-            "launch": dict(zip(("world_size", "backend"), world()[1:])),
-        }
+        results = _results_head(dataset, generation_time=time.perf_counter() - t0)
         curves = _evaluate_all(dataset, configs, out, results, options, log, solver, twin)
         results["total_time"] = time.perf_counter() - t0
         if lead:
-            title = _title(dataset, preset, scenario_overrides)
-            _write_reports(dataset, title, out, results, *curves, animation=animation, log=log)
+            _write_reports(dataset, _title(dataset, preset, scenario_overrides), out, results, *curves, animation, log)
     return results
+
+
+def _configs(
+    scenario: str | Scenario | FidelityDataset,
+    methods: Sequence[str] | None,
+    train_preset: str | None,
+    overrides: dict[str, Any] | None,
+    log,
+) -> dict[str, TrainConfig]:
+    """Every method's TrainConfig (``methods`` default: :func:`default_methods`) at ``train_preset``,
+    default: the scenario object's preset if it names a training preset, else "default"."""
+    scenario = scenario.scenario if isinstance(scenario, FidelityDataset) else scenario
+    methods = _check_methods(default_methods(scenario, log) if methods is None else methods)
+    own = getattr(scenario, "preset", None)
+    preset = train_preset or (own if own in TRAIN_PRESETS else "default")
+    return {m: train_config(preset, scenario, method=m, **(overrides or {})) for m in methods}
+
+
+def _results_head(dataset: FidelityDataset, generation_time: float) -> dict[str, Any]:
+    """``results`` before any method ran: the scenario, dataset, generation time and launch."""
+    return {
+        "scenario": dataset.scenario.describe(),
+        "dataset": str(dataset.path),
+        "generation_time": generation_time,
+        "train_config": {},
+        "methods": {},
+        "launch": dict(zip(("world_size", "backend"), world()[1:])),
+    }
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

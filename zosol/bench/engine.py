@@ -35,6 +35,16 @@ from .timing import time_call
 
 __all__ = ["run_engine_bench", "subset_masks"]
 
+#: the 10k model's metrics the result repeats at its top level (and the table prints)
+HEADLINE = (
+    "speedup_batched_vs_naive",
+    "speedup_reuse_vs_naive",
+    "speedup_feature_reuse",
+    "cge_cost_vs_dense_forward",
+    "reuse_max_abs_grad_diff",
+    "cge_rel_err_vs_autograd",
+)
+
 
 def _timeit(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Fastest of ``repeats`` calls (no warm-up) and the last call's output."""
@@ -170,18 +180,21 @@ def _run(json_path, quick, mu) -> dict:
     small = _speed_block((10, 10, 8), chunk, 300 if quick else 1070, reps, mu, with_vmap=True)
     res["model_10k"] = main
     res["model_1k"] = small
-    for k in (
-        "speedup_batched_vs_naive",
-        "speedup_reuse_vs_naive",
-        "speedup_feature_reuse",
-        "cge_cost_vs_dense_forward",
-        "reuse_max_abs_grad_diff",
-        "cge_rel_err_vs_autograd",
-    ):
-        res[k] = main[k]
+    res.update({k: main[k] for k in HEADLINE})
     res["speedup_reuse_vs_naive_1k"] = small["speedup_reuse_vs_naive"]
+    res["peak_memory_per_chunk"] = _memory_per_chunk(mu, quick)
+    res["queries_per_s_vs_model_size"] = _model_size_sweep(mu, quick, chunk, reps)
+    res["wall_s"] = time.perf_counter() - t0
+    _print_table(res)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
 
-    # peak memory per chunk size (one chunk of random coordinates, reuse on); "auto": the default
+
+def _memory_per_chunk(mu: float, quick: bool) -> list[dict]:
+    """Peak memory and queries/s per chunk size (one chunk of random coordinates of the 10k model,
+    reuse on); chunk "auto": the default, from the memory budget."""
     model, x, y, lof = _problem((32, 32, 24))
     mem = []
     for c in (64, 512, 2048, "auto") if quick else (64, 256, 1024, 4096, "auto"):
@@ -202,9 +215,11 @@ def _run(json_path, quick, mu) -> dict:
                 "queries_per_s": (box["est"].queries) / box["t"],
             }
         )
-    res["peak_memory_per_chunk"] = mem
+    return mem
 
-    # queries/s vs model size (reuse on, random subset of coordinates)
+
+def _model_size_sweep(mu: float, quick: bool, chunk: int, reps: int) -> list[dict]:
+    """Queries/s vs model size (reuse on, a random subset of coordinates)."""
     sweep = []
     for hidden in (
         ((4, 4, 4), (10, 10, 8), (32, 32, 24))
@@ -216,13 +231,7 @@ def _run(json_path, quick, mu) -> dict:
         masks = subset_masks(model, n)
         t, _ = _timeit(lambda: cge_structured(model, lof, mu=mu, masks=masks, chunk_size=chunk), reps)
         sweep.append({"hidden": list(hidden), "d": n_params(model), "coords_timed": n, "queries_per_s": (n + 1) / t})
-    res["queries_per_s_vs_model_size"] = sweep
-    res["wall_s"] = time.perf_counter() - t0
-    _print_table(res)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(res, f, indent=2)
-    return res
+    return sweep
 
 
 def _print_table(res: dict) -> None:
@@ -242,15 +251,7 @@ def _print_table(res: dict) -> None:
             if k in m:
                 print(f"  {name:34s} {m[k]:9.3f} {m['naive_s'] / m[k]:9.2f}")
     print("\nheadline metrics (10k model):")
-    for k in (
-        "speedup_batched_vs_naive",
-        "speedup_reuse_vs_naive",
-        "speedup_feature_reuse",
-        "cge_cost_vs_dense_forward",
-        "reuse_max_abs_grad_diff",
-        "cge_rel_err_vs_autograd",
-        "speedup_reuse_vs_naive_1k",
-    ):
+    for k in (*HEADLINE, "speedup_reuse_vs_naive_1k"):
         print(f"  {k:32s} {res[k]:.4g}")
     print(f"  {'cge_cosine_vs_autograd':32s} {res['model_10k']['cge_cosine_vs_autograd']:.5f}")
     print("\npeak memory per chunk size (structured + reuse, 10k model; auto = the default, from the memory budget):")

@@ -17,6 +17,31 @@ Step functions given as callables are wrapped in :class:`~zosol.solvers.external
 N local processes).  The solvers are built by you, once; every copy of the scenario at another
 preset shares them.
 
+Arguments of ``make_scenario`` (all but ``name`` keyword-only):
+
+* ``name``: the scenario's name (datasets are named ``<name>_<preset>.h5``).
+* ``reference``, ``coarse``: a :class:`Solver` (any, black boxes included) or a numpy step function
+  ``fn(state (B, C, *shape), params (B, K) | None) -> (B, C, *shape)``; with ``batched=False`` the
+  functions take one state ``(C, *shape)`` and params ``(K,)``.
+* ``sample``: ``sample(seed) -> (state (C, *reference_shape), params (K,) or None)``.
+* ``dt``: time between frames (both solvers advance exactly ``dt`` per step).
+* ``reference_shape``, ``coarse_shape``: the grids (needed for step functions; read from Solvers).
+* ``downsample``: ``(B, C, *reference) tensor -> (B, C, *coarse)``; default: conservative block
+  averaging when each reference extent is a multiple of the coarse one.
+* ``channels``, ``num_params``: state channel names and per-simulation parameter count K.
+* ``batched``, ``processes``: for step functions: False when they take one state at a time; spread
+  every batch over this many local processes (see ``NumpySolver``).
+* ``dtype``: "float32" (default) or "float64": the arrays step functions get and return, and the
+  states ``sample`` gives (the reference trajectory is computed in it; datasets store float32).
+* ``frames``, ``warmup``, ``train_sims``, ``test_sims``, ``seed``: as in :class:`ScenarioConfig`
+  (train seeds ``seed + i``, test seeds ``seed + 10000 + i``).
+* ``presets``: preset name -> overrides of those fields (``"default"`` is added if missing).
+* ``physics``: JSON-able description recorded in datasets (e.g. ``{"nu": 0.01, "n": 32}``).
+* ``features``: extra corrector input channels from params (B, K) -> (B, F, *coarse).
+* ``padding_mode``: the corrector's convolution padding ("circular" for periodic domains).
+* ``train_presets``: training-preset adjustments (preset -> TrainConfig fields).
+* ``description``: a sentence saying what the scenario is (its ``description`` attribute).
+
 A dataset records how to rebuild its scenario (:attr:`CustomScenario.source`, an importable
 ``module:object``): define the scenario at module level of an importable module (not in a
 script run as ``__main__``) and ``load_dataset`` / ``zosol info`` / ``zosol evaluate`` open it
@@ -241,6 +266,16 @@ def _default_downsample(fine: tuple[int, ...], small: tuple[int, ...]) -> Callab
     return (lambda u: u) if fine == small else (lambda u: block_average(u, small))
 
 
+def _physics(physics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``physics`` as a dict; UsageError when it is not JSON-serialisable (datasets record it)."""
+    physics = dict(physics or {})
+    try:
+        json.dumps(physics)
+    except TypeError as e:
+        raise UsageError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
+    return physics
+
+
 def make_scenario(
     name: str,
     *,
@@ -268,31 +303,8 @@ def make_scenario(
     train_presets: Mapping[str, Mapping[str, Any]] | None = None,
     description: str = "",
 ) -> CustomScenario:
-    """A scenario from parts (see the module docstring).
-
-    Args:
-        name: the scenario's name (datasets are named ``<name>_<preset>.h5``).
-        reference, coarse: a :class:`Solver` (any, black boxes included) or a numpy step function
-            ``fn(state (B, C, *shape), params (B, K) | None) -> (B, C, *shape)``; with
-            ``batched=False`` the functions take one state ``(C, *shape)`` and params ``(K,)``.
-        sample: ``sample(seed) -> (state (C, *reference_shape), params (K,) or None)``.
-        dt: time between frames (both solvers advance exactly ``dt`` per step).
-        reference_shape, coarse_shape: the grids (needed for step functions; read from Solvers).
-        downsample: ``(B, C, *reference) tensor -> (B, C, *coarse)``; default: conservative
-            block averaging when each reference extent is a multiple of the coarse one.
-        channels, num_params: state channel names and per-simulation parameter count K.
-        batched, processes: for step functions: False when they take one state at a time; spread
-            every batch over this many local processes (see ``NumpySolver``).
-        dtype: "float32" (default) or "float64": the arrays step functions get and return, and the
-            states ``sample`` gives (the reference trajectory is computed in it; datasets store float32).
-        frames, warmup, train_sims, test_sims, seed: as in :class:`ScenarioConfig` (train seeds
-            ``seed + i``, test seeds ``seed + 10000 + i``).
-        presets: preset name -> overrides of those fields (``"default"`` is added if missing).
-        physics: JSON-able description recorded in datasets (e.g. ``{"nu": 0.01, "n": 32}``).
-        features: extra corrector input channels from params (B, K) -> (B, F, *coarse).
-        padding_mode: the corrector's convolution padding ("circular" for periodic domains).
-        train_presets: training-preset adjustments (preset -> TrainConfig fields).
-    """
+    """A scenario from parts: ``reference`` and ``coarse`` steps, a ``sample`` of initial states and
+    ``dt`` (the arguments are described in the module docstring); returns it at preset "default"."""
     module, maker = _caller()
     dtype = _dtype_name(dtype)
     host = dict(batched=batched, processes=processes, dtype=dtype)
@@ -301,10 +313,6 @@ def make_scenario(
     _check_parts(ref, crs, float(dt))
     if downsample is None:
         downsample = _default_downsample(tuple(ref.spatial_shape), tuple(crs.spatial_shape))
-    try:
-        json.dumps(dict(physics or {}))
-    except TypeError as e:
-        raise UsageError(f"make_scenario: physics must be JSON-serialisable ({e})") from None
     parts = dict(
         name=name,
         reference=ref,
@@ -321,7 +329,7 @@ def make_scenario(
         train_presets={k: dict(v) for k, v in (train_presets or {}).items()},
     )
     config = CustomConfig(
-        frames=frames, warmup=warmup, train_sims=train_sims, test_sims=test_sims, seed=seed, physics=dict(physics or {})
+        frames=frames, warmup=warmup, train_sims=train_sims, test_sims=test_sims, seed=seed, physics=_physics(physics)
     )
     parts["base_config"] = config.to_dict()
     return CustomScenario(config, "default", parts=parts)

@@ -352,6 +352,27 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
+def _command_list(command: str | Sequence[str]) -> list[str]:
+    """The program and its arguments as a list (a string is split with ``shlex``); UsageError when
+    empty, OSError off POSIX."""
+    if os.name != "posix":
+        raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
+    command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+    if not command:
+        raise UsageError("ExternalSolver: empty command")
+    return command
+
+
+def _program_name(command: list[str]) -> str:
+    """The program's file name, or its script's for an interpreter running one
+    (``python my_pde.py`` -> ``my_pde.py``)."""
+    base = [os.path.basename(c) for c in command]
+    interpreted = (
+        base[0].startswith(("python", "julia", "Rscript", "node")) and len(base) > 1 and not command[1].startswith("-")
+    )
+    return base[1] if interpreted else base[0]
+
+
 class ExternalSolver(_HostSolver):
     """A solver that is an external program speaking the zosol frame protocol on stdin/stdout.
 
@@ -416,11 +437,7 @@ class ExternalSolver(_HostSolver):
         )
         _check_counts("ExternalSolver", max_batch=max_batch, processes=processes)
         self.max_batch = None if max_batch is None else int(max_batch)
-        if os.name != "posix":
-            raise OSError("ExternalSolver needs a POSIX system (select on pipes)")
-        self.command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
-        if not self.command:
-            raise UsageError("ExternalSolver: empty command")
+        self.command = _command_list(command)
         if not (timeout > 0):
             raise UsageError(f"ExternalSolver: timeout must be positive, got {timeout}")
         self.timeout = float(timeout)
@@ -431,14 +448,16 @@ class ExternalSolver(_HostSolver):
         self.cwd = cwd
         self.expect = dict(expect or {})
         self.stderr_tail = int(stderr_tail)
-        base = [os.path.basename(c) for c in self.command]
-        interpreted = (
-            base[0].startswith(("python", "julia", "Rscript", "node"))
-            and len(base) > 1
-            and not self.command[1].startswith("-")
-        )
-        self.name = name or (base[1] if interpreted else base[0])
+        self.name = name or _program_name(self.command)
         self.pipe_size = int(pipe_size)
+        self._init_process_state()
+        self._start()
+        #: further copies of the program for ``processes > 1`` (each started once, own pipes)
+        self._copies = [ExternalSolver(command, **options) for _ in range(int(processes) - 1)]
+
+    # -- process life ------------------------------------------------------------------------
+    def _init_process_state(self) -> None:
+        """The counters and the process fields before the first start (no process, no pipes)."""
         self.restarts = 0
         self.calls = 0
         self.metadata: dict[str, Any] = {}
@@ -450,11 +469,7 @@ class ExternalSolver(_HostSolver):
         self._finalizer = None
         self._failure: str | None = None  # why the process died, while not restarted
         self._lock = threading.RLock()
-        self._start()
-        #: further copies of the program for ``processes > 1`` (each started once, own pipes)
-        self._copies = [ExternalSolver(command, **options) for _ in range(int(processes) - 1)]
 
-    # -- process life ------------------------------------------------------------------------
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid

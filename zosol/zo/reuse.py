@@ -250,6 +250,15 @@ def _pick_engine(model: nn.Module, engine: str, params: dict) -> tuple[str, Grap
     return "vmap", None, reason
 
 
+def _forwards(model: nn.Module, engine: str, gplan: GraphPlan | None, plan: CGEPlan, hint: dict, reuse: bool):
+    """``(make_forward(s, e), plain)`` of ``engine``: the forward under perturbations s..e of the plan
+    and the unperturbed forward (one copy of the parameters)."""
+    if engine == "structured":
+        return _structured_factory(model, gplan, plan, hint, reuse), _StructuredForward(gplan, {}, 1, hint, True)
+    make_forward = _vmap_factory(model, plan, hint)
+    return make_forward, _VmapForward(model, {k: p.detach().unsqueeze(0) for k, p in model.named_parameters()}, 1, hint)
+
+
 def _chunking(chunk_size, memory_budget_bytes: int | None, hint: dict, device: torch.device):
     """``"auto"`` -> :class:`AutoChunk` sized from the bytes per perturbation the probe chunk recorded."""
     if chunk_size != "auto":
@@ -302,12 +311,7 @@ def cge_structured(
     plan = CGEPlan.build(params, masks, scheme, mu)
     engine, gplan, reason = _pick_engine(model, engine, params)
     hint = {"B": batch_size}
-    if engine == "structured":
-        make_forward = _structured_factory(model, gplan, plan, hint, reuse)
-        plain = _StructuredForward(gplan, {}, 1, hint, True)
-    else:
-        make_forward = _vmap_factory(model, plan, hint)
-        plain = _VmapForward(model, {k: p.detach().unsqueeze(0) for k, p in model.named_parameters()}, 1, hint)
+    make_forward, plain = _forwards(model, engine, gplan, plan, hint, reuse)
     dev = next(iter(params.values())).device
     chunks = _chunking(chunk_size, memory_budget, hint, dev)
     est = plan.run(
