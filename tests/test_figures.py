@@ -101,6 +101,21 @@ def test_frame_error_band_is_defined_on_the_log_axis_when_std_exceeds_the_mean()
         F.frame_error_figure({"SRC": err}, dt=1.0, band=(0.9, 0.1))
 
 
+def test_frame_error_long_title_stays_inside_the_figure_above_the_time_axis():
+    """A long scenario title (the karman2d run with --set) is wrapped to the figure's width and sits
+    above the top (time) axis label, not over it."""
+    err = np.full((2, 20), 0.1)
+    title = "karman2d (default with reference=direct, train_sims=3, test_sims=2, frames=100): MAE per frame"
+    fig = F.frame_error_figure({"SRC": err, "FO-SOL": err / 3}, dt=1.0, title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    head = fig.texts[0].get_window_extent(renderer)
+    time_label = fig.axes[0].child_axes[0].xaxis.label.get_window_extent(renderer)
+    assert fig.texts[0].get_text() == title
+    assert 0 <= head.x0 and head.x1 <= fig.bbox.width and head.y1 <= fig.bbox.height
+    assert head.y0 >= time_label.y1
+
+
 def _gif_frames(path: Path) -> int:
     from PIL import Image
 

@@ -412,7 +412,8 @@ def frame_error_figure(
     top.set_xlabel(f"time t (dt = {dt:g} per frame)")
     pct = f"{100 * band[0]:g}–{100 * band[1]:g} %"
     ax.legend(title=f"median; band: {pct} of {sims} test simulations", title_fontsize=8, fontsize=8)
-    ax.set_title(title or "per-frame error on the test simulations", fontsize=10)
+    # above the top (time) axis and its label, wrapped to the figure's width (a long scenario title)
+    fig.suptitle(title or "per-frame error on the test simulations", fontsize=10, wrap=True)
     return fig
 
 
