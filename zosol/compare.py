@@ -268,9 +268,7 @@ def _evaluate_all(
     """SRC and every method into ``results["methods"]``; returns the per-frame MAE (N, T) and the
     first test simulation's trajectory of every method that finished."""
     src = evaluate(dataset, solver=solver)
-    results["methods"][BASELINE] = {
-        k: v for k, v in src.items() if k not in ("prediction", "solver_calls", "solver_samples")
-    }
+    results["methods"][BASELINE] = _scores(src)
     results["methods"][BASELINE].update(
         status="ok", wall_time=0.0, solver_calls=0, solver_samples=0, eval_solver_samples=src["solver_samples"]
     )
@@ -295,8 +293,15 @@ def _evaluate_all(
     return per_frame, predictions
 
 
+def _scores(ev: dict[str, Any]) -> dict[str, Any]:
+    """What of evaluate()'s result goes into a method's entry: all but the prediction and the
+    evaluation's solver counts (the entry names those ``eval_solver_samples``)."""
+    return {k: v for k, v in ev.items() if k not in ("prediction", "solver_calls", "solver_samples")}
+
+
 def _entry(method: str, cfg: Any, ev: dict[str, Any], h: dict[str, Any]) -> dict[str, Any]:
-    entry = {k: v for k, v in ev.items() if k not in ("prediction", "solver_calls", "solver_samples")}
+    """The entry of a method that finished: its scores, training cost and the method's own keys."""
+    entry = _scores(ev)
     entry.update(
         status="ok",
         wall_time=h["wall_time"],

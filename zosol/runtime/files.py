@@ -19,6 +19,7 @@ one-line messages for file-system errors.  The checks that keep writes safe live
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,7 +27,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,6 +65,20 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+@contextlib.contextmanager
+def _replacing(path: Path, mode: int | None) -> Iterator[tuple[int, Path]]:
+    """``(fd, tmp)`` of a new temporary file beside ``path`` (the block fills it, closes ``fd`` and
+    flushes it to disk); when the block ends it replaces ``path`` (file mode ``mode``, default from
+    the umask), when anything raises it is removed and ``path`` is left as it was."""
+    fd, tmp = _new_temp(path)
+    try:
+        yield fd, tmp
+        _finish(tmp, path, _default_mode() if mode is None else mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any], *, mode: int | None = None) -> Path:
     """Write ``path`` atomically: ``writer(f)`` fills ``f``, a binary file object open on a fresh,
     exclusively created temporary file in the same directory, which then replaces ``path``.
@@ -72,16 +87,11 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any], *, 
     Raises what ``writer`` or the file system raised; ``path`` is then unchanged.
     """
     path = Path(path)
-    fd, tmp = _new_temp(path)
-    try:
+    with _replacing(path, mode) as (fd, _):
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
-        _finish(tmp, path, _default_mode() if mode is None else mode)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -90,16 +100,11 @@ def atomic_save_path(path: str | os.PathLike, writer: Callable[[Path], Any], *, 
     ``writer(tmp)`` gets the path of an exclusively created, empty temporary file (unique name,
     same directory), which then replaces ``path``."""
     path = Path(path)
-    fd, tmp = _new_temp(path)
-    os.close(fd)
-    try:
+    with _replacing(path, mode) as (fd, tmp):
+        os.close(fd)
         writer(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        _finish(tmp, path, _default_mode() if mode is None else mode)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -49,14 +49,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM stopped the run; its last checkpoint is on disk (the message says where)."""
 
 
-def _forward_to_children() -> None:
+def _signal_children(signum: int) -> bool:
+    """Send ``signum`` to this process's live multiprocessing children; whether there were any."""
     children = multiprocessing.active_children()
     for child in children:
         try:
-            os.kill(child.pid, signal.SIGTERM)
-        except (ProcessLookupError, TypeError):
+            os.kill(child.pid, signum)
+        except (ProcessLookupError, TypeError):  # gone meanwhile, or not started (pid None)
             pass
-    if children:
+    return bool(children)
+
+
+def _forward_to_children() -> None:
+    if _signal_children(signal.SIGTERM):
         kill_children_after(GRACE_SECONDS)
 
 
@@ -132,15 +137,7 @@ def die_with_parent(parent_pid: int) -> None:
 def kill_children_after(seconds: float) -> threading.Timer:
     """SIGKILL this process's multiprocessing children that are still alive after ``seconds``
     (the backstop when a worker does not stop on SIGTERM); returns the started timer."""
-
-    def kill() -> None:
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
-
-    timer = threading.Timer(seconds, kill)
+    timer = threading.Timer(seconds, _signal_children, (signal.SIGKILL,))
     timer.daemon = True
     timer.start()
     return timer
