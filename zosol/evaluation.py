@@ -21,9 +21,9 @@ from .metrics import (
     relative_l1_per_simulation,
     summarize,
 )
-from .rollout import corrected_rollout
+from .rollout import SolverCounter, corrected_rollout
 from .solvers.base import BlackBox, Solver
-from .training import SolverCounter, TrainingDiverged
+from .training.errors import TrainingDiverged
 
 __all__ = ["evaluate", "EvaluationDiverged", "EXPLODED_FACTOR"]
 

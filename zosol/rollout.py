@@ -26,10 +26,25 @@ from .config import LOSSES as LOSS_NAMES
 from .errors import UsageError
 from .models import corrector_input
 
-__all__ = ["WindowBatch", "corrected_rollout", "window_loss", "LOSSES"]
+__all__ = ["WindowBatch", "SolverCounter", "Step", "corrected_rollout", "window_loss", "LOSSES"]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SolverCounter:
+    """Wraps a solver's ``step`` and counts calls and sample-steps (batch entries advanced)."""
+
+    def __init__(self, step: Step):
+        self._step = step
+        self.calls = 0
+        self.samples = 0
+
+    def __call__(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        self.samples += state.shape[0]
+        return self._step(state, params)
+
 
 _POINTWISE = {
     "mse": lambda err: err.pow(2),

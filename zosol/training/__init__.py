@@ -3,9 +3,9 @@
 Modules (each small, no cycles; read in this order):
 
 * :mod:`~zosol.training.windows`     ``Windows``: SOL-m training windows, seeded order, batches.
-* :mod:`~zosol.training.sources`     ``GradientSource`` per method (``non``, ``nog-sol``,
-  ``fo-sol``, ``zo-sol``) and their registry; ``SolverCounter`` / ``SolverViews`` (black box
-  or differentiable, counted).
+* :mod:`~zosol.training.sources`     ``GradientSource`` / ``AutogradSource`` (the base classes of
+  the methods' gradient steps, :mod:`zosol.methods`); ``SolverViews`` (black box or differentiable,
+  each a counted ``zosol.rollout.SolverCounter``).
 * :mod:`~zosol.training.sparsity`    layer-wise pruning ratios of sparse ZO-SOL.
 * :mod:`~zosol.training.state`       ``RunState`` (everything a checkpoint holds), ``TrainResult``.
 * :mod:`~zosol.training.checkpoint`  atomic checkpoints, resume checks, ``load_run``.

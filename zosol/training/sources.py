@@ -11,7 +11,6 @@ gives them).  Each method module of :mod:`zosol.methods` defines its source and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +18,7 @@ import torch
 
 from .. import methods
 from ..config import TrainConfig
-from ..rollout import window_loss
+from ..rollout import SolverCounter, Step, window_loss
 from ..solvers.base import BlackBox, Solver, default_twin, is_differentiable
 from .windows import WindowBatch, Windows
 
@@ -31,22 +30,6 @@ __all__ = [
     "source_class",
     "Step",
 ]
-
-Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-class SolverCounter:
-    """Wraps a solver's ``step`` and counts calls and sample-steps (batch entries advanced)."""
-
-    def __init__(self, step: Step):
-        self._step = step
-        self.calls = 0
-        self.samples = 0
-
-    def __call__(self, state: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        self.calls += 1
-        self.samples += state.shape[0]
-        return self._step(state, params)
 
 
 @dataclass
