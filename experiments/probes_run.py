@@ -93,6 +93,13 @@ class Ctx:
     def train(self, *extra: str, out: str = "run", method: str = "non") -> subprocess.CompletedProcess:
         return zosol(self.root, "train", *TINY, "--method", method, "--data", str(self.data), "--out", out, *extra)
 
+    def train_args(self, *extra: str, out: str = "run", method: str = "non") -> list[str]:
+        return ["train", *TINY, "--method", method, "--data", str(self.data), "--out", out, *extra]
+
+    def train_raw(self, *extra: str, out: str = "run", method: str = "non") -> subprocess.CompletedProcess:
+        """``train`` without the default --data (the probe gives its own)."""
+        return zosol(self.root, "train", *TINY, "--method", method, "--out", out, *extra)
+
     def compare(self, *extra: str, out: str = "cmp", methods: str = "non") -> subprocess.CompletedProcess:
         return zosol(
             self.root,
@@ -650,6 +657,487 @@ def _(c):
 @probe("11i train --train-set lr=nan")
 def _(c):
     return verdict(c.train("--train-set", "lr=NaN"), 2, "lr")
+
+
+# ============================================================================== issue 23
+# Files from others are data; nothing written outside --out; every fault one line; nothing orphaned.
+def _copy_data(c: Ctx, name: str = "evil.h5") -> Path:
+    dst = c.root / name
+    shutil.copyfile(c.data, dst)
+    return dst
+
+
+def _h5(path: Path, change: Callable) -> Path:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        change(f)
+    return path
+
+
+def _plant(c: Ctx, name: str, code: str) -> None:
+    (c.root / f"{name}.py").write_text(code)
+
+
+MARK = "import pathlib\npathlib.Path({m!r}).write_text('ran')\n"
+for _src in (
+    "os:abort",
+    "sys:exit",
+    "code:interact",
+    "tempfile:mkdtemp",
+    "zosol.cli:main",
+    "venv.__main__:main",
+    "signal:pause",
+    "os:fork",
+    "planted_mod:boom",
+):
+
+    def _source_probe(c, src=_src):
+        _plant(c, "planted_mod", MARK.format(m=str(c.marker)) + "def boom():\n    pass\n")
+        path = _h5(_copy_data(c), lambda f: f.attrs.update(scenario="evil_pde", scenario_source=src))
+        before = set(os.listdir(c.root))
+        r = zosol(c.root, "info", str(path), timeout=120)
+        if c.marker.exists():
+            return "the dataset's source module was imported"
+        if set(os.listdir(c.root)) - before:
+            return f"files appeared: {sorted(set(os.listdir(c.root)) - before)}"
+        return verdict(r, 2, "--plugin")
+
+    probe(f"23.1 info of a dataset naming {_src}")(_source_probe)
+
+
+@probe("23.1 evaluate of a run whose dataset names planted_mod:boom")
+def _(c):
+    assert c.train("--epochs", "1").returncode == 0
+    _plant(c, "planted_mod", MARK.format(m=str(c.marker)) + "def boom():\n    pass\n")
+    path = _h5(_copy_data(c), lambda f: f.attrs.update(scenario="evil_pde", scenario_source="planted_mod:boom"))
+    (c.root / "run" / "run.json").write_text(json.dumps({"dataset": str(path)}))
+    r = zosol(c.root, "evaluate", "run", timeout=120)
+    return "the dataset's source module was imported" if c.marker.exists() else verdict(r, 2, "--plugin")
+
+
+@probe("23.2 --plugin: a planted matplotlib.py does not shadow the installed one")
+def _(c):
+    _plant(c, "matplotlib", MARK.format(m=str(c.marker)) + "raise ImportError('planted')\n")
+    _plant(c, "myplug", "X = 1\n")
+    r = subprocess.run(
+        [PY, "-P", "-m", "zosol.cli", "info", str(c.data), "--plugin", "myplug", "--plot", "f.png"],
+        cwd=c.root,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return "a planted module shadowed an installed package" if c.marker.exists() else verdict(r, 0)
+
+
+def _listeners_not_loopback(pids: set[int]) -> list[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if t.startswith("socket:["):
+                    inodes.add(t[8:-1])
+        except OSError:
+            continue
+    bad = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if (
+                f[3] == "0A"
+                and f[9] in inodes
+                and not f[1].startswith(
+                    ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
+                )
+            ):
+                bad.append(f[1])
+    return bad
+
+
+@probe("23.3 --workers 2 listens on loopback only")
+def _(c):
+    p = subprocess.Popen(
+        [PY, "-m", "zosol.cli", *c.train_args("--epochs", "200", "--workers", "2", method="zo-sol")],
+        cwd=c.root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: list[str] = []
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and p.poll() is None:
+            pids = _descendants(p.pid) | {p.pid}
+            seen += _listeners_not_loopback(pids)
+            if (c.root / "run" / "checkpoint.pt").exists():
+                break
+            time.sleep(0.5)
+    finally:
+        p.kill()
+        p.wait()
+        time.sleep(1)
+    return f"listening on {sorted(set(seen))}" if seen else None
+
+
+for _link in ("runs", "runs/non", "data"):
+
+    def _symlink_probe(c, link=_link):
+        elsewhere = c.root.parent / (c.root.name + "-elsewhere")
+        elsewhere.mkdir()
+        (c.root / "cmp" / link).parent.mkdir(parents=True, exist_ok=True)
+        (c.root / "cmp" / link).symlink_to(elsewhere)
+        extra = ["--data", str(c.data)] if link != "data" else []
+        r = zosol(c.root, "compare", *TINY, "--quiet", "--methods", "non", "--epochs", "1", *extra, "--out", "cmp")
+        if any(elsewhere.iterdir()):
+            return f"wrote through cmp/{link} into {sorted(x.name for x in elsewhere.iterdir())}"
+        return verdict(r, 2, "symbolic link")
+
+    probe(f"23.4 compare --out with a planted symlink at {_link}")(_symlink_probe)
+
+for _lock in ("run/.zosol.lock", "cmp/.zosol.lock", "gen/burgers1d_tiny.h5.lock"):
+
+    def _hardlink_probe(c, lock=_lock):
+        (c.root / lock).parent.mkdir(parents=True, exist_ok=True)
+        os.link(c.foreign, c.root / lock)
+        if lock.startswith("run"):
+            r = c.train("--epochs", "1")
+        elif lock.startswith("cmp"):
+            r = c.compare("--epochs", "1")
+        else:
+            r = zosol(c.root, "generate", *TINY, "--quiet", "--out", "gen")
+        return "the hard-linked file was rewritten" if not c.foreign_ok() else verdict(r, 2, "hard link")
+
+    probe(f"23.5 hard-linked lock file {_lock}")(_hardlink_probe)
+
+
+@probe("23.6 train --data nope/missing.h5")
+def _(c):
+    r = zosol(c.root, "train", *TINY, "--method", "non", "--data", "nope/missing.h5", "--out", "run")
+    return "created nope/" if (c.root / "nope").exists() else verdict(r, 2, "--data")
+
+
+@probe("23.6 train --resume --data nope/missing.h5")
+def _(c):
+    assert c.train("--epochs", "1").returncode == 0
+    r = zosol(c.root, "train", *TINY, "--method", "non", "--data", "nope/missing.h5", "--out", "run", "--resume")
+    return "created nope/" if (c.root / "nope").exists() else verdict(r, 2, "--data")
+
+
+@probe("23.7 generate: a finished part overwritten with finite values")
+def _(c):
+    import numpy as np
+
+    import zosol.datasets.generate as g
+    from zosol.datasets import load_dataset
+
+    good = load_dataset(c.data)
+    parts = c.root / "gen" / "burgers1d_tiny.h5.parts"  # an interrupted generation, one part tampered
+    parts.mkdir(parents=True)
+    (parts / "config.json").write_text(json.dumps({**good.scenario.describe(), "batch": 8}, sort_keys=True))
+    sim = good.train[1]
+    tr, pa = sim.trajectory.numpy(), sim.params.numpy()
+    kept = {"sha256": g.simulation_digest(tr, pa)} if hasattr(g, "simulation_digest") else {}  # its own checksum
+    np.savez(parts / "train_1.npz", trajectory=tr + np.float32(0.5), params=pa, **kept)
+    r = zosol(c.root, "generate", *TINY, "--quiet", "--out", "gen")
+    if r.returncode != 0:
+        return verdict(r, 0)
+    made = load_dataset(c.root / "gen" / "burgers1d_tiny.h5")
+    return None if made.train[1].trajectory.equal(sim.trajectory) else "tampered values in the dataset"
+
+
+@probe("23.8 info warns when test sims duplicate training ones")
+def _(c):
+    from zosol.datasets import load_dataset
+    from zosol.datasets.hdf5 import write_dataset
+
+    ds = load_dataset(c.data)
+    path = write_dataset(c.root / "dup.h5", ds.scenario, ds.train, [ds.train[0]])
+    r = zosol(c.root, "info", str(path))
+    return None if "duplicate training" in r.stderr else f"no warning (exit {r.returncode})"
+
+
+@probe("23.9 kill -9 of train with a StatePool scenario leaves no worker")
+def _(c):
+    _plant(
+        c,
+        "pool_plug",
+        "import time, numpy as np\nfrom zosol.solvers import make_scenario, register\n"
+        "def slow(u, p):\n    time.sleep(0.01)\n    return 0.9 * u\n"
+        "register('pool_plug', make_scenario('pool_plug', reference=slow, coarse=slow, sample=lambda s: "
+        "(np.random.default_rng(s).normal(size=(1, 16)), None), dt=0.1, reference_shape=(16,), coarse_shape=(16,),"
+        " batched=False, processes=2, frames=6, train_sims=4, test_sims=1))\n",
+    )
+    p = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "zosol.cli",
+            "train",
+            "--plugin",
+            "pool_plug",
+            "--scenario",
+            "pool_plug",
+            "--method",
+            "zo-sol",
+            "--epochs",
+            "500",
+            "--out",
+            "run",
+        ],
+        cwd=c.root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kids: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(kids) < 1 and p.poll() is None:
+        kids = _descendants(p.pid)
+        time.sleep(0.3)
+    time.sleep(2)
+    kids |= _descendants(p.pid)
+    p.kill()
+    p.wait()
+    time.sleep(3)
+    left = _alive(kids)
+    for k in left:
+        os.kill(k, signal.SIGKILL)
+    return f"{len(left)} worker(s) survived kill -9" if left else (None if kids else "no pool worker seen")
+
+
+PLUGIN_FAULTS = {
+    "raises RuntimeError": "raise RuntimeError('boom')\n",
+    "SyntaxError": "def f(:\n    pass\n",
+    "ImportError of a name": "from os import no_such_name\n",
+    "register('x', 5)": "from zosol.solvers import register\nregister('x', 5)\n",
+    "re-registers burgers1d with a string": "from zosol.solvers import register\nregister('burgers1d', 'x')\n",
+    "sys.exit(0)": "import sys\nsys.exit(0)\n",
+}
+for _what, _code in PLUGIN_FAULTS.items():
+
+    def _plugin_probe(c, code=_code):
+        _plant(c, "faulty_plug", code)
+        return verdict(zosol(c.root, "info", str(c.data), "--plugin", "faulty_plug"), 2, "faulty_plug")
+
+    probe(f"23.10 --plugin that {_what}")(_plugin_probe)
+
+LOADER_FAULTS = {"returns 42": "lambda: 42", "raises KeyError": "lambda: {}['k']"}
+for _what, _loader in LOADER_FAULTS.items():
+
+    def _loader_probe(c, loader=_loader):
+        _plant(c, "loader_plug", f"from zosol.solvers import register\nregister('loader_x', {loader})\n")
+        path = _h5(_copy_data(c), lambda f: f.attrs.update(scenario="loader_x"))
+        return verdict(zosol(c.root, "info", str(path), "--plugin", "loader_plug"), 2, "loader_x")
+
+    probe(f"23.10 a registered loader that {_what}")(_loader_probe)
+
+SAMPLES = {
+    "wrong shape": "return np.zeros((1, 64)), None",
+    "extra dims": "return np.zeros((1, 1, 128)), None",
+    "None": "return None",
+    "a string": "return 'abc'",
+    "params of varying length": "return np.zeros((1, 128)), np.zeros(seed % 2 + 1)",
+}
+for _what, _body in SAMPLES.items():
+
+    def _sample_probe(c, body=_body):
+        _plant(
+            c,
+            "samp_plug",
+            "import numpy as np\nfrom zosol.solvers import make_scenario, register\n"
+            f"def sample(seed):\n    {body}\n"
+            "register('samp', make_scenario('samp', reference=lambda u, p: u, coarse=lambda u, p: u, "
+            "sample=sample, dt=0.1, reference_shape=(128,), coarse_shape=(16,), num_params=1, frames=2, "
+            "train_sims=2, test_sims=1))\n",
+        )
+        r = zosol(c.root, "generate", "--plugin", "samp_plug", "--scenario", "samp", "--quiet", "--out", "d")
+        return verdict(r, 2, "sample(")
+
+    probe(f"23.10 sample() returning {_what}")(_sample_probe)
+
+
+for _rank in (0, 1):
+
+    def _lost_worker_probe(c, rank=_rank):
+        p = subprocess.Popen(
+            [PY, "-m", "zosol.cli", *c.train_args("--epochs", "3000", "--workers", "2", method="zo-sol")],
+            cwd=c.root,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 180
+        workers: list[int] = []
+        while time.time() < deadline and p.poll() is None and not (c.root / "run" / "checkpoint.pt").exists():
+            time.sleep(0.5)
+        time.sleep(2)
+        for k in sorted(_descendants(p.pid)):
+            try:
+                if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text():
+                    workers.append(k)
+            except OSError:
+                pass
+        if len(workers) < 2:
+            p.kill()
+            return f"saw {len(workers)} workers"
+        os.kill(workers[rank], signal.SIGKILL)
+        _, err = p.communicate(timeout=300)
+        r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+        return verdict(r, 1, "worker")
+
+    probe(f"23.10 --workers 2 with rank {_rank} killed")(_lost_worker_probe)
+
+
+@probe("23.10 train --kernel 35 on a 16-cell grid")
+def _(c):
+    return verdict(c.train("--kernel", "35"), 2, "--kernel")
+
+
+for _field, _value in (("width", 4096), ("kernel", 99)):
+
+    def _config_probe(c, field=_field, value=_value):
+        assert c.train("--epochs", "1").returncode == 0
+        path = c.root / "run" / "checkpoint.pt"
+        ck = torch.load(path, weights_only=True)
+        ck["config"][field] = value
+        torch.save(ck, path)
+        return verdict(zosol(c.root, "evaluate", "run"), 2, "checkpoint")
+
+    probe(f"23.10 evaluate a checkpoint whose config says {_field} {_value}")(_config_probe)
+
+
+@probe("23.11 reference step calling sys.exit(0) during generate")
+def _(c):
+    _plant(
+        c,
+        "exit_plug",
+        "import sys, numpy as np\nfrom zosol.solvers import make_scenario, register\n"
+        "def ref(u, p):\n    sys.exit(0)\n"
+        "register('exitx', make_scenario('exitx', reference=ref, coarse=lambda u, p: u, sample=lambda s: "
+        "(np.zeros((1, 8)), None), dt=0.1, reference_shape=(8,), coarse_shape=(8,), frames=2, train_sims=1, "
+        "test_sims=1))\n",
+    )
+    r = zosol(c.root, "generate", "--plugin", "exit_plug", "--scenario", "exitx", "--quiet", "--out", "d")
+    return verdict(r, 1, "sys.exit")
+
+
+for _args, _match in (
+    (["--epochs", "1000000", "--width", "256", "--depth", "8"], "would take at least"),
+    (["--threads-global"], "--threads"),
+):
+
+    def _time_probe(c, args=_args, match=_match):
+        if args == ["--threads-global"]:
+            return verdict(zosol(c.root, "--threads", "1000000", "info", str(c.data)), 2, match)
+        return verdict(c.train(*args), 2, match)
+
+    probe(f"23.12 {' '.join(_args)} refused up front")(_time_probe)
+
+
+@probe("23.12 generate --set dt=1e6 refused up front")
+def _(c):
+    return verdict(zosol(c.root, "generate", *TINY, "--set", "dt=1e6", "--out", "d"), 2, "would take at least")
+
+
+@probe("23.13 info fifo.h5")
+def _(c):
+    os.mkfifo(c.root / "fifo.h5")
+    try:
+        r = zosol(c.root, "info", "fifo.h5", timeout=60)
+    except subprocess.TimeoutExpired:
+        return "hangs"
+    return verdict(r, 2, "regular file")
+
+
+@probe("23.13 train --data /dev/zero")
+def _(c):
+    return verdict(c.train_raw("--data", "/dev/zero"), 2, "--data /dev/zero")
+
+
+def _set_config(**extra):
+    def change(f):
+        f.attrs["config"] = json.dumps({**json.loads(f.attrs["config"]), **extra})
+
+    return change
+
+
+def _frames_zero(c: Ctx) -> Path:
+    from zosol.datasets import load_dataset
+    from zosol.datasets.hdf5 import Simulation, write_dataset
+
+    ds = load_dataset(c.data)
+    cut = [Simulation(s.seed, s.trajectory[:1], s.params) for s in ds.train + ds.test]
+    return write_dataset(c.root / "zero.h5", ds.scenario, cut[: len(ds.train)], cut[len(ds.train) :])
+
+
+CRAFTED = {
+    "frames=0": lambda c: _frames_zero(c),
+    "a 50 MB variable-length string attribute": lambda c: _h5(
+        _copy_data(c), lambda f: f.attrs.__setitem__("preset", "x" * (50 << 20))
+    ),
+    "unknown config keys": lambda c: _h5(_copy_data(c), _set_config(evil=1)),
+    "a name that disagrees with the source": lambda c: _h5(
+        _copy_data(c), lambda f: f.attrs.__setitem__("scenario_source", "zosol.solvers.karman2d:Karman2DScenario")
+    ),
+    "seed -1": lambda c: _h5(_copy_data(c), lambda f: f.move("train/0", "train/-1")),
+    "seed 2**70": lambda c: _h5(_copy_data(c), lambda f: f.move("train/0", f"train/{2**70}")),
+}
+for _what, _make in CRAFTED.items():
+
+    def _crafted_probe(c, make=_make):
+        r = zosol(c.root, "info", str(make(c)))
+        problem = verdict(r, 2)
+        if problem is None and len(r.stderr) > 3000:
+            return f"error line of {len(r.stderr)} characters"
+        return problem
+
+    probe(f"23.14 dataset with {_what}")(_crafted_probe)
+
+
+for _key, _value in (("scheduler", {"last_epoch": 10**9}), ("history", {"solver_samples": -5})):
+
+    def _resume_probe(c, key=_key, value=_value):
+        assert c.train("--epochs", "2", "--train-set", "epochs=2").returncode == 0
+        path = c.root / "run" / "checkpoint.pt"
+        ck = torch.load(path, weights_only=True)
+        ck["epoch"], ck[key] = 1, {**ck[key], **value}
+        ck["history"]["loss"] = ck["history"]["loss"][: len(ck["history"]["loss"]) // 2]
+        torch.save(ck, path)
+        return verdict(c.train("--epochs", "2", "--resume"), 2, "checkpoint")
+
+    probe(f"23.15 resume with {_key} {_value}")(_resume_probe)
+
+
+@probe("23.16 --workers 2 with a make_scenario plugin")
+def _(c):
+    _plant(
+        c,
+        "lam_plug",
+        "import numpy as np\nfrom zosol.solvers import make_scenario, register\n"
+        "register('lam', make_scenario('lam', reference=lambda u, p: 0.9 * u, coarse=lambda u, p: 0.8 * u, "
+        "sample=lambda s: (np.random.default_rng(s).normal(size=(1, 16)), None), dt=0.1, reference_shape=(16,), "
+        "coarse_shape=(16,), frames=4, train_sims=2, test_sims=1))\n",
+    )
+    r = zosol(
+        c.root,
+        "train",
+        "--plugin",
+        "lam_plug",
+        "--scenario",
+        "lam",
+        "--method",
+        "zo-sol",
+        "--epochs",
+        "1",
+        "--workers",
+        "2",
+        "--out",
+        "run",
+    )
+    return verdict(r, 0)
 
 
 def main() -> int:

@@ -110,13 +110,15 @@ def test_dataset_of_user_scenario_opens_in_fresh_process(heat_module, tmp_path):
     path = generate(heat_module.scenario, out=tmp_path / "data", progress=False)
     with h5py.File(path) as f:
         assert f.attrs["scenario_source"] == "user_heat_mod:scenario"
-    ok = _zosol(["info", str(path), "--json"], tmp_path, env_path=tmp_path)
+    ok = _zosol(["info", str(path), "--json", "--plugin", "user_heat_mod"], tmp_path, env_path=tmp_path)
     assert ok.returncode == 0, ok.stderr
     info = json.loads(ok.stdout)
     assert info["scenario"] == "user_heat" and info["coarse_error_vs_reference"]["mae_mean"] > 0
-    bad = _zosol(["info", str(path)], tmp_path.parent)  # the module is not importable there
-    assert bad.returncode == 2
-    assert "user_heat_mod" in bad.stderr and "--plugin" in bad.stderr and "Traceback" not in bad.stderr
+    assert info["scenario_source"] == "user_heat_mod:scenario"  # shown, not executed
+    for cwd in (tmp_path, tmp_path.parent):  # importable or not: a file's word never imports a module
+        bad = _zosol(["info", str(path)], cwd, env_path=tmp_path if cwd == tmp_path else None)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert "made with module 'user_heat_mod'" in bad.stderr and "--plugin user_heat_mod" in bad.stderr
 
 
 def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch):
@@ -132,10 +134,14 @@ def test_scenario_made_in_a_script_opens_or_names_the_fix(tmp_path, monkeypatch)
     )
     assert made.returncode == 0, made.stderr
     path = made.stdout.strip()
-    with pytest.raises(DatasetError, match="its module 'script_heat_run' cannot be imported.*--plugin script_heat_run"):
+    with pytest.raises(DatasetError, match="made with module 'script_heat_run'.*--plugin script_heat_run"):
         load_dataset(path)
     monkeypatch.syspath_prepend(str(tmp_path))  # the script's folder: the script is a module there
     try:
+        with pytest.raises(DatasetError, match="made with module 'script_heat_run'"):
+            load_dataset(path)  # importable now, but never imported on the file's word
+        assert "script_heat_run" not in sys.modules
+        __import__("script_heat_run")  # the user imports it
         assert load_dataset(path).scenario.name == "script_heat"
     finally:
         sys.modules.pop("script_heat_run", None)
@@ -452,8 +458,11 @@ def test_cli_plugin_trains_and_opens_user_scenario(heat_module, tmp_path):
         tmp_path,
         env_path=tmp_path,
     )
+    assert run.returncode == 2 and "--data" in run.stderr and "no such file or directory" in run.stderr
+    (tmp_path / "d").mkdir()  # --data names an existing folder to generate in
+    run = _zosol(run.args[3:], tmp_path, env_path=tmp_path)
     assert run.returncode == 0, run.stderr
-    ev = _zosol(["evaluate", str(tmp_path / "run")], tmp_path, env_path=tmp_path)
+    ev = _zosol(["evaluate", str(tmp_path / "run"), "--plugin", "user_heat_mod"], tmp_path, env_path=tmp_path)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["method"] == "zo-sol"
     missing = _zosol(["compare", "--plugin", "no_such_plugin_mod", "--scenario", "x"], tmp_path)
@@ -499,7 +508,7 @@ def test_your_own_solver_doc(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["methods"] == ["NOG-SOL", "NON", "SRC", "ZO-JAC-SOL", "ZO-SOL"] and out["cos"] >= 0.999
-    info = _zosol(["info", "out/data/my_burgers_tiny.h5", "--json"], tmp_path, env_path=tmp_path)
+    info = _zosol(["info", "out/data/my_burgers_tiny.h5", "--json", "--plugin", "my_burgers"], tmp_path)
     assert info.returncode == 0, info.stderr[-2000:]
     assert json.loads(info.stdout)["scenario"] == "my_burgers"
     cli = _zosol(

@@ -412,9 +412,9 @@ class _FillingDisk:
         return Filling()
 
 
-@pytest.mark.parametrize("budget, full_at", [(2000, "part"), (8000, "final")])
+@pytest.mark.parametrize("budget, full_at", [(2000, "part"), (10000, "final")])
 def test_disk_full_is_one_line_and_loses_nothing(tmp_path, monkeypatch, budget, full_at, cli_user_error):
-    """The disk fills up while a part (2 kB free) or the final file (8 kB free) is written: one line,
+    """The disk fills up while a part (2 kB free) or the final file (10 kB free) is written: one line,
     exit 2, no temporary left, every part written before kept intact; the rerun with space again
     equals an undisturbed run."""
     out = tmp_path / "data"

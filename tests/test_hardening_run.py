@@ -530,10 +530,18 @@ TAMPER = {
     "config with an unknown field": lambda ck: ck["config"].update(bogus=1),
     "perm of another length": lambda ck: ck.update(perm=torch.arange(3)),
     "NaN weights": lambda ck: ck["model"][_first(ck["model"])].fill_(float("nan")),
+    # issue 23 item 15: counters and the schedule, checked on resume
+    "scheduler last_epoch 10**9": lambda ck: ck["scheduler"].update(last_epoch=10**9),
+    "scheduler base lr": lambda ck: ck["scheduler"].update(base_lrs=[5.0]),
+    "history solver_samples -5": lambda ck: ck["history"].update(solver_samples=-5),
+    "history wall_time inf": lambda ck: ck["history"].update(wall_time=float("inf")),
+    # issue 23 item 10: a config of a huge network is checked before anything is built
+    "config width 4096": lambda ck: ck["config"].update(width=4096),
+    "config kernel 99": lambda ck: ck["config"].update(kernel=99),
 }
 
 #: what only matters for continuing a run (evaluate reads the weights alone)
-RESUME_ONLY = {"perm of another length"}
+RESUME_ONLY = {"perm of another length", "scheduler last_epoch 10**9"}
 
 
 @pytest.mark.parametrize("change", list(TAMPER))

@@ -29,7 +29,6 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -156,6 +155,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
             image_format(args.plot)  # refuse an unknown suffix before any work
     ds = load_dataset(args.file)
     summary = ds.summary()
+    twins = ds.duplicated_test_sims()
+    if twins:
+        shown = ", ".join(f"{seed} ({why})" for seed, why in list(twins.items())[:5])
+        print(
+            f"zosol: warning: {len(twins)} of {len(ds.test)} test simulations duplicate training ones: {shown}"
+            f"{' ...' if len(twins) > 5 else ''}; errors on them are measured on training data",
+            file=sys.stderr,
+        )
+        summary["test_duplicates_train"] = {str(k): v for k, v in twins.items()}
     src = evaluate(ds)
     summary["coarse_error_vs_reference"] = {"mae_mean": src["mae_mean"], "mae_std": src["mae_std"]}
     if args.json:
@@ -185,10 +193,12 @@ def _plot_dataset(ds, path: str, count: int = 4) -> None:
 
 def _dataset_for(args: argparse.Namespace):
     from .datasets import generate, load_dataset
+    from .datasets.hdf5 import data_option
 
-    if args.data and Path(args.data).is_file():
-        return load_dataset(args.data, args.scenario)
-    path = generate(args.scenario, args.preset, args.data or "datasets", overrides=_parse_sets(args.set))
+    data = data_option(args.data, "datasets")
+    if data is not None and data.is_file():
+        return load_dataset(data, args.scenario)
+    path = generate(args.scenario, args.preset, data or "datasets", overrides=_parse_sets(args.set))
     return load_dataset(path, args.scenario)
 
 
@@ -385,6 +395,13 @@ def _plugin_arg(q: argparse.ArgumentParser) -> None:
 def _scenario_args(q: argparse.ArgumentParser) -> None:
     _plugin_arg(q)
     q.add_argument(
+        "--max-hours",
+        type=float,
+        metavar="H",
+        help="refuse a job whose optimistic time estimate exceeds H hours (default 24; the estimate of a "
+        "long job is printed before it starts)",
+    )
+    q.add_argument(
         "--scenario",
         required=True,
         help="burgers1d, burgers2d, karman2d, ks1d, or a scenario of your own (--plugin MODULE)",
@@ -439,7 +456,9 @@ def _add_training_commands(sub: Any) -> None:
     _scenario_args(q)
     _twin_arg(q)
     q.add_argument("--method", required=True, help=describe(specs(TrainConfig)["method"]))
-    q.add_argument("--data", help="dataset file, or directory to generate it in (default: data)")
+    q.add_argument(
+        "--data", help="an existing dataset file, or an existing directory to generate it in (default: datasets)"
+    )
     q.add_argument("--out", help="run directory (default: runs/<scenario>_<preset>_<method>)")
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -465,7 +484,9 @@ def _add_training_commands(sub: Any) -> None:
     _scenario_args(q)
     _twin_arg(q)
     q.add_argument("--out", default="results", help="output directory (default: %(default)s)")
-    q.add_argument("--data", help="dataset file, or directory to generate it in (default: OUT/data)")
+    q.add_argument(
+        "--data", help="an existing dataset file, or an existing directory to generate it in (default: OUT/data)"
+    )
     q.add_argument(
         "--methods",
         help=f"comma-separated subset of {','.join(names())} (default: all the "
@@ -525,8 +546,11 @@ def _preload_plugins(argv: Sequence[str] | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _preload_plugins(argv)
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        print(f"zosol: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+    if args.threads is not None and not 1 <= args.threads <= _cores():
+        print(
+            f"zosol: error: --threads {args.threads}: use 1 to {_cores()} (the CPU cores this process may use)",
+            file=sys.stderr,
+        )
         return 2
     threads = args.threads or (None if os.environ.get("OMP_NUM_THREADS") else 1)
     if threads is not None:
@@ -546,6 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.restore_sigterm_handler(previous)
 
 
+#: longest message line printed (a refused input is quoted as an excerpt, never whole)
+MAX_MESSAGE_CHARS = 2000
+
+
+def _line(text: object) -> str:
+    """``text`` as one line of at most MAX_MESSAGE_CHARS characters."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= MAX_MESSAGE_CHARS else s[: MAX_MESSAGE_CHARS - 40] + f" ... ({len(s):,} characters in all)"
+
+
 def _run(args: argparse.Namespace) -> int:
     """The command, its failures turned into an exit code: zosol's own errors (:mod:`zosol.errors`) and
     file-system errors in one line (2: fix the input, 1: the run failed), anything else (a bug) with its
@@ -555,6 +589,9 @@ def _run(args: argparse.Namespace) -> int:
     from .runtime.files import os_error_message
 
     try:
+        from .datasets.budget import set_time_limit
+
+        set_time_limit(getattr(args, "max_hours", None))
         for module in getattr(args, "plugin", None) or []:
             from .solvers import load_plugin
 
@@ -562,9 +599,9 @@ def _run(args: argparse.Namespace) -> int:
         return _run_command(args)
     except stop.Terminated as e:
         print(
-            f"zosol: {e}"
+            f"zosol: {_line(e)}"
             if "resume" in str(e)
-            else f"zosol: {e or 'stopped by SIGTERM'}; finished work is "
+            else f"zosol: {_line(e or 'stopped by SIGTERM')}; finished work is "
             f"saved, rerun the command (with --resume for train)",
             file=sys.stderr,
         )
@@ -575,14 +612,21 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 130
     except ZosolError as e:
-        print(f"zosol: {'failed' if e.exit_code == 1 else 'error'}: {e}", file=sys.stderr)
+        print(f"zosol: {'failed' if e.exit_code == 1 else 'error'}: {_line(e)}", file=sys.stderr)
         return e.exit_code
+    except SystemExit as e:  # a scenario's, plugin's or solver's code exited instead of raising
+        print(
+            f"zosol: failed: code of a scenario, plugin or solver called sys.exit({_line(repr(e.code))[:40]}) "
+            f"instead of returning or raising; finished work is kept, fix that code and rerun the command",
+            file=sys.stderr,
+        )
+        return 1
     except FileNotFoundError as e:
-        print(f"zosol: error: {e}", file=sys.stderr)
+        print(f"zosol: error: {_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only directory, full disk, a file where a directory belongs, ...
         print(
-            f"zosol: error: cannot write or read {os_error_message(e)} (finished work is kept; fix this "
+            f"zosol: error: cannot write or read {_line(os_error_message(e))} (finished work is kept; fix this "
             f"and rerun the command)",
             file=sys.stderr,
         )
@@ -595,6 +639,10 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -627,18 +675,15 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"zosol: failed: {lost_ranks_message(e, dead)}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # a collective with a vanished peer (gloo: a plain RuntimeError)
-        if not _is_peer_failure(e):
+        from .runtime.workers import lost_a_peer
+
+        if not lost_a_peer(e):
             raise
         print(f"zosol: failed: {lost_ranks_message(e, lost_local_ranks())}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _is_peer_failure(error: RuntimeError) -> bool:
-    text = str(error)
-    return any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import TRAIN_PRESETS, TrainConfig, train_config
 from .datasets import generate, load_dataset
-from .datasets.hdf5 import FidelityDataset
+from .datasets.hdf5 import FidelityDataset, data_option
 from .errors import UsageError, ZosolError
 from .evaluation import evaluate
 from .figures import FieldMeta, animation_path, write_comparison_figures
@@ -33,7 +33,7 @@ from .methods import BASELINE, registered_methods
 from .methods import get as get_method
 from .methods import names as method_names
 from .report import csv_table, markdown_table, write_json
-from .runtime.files import atomic_write_text, prepare_directory
+from .runtime.files import atomic_write_text, prepare_directory, real_subdirectory
 from .runtime.launch import is_lead, lead_first, world
 from .runtime.options import RunOptions
 from .runtime.rundir import RunDirectory, directory_lock
@@ -236,7 +236,8 @@ def _dataset(
     holds, so its solvers are built once."""
     if isinstance(scenario, FidelityDataset):
         return scenario
-    if data_dir is not None and Path(data_dir).is_file():
+    data_dir = data_option(data_dir, str(out / "data"))
+    if data_dir is not None and data_dir.is_file():
         if scenario_overrides:
             raise UsageError(
                 f"--data {data_dir} is a dataset file: --set cannot change it (leave out --set, "
@@ -250,7 +251,9 @@ def _dataset(
     if scenario_overrides:
         scenario.preset = None
     path = lead_first(
-        lambda: generate(scenario, out=data_dir if data_dir is not None else out / "data", progress=progress)
+        lambda: generate(
+            scenario, out=data_dir if data_dir is not None else real_subdirectory(out, "data"), progress=progress
+        )
     )
     return load_dataset(path, scenario=scenario)
 
@@ -278,7 +281,7 @@ def _evaluate_all(
     for m, cfg in configs.items():
         name = display_name(m)
         results["train_config"][name] = cfg.to_dict()
-        run_dir = out / "runs" / m  # a run already there (finished or interrupted) is resumed
+        run_dir = real_subdirectory(out, Path("runs") / m) if is_lead() else out / "runs" / m  # resumed if there
         try:
             result = train(dataset, cfg, run_dir, options=options, **_solver_args(solver, twin, dataset.scenario))
             ev = evaluate(dataset, result.model, solver=solver, device=cfg.device)

@@ -8,6 +8,7 @@ never assembled.  One process at a time generates a dataset (an advisory lock on
 a second one is refused naming the holder), and the job is refused up front when its memory or
 time estimate is out of reach (``budget.py``).
 """
+
 from __future__ import annotations
 
 from ..errors import UsageError
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import zipfile
 from pathlib import Path
@@ -27,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runtime.files import FileLock, atomic_save, atomic_write_text
-from ..solvers.base import Scenario, SolverDivergedError, get_scenario
+from ..solvers.base import Scenario, SolverDivergedError, SolverError, get_scenario
 from .budget import check_generation_budget
-from .hdf5 import DatasetError, Simulation, load_dataset, write_dataset
+from .hdf5 import DatasetError, Simulation, load_dataset, simulation_digest, write_dataset
 
 __all__ = ["dataset_path", "generate", "simulate_reference"]
 
@@ -51,8 +53,10 @@ def _check_same_config(path: Path, scenario: Scenario) -> None:
     wanted = json.loads(json.dumps(scenario.config.to_dict()))
     if name != scenario.name or config != wanted:
         diff = sorted(k for k in set(config) | set(wanted) if config.get(k) != wanted.get(k))
-        raise UsageError(f"{path} holds a dataset of a different config (differs in {diff or [name]}); "
-                         f"pass overwrite=True (--overwrite) or choose another output directory")
+        raise UsageError(
+            f"{path} holds a dataset of a different config (differs in {diff or [name]}); "
+            f"pass overwrite=True (--overwrite) or choose another output directory"
+        )
 
 
 def _check_existing(path: Path, scenario: Scenario) -> None:
@@ -69,44 +73,81 @@ def simulate_reference(scenario: Scenario, seeds: list[int]) -> tuple[torch.Tens
     """Reference trajectories of ``seeds`` run as one batch: (N, T+1, C, *coarse), params (N, K).
     Raises SolverError (SolverDivergedError for NaN/inf) when the reference solver fails."""
     solver = scenario.reference_solver()
-    states, params = zip(*(scenario.sample(s) for s in seeds))
+    states, params = zip(*(_sample(scenario, s, solver.num_params) for s in seeds))
     state, p = torch.stack(states), torch.stack(params)
     p_arg = p if solver.num_params else None
-    with torch.no_grad():
-        for _ in range(scenario.config.warmup):
-            state = solver.step(state, p_arg)
-        frames = [scenario.downsample(state)]
-        for _ in range(scenario.config.frames):
-            state = solver.step(state, p_arg)
-            frames.append(scenario.downsample(state))
+    try:
+        with torch.no_grad():
+            for _ in range(scenario.config.warmup):
+                state = solver.step(state, p_arg)
+            frames = [scenario.downsample(state)]
+            for _ in range(scenario.config.frames):
+                state = solver.step(state, p_arg)
+                frames.append(scenario.downsample(state))
+    except SystemExit as e:
+        raise SolverError(
+            f"the reference step of '{scenario.name}' called sys.exit({e.code!r:.40}) for seeds {seeds} "
+            f"(a step function must return or raise); no data were written for them"
+        ) from None
     traj = torch.stack(frames, 1)
     if not torch.isfinite(traj).all():
         raise SolverDivergedError(f"reference solver of '{scenario.name}' produced NaN/inf for seeds {seeds}")
     return traj.float(), p.float()
 
 
+def _sample(scenario: Scenario, seed: int, num_params: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scenario.sample(seed)`` checked: a (C, *reference) state and (K,) params tensor; else a
+    one-line ValueError naming the scenario, the seed and what came back."""
+    where = f"scenario '{scenario.name}': sample({seed})"
+    try:
+        out = scenario.sample(seed)
+    except SystemExit as e:
+        raise UsageError(f"{where} called sys.exit({e.code!r:.40}) (it must return or raise)") from None
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise UsageError(f"{where} failed: {type(e).__name__}: {str(e)[:300]}") from None
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise UsageError(f"{where} returned {type(out).__name__}, not (state, params) tensors")
+    state, params = out
+    want = scenario.state_shapes()["reference"]
+    if tuple(state.shape) != tuple(want) or tuple(params.shape) != (num_params,):
+        raise UsageError(
+            f"{where} returned a state of shape {tuple(state.shape)} and params of shape {tuple(params.shape)}; "
+            f"the scenario needs {tuple(want)} and ({num_params},)"
+        )
+    return state, params
+
+
 def _part_path(parts: Path, split: str, seed: int) -> Path:
     return parts / f"{split}_{seed}.npz"
 
 
+def _save_part(file: Path, traj: np.ndarray, params: np.ndarray) -> None:
+    atomic_save(file, lambda f: np.savez(f, trajectory=traj, params=params, sha256=simulation_digest(traj, params)))
+
+
 def _read_part(file: Path, traj_shape: tuple[int, ...], num_params: int) -> tuple[np.ndarray, np.ndarray]:
     """The (trajectory (T+1, C, *coarse), params (K,)) float32 arrays of one part file; ValueError
-    naming what is wrong (sizes are checked in the zip directory before anything is decompressed)."""
+    naming what is wrong (sizes are checked in the zip directory before anything is decompressed;
+    the data must match the part's checksum: finite, right-shaped tampering is caught too)."""
+    if not stat.S_ISREG(file.lstat().st_mode):
+        raise UsageError("not a regular file")
     limit = 4 * (math.prod(traj_shape) + num_params) + 4096
     with zipfile.ZipFile(file) as z:
         names = sorted(i.filename for i in z.infolist())
-        if names != ["params.npy", "trajectory.npy"]:
-            raise UsageError(f"holds {names}, expected params.npy and trajectory.npy")
+        if names != ["params.npy", "sha256.npy", "trajectory.npy"]:
+            raise UsageError(f"holds {names}, expected params.npy, sha256.npy and trajectory.npy")
         size = sum(i.file_size for i in z.infolist())
         if size > limit:
             raise UsageError(f"holds {size} bytes uncompressed, at most {limit} expected")
     with np.load(file, allow_pickle=False) as z:
-        traj, params = z["trajectory"], z["params"]
+        traj, params, digest = z["trajectory"], z["params"], z["sha256"]
     for name, a, shape in (("trajectory", traj, traj_shape), ("params", params, (num_params,))):
         if a.shape != shape or a.dtype != np.float32:
             raise UsageError(f"{name} has shape {a.shape} {a.dtype}, expected {shape} float32")
         if not np.isfinite(a).all():
             raise UsageError(f"{name} contains NaN or inf")
+    if not np.array_equal(digest, simulation_digest(traj, params)):
+        raise UsageError("its data do not match its checksum (changed after it was written)")
     return traj, params
 
 
@@ -134,8 +175,10 @@ def _prepare_parts(path: Path, scenario: Scenario, batch: int, overwrite: bool) 
     stamp = parts / "config.json"
     described = json.dumps({**scenario.describe(), "batch": batch}, sort_keys=True)
     if stamp.exists() and stamp.read_text() != described:
-        raise UsageError(f"{parts} holds an interrupted generation of a different config; "
-                         f"delete it or pass overwrite=True (--overwrite)")
+        raise UsageError(
+            f"{parts} holds an interrupted generation of a different config; "
+            f"delete it or pass overwrite=True (--overwrite)"
+        )
     atomic_write_text(stamp, described)
     return parts
 
@@ -145,17 +188,17 @@ def _simulate_parts(scenario: Scenario, parts: Path, batch: int, progress: bool,
     (a resumed run batches every simulation exactly as an uninterrupted run: bit-identical data)."""
     traj_shape = (scenario.config.frames + 1, *scenario.state_shapes()["coarse"])
     num_params = scenario.coarse_solver().num_params
-    jobs = [(split, s) for split, seeds in (("train", scenario.train_seeds), ("test", scenario.test_seeds))
-            for s in seeds]
+    jobs = [
+        (split, s) for split, seeds in (("train", scenario.train_seeds), ("test", scenario.test_seeds)) for s in seeds
+    ]
     bar = tqdm(total=len(jobs), desc=f"generate {label}", unit="sim", disable=not progress)
-    for chunk in (jobs[i:i + batch] for i in range(0, len(jobs), batch)):
+    for chunk in (jobs[i : i + batch] for i in range(0, len(jobs), batch)):
         if all([_valid_part(_part_path(parts, *job), traj_shape, num_params) for job in chunk]):
             bar.update(len(chunk))
             continue
         traj, params = simulate_reference(scenario, [s for _, s in chunk])
         for (split, s), tr, p in zip(chunk, traj, params):
-            atomic_save(_part_path(parts, split, s),
-                        lambda f, tr=tr, p=p: np.savez(f, trajectory=tr.numpy(), params=p.numpy()))
+            _save_part(_part_path(parts, split, s), tr.numpy(), p.numpy())
         bar.update(len(chunk))
     bar.close()
 
@@ -171,8 +214,10 @@ def _assemble(path: Path, scenario: Scenario, parts: Path) -> None:
             try:
                 traj, params = _read_part(_part_path(parts, split, s), traj_shape, num_params)
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise DatasetError(f"{_part_path(parts, split, s)} changed during generation ({e}); "
-                                   f"rerun the command (damaged parts are regenerated)") from None
+                raise DatasetError(
+                    f"{_part_path(parts, split, s)} changed during generation ({e}); "
+                    f"rerun the command (damaged parts are regenerated)"
+                ) from None
             sims.append(Simulation(s, torch.from_numpy(traj), torch.from_numpy(params)))
         return sims
 
@@ -188,9 +233,17 @@ def _output_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def generate(scenario: str | Scenario, preset: str = "default", out: str | os.PathLike = "datasets", *,
-             batch: int = 8, overwrite: bool = False, progress: bool = True,
-             overrides: dict[str, Any] | None = None, check_budget: bool = True) -> Path:
+def generate(
+    scenario: str | Scenario,
+    preset: str = "default",
+    out: str | os.PathLike = "datasets",
+    *,
+    batch: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+    check_budget: bool = True,
+) -> Path:
     """Generate (or resume) the dataset of ``scenario`` at ``preset``; returns the ``.h5`` path.
 
     An existing complete file of the same config is validated and reused (``overwrite``

@@ -19,13 +19,15 @@ decompression bomb) are refused, and trajectories and params must be finite.
 """
 from __future__ import annotations
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import torch
 from ..runtime.files import atomic_write_bytes
 from ..runtime.memory import format_bytes, machine_memory_bytes
 from ..solvers.base import Scenario
-from ..solvers.plugins import ScenarioNotFound, scenario_from_record
+from ..solvers.plugins import ScenarioNotFound, excerpt, scenario_from_record
 
 SCHEMA_VERSION = 1
 #: refuse attributes stored in more bytes than this (the config JSON of a scenario is ~1 KiB)
@@ -45,8 +47,15 @@ MAX_ATTRIBUTE_BYTES = 1 << 20
 MAX_COMPRESSION_RATIO = 100
 #: a dataset may declare at most this fraction of the machine's memory
 MEMORY_FRACTION = 0.5
+#: bytes a file may hold beyond its datasets' storage (object headers, attributes, heaps): a
+#: variable-length attribute's real size is bounded by this before it is read (its storage size
+#: reads 16 bytes whatever it holds); zosol's own files hold ~27 KiB + ~4.5 KiB per simulation
+MAX_METADATA_BYTES = 4 << 20
+MAX_METADATA_BYTES_PER_DATASET = 16 << 10
+#: seeds are non-negative 63-bit integers (numpy / torch generators)
+MAX_SEED = 2**63 - 1
 
-__all__ = ["SCHEMA_VERSION", "DatasetError", "Simulation", "FidelityDataset", "load_dataset", "write_dataset"]
+__all__ = ["SCHEMA_VERSION", "DatasetError", "data_option", "simulation_digest", "Simulation", "FidelityDataset", "load_dataset", "write_dataset"]
 
 
 class DatasetError(DataError):
@@ -68,6 +77,8 @@ class FidelityDataset:
     scenario: Scenario
     train: list[Simulation]
     test: list[Simulation]
+    #: the ``module:object`` the file records for its scenario (shown by ``info``, never imported)
+    source: str | None = None
 
     @property
     def frames(self) -> int:
@@ -87,7 +98,30 @@ class FidelityDataset:
             "test_sims": len(self.test),
             "trajectory_shape": list(sim.trajectory.shape),
             "params_per_sim": int(sim.params.numel()),
+            "scenario_source": self.source,
         }
+
+    def duplicated_test_sims(self) -> dict[int, str]:
+        """Test simulations that duplicate training ones: test seed -> ``"same seed"`` or
+        ``"same data as training seed S"`` (then test errors are measured on training data)."""
+        seeds = {s.seed for s in self.train}
+        data = {(s.trajectory.numpy().tobytes(), s.params.numpy().tobytes()): s.seed for s in self.train}
+        out: dict[int, str] = {}
+        for s in self.test:
+            twin = data.get((s.trajectory.numpy().tobytes(), s.params.numpy().tobytes()))
+            if s.seed in seeds:
+                out[s.seed] = "same seed"
+            elif twin is not None:
+                out[s.seed] = f"same data as training seed {twin}"
+        return out
+
+
+def simulation_digest(traj: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """SHA-256 of a simulation's float32 trajectory and params bytes, as 32 uint8 (the checksum a
+    generation part and a dataset's trajectory carry)."""
+    h = hashlib.sha256(np.ascontiguousarray(traj, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(params, dtype=np.float32).tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8).copy()
 
 
 def write_dataset(path: str | os.PathLike, scenario: Scenario, train: list[Simulation],
@@ -119,6 +153,7 @@ def write_dataset(path: str | os.PathLike, scenario: Scenario, train: list[Simul
                                      compression="gzip", compression_opts=1)
                 d.attrs["seed"] = sim.seed
                 d.attrs["params"] = sim.params.numpy().astype(np.float32)
+                d.attrs["sha256"] = simulation_digest(sim.trajectory.numpy(), sim.params.numpy())
         f.attrs["complete"] = True
     return atomic_write_bytes(path, image.getbuffer())
 
@@ -142,7 +177,30 @@ def _attr(obj: Any, name: str, path: Path) -> Any:
     if size > MAX_ATTRIBUTE_BYTES:
         raise DatasetError(f"{path}: attribute '{name}' of {obj.name} holds {format_bytes(size)} "
                            f"(at most {format_bytes(MAX_ATTRIBUTE_BYTES)}); {_fix(path)}")
-    return obj.attrs[name]
+    value = obj.attrs[name]
+    if isinstance(value, (str, bytes)) and len(value) > MAX_ATTRIBUTE_BYTES:
+        raise DatasetError(f"{path}: attribute '{name}' of {obj.name} holds {format_bytes(len(value))} "
+                           f"(at most {format_bytes(MAX_ATTRIBUTE_BYTES)}); {_fix(path)}")
+    return value
+
+
+def _check_metadata_size(f: h5py.File, path: Path) -> None:
+    """Refuse a file holding far more than its datasets' storage before any attribute is read
+    (a variable-length attribute's size is unknown until it is read)."""
+    stored, count = 0, 0
+
+    def visit(_name: str, obj: Any) -> None:
+        nonlocal stored, count
+        if isinstance(obj, h5py.Dataset):
+            stored, count = stored + obj.id.get_storage_size(), count + 1
+
+    f.visititems(visit)
+    extra = path.stat().st_size - stored
+    limit = MAX_METADATA_BYTES + MAX_METADATA_BYTES_PER_DATASET * count
+    if extra > limit:
+        raise DatasetError(f"{path}: holds {format_bytes(extra)} besides its {count} datasets' data (at most "
+                           f"{format_bytes(limit)} of attributes and headers expected: a crafted or foreign "
+                           f"file); {_fix(path)}")
 
 
 def _member(group: h5py.Group, key: str, kind: type, path: Path) -> Any:
@@ -167,6 +225,7 @@ def _scenario_of(f: h5py.File, path: Path, scenario: str | Scenario | None) -> t
     """The file's scenario (validated config) and its top-level attributes."""
     if "zosol_schema" not in f.attrs:
         raise DatasetError(f"{path}: not a zosol dataset (no 'zosol_schema' attribute)")
+    _check_metadata_size(f, path)
     attrs = {k: _attr(f, k, path) for k in ("zosol_schema", "scenario", "preset", "config", "frames")}
     attrs["complete"] = f.attrs.get("complete", False)
     version = int(attrs["zosol_schema"])
@@ -177,8 +236,9 @@ def _scenario_of(f: h5py.File, path: Path, scenario: str | Scenario | None) -> t
         raise DatasetError(f"{path}: incomplete dataset (not written by zosol's atomic writer); {_fix(path, attrs)}")
     name = str(attrs["scenario"])
     if isinstance(scenario, str) and name != scenario:
-        raise DatasetError(f"{path}: holds scenario '{name}', not '{scenario}'")
+        raise DatasetError(f"{path}: holds scenario {excerpt(name, 60)}, not '{scenario}'")
     source = str(_attr(f, "scenario_source", path)) if "scenario_source" in f.attrs else None
+    attrs["scenario_source"] = source
     try:
         sc = scenario_from_record(name, json.loads(attrs["config"]), str(attrs["preset"]) or None, source,
                                   scenario if isinstance(scenario, Scenario) else None)
@@ -196,11 +256,12 @@ def _plan(f: h5py.File, path: Path, expected: tuple[int, ...], attrs: dict[str, 
     total = 0
     for split in ("train", "test"):
         group = _member(f, split, h5py.Group, path)
-        try:
-            keys = sorted(group, key=int)
-        except ValueError:
-            raise DatasetError(f"{path}: /{split} holds names that are not seeds: {sorted(group)[:5]}; "
-                               f"{_fix(path, attrs)}") from None
+        names = list(group)
+        bad = [k for k in names if not (k.isdigit() and str(int(k)) == k and int(k) <= MAX_SEED)]
+        if bad:
+            raise DatasetError(f"{path}: /{split} holds names that are not seeds (0 .. 2**63-1): "
+                               f"{excerpt(sorted(bad)[:5], 120)}; {_fix(path, attrs)}")
+        keys = sorted(names, key=int)
         if not keys:
             raise DatasetError(f"{path}: /{split} holds no simulations (a dataset needs training and test "
                                f"simulations); {_fix(path, attrs)}")
@@ -238,18 +299,46 @@ def _read_sim(d: h5py.Dataset, path: Path, num_params: int, attrs: dict[str, Any
     for what, a in (("trajectory", data), ("params", params)):
         if not np.isfinite(a).all():
             raise DatasetError(f"{path}: {d.name} {what} contains NaN or inf; {_fix(path, attrs)}")
-    return Simulation(int(_attr(d, "seed", path)), torch.from_numpy(data), torch.from_numpy(params))
+    if "sha256" in d.attrs and not np.array_equal(
+        np.asarray(_attr(d, "sha256", path)).reshape(-1), simulation_digest(data, params)
+    ):
+        raise DatasetError(f"{path}: {d.name} does not match its checksum (changed after it was written); "
+                           f"{_fix(path, attrs)}")
+    seed = _attr(d, "seed", path)
+    if not (np.ndim(seed) == 0 and np.issubdtype(np.asarray(seed).dtype, np.integer) and
+            str(int(seed)) == d.name.rsplit("/", 1)[-1]):
+        raise DatasetError(f"{path}: {d.name} records seed {excerpt(seed, 40)}, not its name; {_fix(path, attrs)}")
+    return Simulation(int(seed), torch.from_numpy(data), torch.from_numpy(params))
 
 
 def _load(f: h5py.File, path: Path, scenario: str | Scenario | None) -> FidelityDataset:
     sc, attrs = _scenario_of(f, path, scenario)
     frames = int(attrs["frames"])
-    if frames < 0:
-        raise DatasetError(f"{path}: frames attribute is {frames}; {_fix(path, attrs)}")
+    if frames < 1:
+        raise DatasetError(f"{path}: frames attribute is {frames} (a dataset holds at least one step after "
+                           f"the initial state); {_fix(path, attrs)}")
     plan = _plan(f, path, (frames + 1, *sc.state_shapes()["coarse"]), attrs)
     num_params = sc.coarse_solver().num_params  # the grid now matches data of a checked size
     splits = {split: [_read_sim(d, path, num_params, attrs) for d in ds] for split, ds in plan.items()}
-    return FidelityDataset(path, sc, splits["train"], splits["test"])
+    return FidelityDataset(path, sc, splits["train"], splits["test"], attrs["scenario_source"])
+
+
+def data_option(data: str | os.PathLike | None, default: str) -> Path | None:
+    """The ``--data`` a user gave, which must exist: a dataset file, or a directory to generate
+    in.  A path that does not exist is an error (a typo), never a place to generate into; None
+    when not given (then data are generated in ``default``)."""
+    if data is None:
+        return None
+    path = Path(data)
+    if not path.exists():
+        raise UsageError(
+            f"--data {path}: no such file or directory; name an existing dataset file (make one with "
+            f"`zosol generate --scenario S --preset P --out DIR`) or directory, or leave --data out to "
+            f"generate the data in {default}"
+        )
+    if not (path.is_file() or path.is_dir()):
+        raise UsageError(f"--data {path} is not a regular file (a pipe, socket or device); name a dataset file")
+    return path
 
 
 def load_dataset(path: str | os.PathLike, scenario: str | Scenario | None = None) -> FidelityDataset:
@@ -264,6 +353,8 @@ def load_dataset(path: str | os.PathLike, scenario: str | Scenario | None = None
         raise DatasetError(f"{path}: no such dataset file (create it with `zosol generate`)")
     if path.is_dir():
         raise DatasetError(f"{path}: is a directory, not a dataset file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a fifo would block the reader, a device never end
+        raise DatasetError(f"{path}: not a regular file (a pipe, socket or device); name a dataset file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "os_error_message",
     "prepare_directory",
     "refuse_file_in_the_way",
+    "real_subdirectory",
 ]
 
 
@@ -130,6 +132,43 @@ def os_error_message(e: OSError) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checks that keep every write inside the user's output directory
+
+
+def _not_a_private_file(st: os.stat_result) -> str:
+    """Why a file opened for writing must not be written ("" when it may): not a regular file
+    (a fifo, a device), or a hard link (``st_nlink > 1``: writing it changes a file elsewhere,
+    which ``O_NOFOLLOW`` does not stop)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket or device)"
+    if st.st_nlink > 1:
+        return f"a hard link ({st.st_nlink} names share it: writing it would change a file elsewhere)"
+    return ""
+
+
+def real_subdirectory(root: str | os.PathLike, relative: str | os.PathLike, what: str = "--out") -> Path:
+    """``root/relative`` created as real directories: no component below ``root`` may be a symbolic
+    link (one planted inside the output directory would send checkpoints and data elsewhere); a
+    ValueError names it.  ``root`` itself is the user's choice and may be a link."""
+    root = Path(root)
+    current = root
+    for part in Path(relative).parts:
+        current = current / part
+        if not current.is_symlink() and not current.exists():
+            try:
+                current.mkdir()
+            except FileExistsError:
+                pass
+        if current.is_symlink():
+            raise UsageError(
+                f"{current} is a symbolic link inside {what} {root}; zosol writes only inside {what} and "
+                f"does not follow it: remove the link (or choose another {what})"
+            )
+        if not current.is_dir():
+            raise UsageError(f"{current} is not a directory (a file is there); remove it or choose another {what}")
+    return current
+
+
 # Advisory locks
 
 
@@ -162,11 +201,16 @@ class FileLock:
 
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = os.open(self.path, flags, 0o644)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise LockedError(f"{self.path} is a symlink; refusing to follow it (remove it)") from None
                 raise
+            problem = _not_a_private_file(os.fstat(fd))
+            if problem:
+                os.close(fd)
+                raise LockedError(f"{self.path} is {problem}; refusing to use it as a lock file (remove it)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -14,12 +14,13 @@ When a rank dies, the others fail in their next collective (or are stopped by to
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 #: (host, pid) of every rank, filled by :func:`join_launcher_group`
 _PEERS: list[tuple[str, int]] = []
+#: bytes of a host name exchanged between ranks
+_HOST_BYTES = 255
 
 
 def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | None:
@@ -51,17 +54,32 @@ def join_launcher_group(device: str | None = None) -> tuple[int, int, str] | Non
     :mod:`zosol.runtime.stop`.)"""
     if not launched_with_env():
         return None
+    from .stop import die_with_parent
+
+    die_with_parent(os.getppid())  # kill -9 of torchrun leaves no rank training on
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
     info = init_from_env("nccl" if cuda else "gloo")
     register_peers()
     return info
 
 
+def _group_device() -> torch.device:
+    """Where this group's collectives take their tensors (NCCL: this rank's GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def register_peers() -> None:
-    """Exchange (host, pid) of every rank of the current group (for :func:`lost_ranks_message`)."""
-    peers: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
-    _PEERS[:] = [tuple(p) for p in peers]
+    """Exchange (host, pid) of every rank of the current group (for :func:`lost_ranks_message`),
+    as tensors (nothing is unpickled from another rank)."""
+    host = socket.gethostname().encode("utf-8")[:_HOST_BYTES]
+    mine = torch.zeros(_HOST_BYTES + 2, dtype=torch.long)
+    mine[0], mine[1] = os.getpid(), len(host)
+    mine[2 : 2 + len(host)] = torch.tensor(list(host), dtype=torch.long)
+    mine = mine.to(_group_device())
+    peers = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(peers, mine)
+    rows = [p.cpu().tolist() for p in peers]
+    _PEERS[:] = [(bytes(r[2 : 2 + r[1]]).decode("utf-8", "replace"), int(r[0])) for r in rows]
 
 
 def world() -> tuple[int, int, str | None]:
@@ -103,9 +121,22 @@ def broadcast_from_lead(make: Callable[[], T]) -> T:
     rank, size, _ = world()
     if size == 1:
         return make()
-    box: list[Any] = [make() if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    device = _group_device()
+    if rank == 0:
+        value = make()
+        buffer = io.BytesIO()
+        torch.save(value, buffer)  # plain data only: the other ranks read it with weights_only=True
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
+        length = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    else:
+        length = torch.zeros(1, dtype=torch.long, device=device)
+    dist.broadcast(length, src=0)
+    if rank != 0:
+        data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    if rank == 0:
+        return value
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
 
 
 def _gone(pid: int) -> bool:

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import UsageError
 
-__all__ = ["check_workers", "exit_now", "MAX_WORKERS"]
+__all__ = ["check_workers", "exit_now", "lost_a_peer", "MAX_WORKERS"]
 
 #: at most this many worker processes, however many cores there are
 MAX_WORKERS = 64
@@ -28,7 +28,7 @@ def check_workers(n: int, bound_by_cores: bool = True) -> None:
         raise UsageError(f"--workers {n} is more than the {cores} CPU cores this process may use; use at most {top}")
 
 
-def exit_now() -> None:
+def exit_now(code: int = 0) -> None:
     """Leave this worker at once (the interpreter's and gloo's teardown take seconds on a busy
     machine), after multiprocessing's exit finalizers (they release the worker's semaphores)."""
     from multiprocessing import util
@@ -36,4 +36,13 @@ def exit_now() -> None:
     getattr(util, "_run_finalizers", lambda: None)()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the group vanished
+    (gloo raises a plain RuntimeError naming the reset connection)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL")
+    )

@@ -1,6 +1,7 @@
 """Solvers and scenarios: what a simulator looks like to zosol (installed as ``zosol.solvers``)."""
 
 from .base import (
+    _BUILT_IN,
     BlackBox,
     Scenario,
     ScenarioConfig,
@@ -49,6 +50,7 @@ register("burgers1d", _burgers1d)
 register("burgers2d", _burgers2d)
 register("karman2d", _karman2d)
 register("ks1d", _ks1d)
+_BUILT_IN.update(("burgers1d", "burgers2d", "karman2d", "ks1d"))
 
 __all__ = [
     "BlackBox",

@@ -389,13 +389,23 @@ _REGISTRY: dict[str, Any] = {}
 def register(name: str, scenario: Any) -> None:
     """Register a scenario under ``name``: a Scenario subclass, a scenario object (e.g. from
     :func:`zosol.solvers.make_scenario`), or a zero-argument loader returning either (imported
-    lazily: PhiFlow is slow to import)."""
+    lazily: PhiFlow is slow to import).  zosol's own scenarios cannot be replaced."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise TypeError(f"register(name, ...) needs a name such as 'my_pde', got {name!r:.80}")
     if not (isinstance(scenario, Scenario) or callable(scenario)):
         raise TypeError(
             f"register('{name}', ...) needs a Scenario subclass, a scenario object or a loader; "
             f"got {type(scenario).__name__}"
         )
+    if name in _BUILT_IN and _REGISTRY.get(name) is not None:
+        raise UsageError(
+            f"register('{name}', ...): '{name}' is one of zosol's scenarios; register yours under another name"
+        )
     _REGISTRY[name] = scenario
+
+
+#: zosol's own scenario names (see zosol.solvers): register() refuses to replace them
+_BUILT_IN: set[str] = set()
 
 
 ENTRY_POINT_GROUP = "zosol.scenarios"
@@ -438,9 +448,14 @@ def registered(name: str) -> type[Scenario] | Scenario:
     entry = _REGISTRY[name]
     if isinstance(entry, Scenario) or (isinstance(entry, type) and issubclass(entry, Scenario)):
         return entry
-    loaded = entry()
+    try:
+        loaded = entry()
+    except (Exception, SystemExit) as e:  # a user's loader or an entry point's module: one line
+        raise UsageError(
+            f"the loader registered for scenario '{name}' failed: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
     if not (isinstance(loaded, Scenario) or (isinstance(loaded, type) and issubclass(loaded, Scenario))):
-        raise TypeError(
+        raise UsageError(
             f"the loader registered for scenario '{name}' returned {type(loaded).__name__}, "
             f"not a Scenario subclass or scenario object"
         )

@@ -33,6 +33,8 @@ Arguments of ``make_scenario`` (all but ``name`` keyword-only):
   every batch over this many local processes (see ``NumpySolver``).
 * ``dtype``: "float32" (default) or "float64": the arrays step functions get and return, and the
   states ``sample`` gives (the reference trajectory is computed in it; datasets store float32).
+* ``timeout``: seconds one call of a step function may take (``processes=1``); a call that takes
+  longer is interrupted with a SolverError instead of hanging the run.
 * ``frames``, ``warmup``, ``train_sims``, ``test_sims``, ``seed``: as in :class:`ScenarioConfig`
   (train seeds ``seed + i``, test seeds ``seed + 10000 + i``).
 * ``presets``: preset name -> overrides of those fields (``"default"`` is added if missing).
@@ -98,6 +100,7 @@ def _as_solver(
     batched: bool,
     processes: int,
     dtype: str,
+    timeout: float | None = None,
 ) -> Solver:
     if isinstance(part, Solver) or (hasattr(part, "step") and hasattr(part, "spatial_shape")):
         return part
@@ -119,6 +122,7 @@ def _as_solver(
         batched=batched,
         processes=processes,
         dtype=dtype,
+        timeout=timeout,
         name=f"{role} {getattr(part, '__name__', 'fn')}",
     )
 
@@ -291,6 +295,7 @@ def make_scenario(
     batched: bool = True,
     processes: int = 1,
     dtype: str | torch.dtype = "float32",
+    timeout: float | None = None,
     frames: int = 32,
     warmup: int = 0,
     train_sims: int = 4,
@@ -307,7 +312,7 @@ def make_scenario(
     ``dt`` (the arguments are described in the module docstring); returns it at preset "default"."""
     module, maker = _caller()
     dtype = _dtype_name(dtype)
-    host = dict(batched=batched, processes=processes, dtype=dtype)
+    host = dict(batched=batched, processes=processes, dtype=dtype, timeout=timeout)
     ref = _as_solver(reference, "reference", dt, channels, reference_shape, num_params, **host)
     crs = _as_solver(coarse, "coarse", dt, channels, coarse_shape, num_params, **host)
     _check_parts(ref, crs, float(dt))

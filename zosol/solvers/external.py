@@ -49,6 +49,7 @@ instead of silently returning a result that cuts the gradient; zeroth-order code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,7 +61,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,6 +184,30 @@ def _check_counts(who: str, **counts: int | None) -> None:
             )
 
 
+class StepTimeout(SolverError):
+    """An in-process step function ran longer than its ``timeout``."""
+
+
+@contextlib.contextmanager
+def call_timeout(seconds: float | None, who: str) -> Iterator[None]:
+    """Interrupt the block with :class:`StepTimeout` after ``seconds`` (SIGALRM; only in the main
+    thread, and only Python code or interruptible waits are interrupted; None: no limit)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: Any) -> None:
+        raise StepTimeout(f"{who}: a call ran longer than its timeout of {seconds:g} s (interrupted)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class NumpySolver(_HostSolver):
     """A plain numpy step function as a (non-differentiable) Solver.
 
@@ -199,7 +224,9 @@ class NumpySolver(_HostSolver):
             ``processes - 1`` workers started once at the first multi-state step (forked on
             POSIX: ``fn`` may be a closure) and stopped by :meth:`close`; the result equals
             ``processes=1`` exactly.
-    Exceptions raised by ``fn`` become SolverError naming them.
+        timeout: seconds one call of ``fn`` may take (None: no limit; needs ``processes=1``): a
+            call still running then is interrupted (SIGALRM, in the main thread) with a SolverError.
+    Exceptions raised by ``fn`` (and ``sys.exit`` called in it) become SolverError naming them.
     """
 
     def __init__(
@@ -217,10 +244,16 @@ class NumpySolver(_HostSolver):
         batched: bool = True,
         max_batch: int | None = None,
         processes: int = 1,
+        timeout: float | None = None,
     ):
         super().__init__(dtype, check_finite)
         if not callable(fn):
             raise TypeError(f"NumpySolver needs a callable, got {type(fn).__name__}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise UsageError(f"NumpySolver: timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None and processes != 1:
+            raise UsageError("NumpySolver: timeout applies to calls in this process; use it with processes=1")
+        self.timeout = None if timeout is None else float(timeout)
         if not (math.isfinite(dt) and dt > 0):
             raise UsageError(f"NumpySolver: dt must be positive, got {dt}")
         _check_counts("NumpySolver", max_batch=max_batch, processes=processes)
@@ -240,9 +273,19 @@ class NumpySolver(_HostSolver):
 
     def _step(self, state: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         x, p = self._to_numpy(state), self._to_numpy(params) if self.num_params else None
-        # an exception raised by fn is a bug in fn: it reaches the user as it is, with its traceback
-        out = self.pool.map(x, p) if self.pool is not None else run_rows(self.fn, self.batched, self.max_batch, x, p)
-        out = self._check_output(out, x, f"NumpySolver({self.name})")
+        # an exception raised by fn is a bug in fn: it reaches the user as it is, with its traceback;
+        # sys.exit in fn and a call beyond its timeout are the solver's failures (one line)
+        who = f"NumpySolver({self.name})"
+        try:
+            with call_timeout(self.timeout, who):
+                out = (
+                    self.pool.map(x, p)
+                    if self.pool is not None
+                    else run_rows(self.fn, self.batched, self.max_batch, x, p)
+                )
+        except SystemExit as e:
+            raise SolverError(f"{who} called sys.exit({e.code!r:.40}) (a step function must return or raise)") from None
+        out = self._check_output(out, x, who)
         return self._to_torch(np.ascontiguousarray(out, dtype=self._np_dtype), state)
 
     @property
@@ -277,9 +320,45 @@ class NumpySolver(_HostSolver):
 # ---------------------------------------------------------------------------------------------
 
 
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every process visible in /proc (empty elsewhere)."""
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                out.append((int(name), int(fields[1]), int(fields[3])))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _sessions_of(leader: int) -> set[int]:
+    """Every process descending from ``leader`` (by parent pid) and every process of a session or
+    group one of them started (a child that called ``setsid()`` leaves the program's group)."""
+    table = _processes()
+    tree, frontier = {leader}, {leader}
+    while frontier:
+        frontier = {pid for pid, ppid, _ in table if ppid in frontier} - tree
+        tree |= frontier
+    return tree | {pid for pid, _, sid in table if sid in tree}
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process group the program leads (the program and every descendant that stayed in
-    it, also after the program itself exited) and reap the program."""
+    it, also after the program itself exited), every descendant and session it started (a child
+    that called ``setsid()``), and reap the program."""
+    started = _sessions_of(proc.pid) if proc.returncode is None else set()  # not reaped: its pid is its own
+    for pid in started - {proc.pid, os.getpid()}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
@@ -816,8 +895,9 @@ class ExternalSolver(_HostSolver):
                 )
             self._echoes_id = True
         if not reply.get("ok", False):
-            err = reply.get("error", f"reply without ok/error: {reply!r}")
-            raise SolverError(f"external solver '{self.name}' refused {what}: {err}")
+            err = str(reply.get("error", f"reply without ok/error: {reply!r}"))
+            quoted = err if len(err) <= 500 else f"{err[:500]}... ({len(err):,} characters)"
+            raise SolverError(f"external solver '{self.name}' refused {what}: {quoted}")
         return reply, data
 
     # -- the step ------------------------------------------------------------------------------

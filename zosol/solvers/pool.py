@@ -57,9 +57,13 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
     return np.concatenate([np.asarray(fn(*rows(slice(i, i + max_batch)))) for i in range(0, x.shape[0], max_batch)])
 
 
-def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None) -> None:
+def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None, inherited: tuple = ()) -> None:
     """A worker process: step the blocks that come down ``conn`` until None (or the pipe closes).
-    Ctrl-C is the parent's to handle (it stops the workers), so the worker ignores SIGINT."""
+    Ctrl-C is the parent's to handle (it stops the workers), so the worker ignores SIGINT.  The
+    parent's pipe ends a forked worker inherited (``inherited``) are closed first: the pipe then
+    closes when the parent dies (even by ``kill -9``), and the worker leaves."""
+    for end in inherited:
+        end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
@@ -114,9 +118,12 @@ class StatePool:
     def _ensure(self) -> list:
         if not self._workers:
             ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            forked = ctx.get_start_method() == "fork"
             for _ in range(self.processes - 1):
                 conn, child = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(child, self.fn, self.batched, self.max_batch), daemon=True)
+                inherited = (conn, *(c for _, c in self._workers)) if forked else ()
+                args = (child, self.fn, self.batched, self.max_batch, inherited)
+                proc = ctx.Process(target=_serve, args=args, daemon=True)
                 proc.start()
                 child.close()
                 self._workers.append((proc, conn))

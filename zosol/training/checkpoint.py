@@ -30,6 +30,7 @@ from ..runtime.files import atomic_save
 from ..runtime.launch import broadcast_from_lead
 from ..runtime.options import Resume
 from ..runtime.rundir import RunDirectory
+from .budget import check_corrector_fits, meta_corrector
 from .errors import CheckpointError
 from .state import RunState, make_corrector, new_history
 
@@ -169,6 +170,17 @@ def _check_contents(ckpt: dict, path: Path) -> None:
         "its history",
     )
     need(all(isinstance(x, (int, float)) and math.isfinite(x) for x in h["loss"]), "non-finite losses in its history")
+    for key in ("solver_calls", "solver_samples", "zo_queries"):
+        need(
+            isinstance(h[key], int) and not isinstance(h[key], bool) and h[key] >= 0, f"history {key} = {h[key]!r:.40}"
+        )
+    need(math.isfinite(h["wall_time"]) and h["wall_time"] >= 0, f"history wall_time = {h['wall_time']!r:.40}")
+    sched = ckpt["scheduler"]
+    need(
+        isinstance(sched.get("last_epoch"), int) and isinstance(sched.get("_step_count"), int),
+        "its learning-rate schedule",
+    )
+    need(sched.get("base_lrs") == [config.lr], f"its schedule's base learning rate {sched.get('base_lrs')!r:.60}")
 
 
 def _check_optimizer(opt: dict, shapes: list[torch.Size], need) -> None:
@@ -227,9 +239,15 @@ def _restore_state(state: RunState, ckpt: dict, n_windows: int, steps_per_epoch:
         f"its window order is not a permutation of the {n_windows} training windows",
     )
     need(pos <= steps_per_epoch, f"position {pos} beyond the {steps_per_epoch} steps of an epoch")
+    done = ckpt["epoch"] * steps_per_epoch + pos
     need(
-        len(ckpt["history"]["loss"]) == ckpt["epoch"] * steps_per_epoch + pos,
+        len(ckpt["history"]["loss"]) == done,
         f"epoch {ckpt['epoch']}, position {pos} disagree with its {len(ckpt['history']['loss'])} recorded steps",
+    )
+    sched = ckpt["scheduler"]
+    need(
+        sched["last_epoch"] == done and sched["_step_count"] == done + 1,
+        f"its learning-rate schedule is at step {sched['last_epoch']}, the run at step {done}",
     )
     try:
         state.load_state_dict(ckpt)
@@ -258,7 +276,13 @@ def load_run(
                 else "pass other_data=True (zosol evaluate RUN --data FILE) to evaluate it there"
             )
             raise CheckpointError(f"{run.path}: the run was trained on another dataset ({trained}; {why}); {fix}")
-    model = make_corrector(dataset, TrainConfig(**ckpt["config"]))
+    config = TrainConfig(**ckpt["config"])
+    try:
+        check_corrector_fits(dataset, config)
+    except ValueError as e:
+        raise CheckpointError(f"{run.checkpoint}: damaged checkpoint: its config: {e}") from None
+    _check_weights(meta_corrector(dataset, config), ckpt["model"], run.checkpoint)  # shapes first, no memory
+    model = make_corrector(dataset, config)
     restore_model(model, ckpt["model"], run.checkpoint)
     ckpt["dataset_differences"] = differences
     return model, ckpt

@@ -35,7 +35,7 @@ from ..runtime.launch import is_lead, world
 from ..runtime.options import RunOptions
 from ..runtime.rundir import RunDirectory
 from ..solvers.base import BlackBox, Solver, SolverError, trains_through_autograd
-from .budget import check_memory
+from .budget import check_memory, check_time
 from .callbacks import Callback, ProgressBar, StopAfterSteps, StopSignal, TimedCheckpoint
 from .checkpoint import Checkpointer
 from .errors import TrainingDiverged, TrainingError
@@ -98,6 +98,7 @@ class TrainingLoop:
         device = torch.device(config.device)
         windows = Windows(dataset, config.effective_window, device)
         check_memory(dataset, config, len(windows))
+        check_time(dataset, config, len(windows), announce=is_lead() and options.progress)
         steps_per_epoch = math.ceil(len(windows) / config.batch_size)
         state = RunState.fresh(dataset, config, device, steps_per_epoch * config.epochs)
         checkpointer = Checkpointer(run_dir, config, dataset)

@@ -12,7 +12,10 @@ stop at the same step, checkpoint and exit, and the parent raises
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +25,7 @@ from ..datasets.hdf5 import FidelityDataset
 from ..runtime import stop
 from ..runtime.options import RunOptions
 from ..runtime.rundir import RunDirectory
-from ..runtime.workers import exit_now
+from ..runtime.workers import exit_now, lost_a_peer
 from ..solvers.base import SolverError
 from ..zo.parallel import spawn_local
 from .checkpoint import load_run
@@ -51,12 +54,48 @@ def _worker(
     warnings.showwarning = show_warning  # one line, as in the parent
     directory = RunDirectory(run_dir, writer=rank == 0)
     try:
+        if isinstance(dataset, DatasetByName):
+            dataset = dataset.open()
         TrainingLoop.setup(dataset, config, directory, options).run()
     except (TrainingError, SolverError, CheckpointError, ValueError, stop.Terminated) as e:
         directory.record_failure(e)
         if isinstance(e, stop.Terminated):  # a clean stop (every rank at the same step): the parent raises it;
             exit_now()
         raise
+    except RuntimeError as e:  # another worker vanished mid-collective: the parent names the lost worker
+        if not lost_a_peer(e):
+            raise
+        exit_now(1)  # quietly: no traceback of this rank's broken connection
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetByName:
+    """What a worker needs to open the dataset itself when its scenario does not pickle (a
+    ``make_scenario`` plugin: closures): the file, the scenario's name and the plugin modules
+    this process imported, which the worker imports by name before opening the file."""
+
+    path: str
+    scenario: str
+    plugins: tuple[str, ...]
+
+    def open(self) -> FidelityDataset:
+        from ..datasets.hdf5 import load_dataset
+        from ..solvers.plugins import load_plugin
+
+        for module in self.plugins:
+            load_plugin(module)
+        return load_dataset(self.path, self.scenario)
+
+
+def _for_workers(dataset: FidelityDataset) -> FidelityDataset | DatasetByName:
+    """``dataset`` itself when its scenario pickles, else the plugin modules and file to rebuild it."""
+    from ..solvers.plugins import loaded_plugins
+
+    try:
+        pickle.dumps(dataset.scenario)
+        return dataset
+    except Exception:  # noqa: BLE001 - closures, lambdas, local classes: rebuilt by name in the worker
+        return DatasetByName(str(Path(dataset.path).resolve()), dataset.scenario.name, loaded_plugins())
 
 
 def _first_line(e: BaseException) -> str:
@@ -76,12 +115,15 @@ def train_in_processes(
 ) -> TrainResult:
     """Run the training loop in ``options.workers`` processes and load rank 0's result (in a
     temporary run directory if ``run_dir`` is None)."""
-    with tempfile.TemporaryDirectory(prefix="zosol-run-") as scratch:
-        run = run_dir if run_dir is not None else RunDirectory(scratch)
+    scratch = tempfile.TemporaryDirectory(prefix="zosol-run-") if run_dir is None else contextlib.nullcontext()
+    with scratch as tmp:  # a temporary run directory only when none is given (removed on every exit)
+        run = run_dir if run_dir is not None else RunDirectory(tmp)
         run.clear_failure()
         with stop.deferred():  # SIGTERM is forwarded to the workers, which stop cleanly
             try:
-                spawn_local(_worker, options.workers, args=(dataset, config, run.path, options, os.getpid()))
+                spawn_local(
+                    _worker, options.workers, args=(_for_workers(dataset), config, run.path, options, os.getpid())
+                )
             except Exception as e:  # a worker failed: re-raise what it reported, with its own type
                 _reraise_failure(run)
                 if stop.requested():

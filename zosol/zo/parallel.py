@@ -15,6 +15,7 @@ import ctypes
 import functools
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -345,13 +346,49 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), backend
 
 
+_LISTENING: list[socket.socket] = []  # rank 0's loopback listening socket, alive with its store
+
+
+def _loopback_interface() -> str | None:
+    """The name of the loopback interface ("lo" on Linux), if there is one."""
+    try:
+        return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    except OSError:
+        return None
+
+
+def init_loopback_group(rank: int, world_size: int, port: int, backend: str) -> None:
+    """Join a process group of local processes that listens on 127.0.0.1 only: rank 0's store is
+    bound to the loopback address (not to every interface, torch's default) and gloo / NCCL use
+    the loopback interface; nothing of the group is reachable from another machine."""
+    from datetime import timedelta
+
+    lo = _loopback_interface()
+    if lo is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+    timeout = timedelta(minutes=30)
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(max(64, world_size))
+        _LISTENING.append(sock)
+        store = dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.fileno())
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 def _spawn_entry(rank: int, fn, world_size: int, port: int, backend: str, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    init_from_env(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    init_loopback_group(rank, world_size, port, backend)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -362,11 +399,22 @@ def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: str | 
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes with an initialised group.
 
     ``backend`` defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``; rendezvous on a
-    free loopback port.  ``fn`` must be importable (defined at module level).
+    free loopback port, and the group listens on 127.0.0.1 only (:func:`init_loopback_group`).
+    ``fn`` must be importable (defined at module level).
     """
     import torch.multiprocessing as mp
 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     port = find_free_port()
-    mp.spawn(_spawn_entry, args=(fn, world_size, port, backend, args), nprocs=world_size, join=True)
+    # torch writes a worker's traceback to a temporary "pytorch-errorfile-*.pickle" and leaves it:
+    # those files go to a private folder, removed on every exit path of this call
+    import logging
+
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # our caller reports a failure
+    with tempfile.TemporaryDirectory(prefix="zosol-spawn-") as private:
+        previous, tempfile.tempdir = tempfile.tempdir, private
+        try:
+            mp.spawn(_spawn_entry, args=(fn, world_size, port, backend, args), nprocs=world_size, join=True)
+        finally:
+            tempfile.tempdir = previous
