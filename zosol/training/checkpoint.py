@@ -170,7 +170,7 @@ def _check_contents(ckpt: dict, path: Path) -> None:
         "its history",
     )
     need(all(isinstance(x, (int, float)) and math.isfinite(x) for x in h["loss"]), "non-finite losses in its history")
-    for key in ("solver_calls", "solver_samples", "zo_queries"):
+    for key in [k for k in ("solver_calls", "solver_samples", "zo_queries") if k in h]:
         need(
             isinstance(h[key], int) and not isinstance(h[key], bool) and h[key] >= 0, f"history {key} = {h[key]!r:.40}"
         )
