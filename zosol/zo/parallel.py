@@ -15,6 +15,7 @@ import ctypes
 import functools
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -412,6 +413,11 @@ def spawn_local(fn: Callable, world_size: int, args: tuple = (), backend: str | 
     import logging
 
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # our caller reports a failure
+    # a worker killed by a signal leaks its semaphores: the resource tracker (started with this
+    # interpreter's -W options) cleans them up without a warning after our caller's one line
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in sys.warnoptions:
+        sys.warnoptions.append(quiet)
     with tempfile.TemporaryDirectory(prefix="zosol-spawn-") as private:
         previous, tempfile.tempdir = tempfile.tempdir, private
         try:
