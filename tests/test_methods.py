@@ -63,7 +63,14 @@ def test_builtin_methods_in_table_order():
 def test_config_keeps_the_flat_keys_of_existing_runs():
     """Runs and results written before the registry: same keys, same order, same values."""
     cfg = train_config("tiny", method="zo-jac-sol")
-    assert cfg.to_dict() == OLD_CONFIG and list(cfg.to_dict()) == list(OLD_CONFIG)
+    old = {k: v for k, v in cfg.to_dict().items() if k in OLD_CONFIG}
+    assert old == OLD_CONFIG and list(old) == list(OLD_CONFIG)
+    added = set(cfg.to_dict()) - set(OLD_CONFIG)  # options added since, with defaults (a resume fills them in)
+    assert added == {f"jac_{k}" for k in ("mode", "scheme", "reach", "shape", "max_reach", "references")} | {
+        "jac_ref_stride",
+        "jac_check_every",
+        "jac_tol",
+    }
     assert TrainConfig(**OLD_CONFIG).validate() == cfg
     assert cfg.zo_mu == 1e-3 and cfg.jac_pattern == "auto" and cfg.effective_window == 2
     assert train_config("tiny", method="non").effective_window == 1

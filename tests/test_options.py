@@ -53,6 +53,15 @@ def test_every_training_field_is_a_cli_option(command):
         "jac_margin": "1",
         "jac_probe_states": "2",
         "jac_batch": "none",
+        "jac_mode": "reference",
+        "jac_scheme": "central",
+        "jac_reach": "1",
+        "jac_shape": "diamond",
+        "jac_max_reach": "2",
+        "jac_references": "frame",
+        "jac_ref_stride": "5",
+        "jac_check_every": "3",
+        "jac_tol": "0.1",
     }
     assert set(values) == set(FIELDS) - {"method"}
     extra = [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), v)]
@@ -61,6 +70,14 @@ def test_every_training_field_is_a_cli_option(command):
     assert (cfg.kernel, cfg.lr_final, cfg.zo_mask_every, cfg.zo_reuse, cfg.grad_checks) == (7, 0.1, 2, False, 0)
     assert cfg.zo_chunk is None and cfg.model == "resnet" and cfg.zo_sparsity == 0.5
     assert (cfg.jac_pattern, cfg.jac_margin, cfg.jac_probe_states, cfg.jac_batch) == ("dense", 1, 2, None)
+    assert (cfg.jac_mode, cfg.jac_scheme, cfg.jac_reach, cfg.jac_shape, cfg.jac_references) == (
+        "reference",
+        "central",
+        1,
+        "diamond",
+        "frame",
+    )
+    assert (cfg.jac_max_reach, cfg.jac_ref_stride, cfg.jac_check_every, cfg.jac_tol) == (2, 5, 3, 0.1)
 
 
 @pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("true", True), ("TRUE", True)])

@@ -94,6 +94,19 @@ def test_estimate_is_exact_when_the_difference_lies_within_the_reach(scheme):
     assert torch.allclose(vjp.reshape(3, -1), torch.einsum("bij,bi->bj", exact, g.reshape(3, -1)), atol=tol * 60)
 
 
+def test_at_the_reference_state_the_estimate_is_the_reference():
+    """Forward differences along colour directions carry a truncation error (mu/2 d^T H d, large when
+    a direction perturbs many cells); the reference's own colour probes cancel it."""
+    solver = CoupledSolver(dense=1.0)
+    x = _states(1, 4, scale=3.0)
+    refs = build_references(solver, x, scheme="forward", mu=1e-3)
+    est = RefJacobian(solver, SHAPE, refs, reach=1, mu=1e-3).jacobian(x, None)
+    assert torch.equal(est, refs.jacobians)
+    exact_products = refs.jacobians[0] @ RefJacobian(solver, SHAPE, refs, reach=1)._colouring.on(x.device, x.dtype)[4].T
+    probed = RefJacobian(solver, SHAPE, refs, reach=1, mu=1e-3)._reference_compressed(x.dtype)[0]
+    assert (probed - exact_products).abs().max() > 1e-4  # what subtracting exact products would have left
+
+
 def test_selection_picks_the_reference_of_each_sample():
     solver = CoupledSolver(dense=1.0)
     x = _states(2, 3)
@@ -170,7 +183,8 @@ def test_karman2d_direct_window_gradient_matches_autograd():
         jac = RefJacobian(box, solver.state_shape, refs, reach=2, mu=1e-7)
         fo, zo = _window_grads(sc, solver, jac, x, p, targets, sc.corrector_features(p))
         assert _cosine(zo, fo) >= 0.99999
-        assert jac.evaluations == 2 * x.shape[0] * jac.probes_per_sample  # m - 1 = 2 Jacobians
+        # m - 1 = 2 Jacobians, and the colour probes at the reference (+ its forward output) once
+        assert jac.evaluations == 2 * x.shape[0] * jac.probes_per_sample + jac.probes_per_sample + 1
         refs.jacobians.zero_()
         fo, zo = _window_grads(sc, solver, RefJacobian(box, solver.state_shape, refs, reach=2, mu=1e-7), x, p,
                                targets, sc.corrector_features(p))  # fmt: skip

@@ -164,19 +164,22 @@ def train_config(preset: str = "default", scenario: Any = None, **overrides: Any
     """The training preset ``preset``, adjusted for ``scenario`` (a name or a scenario object; its
     ``train_presets``: e.g. a cheaper corrector for the 2-D scenarios on a CPU), then
     ``overrides``; validated."""
-    if preset not in TRAIN_PRESETS:
-        raise UsageError(f"unknown training preset '{preset}'; choose one of {sorted(TRAIN_PRESETS)}")
     fields = set(TrainConfig.option_specs())
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise UsageError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
-    per_scenario: dict[str, Any] = {}
+    per_scenario: dict[str, dict[str, Any]] = {}
     if scenario is not None:
         from .solvers import registered
 
         entry = registered(scenario) if isinstance(scenario, str) else scenario
-        per_scenario = entry.train_presets.get(preset, {})
-    return TrainConfig(**{**TRAIN_PRESETS[preset], **per_scenario, **overrides}).validate()
+        per_scenario = entry.train_presets
+    if preset not in TRAIN_PRESETS and preset not in per_scenario:
+        known = sorted(set(TRAIN_PRESETS) | set(per_scenario))
+        raise UsageError(f"unknown training preset '{preset}'; choose one of {known}")
+    # a scenario's own preset (e.g. karman2d "large") starts from the common "default"
+    base = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["default"])
+    return TrainConfig(**{**base, **per_scenario.get(preset, {}), **overrides}).validate()
 
 
 def __getattr__(name: str) -> Any:

@@ -57,6 +57,8 @@ CASES = [
     SolCase("burgers1d", "SOL resnet 5x32 k25", dict(model="resnet", width=32, depth=5, kernel=25)),
     SolCase("burgers2d", "preset corrector", {}),
     SolCase("karman2d", "preset corrector", {}),
+    SolCase("karman2d", "cnn w18 (large)", dict(width=18)),
+    SolCase("karman2d", "cnn w42", dict(width=42)),
 ]
 
 
@@ -149,6 +151,20 @@ def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int
     return t_fo, t_cut + (m - 1) * t_probe * jac.n / cols, True
 
 
+def _reference_jacobian(blackbox, solver, data, cfg) -> zo.RefJacobian:
+    """ZO-JAC-SOL's reference-subtracted estimate as training builds it (``jac_references=global``):
+    one dense reference at the mean of the windows' states, the difference coloured within
+    ``jac_reach``, forward differences unless ``jac_scheme`` says otherwise."""
+    start, targets, params = data.start, data.targets, data.params
+    scheme = "forward" if cfg.jac_scheme == "auto" else cfg.jac_scheme
+    mean = torch.cat([start, targets.flatten(0, 1)]).mean(0, keepdim=True)
+    p = None if params is None else params.mean(0, keepdim=True)
+    refs = zo.build_references(blackbox, mean, p, mu=cfg.zo_mu, scheme=scheme, max_batch=cfg.jac_batch)
+    return zo.RefJacobian(
+        blackbox, solver.state_shape, refs, reach=cfg.jac_reach, mu=cfg.zo_mu, scheme=scheme, max_batch=cfg.jac_batch
+    )
+
+
 def _evals(m: int, perturbations: int) -> float:
     """Black-box evaluations per window sample-step for P rollouts sharing the first step, +1 loss."""
     return (1 + perturbations * (m - 1)) / m + 1
@@ -189,7 +205,11 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
         scheme=cfg.zo_scheme,
         max_batch=cfg.jac_batch,
     )
-    setup = time.perf_counter() - t
+    setup, ref_setup = time.perf_counter() - t, 0.0
+    if jac.is_dense and cfg.jac_mode in ("auto", "reference"):
+        t = time.perf_counter()
+        jac = _reference_jacobian(blackbox, solver, data, cfg)
+        ref_setup = time.perf_counter() - t
     fo, zj, zj_extra = _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats, budget * 2)
     zs, zs_extra = _zo_sol_seconds(model, blackbox, data, cfg, 1, budget)  # seconds to minutes: one call
     d, m = n_params(model), cfg.window
@@ -202,6 +222,7 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
         "window": m,
         "jacobian": jac.describe(),
         "jacobian_setup_s": setup,
+        "reference_setup_s": ref_setup,
         "fo_sol_s": fo,
         "zo_jac_sol_s": zj,
         "zo_jac_sol_extrapolated": zj_extra,
@@ -247,7 +268,8 @@ def run_sol_bench(
     for case in cases:
         row = run_case(case, repeats=repeats, budget=budget)
         rows.append(row)
-        log(_line(row) + f"   [{row['jacobian']}; set-up {row['jacobian_setup_s']:.1f} s]")
+        refs = f", references {row['reference_setup_s']:.1f} s" if row["reference_setup_s"] else ""
+        log(_line(row) + f"   [{row['jacobian']}; set-up: pattern {row['jacobian_setup_s']:.1f} s{refs}]")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)

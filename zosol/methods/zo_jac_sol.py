@@ -1,7 +1,9 @@
 """ZO-JAC-SOL: the window through the black box, autograd through the corrector, and every solver
 call's backward replaced by the transpose of a finite-difference Jacobian of the black box at that
 call's input (``zosol.zo.jacobian``): its cost is the Jacobian's probes (2 x colours for a local
-stencil, 2n dense), not the network's size.
+stencil, 2n dense, ~C (2r+1)^nd for the reference-subtracted estimate of a globally coupled solver,
+``zosol.zo.refjac``), not the network's size.  The estimate is chosen by a cost model
+(:mod:`zosol.methods.jacobians`).
 
 Its own options are :class:`JacobianOptions` (config keys ``jac_*``, flags ``--jac-*``): add a
 field there for a new Jacobian setting; the finite differences themselves are the shared
@@ -19,7 +21,8 @@ from ..options import option
 from ..training.sources import AutogradSource, Step
 from ..training.windows import WindowBatch
 from .base import Method, register
-from .shared import ZO_HISTORY, FiniteDifferenceOptions, GradientCheckOptions, cost_model, zo_entry
+from .jacobians import JacobianSetup
+from .shared import ZO_HISTORY, FiniteDifferenceOptions, GradientCheckOptions, zo_entry
 
 __all__ = ["JacobianOptions", "ZoJacSolSource", "METHOD"]
 
@@ -41,67 +44,67 @@ class JacobianOptions:
     batch: int | None = option(
         256, "ZO-JAC-SOL probe states per black-box call, none: all at once", ge=1, cap=10_000_000
     )
+    #: which estimate (zosol.methods.jacobians): the cost model's choice, or forced
+    mode: Literal["auto", "sparse", "dense", "reference"] = option(
+        "auto",
+        "ZO-JAC-SOL Jacobian estimate: auto (sparse when the pattern colours, else reference-subtracted), "
+        "sparse, dense or reference (dense references + the coloured difference within jac_reach)",
+    )
+    scheme: Literal["auto", "forward", "central"] = option(
+        "auto", "ZO-JAC-SOL differences: auto (forward for reference-subtracted, else zo_scheme), forward, central"
+    )
+    reach: int = option(2, "ZO-JAC-SOL reference-subtracted: reach (cells) of the difference", ge=0, cap=64)
+    shape: Literal["box", "diamond"] = option(
+        "box", "ZO-JAC-SOL reference-subtracted: the difference's pattern, box or diamond (L1, 2-D)"
+    )
+    max_reach: int = option(3, "ZO-JAC-SOL: the error check widens the reach up to this", ge=0, cap=64)
+    references: Literal["global", "simulation", "frame"] = option(
+        "global",
+        "ZO-JAC-SOL reference Jacobians: global (mean training state), simulation (mean of each), "
+        "frame (every jac_ref_stride-th frame)",
+    )
+    ref_stride: int = option(10, "ZO-JAC-SOL jac_references=frame: frames between references", ge=1, cap=1_000_000)
+    check_every: int = option(
+        10, "ZO-JAC-SOL reference-subtracted: steps between run-time error checks, 0: none", ge=0, cap=1_000_000
+    )
+    tol: float = option(0.05, "ZO-JAC-SOL reference-subtracted: relative J v error that refreshes / widens", gt=0)
 
 
 class ZoJacSolSource(AutogradSource):
-    """Autograd through the corrector, finite-difference Jacobians of the black box
-    for the solver calls (:func:`zosol.zo.fd_step`).  The Jacobian's structure is chosen once
-    (``config.jac_pattern``) and kept in ``history["jacobian"]`` (a resumed run reuses it, and
-    patterns widened by the leak check are stored again); probe evaluations count in
-    ``history["zo_queries"]`` and in the black box's solver counts."""
+    """Autograd through the corrector, finite-difference Jacobians of the black box for the solver
+    calls (:func:`zosol.zo.fd_step`).  The estimate is chosen once by the cost model
+    (``config.jac_mode``, :class:`~zosol.methods.jacobians.JacobianSetup`): a sparse coloured
+    pattern, a dense Jacobian, or reference-subtracted (dense references cached in the run
+    directory + the coloured difference, with a run-time error check every ``jac_check_every``
+    steps whose records go to ``history["jac_error"]``).  The choice is kept in
+    ``history["jacobian"]`` (a resumed run reuses it; patterns widened by the leak check, reaches
+    widened and references refreshed by the error check are stored again); probe evaluations count
+    in ``history["zo_queries"]`` and in the black box's solver counts.  A reference-subtracted
+    estimate that stays poor stops the run (the last checkpoint is kept) with a one-line
+    :class:`zosol.zo.JacobianError`."""
 
     needs = "blackbox"
     gradient_check = True
     shardable = True  # the probe batches (of jac_batch states) are shared out over the ranks
 
     def prepare(self, history: dict[str, Any]) -> None:
-        c, w = self.config, self.windows
-        kw = dict(mu=c.zo_mu, scheme=c.zo_scheme, max_batch=c.jac_batch, distributed=self.distributed)
-        saved = history.get("jacobian")
-        if saved is not None:
-            self.jac = zo.FDJacobian.from_pattern_state(self.solver_step, saved["pattern"], **kw)
-            self.jac.events = list(saved["events"])
-        else:
-            frames = w.traj.flatten(0, 1)
-            pick = torch.linspace(0, frames.shape[0] - 1, c.jac_probe_states).round().long()
-            params = w.params.repeat_interleave(w.traj.shape[1], 0)[pick] if w.num_params else None
-            self.jac = zo.FDJacobian.for_step(
-                self.solver_step,
-                w.traj.shape[2:],
-                pattern=c.jac_pattern,
-                states=frames[pick],
-                params=params,
-                margin=c.jac_margin,
-                stencil_reach=self.solvers.stencil_reach,
-                **kw,
-            )
-            history["zo_queries"] += self.jac.evaluations
+        self.setup = JacobianSetup(self, history)
+        self.jac = self.setup.jac
         self.fd_step = zo.fd_step(self.jac)
-        self._record(history)
-
-    def _record(self, history: dict[str, Any]) -> None:
-        history["jacobian"] = {
-            "pattern": self.jac.pattern_state(),
-            "describe": self.jac.describe(),
-            "probes_per_sample": self.jac.probes_per_sample,
-            "events": list(self.jac.events),
-        }
+        self.setup.record(history)
 
     def cost(self) -> str | None:
-        d = sum(p.numel() for p in self.model.parameters())
-        return f"{self.jac.describe()}\n" + cost_model(
-            d, d, self.config.zo_scheme, self.jac.probes_per_sample, "dense" if self.jac.is_dense else "sparse"
-        )
+        return self.setup.cost()
 
     def _step_fn(self, batch: WindowBatch) -> Step:
         return self.fd_step
 
     def step(self, batch: WindowBatch, history: dict[str, Any]) -> torch.Tensor:
         events, spent = len(self.jac.events), self.jac.evaluations
+        self.setup.before(batch, history)
         loss = super().step(batch, history)
         history["zo_queries"] += self.jac.evaluations - spent
-        if len(self.jac.events) != events:
-            self._record(history)
+        self.setup.after(history, changed=len(self.jac.events) != events)
         return loss
 
 
@@ -116,7 +119,7 @@ METHOD = register(
         "ZO-JAC-SOL",
         ZoJacSolSource,
         options=(FiniteDifferenceOptions, GradientCheckOptions, JacobianOptions),
-        history=ZO_HISTORY,
+        history={**ZO_HISTORY, "jac_error": []},
         entry=jacobian_entry,
     )
 )

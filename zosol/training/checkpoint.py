@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import methods
 from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..errors import UsageError
@@ -323,8 +324,10 @@ class Checkpointer:
             raise UsageError("resume needs a run directory")
         ckpt = broadcast_from_lead(lambda: read_checkpoint(self.path))  # rank 0's disk
         now = self.config.to_dict()
-        if ckpt["config"] != now:
-            diff = {k: (ckpt["config"].get(k), v) for k, v in now.items() if ckpt["config"].get(k) != v}
+        # an option added since the checkpoint was written counts as its default there
+        saved = {**{k: v for k, v in methods.option_defaults().items() if k in now}, **ckpt["config"]}
+        if saved != now:
+            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointError(
                 f"{self.path}: checkpoint from another config (checkpoint vs now: {diff}); "
                 f"use the same options or a new run directory"

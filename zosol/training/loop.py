@@ -104,6 +104,7 @@ class TrainingLoop:
         checkpointer = Checkpointer(run_dir, config, dataset)
         resumed = checkpointer.begin(state, options.resume, len(windows), steps_per_epoch)
         source = source_cls(state.model, config, windows, solvers, world_size > 1)
+        source.run_dir = None if run_dir is None else run_dir.path
         source.prepare(state.history)
         state.history.update(world_size=world_size, backend=backend)  # how this (part of the) run ran
         if resumed:  # the counts go on from the checkpoint's (prepare's solver calls were counted there)

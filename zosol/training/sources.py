@@ -12,6 +12,7 @@ gives them).  Each method module of :mod:`zosol.methods` defines its source and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -94,6 +95,7 @@ class GradientSource:
         self.model, self.config, self.windows, self.solvers = model, config, windows, solvers
         self.distributed = distributed
         self.masks: dict[str, torch.Tensor] | None = None  # gradient masks of the current epoch (None: dense)
+        self.run_dir: Path | None = None  # the run directory (set by the loop before prepare; None: none)
 
     @property
     def solver_step(self) -> SolverCounter:

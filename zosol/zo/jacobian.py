@@ -362,8 +362,11 @@ def probe_offsets(
     noise_factor: float = 8.0,
     margin: int = 0,
     max_batch: int | None = None,
-) -> Stencil:
-    """Stencil of ``step`` from full forward-difference Jacobians at several ``states`` (S, C, *s).
+    max_per_row: int | None = None,
+) -> Stencil | None:
+    """Stencil of ``step`` from full forward-difference Jacobians at several ``states`` (S, C, *s);
+    None as soon as a row has more than ``max_per_row`` entries (a dense Jacobian: its offsets are
+    not worth listing, ``n^2`` of them).
 
     An entry counts when ``|J_ij| > max(rtol * max|J|, noise)`` (noise: ``noise_factor`` rounding
     errors of a difference quotient, which also absorbs the last-bit jitter of iterative solvers;
@@ -381,7 +384,10 @@ def probe_offsets(
         for s, e in iter_chunks(xi[0].numel(), max_batch):
             jac[:, s:e] = directional_differences(step, xi, pi, eye[s:e], mu, "forward", f0, max_batch)[0].T
         tol = max(rtol * float(jac.abs().max()), float(_noise_floor(f0, mu, noise_factor)[0]))
-        offs.append(_offsets_of((jac.abs() > tol).cpu().numpy(), shape))
+        mask = jac.abs() > tol
+        if max_per_row is not None and int(mask.sum(1).max()) > max_per_row:
+            return None
+        offs.append(_offsets_of(mask.cpu().numpy(), shape))
     st = Stencil(shape, np.unique(np.concatenate(offs), axis=0), f"probed at {states.shape[0]} state(s)")
     return st.dilate(margin)
 
@@ -520,6 +526,8 @@ class FDJacobian:
         for i in range(states.shape[0]):
             found = self._probe(states[i : i + 1], None if params is None else params[i : i + 1])
             used += 1
+            if found is None:  # a row alone needs more than dense_fraction * n colours
+                return self
             grown = found if stencil is None else stencil.union(found)
             quiet = quiet + 1 if stencil is not None and len(grown.offsets) == len(stencil.offsets) else 0
             stencil = grown
@@ -529,12 +537,13 @@ class FDJacobian:
         self._set_stencil(Stencil(stencil.state_shape, stencil.dilate(margin).offsets, source), None)
         return self
 
-    def _probe(self, x: torch.Tensor, params: torch.Tensor | None) -> Stencil:
+    def _probe(self, x: torch.Tensor, params: torch.Tensor | None) -> Stencil | None:
         """The stencil seen at one state x (1, C, *s): forward differences with step
-        ``probe_rel * max|x|`` (at least 10 mu)."""
+        ``probe_rel * max|x|`` (at least 10 mu); None when it is too dense for colouring."""
         mu = max(self.probe_rel * float(x.abs().max()), 10 * self._mu(x.dtype))
         self.evaluations += self.n + 1
-        return probe_offsets(self.step, x, params, mu, self.rtol, self.noise_factor, 0, self.max_batch)
+        dense = int(self.dense_fraction * self.n)
+        return probe_offsets(self.step, x, params, mu, self.rtol, self.noise_factor, 0, self.max_batch, dense)
 
     def _colouring_of(self, stencil: Stencil) -> _Colouring | None:
         """The stencil's colouring, or None when it needs more than ``dense_fraction * n`` colours
@@ -724,8 +733,11 @@ class FDJacobian:
                 "iterative solve); make it continuous (fixed sub-steps, tighter tolerance) or change mu"
             )
         found = self._probe(xb, pb)
-        stencil = self.colouring.stencil.union(found)
         n_leak = int(lb.sum())
+        if found is None:
+            self._go_dense(f"leak check: {n_leak} compressed entries that should be zero were not (sample {b})")
+            return
+        stencil = self.colouring.stencil.union(found)
         self._set_stencil(
             Stencil(stencil.state_shape, stencil.offsets, self.colouring.stencil.source + " + widened"),
             f"leak check: {n_leak} compressed entries that should be zero were not (sample {b}); "

@@ -172,23 +172,46 @@ class _DiffColouring:
         return self._on[key]
 
 
-def lattice_difference_colouring(state_shape: Sequence[int], reach: int | Sequence[int]) -> _DiffColouring:
-    """Colour ``(c, x_1 mod s_1, ..., x_nd mod s_nd)`` with ``s_k = 2 reach_k + 1`` and the pattern of
-    every (output, input) pair of entries within ``reach`` cells along each axis, not wrapping
-    around the grid's edges.  Two columns of one colour are ``>= 2r + 1`` cells apart along some
-    axis, so no row within reach of both exists: a valid CPR colouring of that pattern."""
-    shape = tuple(int(s) for s in state_shape)
-    c, spatial = shape[0], shape[1:]
+def lattice_difference_colouring(
+    state_shape: Sequence[int], reach: int | Sequence[int], shape: str = "box"
+) -> _DiffColouring:
+    """The pattern of every (output, input) pair of entries within ``reach`` cells, not wrapping
+    around the grid's edges, and a lattice colouring of it, one colour set per channel:
+
+    * ``shape="box"``: within ``reach_k`` cells along every axis k; colour ``(c, x_1 mod s_1, ...,
+      x_nd mod s_nd)``, ``s_k = 2 reach_k + 1``: two columns of one colour are ``>= 2r + 1`` cells
+      apart along some axis, so no row lies within reach of both (a valid CPR colouring);
+      ``C prod(2 r_k + 1)`` colours.
+    * ``shape="diamond"`` (1-D or 2-D, one reach): within ``r`` cells in the L1 sense;
+      colour ``(c, (x + (2r+1) y) mod (2r^2 + 2r + 1))``, the perfect Lee-sphere tiling of the
+      plane: same-colour columns are ``>= 2r + 1`` apart in L1.  ``C (2r^2 + 2r + 1)`` colours
+      (2-D, r = 2: 26 instead of the box's 50).
+    """
+    dims = tuple(int(s) for s in state_shape)
+    c, spatial = dims[0], dims[1:]
     reach = (int(reach),) * len(spatial) if isinstance(reach, int) else tuple(int(r) for r in reach)
     if len(reach) != len(spatial) or min(reach) < 0:
-        raise ValueError(f"reach {reach} does not fit a state of shape {shape} (one half-width >= 0 per spatial axis)")
-    period = np.array([2 * r + 1 for r in reach])
+        raise ValueError(f"reach {reach} does not fit a state of shape {dims} (one half-width >= 0 per spatial axis)")
     cells = np.indices(spatial).reshape(len(spatial), -1).T  # (cells, nd)
     ncell = cells.shape[0]
-    label = np.ravel_multi_index(tuple((cells % period).T), tuple(period))
-    colours = (np.arange(c)[:, None] * int(period.prod()) + label[None]).reshape(-1)
+    box = list(itertools.product(*(range(-r, r + 1) for r in reach)))
+    if shape == "box":
+        period = np.array([2 * r + 1 for r in reach])
+        label, per_channel = np.ravel_multi_index(tuple((cells % period).T), tuple(period)), int(period.prod())
+        offsets = box
+    elif shape == "diamond":
+        if len(spatial) > 2 or len(set(reach)) != 1:
+            raise ValueError(f"a diamond pattern needs a 1-D or 2-D state and one reach, got {dims}, reach {reach}")
+        r = reach[0]
+        per_channel = 2 * r * r + 2 * r + 1 if len(spatial) == 2 else 2 * r + 1
+        weights = np.array([1, 2 * r + 1][: len(spatial)])[::-1]  # (y, x) order of the grid's axes
+        label = (cells @ weights) % per_channel
+        offsets = [o for o in box if sum(abs(v) for v in o) <= r]
+    else:
+        raise ValueError(f"unknown pattern shape {shape!r}; choose 'box' or 'diamond'")
+    colours = (np.arange(c)[:, None] * per_channel + label[None]).reshape(-1)
     rows, cols = [], []
-    for off in itertools.product(*(range(-r, r + 1) for r in reach)):
+    for off in offsets:
         src = cells + np.array(off)
         ok = np.all((src >= 0) & (src < np.array(spatial)), 1)
         cell_out, cell_in = np.nonzero(ok)[0], np.ravel_multi_index(tuple(src[ok].T), spatial)
@@ -197,7 +220,7 @@ def lattice_difference_colouring(state_shape: Sequence[int], reach: int | Sequen
             cols.append(ci * ncell + cell_in)
     r_t, c_t = torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
     col_t = torch.from_numpy(colours.astype(np.int64))
-    return _DiffColouring(reach, r_t, c_t, col_t[c_t], col_t, c * int(period.prod()))
+    return _DiffColouring(reach, r_t, c_t, col_t[c_t], col_t, c * per_channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +266,7 @@ class RefJacobian:
     state_shape: tuple[int, ...]
     references: References
     reach: int = 1
+    pattern: str = "box"
     mu: float | None = None
     scheme: str = "forward"
     max_batch: int | None = None
@@ -255,6 +279,7 @@ class RefJacobian:
     events: list = field(default_factory=list)
     checks: list = field(default_factory=list)
     poor: str | None = None
+    refreshed: list = field(default_factory=list)
     selection: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -266,9 +291,10 @@ class RefJacobian:
                 f"RefJacobian: references of states {tuple(self.references.states.shape[1:])}, "
                 f"expected {self.state_shape}"
             )
-        self._colouring = lattice_difference_colouring(self.state_shape, self.reach)
+        self._colouring = lattice_difference_colouring(self.state_shape, self.reach, self.pattern)
         self._ref_comp: torch.Tensor | None = None
         self._check_generator: torch.Generator | None = None
+        self._reference_compressed(self.references.states.dtype)  # probed now: a set-up cost
 
     # -- reporting ---------------------------------------------------------------------------
     @property
@@ -278,6 +304,11 @@ class RefJacobian:
     @property
     def n_colours(self) -> int:
         return self._colouring.n_colours
+
+    @property
+    def is_dense(self) -> bool:
+        """False: the estimate is never the dense fallback (for code that handles FDJacobian too)."""
+        return False
 
     @property
     def probes_per_sample(self) -> int:
@@ -310,13 +341,27 @@ class RefJacobian:
         return self.references.nearest(x)
 
     def _reference_compressed(self, dtype: torch.dtype) -> torch.Tensor:
-        """``J_ref d_k`` for every reference and colour: (R, n, K) (cached until the references or reach change)."""
+        """The colour probes at every reference state, ``~ J_ref d_k``: (R, n, K), probed with the
+        same finite differences as the estimate (``R K`` black-box evaluations, cached until the
+        references or the reach change).  Subtracting these rather than the exact products
+        ``J_ref d_k`` cancels the differences' own truncation error (``mu/2 d_k^T H d_k``, large for
+        colour directions that perturb many cells at once): at a reference state the estimate is
+        exactly ``J_ref``."""
         if self._ref_comp is None or self._ref_comp.dtype != dtype:
-            j = self.references.jacobians.to(dtype)
-            colours = self._colouring.colours.to(j.device)
-            comp = torch.zeros(j.shape[0], self.n, self.n_colours, dtype=dtype, device=j.device)
-            self._ref_comp = comp.index_add_(2, colours, j)
+            refs = self.references
+            self._ref_comp = self._colour_probes(refs.states.to(dtype), None if refs.params is None else refs.params)
         return self._ref_comp
+
+    def _colour_probes(self, states: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        """``J(s) d_k`` by finite differences at states (R, C, *s): (R, n, K)."""
+        params = None if params is None else params.to(states.dtype)
+        dirs = self._colouring.on(states.device, states.dtype)[4]
+        f0 = _eval_batched(self.step, states, params, self.max_batch, self.distributed)
+        q = directional_differences(
+            self.step, states, params, dirs, self._mu(states.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )
+        self.evaluations += states.shape[0] * (self.probes_per_sample + (self.scheme == "forward"))
+        return q.transpose(1, 2).contiguous()
 
     # -- the estimate ------------------------------------------------------------------------
     def difference(
@@ -391,14 +436,16 @@ class RefJacobian:
         index: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Relative errors ``|J v - J_est v| / |J v|`` (B,) (max over ``check_dirs`` Gaussian directions
-        v), with ``J v`` from ``check_dirs`` extra black-box probes per sample."""
+        """Relative errors ``|J v - J_est v| / |J v|`` (B,), the max over ``check_dirs`` Gaussian
+        directions v scaled to the norm of a colour's direction (so the probes perturb the state as
+        much as the estimate's own), ``J v`` by central differences: ``2 check_dirs`` probes per sample."""
         b = x.shape[0]
-        v = torch.randn(b, self.check_dirs, self.n, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+        v = torch.randn(b, self.check_dirs, self.n, generator=generator, dtype=torch.float64)
+        v = (v * (self.n / self.n_colours) ** 0.5 / v.norm(dim=2, keepdim=True)).to(x.device, x.dtype)
         jv = directional_differences(
-            self.step, x, params, v, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+            self.step, x, params, v, self._mu(x.dtype), "central", None, self.max_batch, self.distributed
         )
-        self.evaluations += b * self.check_dirs * (2 if self.scheme == "central" else 1)
+        self.evaluations += 2 * b * self.check_dirs
         est = self.jvp_estimate(vals, index, v)
         return ((jv - est).norm(dim=2) / jv.norm(dim=2).clamp_min(torch.finfo(x.dtype).tiny)).amax(1)
 
@@ -442,29 +489,38 @@ class RefJacobian:
         self, x: torch.Tensor, params: torch.Tensor | None, index: torch.Tensor, failing: torch.Tensor
     ) -> None:
         """Re-probe each reference used by failing samples at the mean of those samples' states (and params)."""
-        refs = self.references
         for r in index[failing].unique().tolist():
             m = failing & (index == r)
-            xs = x[m].mean(0, keepdim=True)
-            ps = None if params is None else params[m].mean(0, keepdim=True)
-            new = build_references(
-                self.step, xs, ps, mu=self._mu(x.dtype), scheme=self.scheme, max_batch=self.max_batch,
-                distributed=self.distributed,
-            )  # fmt: skip
-            refs.states[r] = new.states[0].to(refs.states.dtype)
-            if refs.params is not None and ps is not None:
-                refs.params[r] = new.params[0].to(refs.params.dtype)
-            refs.jacobians[r] = new.jacobians[0].to(refs.jacobians.dtype)
-            refs.labels[r] = f"{refs.labels[r].split(' (refreshed')[0]} (refreshed)"
-            refs.evaluations += new.evaluations
-            self.evaluations += new.evaluations
-        self._ref_comp = None
+            p = None if params is None else params[m].mean(0, keepdim=True)
+            self.refresh_at(r, x[m].mean(0, keepdim=True), p)
+
+    def refresh_at(self, r: int, state: torch.Tensor, params: torch.Tensor | None) -> None:
+        """Replace reference ``r`` by the dense Jacobian at ``state`` (1, C, *s) (params (1, K) or None);
+        the index is appended to :attr:`refreshed`."""
+        refs = self.references
+        dtype = refs.states.dtype
+        new = build_references(
+            self.step, state.to(dtype), None if params is None else params.to(dtype),
+            mu=self._mu(dtype), scheme=self.scheme, max_batch=self.max_batch, distributed=self.distributed,
+        )  # fmt: skip
+        refs.states[r] = new.states[0]
+        if refs.params is not None and params is not None:
+            refs.params[r] = new.params[0].to(refs.params.dtype)
+        refs.jacobians[r] = new.jacobians[0].to(refs.jacobians.dtype)
+        refs.labels[r] = f"{refs.labels[r].split(' (refreshed')[0]} (refreshed)"
+        refs.evaluations += new.evaluations
+        self.evaluations += new.evaluations
+        self.refreshed.append(int(r))
+        comp = self._reference_compressed(refs.states.dtype)
+        p = None if refs.params is None else refs.params[r : r + 1]
+        comp[r] = self._colour_probes(refs.states[r : r + 1], p)[0]
 
     def set_reach(self, reach: int) -> None:
         """Change the reach of the difference's pattern (and its colouring)."""
         self.reach = int(reach)
-        self._colouring = lattice_difference_colouring(self.state_shape, self.reach)
+        self._colouring = lattice_difference_colouring(self.state_shape, self.reach, self.pattern)
         self._ref_comp = None
+        self._reference_compressed(self.references.states.dtype)
 
     def _event(self, msg: str) -> None:
         self.events.append(msg)

@@ -1,0 +1,113 @@
+"""ZO-JAC-SOL with reference-subtracted Jacobians in the training loop (karman2d, 16x8, direct
+reference): the cost model's choice, gradient checks, cached references, error-check records,
+refreshes replayed on resume, and a poor estimate stopping the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from run_checks import assert_same_run
+
+from zosol.config import train_config
+from zosol.datasets import generate, load_dataset
+from zosol.solvers.base import Solver
+from zosol.training import TrainingError, train
+from zosol.training.checkpoint import read_checkpoint
+
+GRID = dict(reference="direct", n_ref_x=32, n_ref_y=16, n_coarse_x=16, n_coarse_y=8)
+
+
+@pytest.fixture(scope="module")
+def karman(tmp_path_factory):
+    path = generate("karman2d", "tiny", tmp_path_factory.mktemp("karman"), progress=False, overrides=GRID)
+    return load_dataset(path)
+
+
+def _cfg(**kw):
+    return train_config("tiny", method="zo-jac-sol", **{"epochs": 2, "grad_checks": 0, **kw})
+
+
+def test_auto_picks_reference_subtracted_and_matches_fo_gradients(karman, tmp_path):
+    h = train(karman, _cfg(grad_checks=3, jac_check_every=2), tmp_path / "run", progress=False).history
+    jac = h["jacobian"]
+    assert jac["mode"] == "reference" and jac["probes_per_sample"] == 50 and jac["references"] == 1
+    assert "chosen: reference-subtracted (auto)" in h["cost_model"] and "ZO-JAC-SOL 51 " in h["cost_model"]
+    assert "sparse coloured - (the pattern is dense)" in h["cost_model"]
+    assert all(c["cosine"] >= 0.9999 for c in h["grad_cosine_vs_fo"]) and len(h["grad_cosine_vs_fo"]) == 3
+    checks = h["jac_error"]
+    assert [c["step"] for c in checks] == list(range(0, len(h["loss"]), 2))
+    assert all(c["passed"] and 0 < c["error"] < 0.05 for c in checks)
+    cache = tmp_path / "run" / "jacobian-references" / f"{jac['key']}.pt"
+    assert cache.is_file() and not jac["cached"]
+    # a second run next to it reads the cached references instead of probing them again
+    again = train(karman, _cfg(grad_checks=3, jac_check_every=2), tmp_path / "run", progress=False).history
+    assert again["jacobian"]["cached"] and again["zo_queries"] == h["zo_queries"] - jac["setup_evaluations"]
+    assert again["loss"] == h["loss"]
+
+
+def test_forced_modes_and_per_frame_references(karman):
+    dense = train(karman, _cfg(epochs=1, jac_mode="dense"), progress=False).history
+    assert dense["jacobian"]["mode"] == "dense" and "forced by jac_mode" in dense["cost_model"]
+    frame = train(karman, _cfg(epochs=1, jac_references="frame", jac_ref_stride=2, grad_checks=1), progress=False)
+    h = frame.history
+    assert h["jacobian"]["references"] == 2 * 5  # 2 simulations x frames 0, 2, 4, 6, 8
+    assert h["grad_cosine_vs_fo"][0]["cosine"] >= 0.9999
+    assert h["loss"] == pytest.approx(dense["loss"], rel=1e-3)
+
+
+def test_resume_with_refreshes_equals_uninterrupted(karman, tmp_path):
+    """batch 1, a tight tolerance: the check refreshes the reference (at the window's state) every
+    few steps; a resumed run replays the refreshes its checkpoint saw and continues identically."""
+    cfg = _cfg(batch_size=1, jac_reach=1, jac_tol=5e-3, jac_check_every=3, jac_max_reach=1)
+    full = train(karman, cfg, tmp_path / "full", progress=False)
+    assert full.history["jacobian"]["refreshes"] >= 2
+    part = train(karman, cfg, tmp_path / "part", progress=False, stop_after_steps=7)
+    assert 0 < part.history["jacobian"]["refreshes"] < full.history["jacobian"]["refreshes"]
+    resumed = train(karman, cfg, tmp_path / "part", progress=False, resume=True)
+    assert_same_run(full, resumed, "zo_queries", "jac_error")
+    timeless = [{k: v for k, v in r.history["jacobian"].items() if k != "setup_seconds"} for r in (full, resumed)]
+    assert timeless[0] == timeless[1]
+
+
+class Drifting(Solver):
+    """The coarse step, plus (after ``after`` calls) a dense state-dependent term: J(x) - J_ref is
+    no longer local, so no reach can capture it."""
+
+    def __init__(self, inner, after: int):
+        self.inner, self.after, self.calls = inner, after, 0
+        for k in ("dt", "channels", "spatial_shape", "coords", "num_params"):
+            setattr(self, k, getattr(inner, k))
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(inner.state_shape, generator=g)
+
+    def _step(self, state, params):
+        self.calls += 1
+        out = self.inner.step(state, params)
+        if self.calls <= self.after:
+            return out
+        s = (state * self.w).flatten(1).sum(1)
+        return out + getattr(self, "amp", 0.05) * s.view(-1, 1, 1, 1) ** 2 * self.w
+
+
+def test_a_poor_estimate_stops_the_run_keeping_the_checkpoint(karman, tmp_path):
+    cfg = _cfg(jac_check_every=1, jac_max_reach=2)
+    first = Drifting(karman.scenario.coarse_solver(), after=10**9)
+    train(karman, _cfg(epochs=1, jac_check_every=1, jac_max_reach=2), progress=False, solver=first)
+    solver = Drifting(karman.scenario.coarse_solver(), after=first.calls + 1)  # early in epoch 2
+    with pytest.raises(TrainingError, match="stays poor") as err:
+        train(karman, cfg, tmp_path / "run", progress=False, solver=solver, twin=karman.scenario.coarse_solver())
+    assert "\n" not in str(err.value) and "checkpoint is kept" in str(err.value)
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["position"] == 0  # the end of epoch 1, before the estimate went bad
+
+
+@pytest.mark.slow
+def test_sol_bench_times_the_reference_subtracted_estimate_on_karman2d():
+    from zosol.bench.sol import SolCase, run_sol_bench
+
+    lines = []
+    case = SolCase("karman2d", "tiny", {}, preset="tiny")
+    r = run_sol_bench(cases=[case], repeats=1, budget=64, log=lines.append)[0]
+    assert r["jacobian"].startswith("reference-subtracted") and r["reference_setup_s"] > 0
+    assert r["evals_zo_jac_sol"] == 1 + 50 * (r["window"] - 1) / r["window"] and not r["zo_jac_sol_extrapolated"]
+    assert "references" in lines[1]

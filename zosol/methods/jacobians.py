@@ -1,0 +1,372 @@
+"""ZO-JAC-SOL's Jacobian set-up: which estimate (the cost model), and the reference Jacobians of the
+reference-subtracted estimate (where they are taken, their cache in the run directory, the
+refreshes made at run time).
+
+Modes (``config.jac_mode``), black-box evaluations per sample-step of each (``n`` state entries):
+
+* ``sparse``: the probed / declared pattern, CPR-coloured: ``colours`` (forward) or ``2 colours``;
+* ``dense``: ``n`` (forward) or ``2n`` (central);
+* ``reference``: one dense reference Jacobian (or one per simulation / per few data frames),
+  probed once per run (``n + 1`` each), plus the coloured difference within ``jac_reach``:
+  ``C (2r+1)^nd`` (forward) per sample-step (:class:`zosol.zo.RefJacobian`);
+* ``auto``: sparse when the pattern colours, else reference-subtracted.
+
+References (``config.jac_references``): ``global`` (one, at the mean training state), ``simulation``
+(one per training simulation, at its mean state) or ``frame`` (every ``jac_ref_stride``-th frame of
+every simulation; a window uses the one nearest to its middle frame, in its own simulation: the
+calls that need Jacobians act on states near frames ``t+1 .. t+m-1``).  They are cached in
+``run_dir/jacobian-references/<key>.pt``, the key a hash of the data's fingerprint, the black
+box's fingerprint (its type, state shape and its output on the first training frame), the
+reference placement and the finite-difference settings; a resumed or repeated run reads them
+instead of probing again.  Refreshes made by the run-time error check go to
+``<key>-refreshes.pt`` (the state each was taken at); a resumed run replays the ones its
+checkpoint had seen, so it continues exactly as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import zo
+from ..models import n_params
+from ..runtime.files import atomic_save
+from ..runtime.launch import broadcast_from_lead, is_lead
+from ..training.windows import Windows
+from ..zo.parallel import available_memory
+from .shared import cost_model
+
+__all__ = [
+    "JacobianSetup",
+    "ReferencePlan",
+    "reference_plan",
+    "reference_key",
+    "load_or_build",
+    "RefreshLog",
+    "jacobian_costs",
+    "cost_model",
+]
+
+#: fraction of the free memory the references may take
+REFERENCE_MEMORY_FRACTION = 0.25
+
+
+@dataclass
+class ReferencePlan:
+    """Where the references are taken: ``states`` (R, C, *s), ``params`` (R, K) or None, ``labels``,
+    and ``table`` (N, T + 1 - m) the reference of the window starting at (simulation, frame)."""
+
+    kind: str
+    states: torch.Tensor
+    params: torch.Tensor | None
+    labels: list[str]
+    table: torch.Tensor
+
+    def index(self, sim: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        """Reference index (B,) of windows starting at ``frame`` (B,) of simulation ``sim`` (B,)."""
+        return self.table[sim.cpu(), frame.cpu()]
+
+
+def reference_plan(windows: Windows, kind: str, stride: int) -> ReferencePlan:
+    """The reference placement ``kind`` ("global", "simulation", "frame") over ``windows``' training data."""
+    traj, m = windows.traj, windows.m
+    n_sim, t1 = traj.shape[:2]
+    params = windows.params if windows.num_params else None
+    starts = t1 - m
+    if kind == "global":
+        table = torch.zeros(n_sim, starts, dtype=torch.long)
+        p = None if params is None else params.mean(0, keepdim=True)
+        return ReferencePlan(kind, traj.flatten(0, 1).mean(0, keepdim=True), p, ["mean training state"], table)
+    if kind == "simulation":
+        table = torch.arange(n_sim)[:, None].expand(n_sim, starts).clone()
+        labels = [f"mean state of simulation {i}" for i in range(n_sim)]
+        return ReferencePlan(kind, traj.mean(1), params, labels, table)
+    if kind != "frame":
+        raise ValueError(f"unknown jac_references {kind!r}; choose 'global', 'simulation' or 'frame'")
+    frames = list(range(0, t1, stride))
+    middle = torch.arange(starts) + m // 2
+    nearest = ((middle[:, None] - torch.tensor(frames)[None]).abs()).argmin(1)  # (starts,)
+    table = torch.arange(n_sim)[:, None] * len(frames) + nearest[None]
+    states = traj[:, frames].flatten(0, 1)
+    p = None if params is None else params.repeat_interleave(len(frames), 0)
+    labels = [f"simulation {i} frame {t}" for i in range(n_sim) for t in frames]
+    return ReferencePlan(kind, states, p, labels, table)
+
+
+def _solver_fingerprint(step: zo.jacobian.Step, windows: Windows) -> str:
+    """The black box's type, state shape and a hash of its output on the first training frame."""
+    x = windows.traj[:1, 0]
+    p = windows.params[:1] if windows.num_params else None
+    with torch.no_grad():
+        out = step(x, p).detach().cpu().contiguous()
+    name = type(getattr(step, "_step", step)).__qualname__
+    return f"{name}:{tuple(x.shape[1:])}:" + hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_key(data: dict[str, Any], step: zo.jacobian.Step, windows: Windows, settings: dict[str, Any]) -> str:
+    """Cache key of a run's references: hash of the data fingerprint, the black box's fingerprint and
+    the placement / finite-difference ``settings``."""
+    blob = json.dumps({"data": data, "solver": _solver_fingerprint(step, windows), **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def check_reference_memory(plan: ReferencePlan, dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError naming the fix when the references would not fit memory."""
+    r, n = plan.states.shape[0], plan.states[0].numel()
+    need = r * n * n * torch.finfo(dtype).bits // 8
+    free = available_memory(device)
+    if need > REFERENCE_MEMORY_FRACTION * free:
+        raise ValueError(
+            f"ZO-JAC-SOL: {r} reference Jacobians of {n} x {n} ({plan.kind}) need {need / 2**30:.1f} GiB, more "
+            f"than {REFERENCE_MEMORY_FRACTION:.0%} of the {free / 2**30:.1f} GiB free; use fewer references "
+            f"(a larger --train-set jac_ref_stride=K, or jac_references=simulation / global)"
+        )
+
+
+def load_or_build(plan: ReferencePlan, cache: Path | None, build: Any, lead: bool) -> tuple[zo.References, bool]:
+    """The cached references at ``cache`` (validated against the plan), or ``build()``'s, written
+    there by the lead process.  Returns (references, loaded from the cache)."""
+    found = broadcast_from_lead(lambda: cache is not None and cache.is_file())
+    if found:
+        refs = broadcast_from_lead(lambda: _read(cache))
+        if torch.equal(refs.states, plan.states.to(refs.states.dtype)):
+            return refs, True
+    refs = build()
+    if cache is not None and lead:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(cache, lambda f: torch.save(refs.to_state(), f))
+    return refs, False
+
+
+def _read(path: Path) -> zo.References:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable reference Jacobians ({type(e).__name__}); delete the file") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a reference Jacobian file; delete it")
+    return zo.References.from_state(state)
+
+
+class RefreshLog:
+    """The references refreshed at run time (index, state, params), kept in ``path`` for resumes."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.records = path, []
+
+    def add(self, refs: zo.References, index: int) -> None:
+        p = None if refs.params is None else refs.params[index].clone()
+        self.records.append((index, refs.states[index].clone(), p))
+
+    def save(self, lead: bool) -> None:
+        if self.path is None or not lead:
+            return
+        rec = [{"index": i, "state": s, "params": p} for i, s, p in self.records]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.path, lambda f: torch.save(rec, f))
+
+    def replay(self, jac: zo.RefJacobian, count: int) -> None:
+        """Redo the first ``count`` refreshes of the file (a resumed run)."""
+        if count == 0:
+            return
+        recs = broadcast_from_lead(lambda: self._load())
+        if len(recs) < count:
+            raise ValueError(
+                f"{self.path}: {len(recs)} reference refreshes saved, the checkpoint saw {count}; "
+                f"the run directory is incomplete: train again without --resume"
+            )
+        for r in recs[:count]:
+            jac.refresh_at(int(r["index"]), r["state"][None], None if r["params"] is None else r["params"][None])
+            self.records.append((int(r["index"]), r["state"], r["params"]))
+
+    def _load(self) -> list:
+        if self.path is None or not self.path.is_file():
+            return []
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+
+def jacobian_costs(
+    n: int, schemes: dict[str, str], colours: int | None, ref_colours: int, setup: int, sample_steps: int
+) -> dict[str, int | None]:
+    """Black-box evaluations per sample-step of each Jacobian mode with its scheme (``schemes``: mode
+    -> "forward" / "central"; None: mode not available), the reference set-up spread over the run's
+    ``sample_steps`` Jacobian sample-steps."""
+    per = {k: 2 if v == "central" else 1 for k, v in schemes.items()}
+    return {
+        "dense": n * per["dense"],
+        "sparse": None if colours is None else colours * per["sparse"],
+        "reference": ref_colours * per["reference"] + math.ceil(setup / max(1, sample_steps)),
+    }
+
+
+def _data_hash(windows: Windows) -> str:
+    h = hashlib.sha256(windows.traj.detach().cpu().contiguous().numpy().tobytes())
+    if windows.num_params:
+        h.update(windows.params.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class JacobianSetup:
+    """ZO-JAC-SOL's Jacobian estimate for one run: chosen (fresh run) or restored (resumed run)
+    from ``history["jacobian"]``; :meth:`before` / :meth:`after` wrap every training step (reference
+    selection, error checks, their records, refreshes, stopping a poor estimate)."""
+
+    def __init__(self, source: Any, history: dict[str, Any]):
+        c, w = source.config, source.windows
+        self.config, self.windows, self.step = c, w, source.solver_step
+        self.distributed, self.lead, self.d = source.distributed, is_lead(), n_params(source.model)
+        self.run_dir: Path | None = getattr(source, "run_dir", None)
+        self.stencil_reach = source.solvers.stencil_reach
+        self.plan: ReferencePlan | None = None
+        self.info: dict[str, Any] = {}
+        saved = history.get("jacobian")
+        mode = saved["mode"] if saved is not None else c.jac_mode
+        if mode in ("auto", "sparse", "dense"):
+            mode = self._pattern_jacobian(mode, saved, history)
+        if mode == "reference":
+            self._reference_jacobian(saved, history)
+        self.mode = mode
+
+    # -- set-up ------------------------------------------------------------------------------
+    def scheme(self, mode: str) -> str:
+        s = self.config.jac_scheme
+        return s if s != "auto" else "forward" if mode == "reference" else self.config.zo_scheme
+
+    def _pattern_jacobian(self, mode: str, saved: dict | None, history: dict[str, Any]) -> str:
+        """The sparse / dense FDJacobian (mode "auto" becomes "reference" when the pattern is dense)."""
+        c, w = self.config, self.windows
+        kw = dict(mu=c.zo_mu, scheme=self.scheme("sparse"), max_batch=c.jac_batch, distributed=self.distributed)
+        if saved is not None:
+            self.jac = zo.FDJacobian.from_pattern_state(self.step, saved["pattern"], **kw)
+            self.jac.events = list(saved["events"])
+            return saved["mode"]
+        pattern = "dense" if mode == "dense" else c.jac_pattern
+        frames = w.traj.flatten(0, 1)
+        pick = torch.linspace(0, frames.shape[0] - 1, c.jac_probe_states).round().long()
+        params = w.params.repeat_interleave(w.traj.shape[1], 0)[pick] if w.num_params else None
+        jac = zo.FDJacobian.for_step(
+            self.step, w.traj.shape[2:], pattern=pattern, states=frames[pick], params=params,
+            margin=c.jac_margin, stencil_reach=self.stencil_reach, **kw,
+        )  # fmt: skip
+        history["zo_queries"] += jac.evaluations
+        self.jac = jac
+        if mode == "auto" and jac.is_dense and pattern != "dense":
+            self.info["pattern_note"] = jac.describe()
+            return "reference"
+        return "dense" if jac.is_dense else "sparse"
+
+    def _reference_jacobian(self, saved: dict | None, history: dict[str, Any]) -> None:
+        c, w = self.config, self.windows
+        scheme, dtype = self.scheme("reference"), w.traj.dtype
+        plan = reference_plan(w, c.jac_references, c.jac_ref_stride)
+        check_reference_memory(plan, dtype, w.traj.device)
+        settings = {"references": plan.kind, "mu": c.zo_mu, "scheme": scheme, "dtype": str(dtype)}
+        if plan.kind == "frame":
+            settings.update(stride=c.jac_ref_stride, m=w.m)
+        key = reference_key({"data": _data_hash(w)}, self.step, w, settings)
+        folder = None if self.run_dir is None else Path(self.run_dir) / "jacobian-references"
+        started = time.perf_counter()
+
+        def build() -> zo.References:
+            return zo.build_references(
+                self.step, plan.states, plan.params, labels=plan.labels, mu=c.zo_mu, scheme=scheme,
+                max_batch=c.jac_batch, distributed=self.distributed,
+            )  # fmt: skip
+
+        refs, cached = load_or_build(plan, None if folder is None else folder / f"{key}.pt", build, self.lead)
+        if saved is None:
+            history["zo_queries"] += 0 if cached else refs.evaluations
+            self.info.update(setup_seconds=time.perf_counter() - started, setup_evaluations=refs.evaluations)
+            self.info.update(cached=cached)
+        else:
+            self.info.update({k: saved[k] for k in ("setup_seconds", "setup_evaluations", "cached", "pattern_note")
+                              if k in saved})  # fmt: skip
+        self.jac = zo.RefJacobian(
+            self.step, w.traj.shape[2:], refs, reach=c.jac_reach, pattern=c.jac_shape, mu=c.zo_mu, scheme=scheme,
+            max_batch=c.jac_batch, distributed=self.distributed, tol=c.jac_tol,
+            max_reach=max(c.jac_max_reach, c.jac_reach),
+        )  # fmt: skip
+        if saved is None:
+            history["zo_queries"] += self.jac.evaluations  # the colour probes at the references
+        self.plan, self.key = plan, key
+        self.log = RefreshLog(None if folder is None else folder / f"{key}-refreshes.pt")
+        if saved is not None:
+            self.jac.events = list(saved["events"])
+            self.log.replay(self.jac, int(saved["refreshes"]))
+            if int(saved["reach"]) != self.jac.reach:
+                self.jac.set_reach(int(saved["reach"]))
+
+    def record(self, history: dict[str, Any]) -> None:
+        """The estimate's choice and state into ``history["jacobian"]``."""
+        jac = self.jac
+        rec = {"mode": self.mode, "describe": jac.describe(), "probes_per_sample": jac.probes_per_sample}
+        rec["events"] = list(jac.events)
+        if self.mode == "reference":
+            rec.update(reach=jac.reach, refreshes=len(jac.refreshed), references=len(jac.references), key=self.key)
+        else:
+            rec["pattern"] = jac.pattern_state()
+        history["jacobian"] = {**rec, **self.info}
+
+    # -- per step ----------------------------------------------------------------------------
+    def before(self, batch: Any, history: dict[str, Any]) -> None:
+        """Select each window's reference; request an error check when one is due."""
+        if self.mode != "reference":
+            return
+        jac, c = self.jac, self.config
+        jac.select(self.plan.index(batch.sim, batch.frame) if len(jac.references) > 1 else None)
+        self._step_index = len(history["loss"])
+        if c.jac_check_every and self._step_index % c.jac_check_every == 0:
+            jac.request_check(torch.Generator().manual_seed(c.seed * 1_000_003 + self._step_index))
+        self._checks, self._refreshed = len(jac.checks), len(jac.refreshed)
+
+    def after(self, history: dict[str, Any], changed: bool) -> None:
+        """Record the step's checks and refreshes; stop a run whose estimate stays poor."""
+        jac = self.jac
+        if self.mode == "reference":
+            jac._check_generator = None  # a check not consumed (no Jacobian in this window) lapses
+            for rec in jac.checks[self._checks :]:
+                history.setdefault("jac_error", []).append({"step": self._step_index, **rec.as_dict()})
+            for r in jac.refreshed[self._refreshed :]:
+                self.log.add(jac.references, r)
+            if len(jac.refreshed) != self._refreshed:
+                self.log.save(self.lead)
+            changed = changed or len(jac.checks) != self._checks
+            if jac.poor is not None:
+                self.record(history)
+                raise zo.JacobianError(
+                    f"{jac.poor}: training stopped, the last checkpoint is kept; try --train-set "
+                    f"jac_references=frame, a larger jac_max_reach, or --method zo-sol"
+                )
+        if changed:
+            self.record(history)
+
+    # -- the cost model ----------------------------------------------------------------------
+    def cost(self) -> str:
+        """Evaluations per sample-step of every mode, the one chosen, and ZO-SOL's (the start of training)."""
+        c, w, jac = self.config, self.windows, self.jac
+        n = math.prod(w.traj.shape[2:])
+        steps = math.ceil(len(w) / c.batch_size) * c.epochs * c.batch_size * max(w.m - 1, 1)
+        colours = jac.colouring.n_colours if self.mode == "sparse" else None
+        k_ref = zo.refjac.lattice_difference_colouring(w.traj.shape[2:], c.jac_reach, c.jac_shape).n_colours
+        n_refs = len(jac.references) if self.mode == "reference" else 1
+        setup = n_refs * (n + 1)
+        costs = jacobian_costs(
+            n, {m: self.scheme(m) for m in ("dense", "sparse", "reference")}, colours, k_ref, setup, steps
+        )
+        shown = {"dense": "dense", "sparse": "sparse coloured", "reference": "reference-subtracted"}
+        parts = [f"{shown[k]} {'- (the pattern is dense)' if v is None else v}" for k, v in costs.items()]
+        forced = "forced by jac_mode" if c.jac_mode != "auto" else "auto"
+        head = (
+            f"{jac.describe()}\nJacobian estimates, black-box evaluations per sample-step: {'; '.join(parts)} "
+            f"(reference set-up {setup} evaluations for {n_refs} reference(s), spread over {steps} sample-steps); "
+            f"chosen: {shown[self.mode]} ({forced})\n"
+        )
+        note = {"sparse": "sparse", "dense": "dense", "reference": f"reference-subtracted, reach {c.jac_reach}"}
+        return head + cost_model(self.d, self.d, c.zo_scheme, jac.probes_per_sample, note[self.mode])
