@@ -170,14 +170,9 @@ def _evals(m: int, perturbations: int) -> float:
     return (1 + perturbations * (m - 1)) / m + 1
 
 
-def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, Any]:
-    """Time FO-SOL, ZO-JAC-SOL and ZO-SOL on one case; returns the row."""
-    sc = get_scenario(case.scenario, case.preset)
-    cfg = train_config(case.preset, case.scenario, method="zo-jac-sol", **case.model)
+def _corrector(sc: Any, cfg: Any, in_ch: int) -> torch.nn.Module:
+    """The case's corrector (seed 0) with a small non-zero last layer: every layer gets a gradient."""
     solver = sc.coarse_solver()
-    data = _windows(sc, cfg.batch_size, cfg.window)
-    start, targets, params, feats = data.start, data.targets, data.params, data.features
-    in_ch = corrector_input(start, feats).shape[1]
     torch.manual_seed(0)
     model = build_corrector(
         cfg.model,
@@ -189,7 +184,18 @@ def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, A
         kernel=cfg.kernel,
         padding_mode=sc.padding_mode,
     )
-    torch.nn.init.normal_(model[-1].weight, std=1e-3)  # a non-zero last layer: every layer gets a gradient
+    torch.nn.init.normal_(model[-1].weight, std=1e-3)
+    return model
+
+
+def run_case(case: SolCase, repeats: int = 3, budget: int = 2048) -> dict[str, Any]:
+    """Time FO-SOL, ZO-JAC-SOL and ZO-SOL on one case; returns the row."""
+    sc = get_scenario(case.scenario, case.preset)
+    cfg = train_config(case.preset, case.scenario, method="zo-jac-sol", **case.model)
+    solver = sc.coarse_solver()
+    data = _windows(sc, cfg.batch_size, cfg.window)
+    start, targets, params, feats = data.start, data.targets, data.params, data.features
+    model = _corrector(sc, cfg, corrector_input(start, feats).shape[1])
     blackbox = solver.blackbox().step
     t = time.perf_counter()
     probe_states = targets[:, -1][: cfg.jac_probe_states]

@@ -19,9 +19,9 @@ from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..errors import UsageError
 from ..methods import MemorySizes
-from ..models import build_corrector, n_params
+from ..models import n_params
 from ..runtime.memory import format_bytes, machine_memory_bytes
-from .state import corrector_shape
+from .state import corrector_network, corrector_shape
 
 __all__ = [
     "estimate_training_bytes",
@@ -56,18 +56,9 @@ def check_corrector_fits(dataset: FidelityDataset, config: TrainConfig) -> None:
 
 def meta_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Module:
     """The corrector ``config`` describes, built on the meta device (shapes only, no memory)."""
-    dim, in_ch, out_ch = corrector_shape(dataset)
+    shape = corrector_shape(dataset)  # outside the meta device: it may build the coarse solver
     with torch.device("meta"):
-        return build_corrector(
-            config.model,
-            dim,
-            in_ch,
-            out_ch,
-            width=config.width,
-            depth=config.depth,
-            kernel=config.kernel,
-            padding_mode=dataset.scenario.padding_mode,
-        )
+        return corrector_network(dataset, config, shape)
 
 
 def estimate_training_bytes(dataset: FidelityDataset, config: TrainConfig, n_windows: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from ..config import TrainConfig
 from ..datasets.hdf5 import FidelityDataset
 from ..models import build_corrector
 
-__all__ = ["corrector_shape", "make_corrector", "new_history", "RunState", "TrainResult"]
+__all__ = ["corrector_shape", "corrector_network", "make_corrector", "new_history", "RunState", "TrainResult"]
 
 
 def corrector_shape(dataset: FidelityDataset) -> tuple[int, int, int]:
@@ -34,8 +34,15 @@ def corrector_shape(dataset: FidelityDataset) -> tuple[int, int, int]:
 def make_corrector(dataset: FidelityDataset, config: TrainConfig) -> torch.nn.Module:
     """The corrector network that ``config`` describes, sized for the dataset's scenario
     (seeds torch's global generator with ``config.seed`` first)."""
-    dim, in_ch, out_ch = corrector_shape(dataset)
+    shape = corrector_shape(dataset)
     torch.manual_seed(config.seed)
+    return corrector_network(dataset, config, shape)
+
+
+def corrector_network(dataset: FidelityDataset, config: TrainConfig, shape: tuple[int, int, int]) -> torch.nn.Module:
+    """The network that ``config`` describes for ``shape`` = :func:`corrector_shape` (dim, in, out)
+    of the dataset, unseeded (the caller seeds, or builds on the meta device)."""
+    dim, in_ch, out_ch = shape
     return build_corrector(
         config.model,
         dim,
