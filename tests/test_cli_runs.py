@@ -1,5 +1,5 @@
-"""Nothing lost on interruption (kill -9 of generate and train), and one-line errors for bad
-input to train / evaluate / compare."""
+"""train / evaluate / compare from the command line: nothing lost on interruption (kill -9 of
+generate and train, then resume), and one-line errors for bad input."""
 
 from __future__ import annotations
 
