@@ -373,16 +373,20 @@ class RefJacobian:
             self.step, x, params, dirs, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
         )  # (B, K, n)
         self.evaluations += x.shape[0] * self.probes_per_sample
-        ref = self._reference_compressed(x.dtype).to(x.device)[index]  # (B, n, K)
-        return q[:, colour, rows] - ref[:, rows, colour]
+        flat = colour * self.n + rows  # entry (colour, row) of the flattened (K, n) probes
+        ref = self._reference_compressed(x.dtype).to(x.device)  # (R, n, K)
+        ref_vals = ref.transpose(1, 2).reshape(ref.shape[0], -1).index_select(1, flat)  # (R, nnz)
+        return q.reshape(q.shape[0], -1).index_select(1, flat) - ref_vals[index]
 
     def _ref_apply(self, index: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``J_ref[index_b] v_b`` (or ``J_ref^T v_b``) for v (B, D, n): (B, D, n), one product per reference used."""
         out = torch.empty_like(v)
+        n = v.shape[-1]
         for r in index.unique().tolist():
             m = index == r
             j = self.references.jacobians[r].to(device=v.device, dtype=v.dtype)
-            out[m] = v[m] @ (j if transpose else j.T)
+            # one (samples x D, n) @ (n, n) product: the matrix is read once, not once per sample
+            out[m] = (v[m].reshape(-1, n) @ (j if transpose else j.T)).reshape(-1, v.shape[1], n)
         return out
 
     def vjp(
