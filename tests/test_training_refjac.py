@@ -58,7 +58,7 @@ def test_forced_modes_and_per_frame_references(karman):
 def test_resume_with_refreshes_equals_uninterrupted(karman, tmp_path):
     """batch 1, a tight tolerance: the check refreshes the reference (at the window's state) every
     few steps; a resumed run replays the refreshes its checkpoint saw and continues identically."""
-    cfg = _cfg(batch_size=1, jac_reach=1, jac_tol=5e-3, jac_check_every=3, jac_max_reach=1)
+    cfg = _cfg(batch_size=1, jac_mode="reference", jac_reach=1, jac_tol=5e-3, jac_check_every=3, jac_max_reach=1)
     full = train(karman, cfg, tmp_path / "full", progress=False)
     assert full.history["jacobian"]["refreshes"] >= 2
     part = train(karman, cfg, tmp_path / "part", progress=False, stop_after_steps=7)
@@ -67,6 +67,22 @@ def test_resume_with_refreshes_equals_uninterrupted(karman, tmp_path):
     assert_same_run(full, resumed, "zo_queries", "jac_error")
     timeless = [{k: v for k, v in r.history["jacobian"].items() if k != "setup_seconds"} for r in (full, resumed)]
     assert timeless[0] == timeless[1]
+
+
+def test_auto_rejects_the_reference_estimate_where_the_jacobian_changes_everywhere(tmp_path):
+    """ks1d's spectral step: J(x) - J_ref is not local, the up-front check at the probed training frames
+    says so (widening the reach does not help), and the cost model falls back to the dense Jacobian."""
+    ks = load_dataset(generate("ks1d", "tiny", tmp_path, progress=False))
+    h = train(ks, _cfg(epochs=1, grad_checks=1), progress=False).history
+    assert h["jacobian"]["mode"] == "dense" and "chosen: dense (auto)" in h["cost_model"]
+    assert "reference-subtracted estimate rejected" in h["jacobian"]["reference_check"]
+    assert "reference-subtracted estimate rejected" in h["cost_model"]
+    assert h["grad_cosine_vs_fo"][0]["cosine"] >= 0.9999
+
+
+def test_auto_keeps_the_reference_estimate_that_passes_its_check(karman):
+    h = train(karman, _cfg(epochs=1), progress=False).history
+    assert h["jacobian"]["mode"] == "reference" and h["jacobian"]["reference_check"].startswith("J v error")
 
 
 class Drifting(Solver):

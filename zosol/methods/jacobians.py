@@ -231,7 +231,10 @@ class JacobianSetup:
         if mode in ("auto", "sparse", "dense"):
             mode = self._pattern_jacobian(mode, saved, history)
         if mode == "reference":
+            dense = self.jac if saved is None and c.jac_mode == "auto" else None  # the probed (dense) pattern
             self._reference_jacobian(saved, history)
+            if dense is not None and not self._reference_suits(history):
+                self.jac, mode = dense, "dense"
         self.mode = mode
 
     # -- set-up ------------------------------------------------------------------------------
@@ -256,11 +259,39 @@ class JacobianSetup:
             margin=c.jac_margin, stencil_reach=self.stencil_reach, **kw,
         )  # fmt: skip
         history["zo_queries"] += jac.evaluations
-        self.jac = jac
+        self.jac, self._probe_states = jac, (frames[pick], params)
         if mode == "auto" and jac.is_dense and pattern != "dense":
             self.info["pattern_note"] = jac.describe()
             return "reference"
         return "dense" if jac.is_dense else "sparse"
+
+    def _reference_suits(self, history: dict[str, Any]) -> bool:
+        """Auto mode: check the reference-subtracted estimate at the probed training frames, widening
+        the reach up to ``jac_max_reach``; False (the cost model falls back to the dense Jacobian)
+        when its ``J v`` error stays above ``jac_tol`` (e.g. a spectral step, whose Jacobian changes
+        everywhere with the state)."""
+        c, jac = self.config, self.jac
+        states, params = self._probe_states
+        gen = torch.Generator().manual_seed(c.seed)
+        errors = []
+        while True:
+            spent = jac.evaluations
+            errors.append(float(jac.error_at(states, params, gen).max()))
+            history["zo_queries"] += jac.evaluations - spent
+            if errors[-1] <= c.jac_tol or jac.reach >= jac.max_reach:
+                break
+            jac.set_reach(jac.reach + 1)
+        tried = ", ".join(f"{e:.3g}" for e in errors)
+        if errors[-1] <= c.jac_tol:
+            self.info["reference_check"] = (
+                f"J v error at {states.shape[0]} training frames: {tried} (reach {jac.reach})"
+            )
+            return True
+        self.info["reference_check"] = (
+            f"reference-subtracted estimate rejected: J v error at {states.shape[0]} training frames {tried} "
+            f"(reach {c.jac_reach}..{jac.reach}) > jac_tol {c.jac_tol:g}; dense Jacobian instead"
+        )
+        return False
 
     def _reference_jacobian(self, saved: dict | None, history: dict[str, Any]) -> None:
         c, w = self.config, self.windows
@@ -286,8 +317,8 @@ class JacobianSetup:
             self.info.update(setup_seconds=time.perf_counter() - started, setup_evaluations=refs.evaluations)
             self.info.update(cached=cached)
         else:
-            self.info.update({k: saved[k] for k in ("setup_seconds", "setup_evaluations", "cached", "pattern_note")
-                              if k in saved})  # fmt: skip
+            kept = ("setup_seconds", "setup_evaluations", "cached", "pattern_note", "reference_check")
+            self.info.update({k: saved[k] for k in kept if k in saved})
         self.jac = zo.RefJacobian(
             self.step, w.traj.shape[2:], refs, reach=c.jac_reach, pattern=c.jac_shape, mu=c.zo_mu, scheme=scheme,
             max_batch=c.jac_batch, distributed=self.distributed, tol=c.jac_tol,
@@ -368,5 +399,7 @@ class JacobianSetup:
             f"(reference set-up {setup} evaluations for {n_refs} reference(s), spread over {steps} sample-steps); "
             f"chosen: {shown[self.mode]} ({forced})\n"
         )
+        if "reference_check" in self.info:
+            head += self.info["reference_check"] + "\n"
         note = {"sparse": "sparse", "dense": "dense", "reference": f"reference-subtracted, reach {c.jac_reach}"}
         return head + cost_model(self.d, self.d, c.zo_scheme, jac.probes_per_sample, note[self.mode])

@@ -426,6 +426,16 @@ class RefJacobian:
         return out
 
     # -- error control -----------------------------------------------------------------------
+    def error_at(
+        self, x: torch.Tensor, params: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Relative ``J v`` errors (B,) of the estimate at states x (B, C, *s): :meth:`check` without
+        its reactions (e.g. to decide up front whether the estimate suits a solver at all)."""
+        x = x.detach()
+        f0 = _eval_batched(self.step, x, params, self.max_batch, self.distributed) if self.scheme == "forward" else None
+        index = self._ref_index(x)
+        return self.check(x, params, f0, self.difference(x, params, f0, index), index, generator)
+
     def request_check(self, generator: torch.Generator) -> None:
         """Check the estimate at the next :meth:`vjp` with random directions drawn from ``generator``
         (seed it from the run and step for reproducible runs)."""
