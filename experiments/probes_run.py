@@ -5,7 +5,7 @@ burgers1d dataset and checks what a user is promised: the documented exit code, 
 ``zosol: ...`` line on stderr (progress bars aside), no traceback, no file outside the output
 directory touched, no code run from a file.  Prints one line per probe and a summary::
 
-    PYTHONPATH=. python experiments/probes_run.py [--only SUBSTRING] [--json out.json]
+    PYTHONPATH=. python experiments/probes_run.py [--only SUBSTRING] [--exclude SUBSTRING] [--json out.json]
 
 Counts are per probe (a probe is one adversarial input, some run several processes).
 """
@@ -1143,6 +1143,7 @@ def _(c):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
+    ap.add_argument("--exclude", default=None, help="skip probes whose name contains this")
     ap.add_argument("--json")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="zosol-probes-"))
@@ -1156,7 +1157,7 @@ def main() -> int:
     data = data_dir / "burgers1d_tiny.h5"
     results = {}
     for i, (name, fn) in enumerate(PROBES):
-        if args.only not in name:
+        if args.only not in name or (args.exclude and args.exclude in name):
             continue
         root = base / f"p{i:02d}"
         root.mkdir()
