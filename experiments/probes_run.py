@@ -836,10 +836,15 @@ def _(c):
     parts = c.root / "gen" / "burgers1d_tiny.h5.parts"  # an interrupted generation, one part tampered
     parts.mkdir(parents=True)
     (parts / "config.json").write_text(json.dumps({**good.scenario.describe(), "batch": 8}, sort_keys=True))
+    for split in ("train", "test"):  # every part of the (one) chunk is finished: nothing is re-simulated
+        for sim in getattr(good, split):
+            tr, pa = sim.trajectory.numpy(), sim.params.numpy()
+            kept = {"sha256": g.simulation_digest(tr, pa)} if hasattr(g, "simulation_digest") else {}  # its checksum
+            bad = split == "train" and sim.seed == good.train[1].seed
+            np.savez(
+                parts / f"{split}_{sim.seed}.npz", trajectory=tr + np.float32(0.5 if bad else 0), params=pa, **kept
+            )
     sim = good.train[1]
-    tr, pa = sim.trajectory.numpy(), sim.params.numpy()
-    kept = {"sha256": g.simulation_digest(tr, pa)} if hasattr(g, "simulation_digest") else {}  # its own checksum
-    np.savez(parts / "train_1.npz", trajectory=tr + np.float32(0.5), params=pa, **kept)
     r = zosol(c.root, "generate", *TINY, "--quiet", "--out", "gen")
     if r.returncode != 0:
         return verdict(r, 0)
