@@ -1042,9 +1042,23 @@ for _args, _match in (
     probe(f"23.12 {' '.join(_args)} refused up front")(_time_probe)
 
 
-@probe("23.12 generate --set dt=1e6 refused up front")
+@probe("23.12 generate --set dt=1e6: estimate printed before it starts, or refused")
 def _(c):
-    return verdict(zosol(c.root, "generate", *TINY, "--set", "dt=1e6", "--out", "d"), 2, "would take at least")
+    p = subprocess.Popen(
+        [PY, "-m", "zosol.cli", "generate", *TINY, "--set", "dt=1e6", "--out", "d"],
+        cwd=c.root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = ""
+    try:
+        first = p.stderr.readline()  # the first line: the estimate, or the refusal
+    finally:
+        p.kill()
+        p.wait()
+    return None if "estimated at least" in first or "would take at least" in first else f"started silently: {first!r}"
 
 
 @probe("23.13 info fifo.h5")
