@@ -57,20 +57,13 @@ def run_rows(fn: StepFn, batched: bool, max_batch: int | None, x: np.ndarray, p:
     return np.concatenate([np.asarray(fn(*rows(slice(i, i + max_batch)))) for i in range(0, x.shape[0], max_batch)])
 
 
-def _serve(
-    conn, fn: StepFn, batched: bool, max_batch: int | None, inherited: tuple = (), parent: int | None = None
-) -> None:
+def _serve(conn, fn: StepFn, batched: bool, max_batch: int | None, inherited: tuple = ()) -> None:
     """A worker process: step the blocks that come down ``conn`` until None (or the pipe closes).
     Ctrl-C is the parent's to handle (it stops the workers), so the worker ignores SIGINT.  The
     parent's pipe ends a forked worker inherited (``inherited``) are closed first: the pipe then
-    closes when the parent dies (even by ``kill -9``), and the worker leaves; it is killed with
-    its ``parent`` (``PR_SET_PDEATHSIG``) even while it steps a block."""
+    closes when the parent dies (even by ``kill -9``), and the worker leaves."""
     for end in inherited:
         end.close()
-    if parent is not None:
-        from ..runtime.stop import die_with_parent
-
-        die_with_parent(parent)  # also mid-block: a long step does not outlive a killed parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
@@ -129,7 +122,7 @@ class StatePool:
             for _ in range(self.processes - 1):
                 conn, child = ctx.Pipe()
                 inherited = (conn, *(c for _, c in self._workers)) if forked else ()
-                args = (child, self.fn, self.batched, self.max_batch, inherited, os.getpid())
+                args = (child, self.fn, self.batched, self.max_batch, inherited)
                 proc = ctx.Process(target=_serve, args=args, daemon=True)
                 proc.start()
                 child.close()

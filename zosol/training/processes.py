@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import pickle
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -127,8 +126,6 @@ def train_in_processes(
                 )
             except Exception as e:  # a worker failed: re-raise what it reported, with its own type
                 _reraise_failure(run)
-                if options.progress:  # a worker killed mid-bar left its progress line open
-                    sys.stderr.write("\n")
                 if stop.requested():
                     raise stop.Terminated(
                         f"stopped by SIGTERM (workers killed); the last checkpoint is in {run.path}, "
