@@ -396,6 +396,24 @@ def probe_offsets(
 # The estimator
 
 
+def colouring_on(
+    cache: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    tensors: tuple[torch.Tensor, ...],
+    colours: torch.Tensor,
+    n_colours: int,
+) -> tuple[torch.Tensor, ...]:
+    """``tensors`` plus the colour directions (K, n) (1 where column j has colour k) on ``device``,
+    cached in ``cache`` per device and dtype: the index tensors of a colouring where a probe runs."""
+    key = (str(device), dtype)
+    if key not in cache:
+        dirs = torch.zeros(n_colours, colours.numel(), dtype=dtype)
+        dirs[colours, torch.arange(colours.numel())] = 1
+        cache[key] = tuple(t.to(device) for t in (*tensors, dirs))
+    return cache[key]
+
+
 @dataclass
 class _Colouring:
     """A stencil's pattern, column colours and the CPR bookkeeping, as torch index tensors."""
@@ -411,12 +429,8 @@ class _Colouring:
 
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(rows, cols, entry_colour, zero_mask, directions (K, n)) on ``device`` (cached)."""
-        key = (str(device), dtype)
-        if key not in self._on:
-            dirs = torch.zeros(self.n_colours, self.colours.numel(), dtype=dtype)
-            dirs[self.colours, torch.arange(self.colours.numel())] = 1
-            self._on[key] = tuple(t.to(device) for t in (self.rows, self.cols, self.entry_colour, self.zero_mask, dirs))
-        return self._on[key]
+        fixed = (self.rows, self.cols, self.entry_colour, self.zero_mask)
+        return colouring_on(self._on, device, dtype, fixed, self.colours, self.n_colours)
 
     @classmethod
     def of(cls, stencil: Stencil) -> _Colouring:

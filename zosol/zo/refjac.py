@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .checks import check_mu, check_scheme
-from .jacobian import DEFAULT_MU, Step, _eval_batched, directional_differences
+from .jacobian import DEFAULT_MU, Step, _eval_batched, colouring_on, directional_differences
 from .parallel import iter_chunks
 
 __all__ = ["References", "build_references", "lattice_difference_colouring", "RefJacobian", "CheckRecord"]
@@ -164,12 +164,8 @@ class _DiffColouring:
 
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(rows, cols, entry_colour, colours, directions (K, n)) on ``device`` (cached)."""
-        key = (str(device), dtype)
-        if key not in self._on:
-            dirs = torch.zeros(self.n_colours, self.colours.numel(), dtype=dtype)
-            dirs[self.colours, torch.arange(self.colours.numel())] = 1
-            self._on[key] = tuple(t.to(device) for t in (self.rows, self.cols, self.entry_colour, self.colours, dirs))
-        return self._on[key]
+        fixed = (self.rows, self.cols, self.entry_colour, self.colours)
+        return colouring_on(self._on, device, dtype, fixed, self.colours, self.n_colours)
 
 
 def lattice_difference_colouring(
