@@ -12,7 +12,13 @@ from test_zo_jacobian import _cosine, _window_grads
 
 from zosol.solvers.base import get_scenario
 from zosol.zo.jacobian import fd_step
-from zosol.zo.refjac import References, RefJacobian, build_references, lattice_difference_colouring
+from zosol.zo.refjac import (
+    References,
+    RefJacobian,
+    build_frame_references,
+    build_references,
+    lattice_difference_colouring,
+)
 
 SHAPE = (2, 6, 5)
 
@@ -102,8 +108,10 @@ def test_at_the_reference_state_the_estimate_is_the_reference():
     refs = build_references(solver, x, scheme="forward", mu=1e-3)
     est = RefJacobian(solver, SHAPE, refs, reach=1, mu=1e-3).jacobian(x, None)
     assert torch.equal(est, refs.jacobians)
-    exact_products = refs.jacobians[0] @ RefJacobian(solver, SHAPE, refs, reach=1)._colouring.on(x.device, x.dtype)[4].T
-    probed = RefJacobian(solver, SHAPE, refs, reach=1, mu=1e-3)._reference_compressed(x.dtype)[0]
+    jac = RefJacobian(solver, SHAPE, refs, reach=1, mu=1e-3)
+    rows, _, colour, _, dirs = jac._colouring.on(x.device, x.dtype)
+    exact_products = (refs.jacobians[0] @ dirs.T).T.reshape(-1)[colour * 60 + rows]
+    probed = jac._reference_compressed(x.dtype)[0]
     assert (probed - exact_products).abs().max() > 1e-4  # what subtracting exact products would have left
 
 
@@ -119,6 +127,47 @@ def test_selection_picks_the_reference_of_each_sample():
     assert (jac.jacobian(x, None) - exact).abs().max() > 1e-2
     with pytest.raises(IndexError, match="out of range"):
         jac.select(torch.tensor([2, 0]))
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_frame_references_share_one_dense_jacobian_and_are_exact_within_their_reaches(scheme):
+    """J(x) = M + L(x), L local (reach 1): a frame's field (J(frame) - J_base within reach 1) is exact,
+    and so is the estimate at a state near a frame (the live difference within reach 1)."""
+    solver = CoupledSolver()
+    base = build_references(solver, _states(1, 0), scheme="central")
+    frames = _states(4, 7, scale=2.0)
+    refs = build_frame_references(solver, base, frames, reach=1, scheme="central", chunk=3)
+    assert refs.fields.shape == (4, 2, 2, 9, 30) and refs.shared and len(refs) == 4
+    assert refs.evaluations == base.evaluations + 2 * 18 * 5  # 18 colours at 4 frames and the base
+    tol = 1e-8 if scheme == "central" else 1e-5
+    jac = RefJacobian(solver, SHAPE, refs, reach=1, scheme=scheme)
+    assert (jac.jacobian(frames, None) - _exact(solver, frames)).abs().max() <= tol  # nearest: their own
+    x = frames[[2, 0, 3]] + 0.3 * _states(3, 8)
+    jac.select(torch.tensor([[1, 2], [0, 3], [3, 1]]))  # candidates: the nearest of each row is used
+    assert jac._ref_index(x).tolist() == [2, 0, 3]
+    exact, est = _exact(solver, x), jac.jacobian(x, None, solver(x))
+    assert (est - exact).abs().max() <= tol
+    g, f0 = _states(3, 9), solver(x)
+    vjp = jac.vjp(x, None, g, f0=f0).reshape(3, -1)
+    assert torch.allclose(vjp, torch.einsum("bij,bi->bj", est, g.reshape(3, -1)), atol=1e-10)
+    index = jac._ref_index(x)
+    v = _states(6, 10).reshape(3, 2, 60)
+    jv = jac.jvp_estimate(jac.difference(x, None, f0, index), index, v)
+    assert torch.allclose(jv, torch.einsum("bij,bdj->bdi", est, v), atol=1e-10)
+    # the base alone, or a field reach of 0, misses the local coupling: the test can fail
+    assert (refs.jacobians[0] - exact).abs().max() > 0.5
+    narrow = build_frame_references(solver, base, frames, reach=0, scheme="central")
+    assert (
+        RefJacobian(solver, SHAPE, narrow, reach=0, scheme="central").jacobian(frames, None) - _exact(solver, frames)
+    ).abs().max() > 0.1
+    again = References.from_state(refs.to_state())
+    assert (
+        torch.equal(again.fields, refs.fields) and again.field_reach == 1 and torch.equal(again.base_state, base.states)
+    )
+    # a refresh re-estimates the field at the new state
+    jac.select(None)
+    jac.refresh_at(0, x[1:2], None)
+    assert torch.equal(refs.states[0], x[1]) and (jac.jacobian(x[1:2], None) - exact[1:2]).abs().max() <= tol
 
 
 def test_error_check_catches_a_reference_that_is_too_far_and_refreshes_it():

@@ -10,7 +10,8 @@ Layers (each imports only the ones above it; no cycles):
     reuse       cge_structured: picks the structured or the vmap engine (and says why), Residual
     sparsity    ZO-GraSP -> layer-wise pruning ratios -> masks, MaskScheduler
     jacobian    finite-difference Jacobians of a black-box step (FDJacobian, fd_step): ZO-JAC-SOL
-    refjac      reference-subtracted Jacobians of globally coupled steps (RefJacobian, build_references)
+    refjac      reference-subtracted Jacobians of globally coupled steps (RefJacobian, build_references,
+                build_frame_references)
     bench_nets  reference networks of the benches (the engine bench is :mod:`zosol.bench.engine`)
 
 ``zosol.zo`` exports the estimators (CGE / RGE, structured CGE, sparse ZO) and the Jacobian API;
@@ -21,7 +22,7 @@ from .checks import SCHEMES, NonFiniteLossError, UnsupportedModuleError
 from .estimators import batched_loss_from_module, cge, rge, write_grads
 from .jacobian import DiscontinuityError, FDJacobian, JacobianError, fd_step
 from .plan import CGEPlan, ZOEstimate, n_params
-from .refjac import References, RefJacobian, build_references
+from .refjac import References, RefJacobian, build_frame_references, build_references
 from .reuse import ENGINES, Residual, cge_structured, check_structured_support
 from .sparsity import (
     MaskScheduler,
@@ -68,4 +69,5 @@ __all__ = [
     "RefJacobian",
     "References",
     "build_references",
+    "build_frame_references",
 ]

@@ -53,7 +53,14 @@ from .checks import check_mu, check_scheme
 from .jacobian import DEFAULT_MU, Step, _eval_batched, colouring_on, directional_differences
 from .parallel import iter_chunks
 
-__all__ = ["References", "build_references", "lattice_difference_colouring", "RefJacobian", "CheckRecord"]
+__all__ = [
+    "References",
+    "build_references",
+    "build_frame_references",
+    "lattice_difference_colouring",
+    "RefJacobian",
+    "CheckRecord",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,11 +69,18 @@ __all__ = ["References", "build_references", "lattice_difference_colouring", "Re
 
 @dataclass
 class References:
-    """Dense reference Jacobians and the states they were probed at.
+    """Reference Jacobians and the states they were taken at.
 
-    ``states``: (R, C, *s); ``params``: (R, K) or None; ``jacobians``: (R, n, n) (row: output entry,
-    column: input entry); ``labels``: R strings naming each reference (e.g. "mean" or "sim 2 frame
-    40"); ``evaluations``: black-box sample-steps spent probing them.
+    ``states``: (R, C, *s); ``params``: (R, K) or None; ``labels``: R strings naming each reference
+    (e.g. "mean" or "sim 2 frame 40"); ``evaluations``: black-box sample-steps spent probing them.
+    Reference r's Jacobian (row: output entry, column: input entry) is
+
+    * ``jacobians[r]`` when ``jacobians`` is (R, n, n): dense references (:func:`build_references`);
+    * ``jacobians[0] + fields[r]`` when ``jacobians`` is (1, n, n) and ``fields`` (R, C, C, K, cells)
+      is given: one dense reference plus, for every state, the difference to it estimated within
+      ``field_reach`` cells and stored by stencil offset (:func:`build_frame_references`; entry
+      ``fields[r, c_out, c_in, k, cell]`` couples output ``(c_out, cell)`` to input
+      ``(c_in, cell - offset_k)``).  ``base_state`` / ``base_params`` are the dense reference's state.
     """
 
     states: torch.Tensor
@@ -74,12 +88,25 @@ class References:
     jacobians: torch.Tensor
     labels: list[str]
     evaluations: int = 0
+    fields: torch.Tensor | None = None
+    field_reach: int = 0
+    base_state: torch.Tensor | None = None
+    base_params: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.jacobians.shape[0]
+        return self.states.shape[0]
 
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Index (B,) of the reference whose state is nearest (Euclidean) to each state of x (B, C, *s)."""
+    @property
+    def shared(self) -> bool:
+        """One dense Jacobian for all references (plus their fields)."""
+        return self.jacobians.shape[0] == 1
+
+    def nearest(self, x: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Index (B,) of the reference whose state is nearest (Euclidean) to each state of x (B, C, *s),
+        among all or among each sample's ``candidates`` (B, K) indices."""
+        if candidates is not None:
+            d = (self.states[candidates].flatten(2) - x.flatten(1).to(self.states.dtype)[:, None]).norm(dim=2)
+            return candidates.gather(1, d.argmin(1, keepdim=True))[:, 0]
         if len(self) == 1:
             return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         d = torch.cdist(x.flatten(1).to(self.states.dtype), self.states.flatten(1))
@@ -93,6 +120,10 @@ class References:
             "jacobians": self.jacobians,
             "labels": list(self.labels),
             "evaluations": int(self.evaluations),
+            "fields": self.fields,
+            "field_reach": int(self.field_reach),
+            "base_state": self.base_state,
+            "base_params": self.base_params,
         }
 
     @classmethod
@@ -100,14 +131,21 @@ class References:
         for key in ("states", "jacobians", "labels"):
             if key not in state:
                 raise ValueError(f"saved reference Jacobians lack {key!r}: the file is not a References state")
-        j, s = state["jacobians"], state["states"]
-        n = s[0].numel()
-        if j.dim() != 3 or j.shape != (s.shape[0], n, n) or len(state["labels"]) != s.shape[0]:
+        j, s, fields = state["jacobians"], state["states"], state.get("fields")
+        n, r = s[0].numel(), s.shape[0]
+        dense_ok = j.dim() == 3 and j.shape[1:] == (n, n) and j.shape[0] == (1 if fields is not None else r)
+        fields_ok = fields is None or (
+            fields.dim() == 5 and fields.shape[0] == r and fields.shape[1] * fields.shape[4] == n
+        )
+        if not (dense_ok and fields_ok) or len(state["labels"]) != r:
             raise ValueError(
                 f"saved reference Jacobians do not fit their states: jacobians {tuple(j.shape)}, states "
                 f"{tuple(s.shape)}, {len(state['labels'])} labels; delete the file to probe them again"
             )
-        return cls(s, state.get("params"), j, list(state["labels"]), int(state.get("evaluations", 0)))
+        return cls(
+            s, state.get("params"), j, list(state["labels"]), int(state.get("evaluations", 0)), fields,
+            int(state.get("field_reach", 0)), state.get("base_state"), state.get("base_params"),
+        )  # fmt: skip
 
 
 def build_references(
@@ -220,6 +258,117 @@ def lattice_difference_colouring(
 
 
 # --------------------------------------------------------------------------------------------
+# Per-frame differences stored by stencil offset
+
+
+def _offsets(nd: int, reach: int) -> list[tuple[int, ...]]:
+    """The box of stencil offsets (output cell minus input cell), in the order of a field's K axis."""
+    return list(itertools.product(range(-reach, reach + 1), repeat=nd))
+
+
+def stencil_index(state_shape: Sequence[int], colouring: _DiffColouring) -> torch.Tensor:
+    """For every entry of a box ``colouring`` (one reach on every axis), its position in a flattened
+    field (C, C, K, cells): ``((c_out C + c_in) K + k) cells + cell_out``."""
+    dims = tuple(int(v) for v in state_shape)
+    c, spatial, reach = dims[0], dims[1:], colouring.reach[0]
+    ncell, side = math.prod(spatial), 2 * reach + 1
+    co, cell_out = colouring.rows // ncell, colouring.rows % ncell
+    ci, cell_in = colouring.cols // ncell, colouring.cols % ncell
+    k = torch.zeros_like(cell_out)
+    for stride_out, size in zip(_strides(spatial), spatial):
+        off = (cell_out // stride_out) % size - (cell_in // stride_out) % size + reach
+        k = k * side + off
+    return ((co * c + ci) * side ** len(spatial) + k) * ncell + cell_out
+
+
+def _strides(spatial: Sequence[int]) -> list[int]:
+    return [math.prod(spatial[i + 1 :]) for i in range(len(spatial))]
+
+
+def _shifted(t: torch.Tensor, spatial: Sequence[int], reach: int, offsets, sign: int) -> torch.Tensor:
+    """t (..., *s) padded by ``reach``: the windows ``t(cell + sign * offset_k)`` stacked on a new
+    axis before the spatial ones (..., K, *s), zero outside the grid."""
+    padded = torch.nn.functional.pad(t, [reach, reach] * len(spatial))
+    views = [padded[(...,) + tuple(slice(reach + sign * o, reach + sign * o + n) for o, n in zip(off, spatial))]
+             for off in offsets]  # fmt: skip
+    return torch.stack(views, -1 - len(spatial))
+
+
+def field_vjp(fields: torch.Tensor, g: torch.Tensor, spatial: Sequence[int], reach: int) -> torch.Tensor:
+    """``F_b^T g_b`` for fields (B, C, C, K, cells) and g (B, C, cells): (B, C, cells)."""
+    b, c = g.shape[:2]
+    per_offset = (fields * g[:, :, None, None, :]).sum(1).reshape(b, c, -1, *spatial)  # (B, C_in, K, *s)
+    out = torch.zeros(b, c, *(n + 2 * reach for n in spatial), dtype=g.dtype, device=g.device)
+    for k, off in enumerate(_offsets(len(spatial), reach)):
+        # output (c_out, cell) couples to input (c_in, cell - off): the input gets the value at cell
+        out[(...,) + tuple(slice(reach - o, reach - o + n) for o, n in zip(off, spatial))] += per_offset[:, :, k]
+    crop = (...,) + tuple(slice(reach, reach + n) for n in spatial)
+    return out[crop].reshape(b, c, -1)
+
+
+def field_jvp(fields: torch.Tensor, v: torch.Tensor, spatial: Sequence[int], reach: int) -> torch.Tensor:
+    """``F_b v_bd`` for fields (B, C, C, K, cells) and directions v (B, D, C, cells): (B, D, C, cells)."""
+    b, d, c = v.shape[:3]
+    shifted = _shifted(v.reshape(b, d, c, *spatial), spatial, reach, _offsets(len(spatial), reach), -1)
+    return torch.einsum("boikn,bdikn->bdon", fields, shifted.reshape(b, d, c, -1, fields.shape[-1]))
+
+
+def build_frame_references(
+    step: Step,
+    base: References,
+    states: torch.Tensor,
+    params: torch.Tensor | None = None,
+    *,
+    reach: int = 5,
+    labels: Sequence[str] | None = None,
+    mu: float | None = None,
+    scheme: str = "forward",
+    max_batch: int | None = None,
+    distributed: bool = False,
+    chunk: int = 16,
+) -> References:
+    """References at ``states`` (R, C, *s) (params (R, K) or None) that share ``base``'s one dense
+    Jacobian: each is ``J_base`` plus the difference ``J(state) - J_base`` estimated within ``reach``
+    cells (box, lattice-coloured, the base's own colour probes subtracted), stored by stencil offset.
+
+    Costs ``R ((2 reach + 1)^nd C + 1)`` black-box sample-steps (forward) and ``R C^2 (2 reach + 1)^nd
+    cells`` numbers: at 64x32 with 2 channels and reach 5, 243 evaluations and 4 MB per state (a
+    dense reference: 4,097 and 64 MiB).  The estimate of a state near one of them then only needs
+    the small, fast-changing part of its difference (:class:`RefJacobian`)."""
+    if len(base) != 1 or base.fields is not None:
+        raise ValueError("build_frame_references: base must be one dense reference")
+    check_scheme(scheme)
+    shape = tuple(states.shape[1:])
+    mu = DEFAULT_MU.get(states.dtype, 1e-3) if mu is None else check_mu(mu)
+    colouring = lattice_difference_colouring(shape, reach, "box")
+    dirs = colouring.on(states.device, states.dtype)[4]
+    flat = colouring.entry_colour * math.prod(shape) + colouring.rows
+    where = stencil_index(shape, colouring)
+
+    def probes(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        f0 = _eval_batched(step, x, p, max_batch, distributed) if scheme == "forward" else None
+        q = directional_differences(step, x, p, dirs, mu, scheme, f0, max_batch, distributed)
+        return q.reshape(x.shape[0], -1).index_select(1, flat)
+
+    base_p = None if base.params is None else base.params.to(states.dtype)
+    at_base = probes(base.states.to(states.dtype), base_p)
+    c, ncell = shape[0], math.prod(shape[1:])
+    fields = torch.zeros(states.shape[0], c * colouring.n_colours * ncell, dtype=states.dtype)
+    for s, e in iter_chunks(states.shape[0], chunk):
+        fields[s:e, where] = probes(states[s:e], None if params is None else params[s:e]) - at_base
+    per = colouring.n_colours * (2 if scheme == "central" else 1) + (scheme == "forward")
+    labels = [f"state {i}" for i in range(states.shape[0])] if labels is None else list(labels)
+    if len(labels) != states.shape[0]:
+        raise ValueError(f"build_frame_references: {len(labels)} labels for {states.shape[0]} states")
+    fields = fields.reshape(-1, c, c, (2 * reach + 1) ** (len(shape) - 1), ncell)
+    return References(
+        states.detach().clone(), None if params is None else params.detach().clone(), base.jacobians, labels,
+        base.evaluations + per * (states.shape[0] + 1), fields, reach,
+        base.states.clone(), None if base.params is None else base.params.clone(),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # The estimator
 
 
@@ -312,11 +461,18 @@ class RefJacobian:
         return self.n_colours * (2 if self.scheme == "central" else 1)
 
     def describe(self) -> str:
-        refs = len(self.references)
+        refs = self.references
+        if refs.fields is not None:
+            head = (
+                f"1 dense reference + the difference at {len(refs)} reference states within reach "
+                f"{refs.field_reach} (the nearest per call)"
+            )
+        else:
+            head = f"{len(refs)} dense reference{'s' if len(refs) > 1 else ''}"
         return (
-            f"reference-subtracted Jacobian, n = {self.n}, {refs} dense reference{'s' if refs > 1 else ''} "
-            f"+ the difference coloured within reach {self.reach} ({self.n_colours} colours): "
-            f"{self.probes_per_sample} black-box evaluations per sample-step ({self.scheme} differences)"
+            f"reference-subtracted Jacobian, n = {self.n}, {head} + the live difference coloured within reach "
+            f"{self.reach} ({self.n_colours} colours): {self.probes_per_sample} black-box evaluations per "
+            f"sample-step ({self.scheme} differences)"
         )
 
     def _mu(self, dtype: torch.dtype) -> float:
@@ -324,65 +480,84 @@ class RefJacobian:
 
     # -- reference selection -----------------------------------------------------------------
     def select(self, index: torch.Tensor | None) -> None:
-        """Use reference ``index[b]`` (B,) for sample b of the following calls (None: the nearest)."""
+        """Use reference ``index[b]`` (B,) for sample b of the following calls, or the nearest of
+        sample b's candidates ``index[b]`` (B, K) at each call (None: the nearest of all)."""
         if index is not None and (int(index.min()) < 0 or int(index.max()) >= len(self.references)):
             raise IndexError(f"reference index out of range 0..{len(self.references) - 1}")
         self.selection = None if index is None else index.detach().long()
 
     def _ref_index(self, x: torch.Tensor) -> torch.Tensor:
-        if self.selection is not None:
-            if self.selection.shape[0] != x.shape[0]:
-                raise ValueError(f"RefJacobian: {self.selection.shape[0]} selected references for {x.shape[0]} states")
-            return self.selection.to(x.device)
-        return self.references.nearest(x)
+        if self.selection is None:
+            return self.references.nearest(x)
+        if self.selection.shape[0] != x.shape[0]:
+            raise ValueError(f"RefJacobian: {self.selection.shape[0]} selected references for {x.shape[0]} states")
+        if self.selection.dim() == 2:
+            return self.references.nearest(x, self.selection.to(self.references.states.device)).to(x.device)
+        return self.selection.to(x.device)
 
     def _reference_compressed(self, dtype: torch.dtype) -> torch.Tensor:
-        """The colour probes at every reference state, ``~ J_ref d_k``: (R, n, K), probed with the
-        same finite differences as the estimate (``R K`` black-box evaluations, cached until the
-        references or the reach change).  Subtracting these rather than the exact products
-        ``J_ref d_k`` cancels the differences' own truncation error (``mu/2 d_k^T H d_k``, large for
-        colour directions that perturb many cells at once): at a reference state the estimate is
-        exactly ``J_ref``."""
+        """The colour probes at every reference state, ``~ J_ref d_k``, read at the pattern's entries:
+        (R, nnz), probed with the same finite differences as the estimate (``R K`` black-box
+        evaluations, cached until the references or the reach change).  Subtracting these rather
+        than the exact products ``J_ref d_k`` cancels the differences' own truncation error
+        (``mu/2 d_k^T H d_k``, large for colour directions that perturb many cells at once): at a
+        reference state the estimate is exactly ``J_ref``."""
         if self._ref_comp is None or self._ref_comp.dtype != dtype:
             refs = self.references
-            self._ref_comp = self._colour_probes(refs.states.to(dtype), None if refs.params is None else refs.params)
+            states = refs.states.to(dtype)
+            self._ref_comp = torch.cat([
+                self._colour_probes(states[s:e], None if refs.params is None else refs.params[s:e])
+                for s, e in iter_chunks(states.shape[0], 16)
+            ])  # fmt: skip
         return self._ref_comp
 
-    def _colour_probes(self, states: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
-        """``J(s) d_k`` by finite differences at states (R, C, *s): (R, n, K)."""
-        params = None if params is None else params.to(states.dtype)
-        dirs = self._colouring.on(states.device, states.dtype)[4]
-        f0 = _eval_batched(self.step, states, params, self.max_batch, self.distributed)
+    def _probe_entries(self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None) -> torch.Tensor:
+        """``J(x_b) d_k`` by finite differences, read at the pattern's entries: (B, nnz)."""
+        rows, _, colour, _, dirs = self._colouring.on(x.device, x.dtype)
+        params = None if params is None else params.to(x.dtype)
         q = directional_differences(
-            self.step, states, params, dirs, self._mu(states.dtype), self.scheme, f0, self.max_batch, self.distributed
-        )
-        self.evaluations += states.shape[0] * (self.probes_per_sample + (self.scheme == "forward"))
-        return q.transpose(1, 2).contiguous()
+            self.step, x, params, dirs, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )  # (B, K, n)
+        self.evaluations += x.shape[0] * self.probes_per_sample
+        return q.reshape(q.shape[0], -1).index_select(1, colour * self.n + rows)
+
+    def _colour_probes(self, states: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_probe_entries` at reference states (R, C, *s), their own forward outputs included."""
+        p = None if params is None else params.to(states.dtype)
+        f0 = _eval_batched(self.step, states, p, self.max_batch, self.distributed) if self.scheme == "forward" else None
+        self.evaluations += states.shape[0] * (self.scheme == "forward")
+        return self._probe_entries(states, p, f0)
 
     # -- the estimate ------------------------------------------------------------------------
     def difference(
         self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None, index: torch.Tensor
     ) -> torch.Tensor:
         """Estimated entries of ``J(x_b) - J_ref[index_b]`` on the reach pattern: (B, nnz)."""
-        rows, _, colour, _, dirs = self._colouring.on(x.device, x.dtype)
-        q = directional_differences(
-            self.step, x, params, dirs, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
-        )  # (B, K, n)
-        self.evaluations += x.shape[0] * self.probes_per_sample
-        flat = colour * self.n + rows  # entry (colour, row) of the flattened (K, n) probes
-        ref = self._reference_compressed(x.dtype).to(x.device)  # (R, n, K)
-        ref_vals = ref.transpose(1, 2).reshape(ref.shape[0], -1).index_select(1, flat)  # (R, nnz)
-        return q.reshape(q.shape[0], -1).index_select(1, flat) - ref_vals[index]
+        ref = self._reference_compressed(x.dtype)
+        return self._probe_entries(x, params, f0) - ref[index.to(ref.device)].to(x.device)
 
     def _ref_apply(self, index: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``J_ref[index_b] v_b`` (or ``J_ref^T v_b``) for v (B, D, n): (B, D, n), one product per reference used."""
-        out = torch.empty_like(v)
-        n = v.shape[-1]
-        for r in index.unique().tolist():
-            m = index == r
-            j = self.references.jacobians[r].to(device=v.device, dtype=v.dtype)
-            # one (samples x D, n) @ (n, n) product: the matrix is read once, not once per sample
-            out[m] = (v[m].reshape(-1, n) @ (j if transpose else j.T)).reshape(-1, v.shape[1], n)
+        """``J_ref[index_b] v_b`` (or ``J_ref^T v_b``) for v (B, D, n): (B, D, n); one (samples x D, n)
+        @ (n, n) product per dense reference used (the matrix is read once, not once per sample),
+        plus the references' stencil fields."""
+        refs, n = self.references, v.shape[-1]
+        if refs.shared:
+            j = refs.jacobians[0].to(device=v.device, dtype=v.dtype)
+            out = (v.reshape(-1, n) @ (j if transpose else j.T)).reshape(v.shape)
+        else:
+            out = torch.empty_like(v)
+            for r in index.unique().tolist():
+                m = index == r
+                j = refs.jacobians[r].to(device=v.device, dtype=v.dtype)
+                out[m] = (v[m].reshape(-1, n) @ (j if transpose else j.T)).reshape(-1, v.shape[1], n)
+        if refs.fields is not None:
+            f = refs.fields[index.to(refs.fields.device)].to(device=v.device, dtype=v.dtype)
+            spatial, c = self.state_shape[1:], self.state_shape[0]
+            if transpose:
+                out += torch.stack([field_vjp(f, v[:, d].reshape(v.shape[0], c, -1), spatial, refs.field_reach)
+                                    for d in range(v.shape[1])], 1).reshape(v.shape)  # fmt: skip
+            else:
+                out += field_jvp(f, v.reshape(*v.shape[:2], c, -1), spatial, refs.field_reach).reshape(v.shape)
         return out
 
     def vjp(
@@ -417,7 +592,13 @@ class RefJacobian:
         index = self._ref_index(x)
         vals = self.difference(x, params, f0, index)
         rows, cols = self._colouring.on(x.device, x.dtype)[:2]
-        out = self.references.jacobians.to(device=x.device, dtype=x.dtype)[index].clone()
+        refs = self.references
+        out = refs.jacobians.to(device=x.device, dtype=x.dtype)[index if not refs.shared else 0 * index].clone()
+        if refs.fields is not None:
+            field = lattice_difference_colouring(self.state_shape, refs.field_reach, "box")
+            where = stencil_index(self.state_shape, field)
+            f = refs.fields[index].to(device=x.device, dtype=x.dtype).flatten(1)
+            out[:, field.rows, field.cols] += f[:, where]
         out[:, rows, cols] += vals
         return out
 
@@ -505,25 +686,32 @@ class RefJacobian:
             self.refresh_at(r, x[m].mean(0, keepdim=True), p)
 
     def refresh_at(self, r: int, state: torch.Tensor, params: torch.Tensor | None) -> None:
-        """Replace reference ``r`` by the dense Jacobian at ``state`` (1, C, *s) (params (1, K) or None);
-        the index is appended to :attr:`refreshed`."""
+        """Replace reference ``r`` by the one at ``state`` (1, C, *s) (params (1, K) or None): a dense
+        Jacobian, or for references with fields the field of ``state``; the index is appended to
+        :attr:`refreshed`."""
         refs = self.references
         dtype = refs.states.dtype
-        new = build_references(
-            self.step, state.to(dtype), None if params is None else params.to(dtype),
-            mu=self._mu(dtype), scheme=self.scheme, max_batch=self.max_batch, distributed=self.distributed,
-        )  # fmt: skip
+        kw = dict(mu=self._mu(dtype), scheme=self.scheme, max_batch=self.max_batch, distributed=self.distributed)
+        p = None if params is None else params.to(dtype)
+        if refs.fields is None:
+            new = build_references(self.step, state.to(dtype), p, **kw)
+            refs.jacobians[r] = new.jacobians[0].to(refs.jacobians.dtype)
+        else:
+            base = References(refs.base_state, refs.base_params, refs.jacobians, ["base"])
+            new = build_frame_references(self.step, base, state.to(dtype), p, reach=refs.field_reach, **kw)
+            refs.fields[r] = new.fields[0].to(refs.fields.dtype)
         refs.states[r] = new.states[0]
         if refs.params is not None and params is not None:
             refs.params[r] = new.params[0].to(refs.params.dtype)
-        refs.jacobians[r] = new.jacobians[0].to(refs.jacobians.dtype)
         refs.labels[r] = f"{refs.labels[r].split(' (refreshed')[0]} (refreshed)"
-        refs.evaluations += new.evaluations
-        self.evaluations += new.evaluations
+        spent = new.evaluations
+        refs.evaluations += spent
+        self.evaluations += spent
         self.refreshed.append(int(r))
         comp = self._reference_compressed(refs.states.dtype)
-        p = None if refs.params is None else refs.params[r : r + 1]
-        comp[r] = self._colour_probes(refs.states[r : r + 1], p)[0]
+        comp[r] = self._colour_probes(refs.states[r : r + 1], None if refs.params is None else refs.params[r : r + 1])[
+            0
+        ]
 
     def set_reach(self, reach: int) -> None:
         """Change the reach of the difference's pattern (and its colouring)."""
