@@ -68,6 +68,7 @@ def test_config_keeps_the_flat_keys_of_existing_runs():
     added = set(cfg.to_dict()) - set(OLD_CONFIG)  # options added since, with defaults (a resume fills them in)
     assert added == {f"jac_{k}" for k in ("mode", "scheme", "reach", "shape", "max_reach", "references")} | {
         "jac_ref_stride",
+        "jac_frame_reach",
         "jac_check_every",
         "jac_tol",
     }

@@ -60,6 +60,7 @@ def test_every_training_field_is_a_cli_option(command):
         "jac_max_reach": "2",
         "jac_references": "frame",
         "jac_ref_stride": "5",
+        "jac_frame_reach": "4",
         "jac_check_every": "3",
         "jac_tol": "0.1",
     }
@@ -78,6 +79,7 @@ def test_every_training_field_is_a_cli_option(command):
         "frame",
     )
     assert (cfg.jac_max_reach, cfg.jac_ref_stride, cfg.jac_check_every, cfg.jac_tol) == (2, 5, 3, 0.1)
+    assert cfg.jac_frame_reach == 4
 
 
 @pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("true", True), ("TRUE", True)])

@@ -30,8 +30,9 @@ def _cfg(**kw):
 def test_auto_picks_reference_subtracted_and_matches_fo_gradients(karman, tmp_path):
     h = train(karman, _cfg(grad_checks=3, jac_check_every=2), tmp_path / "run", progress=False).history
     jac = h["jacobian"]
-    assert jac["mode"] == "reference" and jac["probes_per_sample"] == 50 and jac["references"] == 1
-    assert "chosen: reference-subtracted (auto)" in h["cost_model"] and "ZO-JAC-SOL 51 " in h["cost_model"]
+    # default global+frames: the dense reference + a field at each of the 2 x 9 training frames, live reach 1
+    assert jac["mode"] == "reference" and jac["probes_per_sample"] == 18 and jac["references"] == 18
+    assert "chosen: reference-subtracted (auto)" in h["cost_model"] and "ZO-JAC-SOL 19 " in h["cost_model"]
     assert "sparse coloured - (the pattern is dense)" in h["cost_model"]
     assert all(c["cosine"] >= 0.9999 for c in h["grad_cosine_vs_fo"]) and len(h["grad_cosine_vs_fo"]) == 3
     checks = h["jac_error"]
@@ -53,12 +54,21 @@ def test_forced_modes_and_per_frame_references(karman):
     assert h["jacobian"]["references"] == 2 * 5  # 2 simulations x frames 0, 2, 4, 6, 8
     assert h["grad_cosine_vs_fo"][0]["cosine"] >= 0.9999
     assert h["loss"] == pytest.approx(dense["loss"], rel=1e-3)
+    one = train(karman, _cfg(epochs=1, jac_references="global", grad_checks=1), progress=False).history
+    assert one["jacobian"]["references"] == 1 and one["jacobian"]["probes_per_sample"] == 50  # live reach 2
+    assert one["grad_cosine_vs_fo"][0]["cosine"] >= 0.9999
+    strided = train(karman, _cfg(epochs=1, jac_ref_stride=4, jac_frame_reach=2, grad_checks=1), progress=False)
+    assert strided.history["jacobian"]["references"] == 2 * 3  # frames 0, 4, 8 of each simulation
+    assert strided.history["grad_cosine_vs_fo"][0]["cosine"] >= 0.9999
 
 
 def test_resume_with_refreshes_equals_uninterrupted(karman, tmp_path):
     """batch 1, a tight tolerance: the check refreshes the reference (at the window's state) every
     few steps; a resumed run replays the refreshes its checkpoint saw and continues identically."""
-    cfg = _cfg(batch_size=1, jac_mode="reference", jac_reach=1, jac_tol=5e-3, jac_check_every=3, jac_max_reach=1)
+    cfg = _cfg(
+        batch_size=1, jac_mode="reference", jac_references="global", jac_reach=1, jac_tol=5e-3, jac_check_every=3,
+        jac_max_reach=1,
+    )  # fmt: skip
     full = train(karman, cfg, tmp_path / "full", progress=False)
     assert full.history["jacobian"]["refreshes"] >= 2
     part = train(karman, cfg, tmp_path / "part", progress=False, stop_after_steps=7)

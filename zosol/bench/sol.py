@@ -32,6 +32,7 @@ import torch
 
 from .. import zo
 from ..config import train_config
+from ..methods.jacobians import live_reach
 from ..models import build_corrector, corrector_input, n_params
 from ..rollout import WindowBatch, window_loss
 from ..solvers import get_scenario
@@ -152,17 +153,26 @@ def _fo_and_jac_seconds(model, solver, jac, data, cfg, repeats: int, budget: int
 
 
 def _reference_jacobian(blackbox, solver, data, cfg) -> zo.RefJacobian:
-    """ZO-JAC-SOL's reference-subtracted estimate as training builds it (``jac_references=global``):
-    one dense reference at the mean of the windows' states, the difference coloured within
-    ``jac_reach``, forward differences unless ``jac_scheme`` says otherwise."""
+    """ZO-JAC-SOL's reference-subtracted estimate as training builds it: one dense reference at the
+    mean of the windows' states and, with ``jac_references=global+frames`` (the default), the
+    difference to it at each window's frames (start and targets but the last) within
+    ``jac_frame_reach``, each call using the nearest of its window's frames; the live difference
+    coloured within the live reach; forward differences unless ``jac_scheme`` says otherwise."""
     start, targets, params = data.start, data.targets, data.params
+    b, m = targets.shape[:2]
     scheme = "forward" if cfg.jac_scheme == "auto" else cfg.jac_scheme
     mean = torch.cat([start, targets.flatten(0, 1)]).mean(0, keepdim=True)
     p = None if params is None else params.mean(0, keepdim=True)
-    refs = zo.build_references(blackbox, mean, p, mu=cfg.zo_mu, scheme=scheme, max_batch=cfg.jac_batch)
-    return zo.RefJacobian(
-        blackbox, solver.state_shape, refs, reach=cfg.jac_reach, mu=cfg.zo_mu, scheme=scheme, max_batch=cfg.jac_batch
-    )
+    kw = dict(mu=cfg.zo_mu, scheme=scheme, max_batch=cfg.jac_batch)
+    refs = zo.build_references(blackbox, mean, p, **kw)
+    if cfg.jac_references == "global+frames":
+        frames = torch.cat([start[:, None], targets[:, :-1]], 1)  # (B, m, C, *s): the states the calls act near
+        fp = None if params is None else params.repeat_interleave(m, 0)
+        refs = zo.build_frame_references(blackbox, refs, frames.flatten(0, 1), fp, reach=cfg.jac_frame_reach, **kw)
+    jac = zo.RefJacobian(blackbox, solver.state_shape, refs, reach=live_reach(cfg), **kw)
+    if len(refs) > 1:
+        jac.select(torch.arange(b * m).reshape(b, m))
+    return jac
 
 
 def _evals(m: int, perturbations: int) -> float:

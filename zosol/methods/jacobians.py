@@ -6,15 +6,27 @@ Modes (``config.jac_mode``), black-box evaluations per sample-step of each (``n`
 
 * ``sparse``: the probed / declared pattern, CPR-coloured: ``colours`` (forward) or ``2 colours``;
 * ``dense``: ``n`` (forward) or ``2n`` (central);
-* ``reference``: one dense reference Jacobian (or one per simulation / per few data frames),
-  probed once per run (``n + 1`` each), plus the coloured difference within ``jac_reach``:
-  ``C (2r+1)^nd`` (forward) per sample-step (:class:`zosol.zo.RefJacobian`);
+* ``reference``: dense reference Jacobians probed once per run (``n + 1`` each), plus the coloured
+  difference within the live reach: ``C (2r+1)^nd`` (forward) per sample-step
+  (:class:`zosol.zo.RefJacobian`);
 * ``auto``: sparse when the pattern colours, else reference-subtracted.
 
-References (``config.jac_references``): ``global`` (one, at the mean training state), ``simulation``
-(one per training simulation, at its mean state) or ``frame`` (every ``jac_ref_stride``-th frame of
-every simulation; a window uses the one nearest to its middle frame, in its own simulation: the
-calls that need Jacobians act on states near frames ``t+1 .. t+m-1``).  They are cached in
+References (``config.jac_references``):
+
+* ``global+frames`` (default): one dense reference at the mean training state plus, at every
+  ``jac_ref_stride``-th frame (default every frame), the difference to it within ``jac_frame_reach``
+  cells (default 5; ``C (2R+1)^nd + 1`` evaluations and ``C^2 (2R+1)^nd`` numbers per cell and
+  frame), stored by stencil offset (:func:`zosol.zo.build_frame_references`).  Each call uses the
+  frame nearest to its state among the window's frames; the live difference to it is small and
+  local, so reach 1 suffices (18 colours in 2-D with 2 channels instead of the 50 one global
+  reference needs at reach 2: measured in ``docs/results.md``).
+* ``global``: the dense reference alone (live reach 2 by default).
+* ``simulation`` (one dense reference per training simulation, at its mean state) or ``frame``
+  (dense, every ``jac_ref_stride``-th frame, default 10; a window uses the one nearest to its
+  middle frame, in its own simulation: the calls that need Jacobians act on states near frames
+  ``t+1 .. t+m-1``).
+
+They are cached in
 ``run_dir/jacobian-references/<key>.pt``, the key a hash of the data's fingerprint, the black
 box's fingerprint (its type, state shape and its output on the first training frame), the
 reference placement and the finite-difference settings; a resumed or repeated run reads them
@@ -58,46 +70,82 @@ __all__ = [
 REFERENCE_MEMORY_FRACTION = 0.25
 
 
+def live_reach(config: Any) -> int:
+    """The reach of the live, coloured difference: ``jac_reach``, by default 1 with references at
+    the frames (the difference to a nearby frame is small and local), else 2."""
+    if config.jac_reach is not None:
+        return int(config.jac_reach)
+    return 1 if config.jac_references == "global+frames" else 2
+
+
+def reference_stride(config: Any) -> int:
+    """Frames between references: ``jac_ref_stride``, by default 1 (global+frames) / 10 (frame)."""
+    if config.jac_ref_stride is not None:
+        return int(config.jac_ref_stride)
+    return 1 if config.jac_references == "global+frames" else 10
+
+
 @dataclass
 class ReferencePlan:
     """Where the references are taken: ``states`` (R, C, *s), ``params`` (R, K) or None, ``labels``,
-    and ``table`` (N, T + 1 - m) the reference of the window starting at (simulation, frame)."""
+    and ``table`` (N, T + 1 - m) the reference of the window starting at (simulation, frame), or
+    (N, T + 1 - m, m) its candidates (the nearest of them is used per call).  ``base`` (state,
+    params): global+frames' dense reference."""
 
     kind: str
     states: torch.Tensor
     params: torch.Tensor | None
     labels: list[str]
     table: torch.Tensor
+    base: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def index(self, sim: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
-        """Reference index (B,) of windows starting at ``frame`` (B,) of simulation ``sim`` (B,)."""
+        """Reference index (B,) or candidates (B, m) of windows starting at ``frame`` (B,) of ``sim`` (B,)."""
         return self.table[sim.cpu(), frame.cpu()]
+
+    def nbytes(self, dtype: torch.dtype, reach: int) -> int:
+        """Memory of the references: dense n x n matrices, or one plus a field per frame."""
+        r, n, c = self.states.shape[0], self.states[0].numel(), self.states.shape[1]
+        size = torch.finfo(dtype).bits // 8
+        if self.kind != "global+frames":
+            return r * n * n * size
+        return (n * n + r * c * n * (2 * reach + 1) ** (self.states.dim() - 2)) * size
+
+
+def _frames(traj: torch.Tensor, params: torch.Tensor | None, stride: int):
+    """Every ``stride``-th frame of every simulation: indices, states, params, labels."""
+    n_sim, t1 = traj.shape[:2]
+    frames = list(range(0, t1, stride))
+    p = None if params is None else params.repeat_interleave(len(frames), 0)
+    labels = [f"simulation {i} frame {t}" for i in range(n_sim) for t in frames]
+    return torch.tensor(frames), traj[:, frames].flatten(0, 1), p, labels
 
 
 def reference_plan(windows: Windows, kind: str, stride: int) -> ReferencePlan:
-    """The reference placement ``kind`` ("global", "simulation", "frame") over ``windows``' training data."""
+    """The reference placement ``kind`` ("global+frames", "global", "simulation", "frame") over
+    ``windows``' training data."""
     traj, m = windows.traj, windows.m
     n_sim, t1 = traj.shape[:2]
     params = windows.params if windows.num_params else None
     starts = t1 - m
+    mean = traj.flatten(0, 1).mean(0, keepdim=True), None if params is None else params.mean(0, keepdim=True)
     if kind == "global":
         table = torch.zeros(n_sim, starts, dtype=torch.long)
-        p = None if params is None else params.mean(0, keepdim=True)
-        return ReferencePlan(kind, traj.flatten(0, 1).mean(0, keepdim=True), p, ["mean training state"], table)
+        return ReferencePlan(kind, *mean, ["mean training state"], table)
     if kind == "simulation":
         table = torch.arange(n_sim)[:, None].expand(n_sim, starts).clone()
         labels = [f"mean state of simulation {i}" for i in range(n_sim)]
         return ReferencePlan(kind, traj.mean(1), params, labels, table)
-    if kind != "frame":
-        raise ValueError(f"unknown jac_references {kind!r}; choose 'global', 'simulation' or 'frame'")
-    frames = list(range(0, t1, stride))
-    middle = torch.arange(starts) + m // 2
-    nearest = ((middle[:, None] - torch.tensor(frames)[None]).abs()).argmin(1)  # (starts,)
-    table = torch.arange(n_sim)[:, None] * len(frames) + nearest[None]
-    states = traj[:, frames].flatten(0, 1)
-    p = None if params is None else params.repeat_interleave(len(frames), 0)
-    labels = [f"simulation {i} frame {t}" for i in range(n_sim) for t in frames]
-    return ReferencePlan(kind, states, p, labels, table)
+    if kind not in ("frame", "global+frames"):
+        raise ValueError(f"unknown jac_references {kind!r}; choose 'global+frames', 'global', 'simulation' or 'frame'")
+    frames, states, p, labels = _frames(traj, params, stride)
+    nearest = lambda t: (t[..., None] - frames).abs().argmin(-1)  # noqa: E731  stored frame nearest to frame t
+    offset = torch.arange(n_sim)[:, None] * len(frames)
+    if kind == "frame":  # the frame nearest to the window's middle: its calls act near frames t+1 .. t+m-1
+        return ReferencePlan(kind, states, p, labels, offset + nearest(torch.arange(starts) + m // 2)[None])
+    # global+frames: the frames nearest to each of the window's frames t .. t+m-1, one chosen per call
+    candidates = nearest(torch.arange(starts)[:, None] + torch.arange(m)[None])  # (starts, m)
+    return ReferencePlan(kind, states, p, labels, offset[:, :, None] + candidates[None], base=mean)
 
 
 def _solver_fingerprint(step: zo.jacobian.Step, windows: Windows) -> str:
@@ -117,16 +165,17 @@ def reference_key(data: dict[str, Any], step: zo.jacobian.Step, windows: Windows
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def check_reference_memory(plan: ReferencePlan, dtype: torch.dtype, device: torch.device) -> None:
+def check_reference_memory(plan: ReferencePlan, dtype: torch.dtype, device: torch.device, reach: int) -> None:
     """ValueError naming the fix when the references would not fit memory."""
     r, n = plan.states.shape[0], plan.states[0].numel()
-    need = r * n * n * torch.finfo(dtype).bits // 8
+    need = plan.nbytes(dtype, reach)
     free = available_memory(device)
     if need > REFERENCE_MEMORY_FRACTION * free:
+        what = f"{r} reference Jacobians of {n} x {n}" if plan.kind != "global+frames" else f"{r} frame fields"
         raise ValueError(
-            f"ZO-JAC-SOL: {r} reference Jacobians of {n} x {n} ({plan.kind}) need {need / 2**30:.1f} GiB, more "
-            f"than {REFERENCE_MEMORY_FRACTION:.0%} of the {free / 2**30:.1f} GiB free; use fewer references "
-            f"(a larger --train-set jac_ref_stride=K, or jac_references=simulation / global)"
+            f"ZO-JAC-SOL: {what} ({plan.kind}) need {need / 2**30:.1f} GiB, more than "
+            f"{REFERENCE_MEMORY_FRACTION:.0%} of the {free / 2**30:.1f} GiB free; use fewer references "
+            f"(a larger --train-set jac_ref_stride=K, a smaller jac_frame_reach, or jac_references=global)"
         )
 
 
@@ -266,12 +315,15 @@ class JacobianSetup:
         return "dense" if jac.is_dense else "sparse"
 
     def _reference_suits(self, history: dict[str, Any]) -> bool:
-        """Auto mode: check the reference-subtracted estimate at the probed training frames, widening
+        """Auto mode: check the reference-subtracted estimate one coarse step from the probed training
+        frames, widening
         the reach up to ``jac_max_reach``; False (the cost model falls back to the dense Jacobian)
         when its ``J v`` error stays above ``jac_tol`` (e.g. a spectral step, whose Jacobian changes
         everywhere with the state)."""
         c, jac = self.config, self.jac
         states, params = self._probe_states
+        with torch.no_grad():  # one coarse step on: near the frames, like the rollouts' states, not on them
+            states = self.step(states, params).detach()
         gen = torch.Generator().manual_seed(c.seed)
         errors = []
         while True:
@@ -289,27 +341,33 @@ class JacobianSetup:
             return True
         self.info["reference_check"] = (
             f"reference-subtracted estimate rejected: J v error at {states.shape[0]} training frames {tried} "
-            f"(reach {c.jac_reach}..{jac.reach}) > jac_tol {c.jac_tol:g}; dense Jacobian instead"
+            f"(reach {live_reach(c)}..{jac.reach}) > jac_tol {c.jac_tol:g}; dense Jacobian instead"
         )
         return False
 
     def _reference_jacobian(self, saved: dict | None, history: dict[str, Any]) -> None:
         c, w = self.config, self.windows
         scheme, dtype = self.scheme("reference"), w.traj.dtype
-        plan = reference_plan(w, c.jac_references, c.jac_ref_stride)
-        check_reference_memory(plan, dtype, w.traj.device)
+        plan = reference_plan(w, c.jac_references, reference_stride(c))
+        check_reference_memory(plan, dtype, w.traj.device, c.jac_frame_reach)
         settings = {"references": plan.kind, "mu": c.zo_mu, "scheme": scheme, "dtype": str(dtype)}
-        if plan.kind == "frame":
-            settings.update(stride=c.jac_ref_stride, m=w.m)
+        if plan.kind in ("frame", "global+frames"):
+            settings.update(stride=reference_stride(c), m=w.m)
+        if plan.kind == "global+frames":
+            settings.update(frame_reach=c.jac_frame_reach)
         key = reference_key({"data": _data_hash(w)}, self.step, w, settings)
         folder = None if self.run_dir is None else Path(self.run_dir) / "jacobian-references"
         started = time.perf_counter()
 
+        kw = dict(mu=c.zo_mu, scheme=scheme, max_batch=c.jac_batch, distributed=self.distributed)
+
         def build() -> zo.References:
-            return zo.build_references(
-                self.step, plan.states, plan.params, labels=plan.labels, mu=c.zo_mu, scheme=scheme,
-                max_batch=c.jac_batch, distributed=self.distributed,
-            )  # fmt: skip
+            if plan.base is None:
+                return zo.build_references(self.step, plan.states, plan.params, labels=plan.labels, **kw)
+            base = zo.build_references(self.step, *plan.base, labels=["mean training state"], **kw)
+            return zo.build_frame_references(
+                self.step, base, plan.states, plan.params, reach=c.jac_frame_reach, labels=plan.labels, **kw
+            )
 
         refs, cached = load_or_build(plan, None if folder is None else folder / f"{key}.pt", build, self.lead)
         if saved is None:
@@ -320,9 +378,9 @@ class JacobianSetup:
             kept = ("setup_seconds", "setup_evaluations", "cached", "pattern_note", "reference_check")
             self.info.update({k: saved[k] for k in kept if k in saved})
         self.jac = zo.RefJacobian(
-            self.step, w.traj.shape[2:], refs, reach=c.jac_reach, pattern=c.jac_shape, mu=c.zo_mu, scheme=scheme,
+            self.step, w.traj.shape[2:], refs, reach=live_reach(c), pattern=c.jac_shape, mu=c.zo_mu, scheme=scheme,
             max_batch=c.jac_batch, distributed=self.distributed, tol=c.jac_tol,
-            max_reach=max(c.jac_max_reach, c.jac_reach),
+            max_reach=max(c.jac_max_reach, live_reach(c)),
         )  # fmt: skip
         if saved is None:
             history["zo_queries"] += self.jac.evaluations  # the colour probes at the references
@@ -373,7 +431,7 @@ class JacobianSetup:
                 self.record(history)
                 raise zo.JacobianError(
                     f"{jac.poor}: training stopped, the last checkpoint is kept; try --train-set "
-                    f"jac_references=frame, a larger jac_max_reach, or --method zo-sol"
+                    f"jac_references=frame (dense), a larger jac_frame_reach / jac_max_reach, or --method zo-sol"
                 )
         if changed:
             self.record(history)
@@ -385,9 +443,9 @@ class JacobianSetup:
         n = math.prod(w.traj.shape[2:])
         steps = math.ceil(len(w) / c.batch_size) * c.epochs * c.batch_size * max(w.m - 1, 1)
         colours = jac.colouring.n_colours if self.mode == "sparse" else None
-        k_ref = zo.refjac.lattice_difference_colouring(w.traj.shape[2:], c.jac_reach, c.jac_shape).n_colours
+        k_ref = zo.refjac.lattice_difference_colouring(w.traj.shape[2:], live_reach(c), c.jac_shape).n_colours
         n_refs = len(jac.references) if self.mode == "reference" else 1
-        setup = n_refs * (n + 1)
+        setup = jac.references.evaluations if self.mode == "reference" else n + 1
         costs = jacobian_costs(
             n, {m: self.scheme(m) for m in ("dense", "sparse", "reference")}, colours, k_ref, setup, steps
         )
@@ -401,5 +459,5 @@ class JacobianSetup:
         )
         if "reference_check" in self.info:
             head += self.info["reference_check"] + "\n"
-        note = {"sparse": "sparse", "dense": "dense", "reference": f"reference-subtracted, reach {c.jac_reach}"}
+        note = {"sparse": "sparse", "dense": "dense", "reference": f"reference-subtracted, reach {live_reach(c)}"}
         return head + cost_model(self.d, self.d, c.zo_scheme, jac.probes_per_sample, note[self.mode])

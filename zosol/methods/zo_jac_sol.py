@@ -53,17 +53,32 @@ class JacobianOptions:
     scheme: Literal["auto", "forward", "central"] = option(
         "auto", "ZO-JAC-SOL differences: auto (forward for reference-subtracted, else zo_scheme), forward, central"
     )
-    reach: int = option(2, "ZO-JAC-SOL reference-subtracted: reach (cells) of the difference", ge=0, cap=64)
+    reach: int | None = option(
+        None,
+        "ZO-JAC-SOL reference-subtracted: reach (cells) of the live, coloured difference (default: 1 with "
+        "jac_references=global+frames, else 2)",
+        ge=0,
+        cap=64,
+    )
     shape: Literal["box", "diamond"] = option(
         "box", "ZO-JAC-SOL reference-subtracted: the difference's pattern, box or diamond (L1, 2-D)"
     )
     max_reach: int = option(3, "ZO-JAC-SOL: the error check widens the reach up to this", ge=0, cap=64)
-    references: Literal["global", "simulation", "frame"] = option(
-        "global",
-        "ZO-JAC-SOL reference Jacobians: global (mean training state), simulation (mean of each), "
-        "frame (every jac_ref_stride-th frame)",
+    references: Literal["global+frames", "global", "simulation", "frame"] = option(
+        "global+frames",
+        "ZO-JAC-SOL reference Jacobians: global+frames (one dense at the mean training state + its difference "
+        "at every jac_ref_stride-th frame within jac_frame_reach, the nearest frame of the window per call), "
+        "global (the dense one alone), simulation (dense, mean of each), frame (dense, every jac_ref_stride-th frame)",
     )
-    ref_stride: int = option(10, "ZO-JAC-SOL jac_references=frame: frames between references", ge=1, cap=1_000_000)
+    ref_stride: int | None = option(
+        None,
+        "ZO-JAC-SOL jac_references=frame / global+frames: frames between references (default 10 / 1)",
+        ge=1,
+        cap=1_000_000,
+    )
+    frame_reach: int = option(
+        5, "ZO-JAC-SOL jac_references=global+frames: reach (cells) of each frame's stored difference", ge=0, cap=64
+    )
     check_every: int = option(
         10, "ZO-JAC-SOL reference-subtracted: steps between run-time error checks, 0: none", ge=0, cap=1_000_000
     )
