@@ -297,7 +297,8 @@ def _shifted(t: torch.Tensor, spatial: Sequence[int], reach: int, offsets, sign:
 def field_vjp(fields: torch.Tensor, g: torch.Tensor, spatial: Sequence[int], reach: int) -> torch.Tensor:
     """``F_b^T g_b`` for fields (B, C, C, K, cells) and g (B, C, cells): (B, C, cells)."""
     b, c = g.shape[:2]
-    per_offset = (fields * g[:, :, None, None, :]).sum(1).reshape(b, c, -1, *spatial)  # (B, C_in, K, *s)
+    # sum over c_out as C products of (B, C_in, K, cells): faster than einsum / bmm here
+    per_offset = sum(fields[:, o] * g[:, o, None, None, :] for o in range(c)).reshape(b, c, -1, *spatial)
     out = torch.zeros(b, c, *(n + 2 * reach for n in spatial), dtype=g.dtype, device=g.device)
     for k, off in enumerate(_offsets(len(spatial), reach)):
         # output (c_out, cell) couples to input (c_in, cell - off): the input gets the value at cell
