@@ -489,8 +489,8 @@ def _add_training_commands(sub: Any) -> None:
     )
     q.add_argument(
         "--methods",
-        help=f"comma-separated subset of {','.join(names())} (default: all the "
-        f"scenario runs by default, e.g. karman2d leaves out zo-jac-sol)",
+        help=f"comma-separated subset of {','.join(names())} (default: all, less any a scenario leaves out "
+        f"by default, saying why)",
     )
     q.add_argument("--train-preset", help="training preset (default: the scenario preset)")
     q.add_argument("--quiet", action="store_true")

@@ -14,7 +14,7 @@ Modes (``config.jac_mode``), black-box evaluations per sample-step of each (``n`
 References (``config.jac_references``):
 
 * ``global+frames`` (default): one dense reference at the mean training state plus, at every
-  ``jac_ref_stride``-th frame (default every frame), the difference to it within ``jac_frame_reach``
+  ``jac_ref_stride``-th frame (default 5), the difference to it within ``jac_frame_reach``
   cells (default 5; ``C (2R+1)^nd + 1`` evaluations and ``C^2 (2R+1)^nd`` numbers per cell and
   frame), stored by stencil offset (:func:`zosol.zo.build_frame_references`).  Each call uses the
   frame nearest to its state among the window's frames; the live difference to it is small and
@@ -79,10 +79,10 @@ def live_reach(config: Any) -> int:
 
 
 def reference_stride(config: Any) -> int:
-    """Frames between references: ``jac_ref_stride``, by default 1 (global+frames) / 10 (frame)."""
+    """Frames between references: ``jac_ref_stride``, by default 5 (global+frames) / 10 (frame)."""
     if config.jac_ref_stride is not None:
         return int(config.jac_ref_stride)
-    return 1 if config.jac_references == "global+frames" else 10
+    return 5 if config.jac_references == "global+frames" else 10
 
 
 @dataclass
@@ -276,6 +276,7 @@ class JacobianSetup:
         self.plan: ReferencePlan | None = None
         self.info: dict[str, Any] = {}
         saved = history.get("jacobian")
+        started = time.perf_counter()
         mode = saved["mode"] if saved is not None else c.jac_mode
         if mode in ("auto", "sparse", "dense"):
             mode = self._pattern_jacobian(mode, saved, history)
@@ -285,6 +286,10 @@ class JacobianSetup:
             if dense is not None and not self._reference_suits(history):
                 self.jac, mode = dense, "dense"
         self.mode = mode
+        if saved is None:  # all of it: pattern probe, references, their colour probes, the up-front check
+            self.info["setup_seconds"] = time.perf_counter() - started
+        elif "setup_seconds" in saved:
+            self.info["setup_seconds"] = saved["setup_seconds"]
 
     # -- set-up ------------------------------------------------------------------------------
     def scheme(self, mode: str) -> str:
@@ -357,8 +362,6 @@ class JacobianSetup:
             settings.update(frame_reach=c.jac_frame_reach)
         key = reference_key({"data": _data_hash(w)}, self.step, w, settings)
         folder = None if self.run_dir is None else Path(self.run_dir) / "jacobian-references"
-        started = time.perf_counter()
-
         kw = dict(mu=c.zo_mu, scheme=scheme, max_batch=c.jac_batch, distributed=self.distributed)
 
         def build() -> zo.References:
@@ -372,7 +375,7 @@ class JacobianSetup:
         refs, cached = load_or_build(plan, None if folder is None else folder / f"{key}.pt", build, self.lead)
         if saved is None:
             history["zo_queries"] += 0 if cached else refs.evaluations
-            self.info.update(setup_seconds=time.perf_counter() - started, setup_evaluations=refs.evaluations)
+            self.info.update(setup_evaluations=refs.evaluations)
             self.info.update(cached=cached)
         else:
             kept = ("setup_seconds", "setup_evaluations", "cached", "pattern_note", "reference_check")

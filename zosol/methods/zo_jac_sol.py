@@ -72,7 +72,7 @@ class JacobianOptions:
     )
     ref_stride: int | None = option(
         None,
-        "ZO-JAC-SOL jac_references=frame / global+frames: frames between references (default 10 / 1)",
+        "ZO-JAC-SOL jac_references=frame / global+frames: frames between references (default 10 / 5)",
         ge=1,
         cap=1_000_000,
     )
