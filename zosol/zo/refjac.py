@@ -12,8 +12,14 @@ two cells, the rest decaying like ``1/r^2``).  So (:class:`RefJacobian`)::
 * ``J_ref``: dense references probed once (:func:`build_references`; ``n + 1`` forward or ``2n``
   central evaluations each, batched and shared out over the ranks of a process group) at one
   global state (e.g. the mean training state) or at several states (e.g. per data frame).  Each
-  call uses the reference chosen with :meth:`RefJacobian.select` (one index per sample) or,
-  without a selection, the one whose state is nearest to the call's input.
+  call uses the reference chosen with :meth:`RefJacobian.select` (one index per sample, or the
+  nearest of a few candidates per sample) or, without a selection, the one whose state is
+  nearest to the call's input.
+* **frame fields** (:func:`build_frame_references`): references that share one dense ``J_ref``
+  and add, per state ``f``, ``F_f ~ J(f) - J_ref`` estimated within a reach ``R`` by the same
+  colouring and stored by stencil offset (``C^2 (2R+1)^nd`` numbers per cell, ``C (2R+1)^nd + 1``
+  evaluations).  A state near ``f`` then needs only the small difference ``J(x) - J(f)``:
+  ``J(x) ~ J_ref + F_f + colour-estimate of (J(x) - J(f))`` within a small live reach.
 * the difference: a non-periodic lattice colouring with spacing ``2r + 1`` per spatial axis and
   one colour set per channel (``C (2r+1)^nd`` colours: 18 / 50 for r = 1 / 2 in 2-D with 2
   channels); one probe per colour (forward differences, reusing the forward's output) or two
@@ -31,8 +37,9 @@ Why this and not a structured recovery from one dense Jacobian at a rest state (
 the notes, exact to 1e-7 with float64 probes): that recovery needs a pseudo-inverse per colour
 (4.7 CPU-min, 2.7 GiB at 64x32) and ~0.7 CPU-s of linear algebra per training step, and it is only
 as good as float32 central differences allow (3e-4); the subtraction costs one dense matrix product
-per call and reached gradient cosines >= 0.9993 (one reference, r = 2) / >= 0.99995 (per-frame
-references, r = 1) with 18-50 probes per sample-step.
+per call (plus a stencil product for frame fields) and reached gradient cosines >= 0.9977 (one
+reference, r = 2, 50 probes) / >= 0.9995 (frame fields R = 5, live r = 1, 18 probes) at the end
+of a karman2d training run (``docs/results.md``).
 
 The class offers the interface :func:`~zosol.zo.jacobian.fd_step` uses (``step``, ``vjp``,
 ``evaluations``, ``events``), so ``fd_step(RefJacobian(...))`` backpropagates through the black box.
