@@ -81,7 +81,7 @@ def test_resume_with_refreshes_equals_uninterrupted(karman, tmp_path):
 
 
 def test_auto_rejects_the_reference_estimate_where_the_jacobian_changes_everywhere(tmp_path):
-    """ks1d's spectral step: J(x) - J_ref is not local, the up-front check at the probed training frames
+    """ks1d's spectral step: J(x) - J_ref is not local, the up-front check one step from the probed frames
     says so (widening the reach does not help), and the cost model falls back to the dense Jacobian."""
     ks = load_dataset(generate("ks1d", "tiny", tmp_path, progress=False))
     h = train(ks, _cfg(epochs=1, grad_checks=1), progress=False).history

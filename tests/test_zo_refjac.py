@@ -234,6 +234,14 @@ def test_karman2d_direct_window_gradient_matches_autograd():
         assert _cosine(zo, fo) >= 0.99999
         # m - 1 = 2 Jacobians, and the colour probes at the reference (+ its forward output) once
         assert jac.evaluations == 2 * x.shape[0] * jac.probes_per_sample + jac.probes_per_sample + 1
+        # frame fields (the default): the difference at the window's data frames within reach 3, the
+        # nearest per call, the live difference within reach 1
+        frames = torch.cat([x, targets[0, :-1] - torch.tensor([0.01, 0.02])[:, None, None, None].double()])
+        layered = build_frame_references(box, refs, frames, p.expand(3, -1), reach=3, mu=1e-7)
+        jac = RefJacobian(box, solver.state_shape, layered, reach=1, mu=1e-7)
+        jac.select(torch.arange(3)[None])
+        fo, zo = _window_grads(sc, solver, jac, x, p, targets, sc.corrector_features(p))
+        assert _cosine(zo, fo) >= 0.99999
         refs.jacobians.zero_()
         fo, zo = _window_grads(sc, solver, RefJacobian(box, solver.state_shape, refs, reach=2, mu=1e-7), x, p,
                                targets, sc.corrector_features(p))  # fmt: skip

@@ -321,13 +321,12 @@ class JacobianSetup:
 
     def _reference_suits(self, history: dict[str, Any]) -> bool:
         """Auto mode: check the reference-subtracted estimate one coarse step from the probed training
-        frames, widening
-        the reach up to ``jac_max_reach``; False (the cost model falls back to the dense Jacobian)
-        when its ``J v`` error stays above ``jac_tol`` (e.g. a spectral step, whose Jacobian changes
-        everywhere with the state)."""
+        frames (near them, like the rollouts' states), widening the reach up to ``jac_max_reach``;
+        False (the cost model falls back to the dense Jacobian) when its ``J v`` error stays above
+        ``jac_tol`` (e.g. a spectral step, whose Jacobian changes everywhere with the state)."""
         c, jac = self.config, self.jac
         states, params = self._probe_states
-        with torch.no_grad():  # one coarse step on: near the frames, like the rollouts' states, not on them
+        with torch.no_grad():
             states = self.step(states, params).detach()
         gen = torch.Generator().manual_seed(c.seed)
         errors = []
@@ -341,12 +340,12 @@ class JacobianSetup:
         tried = ", ".join(f"{e:.3g}" for e in errors)
         if errors[-1] <= c.jac_tol:
             self.info["reference_check"] = (
-                f"J v error at {states.shape[0]} training frames: {tried} (reach {jac.reach})"
+                f"J v error one step from {states.shape[0]} training frames: {tried} (reach {jac.reach})"
             )
             return True
         self.info["reference_check"] = (
-            f"reference-subtracted estimate rejected: J v error at {states.shape[0]} training frames {tried} "
-            f"(reach {live_reach(c)}..{jac.reach}) > jac_tol {c.jac_tol:g}; dense Jacobian instead"
+            f"reference-subtracted estimate rejected: J v error one step from {states.shape[0]} training frames "
+            f"{tried} (reach {live_reach(c)}..{jac.reach}) > jac_tol {c.jac_tol:g}; dense Jacobian instead"
         )
         return False
 
