@@ -136,5 +136,6 @@ def test_sol_bench_times_the_reference_subtracted_estimate_on_karman2d():
     case = SolCase("karman2d", "tiny", {}, preset="tiny")
     r = run_sol_bench(cases=[case], repeats=1, budget=64, log=lines.append)[0]
     assert r["jacobian"].startswith("reference-subtracted") and r["reference_setup_s"] > 0
-    assert r["evals_zo_jac_sol"] == 1 + 50 * (r["window"] - 1) / r["window"] and not r["zo_jac_sol_extrapolated"]
+    assert r["evals_zo_jac_sol"] == 1 + 18 * (r["window"] - 1) / r["window"] and not r["zo_jac_sol_extrapolated"]
+    assert "the difference at" in r["jacobian"]  # the frame fields, as training builds them
     assert "references" in lines[1]
