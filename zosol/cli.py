@@ -301,7 +301,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "src_mae_mean": src["mae_mean"],
     }
     if args.animate:
-        from .compare import display_name
+        from .methods import display_name
 
         out["animation"] = _animate_run(dataset, src, ev, display_name(out["method"]), args.animate)
     print(json.dumps(out, indent=1))

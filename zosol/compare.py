@@ -29,7 +29,7 @@ from .datasets.hdf5 import FidelityDataset, data_option
 from .errors import UsageError, ZosolError
 from .evaluation import evaluate
 from .figures import FieldMeta, animation_path, write_comparison_figures
-from .methods import BASELINE, registered_methods
+from .methods import BASELINE, display_name
 from .methods import get as get_method
 from .methods import names as method_names
 from .report import csv_table, markdown_table, write_json
@@ -58,11 +58,6 @@ REPORT_FILES = (
     "test_simulation.gif",
     "test_simulation.mp4",
 )
-
-
-def display_name(method: str) -> str:
-    """The results-table name of a registered method (its name upper-cased if it is not registered)."""
-    return {m.name: m.display for m in registered_methods()}.get(method, method.upper())
 
 
 def compare(

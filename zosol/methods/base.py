@@ -39,6 +39,7 @@ __all__ = [
     "get",
     "names",
     "registered_methods",
+    "display_name",
     "option_groups",
     "option_defaults",
     "group_specs",
@@ -188,6 +189,11 @@ def registered_methods() -> tuple[Method, ...]:
     """Every registered :class:`Method`, in :func:`names` order."""
     _load_builtins()
     return tuple(sorted(_METHODS.values(), key=_builtin_rank))
+
+
+def display_name(method: str) -> str:
+    """The results-table name of a registered method (its name upper-cased if it is not registered)."""
+    return {m.name: m.display for m in registered_methods()}.get(method, method.upper())
 
 
 def option_groups() -> dict[str, Spec]:
