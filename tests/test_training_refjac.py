@@ -139,3 +139,22 @@ def test_sol_bench_times_the_reference_subtracted_estimate_on_karman2d():
     assert r["evals_zo_jac_sol"] == 1 + 18 * (r["window"] - 1) / r["window"] and not r["zo_jac_sol_extrapolated"]
     assert "the difference at" in r["jacobian"]  # the frame fields, as training builds them
     assert "references" in lines[1]
+
+
+def test_resume_with_frame_fields_equals_uninterrupted(karman, tmp_path):
+    """The default (global+frames) with run-time checks: a resumed run reads the cached fields and
+    continues exactly as the uninterrupted one."""
+    cfg = _cfg(batch_size=2, jac_check_every=2)
+    full = train(karman, cfg, tmp_path / "full", progress=False)
+    part = train(karman, cfg, tmp_path / "part", progress=False, stop_after_steps=3)
+    resumed = train(karman, cfg, tmp_path / "part", progress=False, resume=True)
+    assert_same_run(full, resumed, "zo_queries", "jac_error")
+    assert part.history["jacobian"]["references"] == resumed.history["jacobian"]["references"] == 4
+
+
+def test_references_that_do_not_fit_memory_are_refused_naming_the_fix(karman, monkeypatch):
+    import zosol.methods.jacobians as jacobians
+
+    monkeypatch.setattr(jacobians, "available_memory", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(ValueError, match=r"4 frame fields \(global\+frames\) need .* jac_ref_stride"):
+        train(karman, _cfg(epochs=1), progress=False)
