@@ -4,6 +4,7 @@ run-time error check (catching a reference that is too far away, refreshing, giv
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -257,3 +258,27 @@ def test_fd_step_accepts_the_estimator():
     y = _states(2, 6).requires_grad_()
     solver(y).pow(2).sum().backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, reach", [((2, 9), 2), ((1, 5, 6), 1), ((2, 3, 4, 5), 1)])
+def test_stencil_field_products_equal_the_dense_matrix_in_every_dimension(shape, reach):
+    """1-D, 2-D and 3-D fields on the non-periodic reach pattern: vjp and jvp equal the dense
+    matrices the fields stand for (a shift in the wrong direction or a swapped channel fails)."""
+    from zosol.zo.refjac import field_jvp, field_vjp, stencil_index
+
+    g = torch.Generator().manual_seed(0)
+    c, spatial, n = shape[0], shape[1:], math.prod(shape)
+    pattern = lattice_difference_colouring(shape, reach)
+    k = (2 * reach + 1) ** len(spatial)
+    fields = torch.zeros(3, c * c * k * (n // c), dtype=torch.float64)
+    where = stencil_index(shape, pattern)
+    fields[:, where] = torch.randn(3, where.numel(), generator=g, dtype=torch.float64)
+    dense = torch.zeros(3, n, n, dtype=torch.float64)
+    dense[:, pattern.rows, pattern.cols] = fields[:, where]
+    fields = fields.reshape(3, c, c, k, n // c)
+    u = torch.randn(3, n, generator=g, dtype=torch.float64)
+    vjp = field_vjp(fields, u.reshape(3, c, -1), spatial, reach).reshape(3, n)
+    assert torch.allclose(vjp, torch.einsum("bij,bi->bj", dense, u), atol=1e-12)
+    v = torch.randn(3, 2, n, generator=g, dtype=torch.float64)
+    jvp = field_jvp(fields, v.reshape(3, 2, c, -1), spatial, reach).reshape(3, 2, n)
+    assert torch.allclose(jvp, torch.einsum("bij,bdj->bdi", dense, v), atol=1e-12)
