@@ -158,3 +158,17 @@ def test_references_that_do_not_fit_memory_are_refused_naming_the_fix(karman, mo
     monkeypatch.setattr(jacobians, "available_memory", lambda device: 2**20)  # 1 MiB free
     with pytest.raises(ValueError, match=r"4 frame fields \(global\+frames\) need .* jac_ref_stride"):
         train(karman, _cfg(epochs=1), progress=False)
+
+
+def test_two_processes_read_cached_references_and_train_as_one(karman, tmp_path):
+    """--workers 2: the references (probed in one process here) are read from the cache by rank 0
+    and sent to rank 1 as plain tensors (a References object does not load with weights_only=True);
+    the run equals the one-process run."""
+    import shutil
+
+    cfg = _cfg(epochs=1)
+    one = train(karman, cfg, tmp_path / "one", progress=False)
+    shutil.copytree(tmp_path / "one" / "jacobian-references", tmp_path / "two" / "jacobian-references")
+    two = train(karman, cfg, tmp_path / "two", progress=False, workers=2)
+    assert two.history["jacobian"]["cached"] and not one.history["jacobian"]["cached"]
+    assert two.history["loss"] == pytest.approx(one.history["loss"], rel=1e-5)

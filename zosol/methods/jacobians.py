@@ -184,7 +184,8 @@ def load_or_build(plan: ReferencePlan, cache: Path | None, build: Any, lead: boo
     there by the lead process.  Returns (references, loaded from the cache)."""
     found = broadcast_from_lead(lambda: cache is not None and cache.is_file())
     if found:
-        refs = broadcast_from_lead(lambda: _read(cache))
+        # plain tensors and lists cross the ranks (they load with weights_only=True), not the dataclass
+        refs = zo.References.from_state(broadcast_from_lead(lambda: _read(cache).to_state()))
         if torch.equal(refs.states, plan.states.to(refs.states.dtype)):
             return refs, True
     refs = build()
