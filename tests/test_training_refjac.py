@@ -161,9 +161,9 @@ def test_references_that_do_not_fit_memory_are_refused_naming_the_fix(karman, mo
 
 
 def test_two_processes_read_cached_references_and_train_as_one(karman, tmp_path):
-    """--workers 2: the references (probed in one process here) are read from the cache by rank 0
-    and sent to rank 1 as plain tensors (a References object does not load with weights_only=True);
-    the run equals the one-process run."""
+    """--workers 2: references read from the cache by rank 0 are sent to rank 1 as plain tensors (a
+    References object does not load with weights_only=True), references probed by both ranks
+    together agree; either run equals the one-process run."""
     import shutil
 
     cfg = _cfg(epochs=1)
@@ -172,3 +172,6 @@ def test_two_processes_read_cached_references_and_train_as_one(karman, tmp_path)
     two = train(karman, cfg, tmp_path / "two", progress=False, workers=2)
     assert two.history["jacobian"]["cached"] and not one.history["jacobian"]["cached"]
     assert two.history["loss"] == pytest.approx(one.history["loss"], rel=1e-5)
+    probed = train(karman, cfg, tmp_path / "probed", progress=False, workers=2)  # probes shared by the ranks
+    assert not probed.history["jacobian"]["cached"]
+    assert probed.history["loss"] == pytest.approx(one.history["loss"], rel=1e-5)
