@@ -277,7 +277,7 @@ def test_stencil_field_products_equal_the_dense_matrix_in_every_dimension(shape,
     dense[:, pattern.rows, pattern.cols] = fields[:, where]
     fields = fields.reshape(3, c, c, k, n // c)
     u = torch.randn(3, n, generator=g, dtype=torch.float64)
-    vjp = field_vjp(fields, u.reshape(3, c, -1), spatial, reach).reshape(3, n)
+    vjp = field_vjp(fields, u.reshape(3, 1, c, -1), spatial, reach).reshape(3, n)
     assert torch.allclose(vjp, torch.einsum("bij,bi->bj", dense, u), atol=1e-12)
     v = torch.randn(3, 2, n, generator=g, dtype=torch.float64)
     jvp = field_jvp(fields, v.reshape(3, 2, c, -1), spatial, reach).reshape(3, 2, n)

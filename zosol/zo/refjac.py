@@ -302,16 +302,16 @@ def _shifted(t: torch.Tensor, spatial: Sequence[int], reach: int, offsets, sign:
 
 
 def field_vjp(fields: torch.Tensor, g: torch.Tensor, spatial: Sequence[int], reach: int) -> torch.Tensor:
-    """``F_b^T g_b`` for fields (B, C, C, K, cells) and g (B, C, cells): (B, C, cells)."""
-    b, c = g.shape[:2]
-    # sum over c_out as C products of (B, C_in, K, cells): faster than einsum / bmm here
-    per_offset = sum(fields[:, o] * g[:, o, None, None, :] for o in range(c)).reshape(b, c, -1, *spatial)
-    out = torch.zeros(b, c, *(n + 2 * reach for n in spatial), dtype=g.dtype, device=g.device)
+    """``F_b^T g_bd`` for fields (B, C, C, K, cells) and g (B, D, C, cells): (B, D, C, cells)."""
+    b, d, c = g.shape[:3]
+    # sum over c_out as C products of (B, D, C_in, K, cells): faster than einsum / bmm here
+    per_offset = sum(fields[:, None, o] * g[:, :, o, None, None, :] for o in range(c)).reshape(b, d, c, -1, *spatial)
+    out = torch.zeros(b, d, c, *(n + 2 * reach for n in spatial), dtype=g.dtype, device=g.device)
     for k, off in enumerate(_offsets(len(spatial), reach)):
         # output (c_out, cell) couples to input (c_in, cell - off): the input gets the value at cell
-        out[(...,) + tuple(slice(reach - o, reach - o + n) for o, n in zip(off, spatial))] += per_offset[:, :, k]
+        out[(...,) + tuple(slice(reach - o, reach - o + n) for o, n in zip(off, spatial))] += per_offset[:, :, :, k]
     crop = (...,) + tuple(slice(reach, reach + n) for n in spatial)
-    return out[crop].reshape(b, c, -1)
+    return out[crop].reshape(b, d, c, -1)
 
 
 def field_jvp(fields: torch.Tensor, v: torch.Tensor, spatial: Sequence[int], reach: int) -> torch.Tensor:
@@ -319,6 +319,24 @@ def field_jvp(fields: torch.Tensor, v: torch.Tensor, spatial: Sequence[int], rea
     b, d, c = v.shape[:3]
     shifted = _shifted(v.reshape(b, d, c, *spatial), spatial, reach, _offsets(len(spatial), reach), -1)
     return torch.einsum("boikn,bdikn->bdon", fields, shifted.reshape(b, d, c, -1, fields.shape[-1]))
+
+
+def pattern_entries(
+    step: Step,
+    x: torch.Tensor,
+    params: torch.Tensor | None,
+    colouring: _DiffColouring,
+    mu: float,
+    scheme: str,
+    f0: torch.Tensor | None,
+    max_batch: int | None,
+    distributed: bool,
+) -> torch.Tensor:
+    """``J(x_b) d_k`` along the colouring's directions by finite differences, read at the pattern's
+    entries (entry ``(row, col)`` from the probe of ``col``'s colour): (B, nnz)."""
+    rows, _, colour, _, dirs = colouring.on(x.device, x.dtype)
+    q = directional_differences(step, x, params, dirs, mu, scheme, f0, max_batch, distributed)  # (B, K, n)
+    return q.reshape(q.shape[0], -1).index_select(1, colour * x[0].numel() + rows)
 
 
 def build_frame_references(
@@ -349,14 +367,11 @@ def build_frame_references(
     shape = tuple(states.shape[1:])
     mu = DEFAULT_MU.get(states.dtype, 1e-3) if mu is None else check_mu(mu)
     colouring = lattice_difference_colouring(shape, reach, "box")
-    dirs = colouring.on(states.device, states.dtype)[4]
-    flat = colouring.entry_colour * math.prod(shape) + colouring.rows
     where = stencil_index(shape, colouring)
 
     def probes(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
         f0 = _eval_batched(step, x, p, max_batch, distributed) if scheme == "forward" else None
-        q = directional_differences(step, x, p, dirs, mu, scheme, f0, max_batch, distributed)
-        return q.reshape(x.shape[0], -1).index_select(1, flat)
+        return pattern_entries(step, x, p, colouring, mu, scheme, f0, max_batch, distributed)
 
     base_p = None if base.params is None else base.params.to(states.dtype)
     at_base = probes(base.states.to(states.dtype), base_p)
@@ -520,14 +535,12 @@ class RefJacobian:
         return self._ref_comp
 
     def _probe_entries(self, x: torch.Tensor, params: torch.Tensor | None, f0: torch.Tensor | None) -> torch.Tensor:
-        """``J(x_b) d_k`` by finite differences, read at the pattern's entries: (B, nnz)."""
-        rows, _, colour, _, dirs = self._colouring.on(x.device, x.dtype)
+        """:func:`pattern_entries` of the live colouring at x (B, C, *s): (B, nnz)."""
         params = None if params is None else params.to(x.dtype)
-        q = directional_differences(
-            self.step, x, params, dirs, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
-        )  # (B, K, n)
         self.evaluations += x.shape[0] * self.probes_per_sample
-        return q.reshape(q.shape[0], -1).index_select(1, colour * self.n + rows)
+        return pattern_entries(
+            self.step, x, params, self._colouring, self._mu(x.dtype), self.scheme, f0, self.max_batch, self.distributed
+        )
 
     def _colour_probes(self, states: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_probe_entries` at reference states (R, C, *s), their own forward outputs included."""
@@ -561,11 +574,8 @@ class RefJacobian:
         if refs.fields is not None:
             f = refs.fields[index.to(refs.fields.device)].to(device=v.device, dtype=v.dtype)
             spatial, c = self.state_shape[1:], self.state_shape[0]
-            if transpose:
-                out += torch.stack([field_vjp(f, v[:, d].reshape(v.shape[0], c, -1), spatial, refs.field_reach)
-                                    for d in range(v.shape[1])], 1).reshape(v.shape)  # fmt: skip
-            else:
-                out += field_jvp(f, v.reshape(*v.shape[:2], c, -1), spatial, refs.field_reach).reshape(v.shape)
+            product = field_vjp if transpose else field_jvp
+            out += product(f, v.reshape(*v.shape[:2], c, -1), spatial, refs.field_reach).reshape(v.shape)
         return out
 
     def vjp(
