@@ -353,11 +353,12 @@ class JacobianSetup:
     def _reference_jacobian(self, saved: dict | None, history: dict[str, Any]) -> None:
         c, w = self.config, self.windows
         scheme, dtype = self.scheme("reference"), w.traj.dtype
-        plan = reference_plan(w, c.jac_references, reference_stride(c))
+        stride = reference_stride(c)
+        plan = reference_plan(w, c.jac_references, stride)
         check_reference_memory(plan, dtype, w.traj.device, c.jac_frame_reach)
         settings = {"references": plan.kind, "mu": c.zo_mu, "scheme": scheme, "dtype": str(dtype)}
         if plan.kind in ("frame", "global+frames"):
-            settings.update(stride=reference_stride(c), m=w.m)
+            settings.update(stride=stride, m=w.m)
         if plan.kind == "global+frames":
             settings.update(frame_reach=c.jac_frame_reach)
         key = reference_key({"data": _data_hash(w)}, self.step, w, settings)
